@@ -1,0 +1,114 @@
+"""Shared benchmark plumbing: timing (CUDA graphs + events, median), ceilings, result rows."""
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def environment() -> dict:
+    env = {"commit": os.environ.get("PYLOADER_COMMIT") or git_commit(), "torch": torch.__version__,
+           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "host_cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine()}
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+        try:
+            import triton
+
+            env["triton"] = triton.__version__
+        except ImportError:
+            pass
+    else:
+        env["gpu"] = "none (cpu)"
+    return env
+
+
+def time_gpu_ms(fns, reps_ms: int = 200) -> tuple:
+    """Median ms per call of ``fns`` (closures over rotated input sets), replayed from a CUDA
+    graph so host overhead does not count; falls back to eager launches if capture fails."""
+    import triton.testing
+
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for f in fns:
+                f()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for f in fns:
+                f()
+        ms = triton.testing.do_bench(graph.replay, warmup=25, rep=reps_ms, return_mode="median")
+        return ms / len(fns), "cuda-graph"
+    except Exception:  # noqa: BLE001 - a provider that cannot be captured is timed eagerly, and says so
+        torch.cuda.synchronize()
+
+        def all_fns():
+            for f in fns:
+                f()
+
+        ms = triton.testing.do_bench(all_fns, warmup=25, rep=reps_ms, return_mode="median")
+        return ms / len(fns), "eager"
+
+
+def time_cpu_ms(fn, reps: int = 7) -> float:
+    fn()
+    samples = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(samples)
+
+
+def copy_ceiling_gbps(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy, bytes read + written, from one large copy_ (median of many)."""
+    import triton.testing
+
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=25, rep=300, return_mode="median")
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def rotation(bytes_per_set: int, l2_bytes: int = 64 << 20) -> int:
+    """How many input sets make the working set several times the L2 (at least 1)."""
+    return max(1, min(16, -(-4 * l2_bytes // max(1, bytes_per_set))))
+
+
+def write_rows(rows, path):
+    if not path:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    existing = json.loads(path.read_text()) if path.exists() else []
+    path.write_text(json.dumps(existing + rows, indent=1) + "\n")
+
+
+def print_table(rows, cols):
+    widths = [max(len(c), *(len(f"{r.get(c, '')}") for r in rows)) for c in cols]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    for r in rows:
+        print("  ".join(f"{r.get(c, '')}".ljust(w) for c, w in zip(cols, widths)))

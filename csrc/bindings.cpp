@@ -1,0 +1,73 @@
+// The only file that knows pybind11. Arguments are plain integers (pointers, strides, dtype
+// codes, a cudaStream_t handle), so one build serves any torch version.
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "pyloader.h"
+
+namespace py = pybind11;
+using namespace pyloader;
+
+namespace {
+
+void check(cudaError_t err, const char* op) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string(op) + ": " + cudaGetErrorString(err));
+}
+
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // no driver or no device: not an error for the caller, just none
+    return 0;
+  }
+  return n;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pyloader CUDA kernels (raw pointers in, no torch types)";
+  m.attr("cuda_built") = true;
+  m.attr("job_fields") = static_cast<int>(kJobFields);
+  m.attr("max_jobs_per_launch") = kMaxJobsPerLaunch;
+  m.attr("cuda_runtime_version") = CUDART_VERSION;
+  m.def("device_count", &device_count, "Number of CUDA devices (0 without a driver or device).");
+  m.def(
+      "multi_tensor_transform",
+      [](uintptr_t packed_jobs, int64_t num_jobs, uintptr_t stream) {
+        if (num_jobs < 0) throw std::invalid_argument("multi_tensor_transform: negative job count");
+        if (num_jobs > 0 && packed_jobs == 0) throw std::invalid_argument("multi_tensor_transform: null job table");
+        const int64_t* jobs = reinterpret_cast<const int64_t*>(packed_jobs);
+        cudaError_t err;
+        {
+          py::gil_scoped_release release;
+          err = launch_multi_tensor_transform(jobs, num_jobs, reinterpret_cast<cudaStream_t>(stream));
+        }
+        check(err, "multi_tensor_transform");
+      },
+      py::arg("packed_jobs"), py::arg("num_jobs"), py::arg("stream"),
+      "Run num_jobs packed int64 job rows (job_fields values each) on the stream.");
+  m.def(
+      "quantize_blockwise",
+      [](uintptr_t x, int32_t x_dtype, int64_t x_expert_stride, int64_t x_row_stride, uintptr_t q, int32_t q_dtype,
+         uintptr_t scale, int64_t experts, int64_t rows, int64_t cols, int64_t block_rows, int64_t block_cols,
+         uintptr_t stream) {
+        QuantizeArgs a{};
+        a.x = reinterpret_cast<const void*>(x);
+        a.x_expert_stride = x_expert_stride;
+        a.x_row_stride = x_row_stride;
+        a.q = reinterpret_cast<uint8_t*>(q);
+        a.scale = reinterpret_cast<float*>(scale);
+        a.experts = experts;
+        a.rows = rows;
+        a.cols = cols;
+        a.block_rows = block_rows;
+        a.block_cols = block_cols;
+        a.grid_rows = block_rows > 0 ? (rows + block_rows - 1) / block_rows : 0;
+        a.grid_cols = block_cols > 0 ? (cols + block_cols - 1) / block_cols : 0;
+        check(launch_quantize_blockwise(a, x_dtype, q_dtype, reinterpret_cast<cudaStream_t>(stream)),
+              "quantize_blockwise");
+      });
+}

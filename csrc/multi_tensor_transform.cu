@@ -1,0 +1,159 @@
+// Host loop of the multi-tensor transform: validate packed jobs, split, fill tables, launch.
+#include "multi_tensor_transform.cuh"
+
+#include <limits>
+#include <memory>
+#include <vector>
+
+namespace pyloader {
+namespace {
+
+int dtype_size(int32_t d) {
+  switch (d) {
+    case kByte: case kE4M3: case kE5M2: case kE8M0: return 1;
+    case kBF16: case kF16: return 2;
+    case kF32: return 4;
+    default: return 0;
+  }
+}
+
+bool is_float_value(int32_t d) { return d == kE4M3 || d == kE5M2 || d == kBF16 || d == kF16 || d == kF32; }
+bool is_float_out(int32_t d) { return d == kBF16 || d == kF16 || d == kF32; }
+bool is_scale(int32_t d) { return d == kF32 || d == kBF16 || d == kF16 || d == kE8M0; }
+
+std::string job_error(int64_t index, const std::string& what) {
+  return "multi_tensor_transform: job " + std::to_string(index) + ": " + what;
+}
+
+int sm_count() {
+  static std::vector<int> cache;
+  int device = 0;
+  PYLOADER_CUDA_CHECK(cudaGetDevice(&device));
+  if (device >= static_cast<int>(cache.size())) cache.resize(device + 1, 0);
+  if (cache[device] == 0) {
+    PYLOADER_CUDA_CHECK(cudaDeviceGetAttribute(&cache[device], cudaDevAttrMultiProcessorCount, device));
+  }
+  return cache[device];
+}
+
+class TableLauncher {
+ public:
+  explicit TableLauncher(cudaStream_t stream) : stream_(stream), table_(new TransformTable()) { reset(); }
+
+  cudaError_t add(const TransformJob& job, uint32_t chunks) {
+    const uint64_t start = table_->chunk_start[table_->num_jobs];
+    if (table_->num_jobs == kMaxJobsPerLaunch || start + chunks > std::numeric_limits<uint32_t>::max()) {
+      cudaError_t err = flush();
+      if (err != cudaSuccess) return err;
+    }
+    const int32_t n = table_->num_jobs;
+    table_->jobs[n] = job;
+    table_->chunk_start[n + 1] = table_->chunk_start[n] + chunks;
+    table_->num_jobs = n + 1;
+    return cudaSuccess;
+  }
+
+  cudaError_t flush() {
+    const uint32_t total = table_->chunk_start[table_->num_jobs];
+    if (total > 0) {
+      const uint32_t grid = std::min<uint32_t>(total, static_cast<uint32_t>(sm_count()) * kBlocksPerSM);
+      multi_tensor_transform_kernel<<<grid, kThreads, 0, stream_>>>(*table_);
+      cudaError_t err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
+    reset();
+    return cudaSuccess;
+  }
+
+ private:
+  void reset() {
+    table_->num_jobs = 0;
+    table_->chunk_start[0] = 0;
+  }
+  cudaStream_t stream_;
+  std::unique_ptr<TransformTable> table_;
+};
+
+bool aligned16(int64_t address_or_bytes) { return (address_or_bytes & 15) == 0; }
+
+}  // namespace
+
+cudaError_t launch_multi_tensor_transform(const int64_t* packed_jobs, int64_t num_jobs, cudaStream_t stream) {
+  TableLauncher launcher(stream);
+  for (int64_t j = 0; j < num_jobs; ++j) {
+    const int64_t* f = packed_jobs + j * kJobFields;
+    const int64_t rows = f[kFieldRows], cols = f[kFieldCols];
+    const int32_t src_dtype = static_cast<int32_t>(f[kFieldSrcDtype]);
+    const int32_t dst_dtype = static_cast<int32_t>(f[kFieldDstDtype]);
+    const int32_t scale_dtype = static_cast<int32_t>(f[kFieldScaleDtype]);
+    if (rows < 0 || cols < 0) throw std::invalid_argument(job_error(j, "negative rows or cols"));
+    if (src_dtype == kByte || dst_dtype == kByte) {
+      if (src_dtype != dst_dtype || scale_dtype != kNone)
+        throw std::invalid_argument(job_error(j, "byte copies take byte source and destination and no scale"));
+    } else if (!is_float_value(src_dtype) || !is_float_out(dst_dtype)) {
+      throw std::invalid_argument(job_error(j, std::string("unsupported dtype pair ") + dtype_name(src_dtype) +
+                                                   " -> " + dtype_name(dst_dtype)));
+    }
+    if (scale_dtype != kNone) {
+      if (!is_scale(scale_dtype)) throw std::invalid_argument(job_error(j, "unsupported scale dtype"));
+      if (f[kFieldScale] == 0) throw std::invalid_argument(job_error(j, "scale dtype given without a scale pointer"));
+      if (f[kFieldBlockRows] <= 0 || f[kFieldBlockCols] <= 0 || f[kFieldBlockRows] > INT32_MAX ||
+          f[kFieldBlockCols] > INT32_MAX)
+        throw std::invalid_argument(job_error(j, "block shape must be positive int32"));
+      if (f[kFieldR0] < 0 || f[kFieldC0] < 0) throw std::invalid_argument(job_error(j, "negative block offset"));
+      if (f[kFieldR0] + rows > INT32_MAX || f[kFieldC0] + cols > INT32_MAX)
+        throw std::invalid_argument(job_error(j, "block offset + extent exceeds int32"));
+    }
+    if (cols > INT32_MAX) throw std::invalid_argument(job_error(j, "more than 2^31 columns"));
+    if (rows == 0 || cols == 0) continue;  // empty jobs launch nothing
+    if (f[kFieldSrc] == 0 || f[kFieldDst] == 0) throw std::invalid_argument(job_error(j, "null pointer"));
+
+    const int vec = vec_width_of(src_dtype, dst_dtype);
+    const int64_t src_row_bytes = f[kFieldSrcRowStride] * dtype_size(src_dtype);
+    const int64_t dst_row_bytes = f[kFieldDstRowStride] * dtype_size(dst_dtype);
+    bool vec_ok = aligned16(f[kFieldSrc]) && aligned16(f[kFieldDst]) &&
+                  (rows == 1 || (aligned16(src_row_bytes) && aligned16(dst_row_bytes)));
+    if (scale_dtype != kNone) {
+      const int64_t bn = f[kFieldBlockCols], c0 = f[kFieldC0];
+      const bool one_scale_column = (c0 % bn) + cols <= bn;
+      vec_ok = vec_ok && (one_scale_column || (bn % vec == 0 && c0 % vec == 0));
+    }
+
+    TransformJob job{};
+    job.src = reinterpret_cast<const void*>(f[kFieldSrc]);
+    job.dst = reinterpret_cast<void*>(f[kFieldDst]);
+    job.scale = scale_dtype == kNone ? nullptr : reinterpret_cast<const void*>(f[kFieldScale]);
+    job.src_row_stride = f[kFieldSrcRowStride];
+    job.dst_row_stride = f[kFieldDstRowStride];
+    job.scale_row_stride = f[kFieldScaleRowStride];
+    job.scale_col_stride = f[kFieldScaleColStride];
+    job.cols = static_cast<int32_t>(cols);
+    job.block_rows = scale_dtype == kNone ? 1 : static_cast<int32_t>(f[kFieldBlockRows]);
+    job.block_cols = scale_dtype == kNone ? 1 : static_cast<int32_t>(f[kFieldBlockCols]);
+    job.c0 = static_cast<int32_t>(f[kFieldC0]);
+    job.units_per_row = static_cast<uint32_t>((cols + vec - 1) / vec);
+    job.src_dtype = static_cast<uint8_t>(src_dtype);
+    job.dst_dtype = static_cast<uint8_t>(dst_dtype);
+    job.scale_dtype = static_cast<uint8_t>(scale_dtype);
+    job.vec_ok = vec_ok ? 1 : 0;
+
+    // Split by rows so that unit indices of one job fit 32 bits; each piece keeps its global
+    // block-grid row offset, so scales stay indexed at the right block.
+    const int64_t max_rows = std::max<int64_t>(1, static_cast<int64_t>(INT32_MAX) / job.units_per_row);
+    for (int64_t r = 0; r < rows; r += max_rows) {
+      const int64_t piece = std::min(max_rows, rows - r);
+      TransformJob part = job;
+      part.src = static_cast<const char*>(job.src) + r * src_row_bytes;
+      part.dst = static_cast<char*>(job.dst) + r * dst_row_bytes;
+      part.rows = static_cast<int32_t>(piece);
+      part.r0 = static_cast<int32_t>(f[kFieldR0] + r);
+      const uint64_t units = static_cast<uint64_t>(piece) * part.units_per_row;
+      const uint32_t chunks = static_cast<uint32_t>((units + kChunkUnits - 1) / kChunkUnits);
+      cudaError_t err = launcher.add(part, chunks);
+      if (err != cudaSuccess) return err;
+    }
+  }
+  return launcher.flush();
+}
+
+}  // namespace pyloader

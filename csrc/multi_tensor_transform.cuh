@@ -1,0 +1,224 @@
+// One launch over a table of jobs: copy, cast or blockwise-dequantize many tensors, each
+// straight into its place (a row range of a fused parameter, an expert's plane, ...).
+//
+//   dst[r, c] = round_to_nearest_even(float32(src[r, c]) * float32(scale[(r + r0) / bm, (c + c0) / bn]))
+//
+// (no scale: the product is skipped and the cast is exact or rounds once). Design after
+// multi_tensor_apply: every job is cut into chunks of kChunkUnits "units" (one unit = the
+// elements one 16-byte access covers); a persistent grid walks the chunks, finds its job by a
+// binary search over the table's chunk prefix, and runs the body for that job's dtype pair.
+// The table travels as a __grid_constant__ kernel parameter (up to 32 KB since CUDA 12.1).
+#pragma once
+
+#include "common.cuh"
+
+namespace pyloader {
+
+constexpr int kThreads = 256;
+constexpr int kUnitsPerThread = 4;
+constexpr int kChunkUnits = kThreads * kUnitsPerThread;
+constexpr int kBlocksPerSM = 8;
+
+struct TransformJob {
+  const void* src;
+  void* dst;
+  const void* scale;       // nullptr: no scale
+  int64_t src_row_stride;  // elements
+  int64_t dst_row_stride;  // elements
+  int64_t scale_row_stride;
+  int64_t scale_col_stride;
+  int32_t rows;
+  int32_t cols;
+  int32_t block_rows;      // bm
+  int32_t block_cols;      // bn
+  int32_t r0;              // block-grid offset of row 0 (tensor-parallel slices)
+  int32_t c0;
+  uint32_t units_per_row;  // ceil(cols / vector width of the dtype pair)
+  uint8_t src_dtype;
+  uint8_t dst_dtype;
+  uint8_t scale_dtype;
+  uint8_t vec_ok;          // aligned for 16-byte accesses, vectors never straddle a scale block
+};
+
+struct TransformTable {
+  TransformJob jobs[kMaxJobsPerLaunch];
+  uint32_t chunk_start[kMaxJobsPerLaunch + 1];  // prefix of chunks per job
+  int32_t num_jobs;
+};
+static_assert(sizeof(TransformTable) <= 32000, "kernel parameter limit is 32764 bytes");
+
+// Elements per unit for a dtype pair: 16 bytes of the narrower side.
+template <typename Src, typename Dst>
+__host__ __device__ constexpr int vec_width() {
+  return 16 / (sizeof(Src) < sizeof(Dst) ? sizeof(Src) : sizeof(Dst));
+}
+
+// Host-side mirror of vec_width for dtype codes.
+inline int vec_width_of(int32_t src, int32_t dst) {
+  auto size = [](int32_t d) -> int { return (d == kByte || d == kE4M3 || d == kE5M2) ? 1 : (d == kF32 ? 4 : 2); };
+  int narrow = size(src) < size(dst) ? size(src) : size(dst);
+  return 16 / narrow;
+}
+
+template <typename Src, int N>
+__device__ __forceinline__ void to_float_vec(const Src (&in)[N], float (&out)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = to_float(in[i]);
+}
+
+// FP8 pairs go through the paired converter (one cvt.f16x2.e4m3x2 on sm_89+).
+template <int N, __nv_fp8_interpretation_t kInterp, typename Fp8>
+__device__ __forceinline__ void fp8_to_float_vec(const Fp8 (&in)[N], float (&out)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; i += 2) {
+    __nv_fp8x2_storage_t pair = static_cast<__nv_fp8x2_storage_t>(in[i].bits | (in[i + 1].bits << 8));
+    float2 f = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pair, kInterp)));
+    out[i] = f.x;
+    out[i + 1] = f.y;
+  }
+}
+template <int N>
+__device__ __forceinline__ void to_float_vec(const e4m3_t (&in)[N], float (&out)[N]) {
+  fp8_to_float_vec<N, __NV_E4M3>(in, out);
+}
+template <int N>
+__device__ __forceinline__ void to_float_vec(const e5m2_t (&in)[N], float (&out)[N]) {
+  fp8_to_float_vec<N, __NV_E5M2>(in, out);
+}
+
+__device__ __forceinline__ float job_scale(const TransformJob& job, int64_t r, int64_t c) {
+  const int64_t sr = (r + job.r0) / job.block_rows;
+  const int64_t sc = (c + job.c0) / job.block_cols;
+  return load_scale(job.scale, job.scale_dtype, sr * job.scale_row_stride + sc * job.scale_col_stride);
+}
+
+// One chunk of one job. Loads of all the thread's units are issued before the first store so
+// that kUnitsPerThread 16-byte requests are in flight per thread.
+template <typename Src, typename Dst>
+__device__ __forceinline__ void transform_chunk(const TransformJob& job, uint32_t first_unit) {
+  constexpr int kVec = vec_width<Src, Dst>();
+  constexpr int kSrcWords = kVec * sizeof(Src) / 16;
+  constexpr int kDstWords = kVec * sizeof(Dst) / 16;
+  const Src* __restrict__ src = static_cast<const Src*>(job.src);
+  Dst* __restrict__ dst = static_cast<Dst*>(job.dst);
+  const uint32_t total_units = static_cast<uint32_t>(job.rows) * job.units_per_row;
+  const bool has_scale = job.scale != nullptr;
+
+  uint4 raw[kUnitsPerThread][kSrcWords];
+  uint32_t row[kUnitsPerThread];
+  uint32_t col[kUnitsPerThread];
+  bool full[kUnitsPerThread];
+#pragma unroll
+  for (int k = 0; k < kUnitsPerThread; ++k) {
+    const uint32_t u = first_unit + k * kThreads + threadIdx.x;
+    const bool valid = u < total_units;
+    row[k] = valid ? u / job.units_per_row : 0;
+    col[k] = valid ? (u - row[k] * job.units_per_row) * kVec : static_cast<uint32_t>(job.cols);
+    full[k] = valid && job.vec_ok && col[k] + kVec <= static_cast<uint32_t>(job.cols);
+    if (full[k]) {
+      const uint4* p = reinterpret_cast<const uint4*>(src + row[k] * job.src_row_stride + col[k]);
+#pragma unroll
+      for (int w = 0; w < kSrcWords; ++w) raw[k][w] = __ldg(p + w);
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kUnitsPerThread; ++k) {
+    if (col[k] >= static_cast<uint32_t>(job.cols)) continue;  // past the job's end
+    Dst* out_row = dst + row[k] * job.dst_row_stride;
+    if (full[k]) {
+      Src in[kVec];
+      memcpy(in, raw[k], sizeof(in));
+      float v[kVec];
+      to_float_vec(in, v);
+      if (has_scale) {
+        const float s = job_scale(job, row[k], col[k]);
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) v[i] *= s;
+      }
+      Dst out[kVec];
+#pragma unroll
+      for (int i = 0; i < kVec; ++i) out[i] = from_float<Dst>(v[i]);
+      uint4 words[kDstWords];
+      memcpy(words, out, sizeof(words));
+      uint4* q = reinterpret_cast<uint4*>(out_row + col[k]);
+#pragma unroll
+      for (int w = 0; w < kDstWords; ++w) q[w] = words[w];
+    } else {
+      // Scalar path: ragged row tails and jobs whose pointers, strides or scale blocks do not
+      // allow 16-byte accesses.
+      const Src* in_row = src + row[k] * job.src_row_stride;
+      for (int i = 0; i < kVec; ++i) {
+        const uint32_t c = col[k] + i;
+        if (c >= static_cast<uint32_t>(job.cols)) break;
+        float v = to_float(in_row[c]);
+        if (has_scale) v *= job_scale(job, row[k], c);
+        out_row[c] = from_float<Dst>(v);
+      }
+    }
+  }
+}
+
+// Same-dtype copies move bytes; no conversion, no scale.
+__device__ __forceinline__ void copy_chunk(const TransformJob& job, uint32_t first_unit) {
+  const uint8_t* __restrict__ src = static_cast<const uint8_t*>(job.src);
+  uint8_t* __restrict__ dst = static_cast<uint8_t*>(job.dst);
+  const uint32_t total_units = static_cast<uint32_t>(job.rows) * job.units_per_row;
+  uint4 raw[kUnitsPerThread];
+  uint32_t row[kUnitsPerThread];
+  uint32_t col[kUnitsPerThread];
+  bool full[kUnitsPerThread];
+#pragma unroll
+  for (int k = 0; k < kUnitsPerThread; ++k) {
+    const uint32_t u = first_unit + k * kThreads + threadIdx.x;
+    const bool valid = u < total_units;
+    row[k] = valid ? u / job.units_per_row : 0;
+    col[k] = valid ? (u - row[k] * job.units_per_row) * 16 : static_cast<uint32_t>(job.cols);
+    full[k] = valid && job.vec_ok && col[k] + 16 <= static_cast<uint32_t>(job.cols);
+    if (full[k]) raw[k] = __ldg(reinterpret_cast<const uint4*>(src + row[k] * job.src_row_stride + col[k]));
+  }
+#pragma unroll
+  for (int k = 0; k < kUnitsPerThread; ++k) {
+    if (col[k] >= static_cast<uint32_t>(job.cols)) continue;
+    uint8_t* out_row = dst + row[k] * job.dst_row_stride;
+    if (full[k]) {
+      *reinterpret_cast<uint4*>(out_row + col[k]) = raw[k];
+    } else {
+      const uint8_t* in_row = src + row[k] * job.src_row_stride;
+      for (int i = 0; i < 16 && col[k] + i < static_cast<uint32_t>(job.cols); ++i) out_row[col[k] + i] = in_row[col[k] + i];
+    }
+  }
+}
+
+template <typename Src>
+__device__ __forceinline__ void dispatch_dst(const TransformJob& job, uint32_t first_unit) {
+  switch (job.dst_dtype) {
+    case kBF16: transform_chunk<Src, __nv_bfloat16>(job, first_unit); break;
+    case kF16: transform_chunk<Src, __half>(job, first_unit); break;
+    case kF32: transform_chunk<Src, float>(job, first_unit); break;
+    default: break;  // rejected by the launcher
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) multi_tensor_transform_kernel(const __grid_constant__ TransformTable table) {
+  const uint32_t total_chunks = table.chunk_start[table.num_jobs];
+  for (uint32_t chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x) {
+    int lo = 0, hi = table.num_jobs - 1;  // last job whose first chunk is <= chunk
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (table.chunk_start[mid] <= chunk) lo = mid; else hi = mid - 1;
+    }
+    const TransformJob& job = table.jobs[lo];
+    const uint32_t first_unit = (chunk - table.chunk_start[lo]) * kChunkUnits;
+    switch (job.src_dtype) {
+      case kByte: copy_chunk(job, first_unit); break;
+      case kE4M3: dispatch_dst<e4m3_t>(job, first_unit); break;
+      case kE5M2: dispatch_dst<e5m2_t>(job, first_unit); break;
+      case kBF16: dispatch_dst<__nv_bfloat16>(job, first_unit); break;
+      case kF16: dispatch_dst<__half>(job, first_unit); break;
+      case kF32: dispatch_dst<float>(job, first_unit); break;
+      default: break;
+    }
+  }
+}
+
+}  // namespace pyloader

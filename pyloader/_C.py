@@ -1,0 +1,27 @@
+"""Stand-in for the CUDA extension when pyloader was installed without it.
+
+A built extension (``_C.cpython-*.so`` beside this file) takes precedence on import. This
+module keeps ``import pyloader._C`` working on pure-Python installs, and every kernel call
+raises a clear error instead of failing somewhere deeper.
+"""
+
+cuda_built = False
+job_fields = 16
+max_jobs_per_launch = 256
+
+_WHY = (
+    "pyloader was installed without its CUDA extension (no nvcc at build time, or "
+    "PYLOADER_BUILD_CUDA=0); reinstall with nvcc on PATH or use backend='triton' or 'torch'"
+)
+
+
+def device_count() -> int:
+    return 0
+
+
+def multi_tensor_transform(packed_jobs, num_jobs, stream):
+    raise RuntimeError(_WHY)
+
+
+def quantize_blockwise(*args, **kwargs):
+    raise RuntimeError(_WHY)

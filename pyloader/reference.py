@@ -1,0 +1,186 @@
+"""Pure-torch reference of every kernel: the test oracle, the benchmark baseline, the CPU path.
+
+Numerics are the contract every backend must meet bit for bit on the GPU:
+
+    out[..., i, j] = round_to_nearest_even(float32(w[..., i, j]) * float32(s[..., (i + r0) // bm, (j + c0) // bn]))
+
+The dequant never materializes a full-size expanded scale: rows are processed in chunks, and
+inside a chunk each run of columns that shares a scale column is scaled through a broadcast view.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+
+from . import _dtypes
+
+# Rows are processed in chunks of about this many elements with buffers reused across chunks:
+# on CPUs, fresh large temporaries cost more in page faults than the arithmetic.
+_CHUNK_ELEMS = {"cpu": 1 << 18, "cuda": 1 << 26}
+_TWO_POW_120 = 2.0 ** 120
+
+
+def scale_to_float32(scale: torch.Tensor) -> torch.Tensor:
+    """Decode a scale tensor to float32 (E8M0 typed or as raw uint8 exponents: 2^(e-127), 255 = NaN)."""
+    if _dtypes.is_e8m0(scale.dtype):
+        e = scale.view(torch.uint8).to(torch.int32)
+        bits = torch.where(e == 0, torch.full_like(e, 0x00400000), e << 23)  # e = 0: 2^-127, a subnormal
+        bits = torch.where(e == 255, torch.full_like(e, 0x7FC00000), bits)
+        return bits.view(torch.float32)
+    return scale.to(torch.float32)
+
+
+def _column_runs(cols: int, c0: int, bn: int):
+    """Yield (start, stop, scale_col, nblocks): runs of columns; a run of nblocks > 0 is a whole number of blocks."""
+    j, sc = 0, c0 // bn
+    head = min(cols, (bn - c0 % bn) % bn)
+    if head:
+        yield 0, head, sc, 0
+        j, sc = head, sc + 1
+    nfull = (cols - j) // bn
+    if nfull:
+        yield j, j + nfull * bn, sc, nfull
+        j, sc = j + nfull * bn, sc + nfull
+    if j < cols:
+        yield j, cols, sc, 0
+
+
+class _Fp8Decoder:
+    """FP8 -> float32 by integer ops on reused int16 buffers (torch's own fp8 casts are scalar
+    on CPUs, several times slower). e4m3fn: ((b & 0x7F) << 7 | (b & 0x80) << 8) is an fp16 of
+    value x * 2^-8, exact for subnormals too; 0x7F/0xFF become NaN. e5m2: b << 8 is an fp16 of x."""
+
+    def __init__(self, dtype: torch.dtype, shape, device):
+        self.e4m3 = dtype == torch.float8_e4m3fn
+        self.bits = torch.empty(shape, dtype=torch.int16, device=device)
+        if self.e4m3:
+            self.sign = torch.empty_like(self.bits)
+            self.nan = torch.empty(shape, dtype=torch.bool, device=device)
+
+    def decode(self, w: torch.Tensor, out: torch.Tensor) -> float:
+        """Write float32(w) * 2^-k into ``out``; returns the factor 2^k still to apply."""
+        bits, n = self.bits[: w.shape[0]], w.shape[0]
+        bits.copy_(w.view(torch.uint8))
+        if not self.e4m3:
+            bits.bitwise_left_shift_(8)
+            out.copy_(bits.view(torch.float16))
+            return 1.0
+        sign, nan = self.sign[:n], self.nan[:n]
+        torch.bitwise_and(bits, 0x80, out=sign).bitwise_left_shift_(8)
+        bits.bitwise_and_(0x7F)
+        torch.eq(bits, 0x7F, out=nan)
+        bits.bitwise_left_shift_(7).bitwise_or_(sign).masked_fill_(nan, 0x7E00)
+        out.copy_(bits.view(torch.float16))
+        return 256.0
+
+
+def dequant_2d_torch(
+    w: torch.Tensor, s: torch.Tensor, out: torch.Tensor, block_size: Tuple[int, int], block_offset: Tuple[int, int] = (0, 0)
+) -> torch.Tensor:
+    """out[i, j] = rne(float32(w[i, j]) * s[(i + r0) // bm, (j + c0) // bn]) for 2-D w, out; s already float32 2-D.
+
+    w may be FP8 (decoded by bit manipulation) or any float dtype.
+    """
+    bm, bn = block_size
+    r0, c0 = block_offset
+    rows, cols = w.shape
+    if rows == 0 or cols == 0:
+        return out
+    runs = list(_column_runs(cols, c0, bn))
+    chunk_rows = max(1, min(rows, _CHUNK_ELEMS.get(w.device.type, 1 << 20) // cols))
+    wf_buf = torch.empty((chunk_rows, cols), dtype=torch.float32, device=w.device)
+    decoder = _Fp8Decoder(w.dtype, (chunk_rows, cols), w.device) if w.dtype in _dtypes.FP8_WEIGHT_DTYPES else None
+    for i0 in range(0, rows, chunk_rows):
+        i1 = min(rows, i0 + chunk_rows)
+        wf = wf_buf[: i1 - i0]
+        factor = decoder.decode(w[i0:i1], wf) if decoder else (wf.copy_(w[i0:i1]), 1.0)[1]
+        scale_rows = s.index_select(0, (torch.arange(i0, i1, device=s.device) + r0) // bm)  # [R, grid_cols]
+        if factor != 1.0:
+            # wf holds x * 2^-8: fold 2^8 into the (small) scale rows; the product is the same
+            # real number, so it rounds the same. A scale that would overflow is applied separately.
+            if bool((scale_rows.abs() >= _TWO_POW_120).any()):
+                wf.mul_(factor)
+            else:
+                scale_rows = scale_rows * factor
+        for start, stop, sc, nblocks in runs:
+            if nblocks:
+                wf[:, start:stop].view(i1 - i0, nblocks, bn).mul_(scale_rows[:, sc : sc + nblocks, None])
+            else:
+                wf[:, start:stop].mul_(scale_rows[:, sc : sc + 1])
+        out[i0:i1].copy_(wf)
+    return out
+
+
+def dequant_blockwise_torch(
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    out: torch.Tensor,
+    block_size: Tuple[int, int] = (128, 128),
+    block_offset: Tuple[int, int] = (0, 0),
+) -> torch.Tensor:
+    """Reference blockwise dequant of 2-D [M, N] or 3-D [E, M, N] weights into ``out`` (any strides)."""
+    s = scale_to_float32(scale)
+    if weight.dim() == 2:
+        return dequant_2d_torch(weight, s, out, block_size, block_offset)
+    for e in range(weight.shape[0]):
+        dequant_2d_torch(weight[e], s[e], out[e], block_size, block_offset)
+    return out
+
+
+def cast_2d_torch(src: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Plain copy, or cast with one rounding to nearest even (every source value is exact in fp32)."""
+    out.copy_(src)
+    return out
+
+
+def quantize_blockwise_torch(
+    x: torch.Tensor, block_size: Tuple[int, int] = (128, 128), dtype: torch.dtype = torch.float8_e4m3fn
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-recipe blockwise quantization of [M, N] or [E, M, N]: returns (q, scale_inv) with
+
+    scale_inv[b] = amax(|x| over block b) / fmax (1.0 for an all-zero block, so it stays finite),
+    q = saturate(rne(float32(x) / scale_inv)); ragged edge blocks are padded with zeros.
+    """
+    fmax = _dtypes.FP8_MAX[dtype]
+    squeeze = x.dim() == 2
+    xs = x.unsqueeze(0) if squeeze else x
+    E, M, N = xs.shape
+    bm, bn = block_size
+    gr, gc = -(-M // bm), -(-N // bn)
+    xp = torch.nn.functional.pad(xs.to(torch.float32), (0, gc * bn - N, 0, gr * bm - M))
+    blocks = xp.view(E, gr, bm, gc, bn)
+    amax = blocks.abs().amax(dim=(2, 4))
+    scale = torch.where(amax > 0, amax / fmax, torch.ones_like(amax))
+    q = (blocks / scale[:, :, None, :, None]).clamp_(-fmax, fmax).to(dtype)
+    q = q.view(E, gr * bm, gc * bn)[:, :M, :N].contiguous()
+    if squeeze:
+        return q[0], scale[0]
+    return q, scale
+
+
+def dequant_reference_float64(weight: torch.Tensor, scale: torch.Tensor, block_size, block_offset=(0, 0)) -> torch.Tensor:
+    """Independent float64 formula with a fully expanded scale (tests only: slow, exact product)."""
+    s = scale_to_float32(scale).to(torch.float64)
+    bm, bn = block_size
+    r0, c0 = block_offset
+    M, N = weight.shape[-2:]
+    ri = (torch.arange(M) + r0) // bm
+    ci = (torch.arange(N) + c0) // bn
+    expanded = s[..., ri, :][..., :, ci]
+    return weight.to(torch.float64) * expanded
+
+
+def dequant_expanded_scales_torch(weight: torch.Tensor, scale: torch.Tensor, block_size, out_dtype=torch.bfloat16,
+                                  out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The common engine path (transformers-style): repeat_interleave the scale to full size, multiply.
+
+    A benchmark baseline only; 2-D, no offsets.
+    """
+    bm, bn = block_size
+    M, N = weight.shape
+    s = scale_to_float32(scale).repeat_interleave(bm, 0).repeat_interleave(bn, 1)[:M, :N]
+    res = (weight.to(torch.float32) * s).to(out_dtype)
+    if out is not None:
+        out.copy_(res)
+        return out
+    return res

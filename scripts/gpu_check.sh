@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The device-machine run: build, GPU tests, compute-sanitizer, benchmarks. Logs and JSON go to
+# $OUT (the device tool brings back at most 8 files, so each stage writes one log).
+#
+#   scripts/gpu_check.sh [build] [test] [sanitize] [bench] [bench-cpu]     (default: all)
+#
+# Environment: PYLOADER_CUDA_ARCHS (default 90 here; release builds use setup.py's default),
+# PYTEST_ARGS (extra pytest arguments), BENCH_ARGS (extra bench_dequant.py arguments).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+stages=${*:-build test sanitize bench bench-cpu}
+status=0
+has() { [[ " $stages " == *" $1 "* ]]; }
+note() { echo "== $(date +%T) $*" | tee -a "$OUT/summary.txt"; }
+
+{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; nvcc --version | tail -1;
+  python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; git log -1 --oneline 2>/dev/null; } \
+  > "$OUT/summary.txt" 2>&1
+
+if has build; then
+  note "build"
+  PYLOADER_CUDA_ARCHS=${PYLOADER_CUDA_ARCHS:-90} PYLOADER_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \
+    python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 \
+    || { note "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1; }
+  python3 -c 'import pyloader._C as C; assert C.cuda_built and C.device_count() > 0, "extension not usable"' \
+    >> "$OUT/build.log" 2>&1 || { note "EXTENSION NOT USABLE"; tail -5 "$OUT/build.log"; exit 1; }
+fi
+
+if has test; then
+  note "pytest (all tests, GPU included)"
+  python3 -m pytest tests -q -rfs ${PYTEST_ARGS:-} > "$OUT/tests.log" 2>&1 || status=1
+  tail -3 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
+fi
+
+if has sanitize; then
+  # The caching allocator would hide out-of-bounds accesses inside pooled blocks.
+  export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+  for tool in memcheck racecheck initcheck; do
+    note "compute-sanitizer --tool $tool (cuda kernel tests)"
+    compute-sanitizer --tool "$tool" --error-exitcode 99 --target-processes all \
+      python3 -m pytest tests -q -x -m gpu -k "cuda and not 64bit" -p no:cacheprovider \
+      > "$OUT/sanitize_$tool.log" 2>&1
+    rc=$?
+    tail -2 "$OUT/sanitize_$tool.log" | tee -a "$OUT/summary.txt"
+    grep -m3 "ERROR SUMMARY" "$OUT/sanitize_$tool.log" | tee -a "$OUT/summary.txt"
+    [ $rc -eq 0 ] || { status=1; note "$tool: exit $rc"; }
+  done
+  unset PYTORCH_NO_CUDA_MEMORY_CACHING
+fi
+
+if has bench; then
+  note "bench_dequant (GPU)"
+  python3 bench/bench_dequant.py --json "$OUT/bench.json" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1 || status=1
+  tail -40 "$OUT/bench.log"
+fi
+
+if has bench-cpu; then
+  note "bench_dequant --cpu"
+  python3 bench/bench_dequant.py --cpu --json "$OUT/bench.json" >> "$OUT/bench.log" 2>&1 || status=1
+  tail -8 "$OUT/bench.log"
+fi
+
+note "done, status $status"
+cat "$OUT/summary.txt"
+exit $status

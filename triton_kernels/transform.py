@@ -1,0 +1,125 @@
+"""Triton blockwise dequant / cast / copy of 2-D and 3-D tensors into strided destinations."""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from pyloader import _dtypes
+
+from .fp8 import e4m3_bits_to_float32, e5m2_bits_to_float32, e8m0_bits_to_float32
+
+# Tuning knobs (one place).
+_BLOCK_M = 32
+_BLOCK_N = 256
+_NUM_WARPS = 8
+
+# How FP8 weights are read: "native" (tl.float8e4nv casts, sm_89+), "bitcast" (exact bit
+# manipulation, any GPU and the interpreter), "auto" (native where the GPU has FP8 casts).
+_SRC_NATIVE, _SRC_E4M3_BITS, _SRC_E5M2_BITS = 0, 1, 2
+
+
+def fp8_upcast_mode(device: torch.device) -> str:
+    mode = os.environ.get("PYLOADER_TRITON_FP8_UPCAST", "auto").lower()
+    if mode not in ("auto", "native", "bitcast"):
+        raise ValueError(f"PYLOADER_TRITON_FP8_UPCAST must be auto, native or bitcast, not {mode!r}")
+    if mode != "auto":
+        return mode
+    if device.type != "cuda":
+        return "bitcast"  # the interpreter
+    return "native" if torch.cuda.get_device_capability(device) >= (8, 9) else "bitcast"
+
+
+@triton.jit
+def _transform_2d_kernel(
+    src_ptr, scale_ptr, dst_ptr,
+    rows, cols,
+    src_stride_e, src_stride_r, dst_stride_e, dst_stride_r,
+    scale_stride_e, scale_stride_r, scale_stride_c,
+    block_rows, block_cols, r0, c0,
+    SRC_MODE: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_E8M0: tl.constexpr, CONVERT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # dst[e, i, j] = rne(float32(src[e, i, j]) * float32(scale[e, (i + r0) // bm, (j + c0) // bn]))
+    tiles_n = tl.cdiv(cols, BLOCK_N)
+    pid = tl.program_id(0)
+    e = tl.program_id(1).to(tl.int64)
+    offs_m = (pid // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (pid % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m[:, None] < rows) & (offs_n[None, :] < cols)
+    m64 = offs_m.to(tl.int64)[:, None]
+    src = tl.load(src_ptr + e * src_stride_e + m64 * src_stride_r + offs_n[None, :], mask=mask)
+    if CONVERT:
+        if SRC_MODE == 1:
+            v = e4m3_bits_to_float32(src)
+        elif SRC_MODE == 2:
+            v = e5m2_bits_to_float32(src)
+        else:
+            v = src.to(tl.float32)
+        if HAS_SCALE:
+            srow = (offs_m + r0) // block_rows
+            scol = (offs_n + c0) // block_cols
+            s_off = e * scale_stride_e + srow.to(tl.int64)[:, None] * scale_stride_r + scol[None, :] * scale_stride_c
+            s = tl.load(scale_ptr + s_off, mask=mask, other=1)
+            if SCALE_E8M0:
+                s = e8m0_bits_to_float32(s)
+            else:
+                s = s.to(tl.float32)
+            v = v * s
+        out = v.to(dst_ptr.dtype.element_ty)
+    else:
+        out = src
+    tl.store(dst_ptr + e * dst_stride_e + m64 * dst_stride_r + offs_n[None, :], out, mask=mask)
+
+
+def _launch(src, scale, dst, block_size, block_offset):
+    """src/dst/scale are 3-D [E, rows, cols] views (unit column stride for src and dst)."""
+    E, rows, cols = src.shape
+    if src.numel() == 0:
+        return
+    convert = scale is not None or src.dtype != dst.dtype
+    mode = _SRC_NATIVE
+    if convert and src.dtype in _dtypes.FP8_WEIGHT_DTYPES and fp8_upcast_mode(src.device) == "bitcast":
+        mode = _SRC_E4M3_BITS if src.dtype == torch.float8_e4m3fn else _SRC_E5M2_BITS
+        src = src.view(torch.uint8)
+    if not convert and src.dtype in _dtypes.FP8_WEIGHT_DTYPES:
+        src, dst = src.view(torch.uint8), dst.view(torch.uint8)  # plain copy: move bytes
+    e8m0 = scale is not None and _dtypes.is_e8m0(scale.dtype)
+    if e8m0:
+        scale = scale.view(torch.uint8)
+    sc = scale if scale is not None else src  # placeholder pointer, never read
+    grid = (triton.cdiv(rows, _BLOCK_M) * triton.cdiv(cols, _BLOCK_N), E)
+    _transform_2d_kernel[grid](
+        src, sc, dst, rows, cols,
+        src.stride(0), src.stride(1), dst.stride(0), dst.stride(1),
+        sc.stride(0), sc.stride(1), sc.stride(2),
+        block_size[0], block_size[1], block_offset[0], block_offset[1],
+        SRC_MODE=mode, HAS_SCALE=scale is not None, SCALE_E8M0=e8m0, CONVERT=convert,
+        BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, num_warps=_NUM_WARPS,
+    )
+
+
+def _check_unit_stride(t: torch.Tensor, what: str):
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{what} must have unit stride along its last dimension for the triton backend (strides {t.stride()})")
+
+
+def dequant_blockwise_triton(weight, scale, out, block_size, block_offset):
+    """Triton backend of pyloader.ops.dequant_blockwise (arguments already validated)."""
+    _check_unit_stride(weight, "weight")
+    _check_unit_stride(out, "out")
+    if weight.dim() == 2:
+        _launch(weight.unsqueeze(0), scale.unsqueeze(0), out.unsqueeze(0), block_size, block_offset)
+    else:
+        _launch(weight, scale, out, block_size, block_offset)
+    return out
+
+
+def multi_tensor_transform_triton(jobs):
+    """Triton backend of the multi-tensor transform: one launch per job."""
+    for job in jobs:
+        _check_unit_stride(job.src, "source")
+        _check_unit_stride(job.dst, "destination")
+        scale = job.scale.unsqueeze(0) if job.scale is not None else None
+        _launch(job.src.unsqueeze(0), scale, job.dst.unsqueeze(0), job.block_size, job.block_offset)
