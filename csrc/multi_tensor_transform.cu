@@ -8,15 +8,6 @@
 namespace pyloader {
 namespace {
 
-int dtype_size(int32_t d) {
-  switch (d) {
-    case kByte: case kE4M3: case kE5M2: case kE8M0: return 1;
-    case kBF16: case kF16: return 2;
-    case kF32: return 4;
-    default: return 0;
-  }
-}
-
 bool is_float_value(int32_t d) { return d == kE4M3 || d == kE5M2 || d == kBF16 || d == kF16 || d == kF32; }
 bool is_float_out(int32_t d) { return d == kBF16 || d == kF16 || d == kF32; }
 bool is_scale(int32_t d) { return d == kF32 || d == kBF16 || d == kF16 || d == kE8M0; }
@@ -74,8 +65,6 @@ class TableLauncher {
   std::unique_ptr<TransformTable> table_;
 };
 
-bool aligned16(int64_t address_or_bytes) { return (address_or_bytes & 15) == 0; }
-
 }  // namespace
 
 cudaError_t launch_multi_tensor_transform(const int64_t* packed_jobs, int64_t num_jobs, cudaStream_t stream) {
@@ -109,10 +98,12 @@ cudaError_t launch_multi_tensor_transform(const int64_t* packed_jobs, int64_t nu
     if (f[kFieldSrc] == 0 || f[kFieldDst] == 0) throw std::invalid_argument(job_error(j, "null pointer"));
 
     const int vec = vec_width_of(src_dtype, dst_dtype);
-    const int64_t src_row_bytes = f[kFieldSrcRowStride] * dtype_size(src_dtype);
-    const int64_t dst_row_bytes = f[kFieldDstRowStride] * dtype_size(dst_dtype);
-    bool vec_ok = aligned16(f[kFieldSrc]) && aligned16(f[kFieldDst]) &&
-                  (rows == 1 || (aligned16(src_row_bytes) && aligned16(dst_row_bytes)));
+    const int64_t src_row_bytes = f[kFieldSrcRowStride] * dtype_bytes(src_dtype);
+    const int64_t dst_row_bytes = f[kFieldDstRowStride] * dtype_bytes(dst_dtype);
+    // Vector accesses need every row start aligned to the access width of each side.
+    const int64_t src_access = int64_t(vec) * dtype_bytes(src_dtype), dst_access = int64_t(vec) * dtype_bytes(dst_dtype);
+    bool vec_ok = f[kFieldSrc] % src_access == 0 && f[kFieldDst] % dst_access == 0 &&
+                  (rows == 1 || (src_row_bytes % src_access == 0 && dst_row_bytes % dst_access == 0));
     if (scale_dtype != kNone) {
       const int64_t bn = f[kFieldBlockCols], c0 = f[kFieldC0];
       const bool one_scale_column = (c0 % bn) + cols <= bn;

@@ -15,7 +15,7 @@
 namespace pyloader {
 
 constexpr int kThreads = 256;
-constexpr int kUnitsPerThread = 4;
+constexpr int kUnitsPerThread = 8;
 constexpr int kChunkUnits = kThreads * kUnitsPerThread;
 constexpr int kBlocksPerSM = 8;
 
@@ -47,18 +47,26 @@ struct TransformTable {
 };
 static_assert(sizeof(TransformTable) <= 32000, "kernel parameter limit is 32764 bytes");
 
-// Elements per unit for a dtype pair: 16 bytes of the narrower side.
+// Elements per unit for a dtype pair: 16 bytes of the wider side, so every thread's store (for
+// widening transforms) or load (for narrowing ones) is one full 16-byte access and a warp's
+// accesses are contiguous.
 template <typename Src, typename Dst>
 __host__ __device__ constexpr int vec_width() {
-  return 16 / (sizeof(Src) < sizeof(Dst) ? sizeof(Src) : sizeof(Dst));
+  return 16 / (sizeof(Src) > sizeof(Dst) ? sizeof(Src) : sizeof(Dst));
 }
 
-// Host-side mirror of vec_width for dtype codes.
+inline int dtype_bytes(int32_t d) { return (d == kByte || d == kE4M3 || d == kE5M2 || d == kE8M0) ? 1 : (d == kF32 ? 4 : 2); }
+
+// Host-side mirror of vec_width for dtype codes (byte copies move 16 bytes per unit).
 inline int vec_width_of(int32_t src, int32_t dst) {
-  auto size = [](int32_t d) -> int { return (d == kByte || d == kE4M3 || d == kE5M2) ? 1 : (d == kF32 ? 4 : 2); };
-  int narrow = size(src) < size(dst) ? size(src) : size(dst);
-  return 16 / narrow;
+  const int a = dtype_bytes(src), b = dtype_bytes(dst);
+  return 16 / (a > b ? a : b);
 }
+
+template <int kBytes>
+struct alignas(kBytes) Bytes {
+  uint8_t b[kBytes];
+};
 
 template <typename Src, int N>
 __device__ __forceinline__ void to_float_vec(const Src (&in)[N], float (&out)[N]) {
@@ -86,25 +94,53 @@ __device__ __forceinline__ void to_float_vec(const e5m2_t (&in)[N], float (&out)
   fp8_to_float_vec<N, __NV_E5M2>(in, out);
 }
 
-__device__ __forceinline__ float job_scale(const TransformJob& job, int64_t r, int64_t c) {
-  const int64_t sr = (r + job.r0) / job.block_rows;
-  const int64_t sc = (c + job.c0) / job.block_cols;
-  return load_scale(job.scale, job.scale_dtype, sr * job.scale_row_stride + sc * job.scale_col_stride);
+// Rounding in pairs: one cvt.rn.bf16x2.f32 / cvt.rn.f16x2.f32 per two elements.
+template <typename Dst, int N>
+__device__ __forceinline__ void from_float_vec(const float (&v)[N], Dst (&out)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) out[i] = from_float<Dst>(v[i]);
+}
+template <int N>
+__device__ __forceinline__ void from_float_vec(const float (&v)[N], __nv_bfloat16 (&out)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; i += 2) {
+    const __nv_bfloat162 p = __floats2bfloat162_rn(v[i], v[i + 1]);
+    out[i] = p.x;
+    out[i + 1] = p.y;
+  }
+}
+template <int N>
+__device__ __forceinline__ void from_float_vec(const float (&v)[N], __half (&out)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; i += 2) {
+    const __half2 p = __floats2half2_rn(v[i], v[i + 1]);
+    out[i] = p.x;
+    out[i + 1] = p.y;
+  }
+}
+
+// Block-grid indices stay in 32 bits: the launcher guarantees r0 + rows and c0 + cols < 2^31.
+__device__ __forceinline__ float job_scale(const TransformJob& job, uint32_t r, uint32_t c) {
+  const uint32_t sr = (r + static_cast<uint32_t>(job.r0)) / static_cast<uint32_t>(job.block_rows);
+  const uint32_t sc = (c + static_cast<uint32_t>(job.c0)) / static_cast<uint32_t>(job.block_cols);
+  return load_scale(job.scale, job.scale_dtype,
+                    static_cast<int64_t>(sr) * job.scale_row_stride + static_cast<int64_t>(sc) * job.scale_col_stride);
 }
 
 // One chunk of one job. Loads of all the thread's units are issued before the first store so
-// that kUnitsPerThread 16-byte requests are in flight per thread.
+// that kUnitsPerThread requests are in flight per thread.
 template <typename Src, typename Dst>
 __device__ __forceinline__ void transform_chunk(const TransformJob& job, uint32_t first_unit) {
   constexpr int kVec = vec_width<Src, Dst>();
-  constexpr int kSrcWords = kVec * sizeof(Src) / 16;
-  constexpr int kDstWords = kVec * sizeof(Dst) / 16;
+  using SrcVec = Bytes<kVec * sizeof(Src)>;
+  using DstVec = Bytes<kVec * sizeof(Dst)>;
   const Src* __restrict__ src = static_cast<const Src*>(job.src);
   Dst* __restrict__ dst = static_cast<Dst*>(job.dst);
   const uint32_t total_units = static_cast<uint32_t>(job.rows) * job.units_per_row;
+  const uint32_t cols = static_cast<uint32_t>(job.cols);
   const bool has_scale = job.scale != nullptr;
 
-  uint4 raw[kUnitsPerThread][kSrcWords];
+  SrcVec raw[kUnitsPerThread];
   uint32_t row[kUnitsPerThread];
   uint32_t col[kUnitsPerThread];
   bool full[kUnitsPerThread];
@@ -113,21 +149,17 @@ __device__ __forceinline__ void transform_chunk(const TransformJob& job, uint32_
     const uint32_t u = first_unit + k * kThreads + threadIdx.x;
     const bool valid = u < total_units;
     row[k] = valid ? u / job.units_per_row : 0;
-    col[k] = valid ? (u - row[k] * job.units_per_row) * kVec : static_cast<uint32_t>(job.cols);
-    full[k] = valid && job.vec_ok && col[k] + kVec <= static_cast<uint32_t>(job.cols);
-    if (full[k]) {
-      const uint4* p = reinterpret_cast<const uint4*>(src + row[k] * job.src_row_stride + col[k]);
-#pragma unroll
-      for (int w = 0; w < kSrcWords; ++w) raw[k][w] = __ldg(p + w);
-    }
+    col[k] = valid ? (u - row[k] * job.units_per_row) * kVec : cols;
+    full[k] = valid && job.vec_ok && col[k] + kVec <= cols;
+    if (full[k]) raw[k] = *reinterpret_cast<const SrcVec*>(src + row[k] * job.src_row_stride + col[k]);
   }
 #pragma unroll
   for (int k = 0; k < kUnitsPerThread; ++k) {
-    if (col[k] >= static_cast<uint32_t>(job.cols)) continue;  // past the job's end
+    if (col[k] >= cols) continue;  // past the job's end
     Dst* out_row = dst + row[k] * job.dst_row_stride;
     if (full[k]) {
       Src in[kVec];
-      memcpy(in, raw[k], sizeof(in));
+      memcpy(in, &raw[k], sizeof(in));
       float v[kVec];
       to_float_vec(in, v);
       if (has_scale) {
@@ -135,21 +167,18 @@ __device__ __forceinline__ void transform_chunk(const TransformJob& job, uint32_
 #pragma unroll
         for (int i = 0; i < kVec; ++i) v[i] *= s;
       }
-      Dst out[kVec];
-#pragma unroll
-      for (int i = 0; i < kVec; ++i) out[i] = from_float<Dst>(v[i]);
-      uint4 words[kDstWords];
-      memcpy(words, out, sizeof(words));
-      uint4* q = reinterpret_cast<uint4*>(out_row + col[k]);
-#pragma unroll
-      for (int w = 0; w < kDstWords; ++w) q[w] = words[w];
+      DstVec out;
+      Dst converted[kVec];
+      from_float_vec(v, converted);
+      memcpy(&out, converted, sizeof(out));
+      *reinterpret_cast<DstVec*>(out_row + col[k]) = out;
     } else {
       // Scalar path: ragged row tails and jobs whose pointers, strides or scale blocks do not
-      // allow 16-byte accesses.
+      // allow vector accesses.
       const Src* in_row = src + row[k] * job.src_row_stride;
       for (int i = 0; i < kVec; ++i) {
         const uint32_t c = col[k] + i;
-        if (c >= static_cast<uint32_t>(job.cols)) break;
+        if (c >= cols) break;
         float v = to_float(in_row[c]);
         if (has_scale) v *= job_scale(job, row[k], c);
         out_row[c] = from_float<Dst>(v);
@@ -163,6 +192,7 @@ __device__ __forceinline__ void copy_chunk(const TransformJob& job, uint32_t fir
   const uint8_t* __restrict__ src = static_cast<const uint8_t*>(job.src);
   uint8_t* __restrict__ dst = static_cast<uint8_t*>(job.dst);
   const uint32_t total_units = static_cast<uint32_t>(job.rows) * job.units_per_row;
+  const uint32_t cols = static_cast<uint32_t>(job.cols);
   uint4 raw[kUnitsPerThread];
   uint32_t row[kUnitsPerThread];
   uint32_t col[kUnitsPerThread];
@@ -172,19 +202,19 @@ __device__ __forceinline__ void copy_chunk(const TransformJob& job, uint32_t fir
     const uint32_t u = first_unit + k * kThreads + threadIdx.x;
     const bool valid = u < total_units;
     row[k] = valid ? u / job.units_per_row : 0;
-    col[k] = valid ? (u - row[k] * job.units_per_row) * 16 : static_cast<uint32_t>(job.cols);
-    full[k] = valid && job.vec_ok && col[k] + 16 <= static_cast<uint32_t>(job.cols);
-    if (full[k]) raw[k] = __ldg(reinterpret_cast<const uint4*>(src + row[k] * job.src_row_stride + col[k]));
+    col[k] = valid ? (u - row[k] * job.units_per_row) * 16 : cols;
+    full[k] = valid && job.vec_ok && col[k] + 16 <= cols;
+    if (full[k]) raw[k] = *reinterpret_cast<const uint4*>(src + row[k] * job.src_row_stride + col[k]);
   }
 #pragma unroll
   for (int k = 0; k < kUnitsPerThread; ++k) {
-    if (col[k] >= static_cast<uint32_t>(job.cols)) continue;
+    if (col[k] >= cols) continue;
     uint8_t* out_row = dst + row[k] * job.dst_row_stride;
     if (full[k]) {
       *reinterpret_cast<uint4*>(out_row + col[k]) = raw[k];
     } else {
       const uint8_t* in_row = src + row[k] * job.src_row_stride;
-      for (int i = 0; i < 16 && col[k] + i < static_cast<uint32_t>(job.cols); ++i) out_row[col[k] + i] = in_row[col[k] + i];
+      for (int i = 0; i < 16 && col[k] + i < cols; ++i) out_row[col[k] + i] = in_row[col[k] + i];
     }
   }
 }

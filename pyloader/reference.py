@@ -150,7 +150,8 @@ def quantize_blockwise_torch(
     xp = torch.nn.functional.pad(xs.to(torch.float32), (0, gc * bn - N, 0, gr * bm - M))
     blocks = xp.view(E, gr, bm, gc, bn)
     amax = blocks.abs().amax(dim=(2, 4))
-    scale = torch.where(amax > 0, amax / fmax, torch.ones_like(amax))
+    # Tensor / tensor: torch on CUDA turns division by a Python scalar into a reciprocal multiply.
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, fmax), torch.ones_like(amax))
     q = (blocks / scale[:, :, None, :, None]).clamp_(-fmax, fmax).to(dtype)
     q = q.view(E, gr * bm, gc * bn)[:, :M, :N].contiguous()
     if squeeze:

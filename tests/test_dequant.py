@@ -188,7 +188,7 @@ def check_backend(backend, w, s, block, out_dtype, offset=(0, 0), out=None, monk
         assert_equal_within_ulp(got, expected, ulp=1, what=what)
 
 
-@pytest.mark.skipif(not CPU_BACKENDS, reason="triton not installed")
+@pytest.mark.skipif(not CPU_BACKENDS or HAS_GPU, reason="interpreter tests: triton installed, no GPU")
 @pytest.mark.parametrize("case", SMALL_CASES, ids=case_id)
 def test_triton_interpreter_matches_reference(case):
     shape, kind, wdtype, sdtype, out_dtype, all_bytes = case
@@ -197,7 +197,7 @@ def test_triton_interpreter_matches_reference(case):
     check_backend("triton", w, s, block, out_dtype, what=case_id(case))
 
 
-@pytest.mark.skipif(not CPU_BACKENDS, reason="triton not installed")
+@pytest.mark.skipif(not CPU_BACKENDS or HAS_GPU, reason="interpreter tests: triton installed, no GPU")
 def test_triton_interpreter_strided_out_offsets_and_3d():
     gen = torch.Generator().manual_seed(3)
     whole = random_fp8((3, 70, 90), torch.float8_e4m3fn, gen, all_bytes=True)

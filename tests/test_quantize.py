@@ -5,7 +5,7 @@ import torch
 
 from pyloader import ops, reference
 
-from helpers import HAS_TRITON, assert_bitwise_equal
+from helpers import HAS_GPU, HAS_TRITON, assert_bitwise_equal
 
 SHAPES = [(1, 1), (7, 129), (576, 7168), (130, 257)]
 BLOCKS = [(128, 128), (1, 32), (32, 32)]
@@ -52,7 +52,7 @@ def _check(backend, x, block, dtype):
     assert_bitwise_equal(q, q_ref, "q")
 
 
-@pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
+@pytest.mark.skipif(not HAS_TRITON or HAS_GPU, reason="interpreter tests: triton installed, no GPU")
 @pytest.mark.parametrize("shape", [(1, 1), (7, 129), (70, 90)])
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
 def test_triton_interpreter_bitwise(shape, dtype):

@@ -11,7 +11,9 @@ def e4m3_bits_to_float32(b):
     b16 = b.to(tl.uint16)
     mag = ((b16 & 0x7F) << 7).to(tl.float16, bitcast=True).to(tl.float32) * 256.0
     mag = tl.where((b16 & 0x7F) == 0x7F, float("nan"), mag)
-    return tl.where((b16 & 0x80) != 0, -mag, mag)
+    # The sign goes in as a bit: Triton's unary minus is 0 - x, which turns -0.0 into +0.0.
+    sign = (b16 & 0x80).to(tl.uint32) << 24
+    return (mag.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
