@@ -17,7 +17,7 @@ namespace pyloader {
 constexpr int kThreads = 256;
 constexpr int kUnitsPerThread = 8;
 constexpr int kChunkUnits = kThreads * kUnitsPerThread;
-constexpr int kBlocksPerSM = 8;
+constexpr int kBlocksPerSM = 6;  // 40 registers a thread: 6 blocks of 256 fit an SM without spills
 
 struct TransformJob {
   const void* src;
@@ -63,9 +63,16 @@ inline int vec_width_of(int32_t src, int32_t dst) {
   return 16 / (a > b ? a : b);
 }
 
-template <int kBytes>
-struct alignas(kBytes) Bytes {
-  uint8_t b[kBytes];
+// Native vector type of an access width, so loads and stores are single LDG/STG.64/.128.
+template <int kBytes> struct VecOf;
+template <> struct VecOf<4> { using type = uint32_t; };
+template <> struct VecOf<8> { using type = uint2; };
+template <> struct VecOf<16> { using type = uint4; };
+
+template <typename T, int N>
+union Packed {
+  typename VecOf<N * sizeof(T)>::type vec;
+  T elems[N];
 };
 
 template <typename Src, int N>
@@ -127,61 +134,44 @@ __device__ __forceinline__ float job_scale(const TransformJob& job, uint32_t r, 
                     static_cast<int64_t>(sr) * job.scale_row_stride + static_cast<int64_t>(sc) * job.scale_col_stride);
 }
 
-// One chunk of one job. Loads of all the thread's units are issued before the first store so
-// that kUnitsPerThread requests are in flight per thread.
+// One chunk of one job, one unit per step. Memory-level parallelism comes from occupancy
+// (2048 resident threads per SM, one 16-byte access each), so the body stays lean in registers.
 template <typename Src, typename Dst>
 __device__ __forceinline__ void transform_chunk(const TransformJob& job, uint32_t first_unit) {
   constexpr int kVec = vec_width<Src, Dst>();
-  using SrcVec = Bytes<kVec * sizeof(Src)>;
-  using DstVec = Bytes<kVec * sizeof(Dst)>;
   const Src* __restrict__ src = static_cast<const Src*>(job.src);
   Dst* __restrict__ dst = static_cast<Dst*>(job.dst);
   const uint32_t total_units = static_cast<uint32_t>(job.rows) * job.units_per_row;
   const uint32_t cols = static_cast<uint32_t>(job.cols);
   const bool has_scale = job.scale != nullptr;
-
-  SrcVec raw[kUnitsPerThread];
-  uint32_t row[kUnitsPerThread];
-  uint32_t col[kUnitsPerThread];
-  bool full[kUnitsPerThread];
-#pragma unroll
+#pragma unroll 2
   for (int k = 0; k < kUnitsPerThread; ++k) {
     const uint32_t u = first_unit + k * kThreads + threadIdx.x;
-    const bool valid = u < total_units;
-    row[k] = valid ? u / job.units_per_row : 0;
-    col[k] = valid ? (u - row[k] * job.units_per_row) * kVec : cols;
-    full[k] = valid && job.vec_ok && col[k] + kVec <= cols;
-    if (full[k]) raw[k] = *reinterpret_cast<const SrcVec*>(src + row[k] * job.src_row_stride + col[k]);
-  }
-#pragma unroll
-  for (int k = 0; k < kUnitsPerThread; ++k) {
-    if (col[k] >= cols) continue;  // past the job's end
-    Dst* out_row = dst + row[k] * job.dst_row_stride;
-    if (full[k]) {
-      Src in[kVec];
-      memcpy(in, &raw[k], sizeof(in));
+    if (u >= total_units) return;
+    const uint32_t row = u / job.units_per_row;
+    const uint32_t col = (u - row * job.units_per_row) * kVec;
+    const Src* in_row = src + row * job.src_row_stride;
+    Dst* out_row = dst + row * job.dst_row_stride;
+    if (job.vec_ok && col + kVec <= cols) {
+      Packed<Src, kVec> in;
+      in.vec = *reinterpret_cast<const typename VecOf<kVec * sizeof(Src)>::type*>(in_row + col);
       float v[kVec];
-      to_float_vec(in, v);
+      to_float_vec(in.elems, v);
       if (has_scale) {
-        const float s = job_scale(job, row[k], col[k]);
+        const float s = job_scale(job, row, col);
 #pragma unroll
         for (int i = 0; i < kVec; ++i) v[i] *= s;
       }
-      DstVec out;
-      Dst converted[kVec];
-      from_float_vec(v, converted);
-      memcpy(&out, converted, sizeof(out));
-      *reinterpret_cast<DstVec*>(out_row + col[k]) = out;
+      Packed<Dst, kVec> out;
+      from_float_vec(v, out.elems);
+      *reinterpret_cast<typename VecOf<kVec * sizeof(Dst)>::type*>(out_row + col) = out.vec;
     } else {
       // Scalar path: ragged row tails and jobs whose pointers, strides or scale blocks do not
       // allow vector accesses.
-      const Src* in_row = src + row[k] * job.src_row_stride;
-      for (int i = 0; i < kVec; ++i) {
-        const uint32_t c = col[k] + i;
-        if (c >= cols) break;
-        float v = to_float(in_row[c]);
-        if (has_scale) v *= job_scale(job, row[k], c);
-        out_row[c] = from_float<Dst>(v);
+      for (int i = 0; i < kVec && col + i < cols; ++i) {
+        float v = to_float(in_row[col + i]);
+        if (has_scale) v *= job_scale(job, row, col + i);
+        out_row[col + i] = from_float<Dst>(v);
       }
     }
   }
@@ -193,28 +183,18 @@ __device__ __forceinline__ void copy_chunk(const TransformJob& job, uint32_t fir
   uint8_t* __restrict__ dst = static_cast<uint8_t*>(job.dst);
   const uint32_t total_units = static_cast<uint32_t>(job.rows) * job.units_per_row;
   const uint32_t cols = static_cast<uint32_t>(job.cols);
-  uint4 raw[kUnitsPerThread];
-  uint32_t row[kUnitsPerThread];
-  uint32_t col[kUnitsPerThread];
-  bool full[kUnitsPerThread];
-#pragma unroll
+#pragma unroll 2
   for (int k = 0; k < kUnitsPerThread; ++k) {
     const uint32_t u = first_unit + k * kThreads + threadIdx.x;
-    const bool valid = u < total_units;
-    row[k] = valid ? u / job.units_per_row : 0;
-    col[k] = valid ? (u - row[k] * job.units_per_row) * 16 : cols;
-    full[k] = valid && job.vec_ok && col[k] + 16 <= cols;
-    if (full[k]) raw[k] = *reinterpret_cast<const uint4*>(src + row[k] * job.src_row_stride + col[k]);
-  }
-#pragma unroll
-  for (int k = 0; k < kUnitsPerThread; ++k) {
-    if (col[k] >= cols) continue;
-    uint8_t* out_row = dst + row[k] * job.dst_row_stride;
-    if (full[k]) {
-      *reinterpret_cast<uint4*>(out_row + col[k]) = raw[k];
+    if (u >= total_units) return;
+    const uint32_t row = u / job.units_per_row;
+    const uint32_t col = (u - row * job.units_per_row) * 16;
+    const uint8_t* in_row = src + row * job.src_row_stride;
+    uint8_t* out_row = dst + row * job.dst_row_stride;
+    if (job.vec_ok && col + 16 <= cols) {
+      *reinterpret_cast<uint4*>(out_row + col) = *reinterpret_cast<const uint4*>(in_row + col);
     } else {
-      const uint8_t* in_row = src + row[k] * job.src_row_stride;
-      for (int i = 0; i < 16 && col[k] + i < cols; ++i) out_row[col[k] + i] = in_row[col[k] + i];
+      for (int i = 0; i < 16 && col + i < cols; ++i) out_row[col + i] = in_row[col + i];
     }
   }
 }
@@ -229,7 +209,7 @@ __device__ __forceinline__ void dispatch_dst(const TransformJob& job, uint32_t f
   }
 }
 
-__global__ void __launch_bounds__(kThreads) multi_tensor_transform_kernel(const __grid_constant__ TransformTable table) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSM) multi_tensor_transform_kernel(const __grid_constant__ TransformTable table) {
   const uint32_t total_chunks = table.chunk_start[table.num_jobs];
   for (uint32_t chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x) {
     int lo = 0, hi = table.num_jobs - 1;  // last job whose first chunk is <= chunk
