@@ -55,6 +55,21 @@ __device__ __forceinline__ float e8m0_to_float(uint8_t e) {
   return __int_as_float(static_cast<int32_t>(e) << 23);
 }
 
+// n / d for 32-bit n by multiply and shift (Granlund-Montgomery, round-up variant):
+// s = ceil(log2 d), M = ceil(2^(32+s) / d) = 2^32 + m, and n / d = (n + umulhi(n, m)) >> s.
+struct FastDiv {
+  uint32_t d, m, s;
+  static FastDiv make(uint32_t d) {
+    uint32_t s = 0;
+    while ((uint64_t(1) << s) < d) ++s;
+    const uint64_t big = ((uint64_t(1) << (32 + s)) + d - 1) / d;
+    return FastDiv{d, static_cast<uint32_t>(big - (uint64_t(1) << 32)), s};
+  }
+  __device__ __forceinline__ uint32_t div(uint32_t n) const {
+    return static_cast<uint32_t>((static_cast<uint64_t>(__umulhi(n, m)) + n) >> s);
+  }
+};
+
 __device__ __forceinline__ float load_scale(const void* base, int32_t dtype, int64_t index) {
   switch (dtype) {
     case kF32: return __ldg(static_cast<const float*>(base) + index);

@@ -122,7 +122,9 @@ cudaError_t launch_multi_tensor_transform(const int64_t* packed_jobs, int64_t nu
     job.block_rows = scale_dtype == kNone ? 1 : static_cast<int32_t>(f[kFieldBlockRows]);
     job.block_cols = scale_dtype == kNone ? 1 : static_cast<int32_t>(f[kFieldBlockCols]);
     job.c0 = static_cast<int32_t>(f[kFieldC0]);
-    job.units_per_row = static_cast<uint32_t>((cols + vec - 1) / vec);
+    job.units_per_row = FastDiv::make(static_cast<uint32_t>((cols + vec - 1) / vec));
+    job.block_rows_div = FastDiv::make(static_cast<uint32_t>(job.block_rows));
+    job.block_cols_div = FastDiv::make(static_cast<uint32_t>(job.block_cols));
     job.src_dtype = static_cast<uint8_t>(src_dtype);
     job.dst_dtype = static_cast<uint8_t>(dst_dtype);
     job.scale_dtype = static_cast<uint8_t>(scale_dtype);
@@ -130,7 +132,7 @@ cudaError_t launch_multi_tensor_transform(const int64_t* packed_jobs, int64_t nu
 
     // Split by rows so that unit indices of one job fit 32 bits; each piece keeps its global
     // block-grid row offset, so scales stay indexed at the right block.
-    const int64_t max_rows = std::max<int64_t>(1, static_cast<int64_t>(INT32_MAX) / job.units_per_row);
+    const int64_t max_rows = std::max<int64_t>(1, static_cast<int64_t>(INT32_MAX) / job.units_per_row.d);
     for (int64_t r = 0; r < rows; r += max_rows) {
       const int64_t piece = std::min(max_rows, rows - r);
       TransformJob part = job;
@@ -138,7 +140,7 @@ cudaError_t launch_multi_tensor_transform(const int64_t* packed_jobs, int64_t nu
       part.dst = static_cast<char*>(job.dst) + r * dst_row_bytes;
       part.rows = static_cast<int32_t>(piece);
       part.r0 = static_cast<int32_t>(f[kFieldR0] + r);
-      const uint64_t units = static_cast<uint64_t>(piece) * part.units_per_row;
+      const uint64_t units = static_cast<uint64_t>(piece) * part.units_per_row.d;
       const uint32_t chunks = static_cast<uint32_t>((units + kChunkUnits - 1) / kChunkUnits);
       cudaError_t err = launcher.add(part, chunks);
       if (err != cudaSuccess) return err;

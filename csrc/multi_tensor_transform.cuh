@@ -15,7 +15,7 @@
 namespace pyloader {
 
 constexpr int kThreads = 256;
-constexpr int kUnitsPerThread = 8;
+constexpr int kUnitsPerThread = 2;  // small chunks: even waves over the persistent grid
 constexpr int kChunkUnits = kThreads * kUnitsPerThread;
 constexpr int kBlocksPerSM = 6;  // 40 registers a thread: 6 blocks of 256 fit an SM without spills
 
@@ -33,7 +33,9 @@ struct TransformJob {
   int32_t block_cols;      // bn
   int32_t r0;              // block-grid offset of row 0 (tensor-parallel slices)
   int32_t c0;
-  uint32_t units_per_row;  // ceil(cols / vector width of the dtype pair)
+  FastDiv units_per_row;   // ceil(cols / vector width of the dtype pair)
+  FastDiv block_rows_div;
+  FastDiv block_cols_div;
   uint8_t src_dtype;
   uint8_t dst_dtype;
   uint8_t scale_dtype;
@@ -128,8 +130,8 @@ __device__ __forceinline__ void from_float_vec(const float (&v)[N], __half (&out
 
 // Block-grid indices stay in 32 bits: the launcher guarantees r0 + rows and c0 + cols < 2^31.
 __device__ __forceinline__ float job_scale(const TransformJob& job, uint32_t r, uint32_t c) {
-  const uint32_t sr = (r + static_cast<uint32_t>(job.r0)) / static_cast<uint32_t>(job.block_rows);
-  const uint32_t sc = (c + static_cast<uint32_t>(job.c0)) / static_cast<uint32_t>(job.block_cols);
+  const uint32_t sr = job.block_rows_div.div(r + static_cast<uint32_t>(job.r0));
+  const uint32_t sc = job.block_cols_div.div(c + static_cast<uint32_t>(job.c0));
   return load_scale(job.scale, job.scale_dtype,
                     static_cast<int64_t>(sr) * job.scale_row_stride + static_cast<int64_t>(sc) * job.scale_col_stride);
 }
@@ -141,15 +143,15 @@ __device__ __forceinline__ void transform_chunk(const TransformJob& job, uint32_
   constexpr int kVec = vec_width<Src, Dst>();
   const Src* __restrict__ src = static_cast<const Src*>(job.src);
   Dst* __restrict__ dst = static_cast<Dst*>(job.dst);
-  const uint32_t total_units = static_cast<uint32_t>(job.rows) * job.units_per_row;
+  const uint32_t total_units = static_cast<uint32_t>(job.rows) * job.units_per_row.d;
   const uint32_t cols = static_cast<uint32_t>(job.cols);
   const bool has_scale = job.scale != nullptr;
 #pragma unroll 2
   for (int k = 0; k < kUnitsPerThread; ++k) {
     const uint32_t u = first_unit + k * kThreads + threadIdx.x;
     if (u >= total_units) return;
-    const uint32_t row = u / job.units_per_row;
-    const uint32_t col = (u - row * job.units_per_row) * kVec;
+    const uint32_t row = job.units_per_row.div(u);
+    const uint32_t col = (u - row * job.units_per_row.d) * kVec;
     const Src* in_row = src + row * job.src_row_stride;
     Dst* out_row = dst + row * job.dst_row_stride;
     if (job.vec_ok && col + kVec <= cols) {
@@ -181,14 +183,14 @@ __device__ __forceinline__ void transform_chunk(const TransformJob& job, uint32_
 __device__ __forceinline__ void copy_chunk(const TransformJob& job, uint32_t first_unit) {
   const uint8_t* __restrict__ src = static_cast<const uint8_t*>(job.src);
   uint8_t* __restrict__ dst = static_cast<uint8_t*>(job.dst);
-  const uint32_t total_units = static_cast<uint32_t>(job.rows) * job.units_per_row;
+  const uint32_t total_units = static_cast<uint32_t>(job.rows) * job.units_per_row.d;
   const uint32_t cols = static_cast<uint32_t>(job.cols);
 #pragma unroll 2
   for (int k = 0; k < kUnitsPerThread; ++k) {
     const uint32_t u = first_unit + k * kThreads + threadIdx.x;
     if (u >= total_units) return;
-    const uint32_t row = u / job.units_per_row;
-    const uint32_t col = (u - row * job.units_per_row) * 16;
+    const uint32_t row = job.units_per_row.div(u);
+    const uint32_t col = (u - row * job.units_per_row.d) * 16;
     const uint8_t* in_row = src + row * job.src_row_stride;
     uint8_t* out_row = dst + row * job.dst_row_stride;
     if (job.vec_ok && col + 16 <= cols) {
