@@ -17,7 +17,7 @@ namespace pyloader {
 constexpr int kThreads = 256;
 constexpr int kUnitsPerThread = 2;  // small chunks: even waves over the persistent grid
 constexpr int kChunkUnits = kThreads * kUnitsPerThread;
-constexpr int kBlocksPerSM = 4;  // up to 64 registers a thread, no spills; 32 bytes in flight a thread
+constexpr int kBlocksPerSM = 6;  // 40 registers a thread: 6 blocks of 256 fit an SM without spills
 
 struct TransformJob {
   const void* src;
@@ -49,11 +49,12 @@ struct TransformTable {
 };
 static_assert(sizeof(TransformTable) <= 32000, "kernel parameter limit is 32764 bytes");
 
-// Elements per unit for a dtype pair: 16 bytes of the narrower side, so one 16-byte load (or
-// store) per unit and one or two 16-byte accesses on the wider side.
+// Elements per unit for a dtype pair: 16 bytes of the wider side, so every thread's store (for
+// widening transforms) or load (for narrowing ones) is one full 16-byte access and a warp's
+// accesses are contiguous.
 template <typename Src, typename Dst>
 __host__ __device__ constexpr int vec_width() {
-  return 16 / (sizeof(Src) < sizeof(Dst) ? sizeof(Src) : sizeof(Dst));
+  return 16 / (sizeof(Src) > sizeof(Dst) ? sizeof(Src) : sizeof(Dst));
 }
 
 inline int dtype_bytes(int32_t d) { return (d == kByte || d == kE4M3 || d == kE5M2 || d == kE8M0) ? 1 : (d == kF32 ? 4 : 2); }
@@ -61,7 +62,7 @@ inline int dtype_bytes(int32_t d) { return (d == kByte || d == kE4M3 || d == kE5
 // Host-side mirror of vec_width for dtype codes (byte copies move 16 bytes per unit).
 inline int vec_width_of(int32_t src, int32_t dst) {
   const int a = dtype_bytes(src), b = dtype_bytes(dst);
-  return 16 / (a < b ? a : b);
+  return 16 / (a > b ? a : b);
 }
 
 // Native vector type of an access width, so loads and stores are single LDG/STG.64/.128.
@@ -69,10 +70,6 @@ template <int kBytes> struct VecOf;
 template <> struct VecOf<4> { using type = uint32_t; };
 template <> struct VecOf<8> { using type = uint2; };
 template <> struct VecOf<16> { using type = uint4; };
-struct alignas(16) uint4x2 { uint4 lo, hi; };
-template <> struct VecOf<32> { using type = uint4x2; };
-struct alignas(16) uint4x4 { uint4 a, b, c, d; };
-template <> struct VecOf<64> { using type = uint4x4; };
 
 template <typename T, int N>
 union Packed {
@@ -139,40 +136,29 @@ __device__ __forceinline__ float job_scale(const TransformJob& job, uint32_t r, 
                     static_cast<int64_t>(sr) * job.scale_row_stride + static_cast<int64_t>(sc) * job.scale_col_stride);
 }
 
-// One chunk of one job. Each thread takes kUnitsPerThread units and issues all their loads
-// before converting and storing any, so 32 bytes a thread are in flight.
+// One chunk of one job, one unit per step. Memory-level parallelism comes from occupancy
+// (2048 resident threads per SM, one 16-byte access each), so the body stays lean in registers.
 template <typename Src, typename Dst>
 __device__ __forceinline__ void transform_chunk(const TransformJob& job, uint32_t first_unit) {
   constexpr int kVec = vec_width<Src, Dst>();
-  using SrcVec = typename VecOf<kVec * sizeof(Src)>::type;
-  using DstVec = typename VecOf<kVec * sizeof(Dst)>::type;
   const Src* __restrict__ src = static_cast<const Src*>(job.src);
   Dst* __restrict__ dst = static_cast<Dst*>(job.dst);
   const uint32_t total_units = static_cast<uint32_t>(job.rows) * job.units_per_row.d;
   const uint32_t cols = static_cast<uint32_t>(job.cols);
   const bool has_scale = job.scale != nullptr;
-
-  Packed<Src, kVec> in[kUnitsPerThread];
-#pragma unroll
+#pragma unroll 2
   for (int k = 0; k < kUnitsPerThread; ++k) {
     const uint32_t u = first_unit + k * kThreads + threadIdx.x;
-    if (u < total_units) {
-      const uint32_t row = job.units_per_row.div(u);
-      const uint32_t col = (u - row * job.units_per_row.d) * kVec;
-      if (job.vec_ok && col + kVec <= cols)
-        in[k].vec = *reinterpret_cast<const SrcVec*>(src + row * job.src_row_stride + col);
-    }
-  }
-#pragma unroll
-  for (int k = 0; k < kUnitsPerThread; ++k) {
-    const uint32_t u = first_unit + k * kThreads + threadIdx.x;
-    if (u >= total_units) break;
+    if (u >= total_units) return;
     const uint32_t row = job.units_per_row.div(u);
     const uint32_t col = (u - row * job.units_per_row.d) * kVec;
+    const Src* in_row = src + row * job.src_row_stride;
     Dst* out_row = dst + row * job.dst_row_stride;
     if (job.vec_ok && col + kVec <= cols) {
+      Packed<Src, kVec> in;
+      in.vec = *reinterpret_cast<const typename VecOf<kVec * sizeof(Src)>::type*>(in_row + col);
       float v[kVec];
-      to_float_vec(in[k].elems, v);
+      to_float_vec(in.elems, v);
       if (has_scale) {
         const float s = job_scale(job, row, col);
 #pragma unroll
@@ -180,11 +166,10 @@ __device__ __forceinline__ void transform_chunk(const TransformJob& job, uint32_
       }
       Packed<Dst, kVec> out;
       from_float_vec(v, out.elems);
-      *reinterpret_cast<DstVec*>(out_row + col) = out.vec;
+      *reinterpret_cast<typename VecOf<kVec * sizeof(Dst)>::type*>(out_row + col) = out.vec;
     } else {
       // Scalar path: ragged row tails and jobs whose pointers, strides or scale blocks do not
       // allow vector accesses.
-      const Src* in_row = src + row * job.src_row_stride;
       for (int i = 0; i < kVec && col + i < cols; ++i) {
         float v = to_float(in_row[col + i]);
         if (has_scale) v *= job_scale(job, row, col + i);
