@@ -41,14 +41,21 @@ class TableLauncher {
     table_->jobs[n] = job;
     table_->chunk_start[n + 1] = table_->chunk_start[n] + chunks;
     table_->num_jobs = n + 1;
+    common_ = common_ && (job.src_dtype == kByte || (job.src_dtype == kE4M3 && job.dst_dtype == kBF16));
     return cudaSuccess;
   }
 
   cudaError_t flush() {
     const uint32_t total = table_->chunk_start[table_->num_jobs];
     if (total > 0) {
-      const uint32_t grid = std::min<uint32_t>(total, static_cast<uint32_t>(sm_count()) * kBlocksPerSM);
-      multi_tensor_transform_kernel<<<grid, kThreads, 0, stream_>>>(*table_);
+      const uint32_t sms = static_cast<uint32_t>(sm_count());
+      if (common_) {
+        const uint32_t grid = std::min<uint32_t>(total, sms * blocks_per_sm<TablePaths::kCommon>());
+        multi_tensor_transform_kernel<TablePaths::kCommon><<<grid, kThreads, 0, stream_>>>(*table_);
+      } else {
+        const uint32_t grid = std::min<uint32_t>(total, sms * blocks_per_sm<TablePaths::kAll>());
+        multi_tensor_transform_kernel<TablePaths::kAll><<<grid, kThreads, 0, stream_>>>(*table_);
+      }
       cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess) return err;
     }
@@ -60,8 +67,10 @@ class TableLauncher {
   void reset() {
     table_->num_jobs = 0;
     table_->chunk_start[0] = 0;
+    common_ = true;
   }
   cudaStream_t stream_;
+  bool common_ = true;
   std::unique_ptr<TransformTable> table_;
 };
 

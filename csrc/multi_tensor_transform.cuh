@@ -15,9 +15,8 @@
 namespace pyloader {
 
 constexpr int kThreads = 256;
-constexpr int kUnitsPerThread = 2;  // small chunks: even waves over the persistent grid
+constexpr int kUnitsPerThread = 4;  // units a thread per chunk
 constexpr int kChunkUnits = kThreads * kUnitsPerThread;
-constexpr int kBlocksPerSM = 6;  // 40 registers a thread: 6 blocks of 256 fit an SM without spills
 
 struct TransformJob {
   const void* src;
@@ -136,82 +135,138 @@ __device__ __forceinline__ float job_scale(const TransformJob& job, uint32_t r, 
                     static_cast<int64_t>(sr) * job.scale_row_stride + static_cast<int64_t>(sc) * job.scale_col_stride);
 }
 
-// One chunk of one job, one unit per step. Memory-level parallelism comes from occupancy
-// (2048 resident threads per SM, one 16-byte access each), so the body stays lean in registers.
-template <typename Src, typename Dst>
+// One chunk of one job: each thread handles kUnitsPerThread units, kInFlight at a time. A group's
+// loads are all issued before any conversion or store: independent loads in flight a thread are
+// what approach the copy rate (one at a time stalled at 74-82 %, bench/NOTES.md). The loads of a
+// group live in registers, so only the specialized kernel, with few dtype paths, takes kInFlight 4.
+template <typename Src, typename Dst, int kInFlight>
 __device__ __forceinline__ void transform_chunk(const TransformJob& job, uint32_t first_unit) {
   constexpr int kVec = vec_width<Src, Dst>();
+  using SrcVec = typename VecOf<kVec * sizeof(Src)>::type;
   const Src* __restrict__ src = static_cast<const Src*>(job.src);
   Dst* __restrict__ dst = static_cast<Dst*>(job.dst);
   const uint32_t total_units = static_cast<uint32_t>(job.rows) * job.units_per_row.d;
   const uint32_t cols = static_cast<uint32_t>(job.cols);
   const bool has_scale = job.scale != nullptr;
-#pragma unroll 2
-  for (int k = 0; k < kUnitsPerThread; ++k) {
-    const uint32_t u = first_unit + k * kThreads + threadIdx.x;
-    if (u >= total_units) return;
-    const uint32_t row = job.units_per_row.div(u);
-    const uint32_t col = (u - row * job.units_per_row.d) * kVec;
-    const Src* in_row = src + row * job.src_row_stride;
-    Dst* out_row = dst + row * job.dst_row_stride;
-    if (job.vec_ok && col + kVec <= cols) {
-      Packed<Src, kVec> in;
-      in.vec = *reinterpret_cast<const typename VecOf<kVec * sizeof(Src)>::type*>(in_row + col);
-      float v[kVec];
-      to_float_vec(in.elems, v);
-      if (has_scale) {
-        const float s = job_scale(job, row, col);
+#pragma unroll 1
+  for (int g = 0; g < kUnitsPerThread; g += kInFlight) {
+    Packed<Src, kVec> in[kInFlight];
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) v[i] *= s;
-      }
-      Packed<Dst, kVec> out;
-      from_float_vec(v, out.elems);
-      *reinterpret_cast<typename VecOf<kVec * sizeof(Dst)>::type*>(out_row + col) = out.vec;
-    } else {
-      // Scalar path: ragged row tails and jobs whose pointers, strides or scale blocks do not
-      // allow vector accesses.
-      for (int i = 0; i < kVec && col + i < cols; ++i) {
-        float v = to_float(in_row[col + i]);
-        if (has_scale) v *= job_scale(job, row, col + i);
-        out_row[col + i] = from_float<Dst>(v);
+    for (int k = 0; k < kInFlight; ++k) {
+      const uint32_t u = first_unit + (g + k) * kThreads + threadIdx.x;
+      const uint32_t r = job.units_per_row.div(u);
+      const uint32_t c = (u - r * job.units_per_row.d) * kVec;
+      if (u < total_units && job.vec_ok && c + kVec <= cols)
+        in[k].vec = *reinterpret_cast<const SrcVec*>(src + r * job.src_row_stride + c);
+    }
+    // Row and column are recomputed (a multiply-shift) rather than kept: registers are the limit.
+#pragma unroll
+    for (int k = 0; k < kInFlight; ++k) {
+      const uint32_t u = first_unit + (g + k) * kThreads + threadIdx.x;
+      if (u >= total_units) return;
+      const uint32_t r = job.units_per_row.div(u);
+      const uint32_t c = (u - r * job.units_per_row.d) * kVec;
+      const Src* in_row = src + r * job.src_row_stride;
+      Dst* out_row = dst + r * job.dst_row_stride;
+      if (job.vec_ok && c + kVec <= cols) {
+        float v[kVec];
+        to_float_vec(in[k].elems, v);
+        if (has_scale) {
+          const float s = job_scale(job, r, c);
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) v[i] *= s;
+        }
+        Packed<Dst, kVec> out;
+        from_float_vec(v, out.elems);
+        *reinterpret_cast<typename VecOf<kVec * sizeof(Dst)>::type*>(out_row + c) = out.vec;
+      } else {
+        // Scalar path: ragged row tails and jobs whose pointers, strides or scale blocks do not
+        // allow vector accesses.
+        for (int i = 0; i < kVec && c + i < cols; ++i) {
+          float v = to_float(in_row[c + i]);
+          if (has_scale) v *= job_scale(job, r, c + i);
+          out_row[c + i] = from_float<Dst>(v);
+        }
       }
     }
   }
 }
 
 // Same-dtype copies move bytes; no conversion, no scale.
+template <int kInFlight>
 __device__ __forceinline__ void copy_chunk(const TransformJob& job, uint32_t first_unit) {
   const uint8_t* __restrict__ src = static_cast<const uint8_t*>(job.src);
   uint8_t* __restrict__ dst = static_cast<uint8_t*>(job.dst);
   const uint32_t total_units = static_cast<uint32_t>(job.rows) * job.units_per_row.d;
   const uint32_t cols = static_cast<uint32_t>(job.cols);
-#pragma unroll 2
-  for (int k = 0; k < kUnitsPerThread; ++k) {
-    const uint32_t u = first_unit + k * kThreads + threadIdx.x;
-    if (u >= total_units) return;
-    const uint32_t row = job.units_per_row.div(u);
-    const uint32_t col = (u - row * job.units_per_row.d) * 16;
-    const uint8_t* in_row = src + row * job.src_row_stride;
-    uint8_t* out_row = dst + row * job.dst_row_stride;
-    if (job.vec_ok && col + 16 <= cols) {
-      *reinterpret_cast<uint4*>(out_row + col) = *reinterpret_cast<const uint4*>(in_row + col);
-    } else {
-      for (int i = 0; i < 16 && col + i < cols; ++i) out_row[col + i] = in_row[col + i];
+#pragma unroll 1
+  for (int g = 0; g < kUnitsPerThread; g += kInFlight) {
+    uint4 in[kInFlight];
+#pragma unroll
+    for (int k = 0; k < kInFlight; ++k) {
+      const uint32_t u = first_unit + (g + k) * kThreads + threadIdx.x;
+      const uint32_t r = job.units_per_row.div(u);
+      const uint32_t c = (u - r * job.units_per_row.d) * 16;
+      if (u < total_units && job.vec_ok && c + 16 <= cols)
+        in[k] = *reinterpret_cast<const uint4*>(src + r * job.src_row_stride + c);
+    }
+#pragma unroll
+    for (int k = 0; k < kInFlight; ++k) {
+      const uint32_t u = first_unit + (g + k) * kThreads + threadIdx.x;
+      if (u >= total_units) return;
+      const uint32_t r = job.units_per_row.div(u);
+      const uint32_t c = (u - r * job.units_per_row.d) * 16;
+      const uint8_t* in_row = src + r * job.src_row_stride;
+      uint8_t* out_row = dst + r * job.dst_row_stride;
+      if (job.vec_ok && c + 16 <= cols) {
+        *reinterpret_cast<uint4*>(out_row + c) = in[k];
+      } else {
+        for (int i = 0; i < 16 && c + i < cols; ++i) out_row[c + i] = in_row[c + i];
+      }
     }
   }
 }
 
-template <typename Src>
+template <typename Src, int kInFlight>
 __device__ __forceinline__ void dispatch_dst(const TransformJob& job, uint32_t first_unit) {
   switch (job.dst_dtype) {
-    case kBF16: transform_chunk<Src, __nv_bfloat16>(job, first_unit); break;
-    case kF16: transform_chunk<Src, __half>(job, first_unit); break;
-    case kF32: transform_chunk<Src, float>(job, first_unit); break;
+    case kBF16: transform_chunk<Src, __nv_bfloat16, kInFlight>(job, first_unit); break;
+    case kF16: transform_chunk<Src, __half, kInFlight>(job, first_unit); break;
+    case kF32: transform_chunk<Src, float, kInFlight>(job, first_unit); break;
     default: break;  // rejected by the launcher
   }
 }
 
-__global__ void __launch_bounds__(kThreads, kBlocksPerSM) multi_tensor_transform_kernel(const __grid_constant__ TransformTable table) {
+// Which dtype paths a kernel instantiation carries. kCommon: byte copies and E4M3 -> BF16, the
+// whole of a DeepSeek/Qwen FP8 or BF16 layer; the host picks it when every job of a table is one
+// of those, and the general kernel otherwise.
+enum class TablePaths { kAll, kCommon };
+
+// Resident blocks an SM: the common kernel holds 4 loads a thread (64 registers); the general
+// one, with every dtype path inlined, fits 40 registers with one load at a time.
+template <TablePaths kPaths>
+constexpr int blocks_per_sm() { return kPaths == TablePaths::kCommon ? 4 : 6; }
+
+template <TablePaths kPaths>
+__device__ __forceinline__ void run_chunk(const TransformJob& job, uint32_t first_unit) {
+  if constexpr (kPaths == TablePaths::kCommon) {
+    if (job.src_dtype == kByte) copy_chunk<4>(job, first_unit);
+    else transform_chunk<e4m3_t, __nv_bfloat16, 4>(job, first_unit);
+  } else {
+    switch (job.src_dtype) {
+      case kByte: copy_chunk<1>(job, first_unit); break;
+      case kE4M3: dispatch_dst<e4m3_t, 1>(job, first_unit); break;
+      case kE5M2: dispatch_dst<e5m2_t, 1>(job, first_unit); break;
+      case kBF16: dispatch_dst<__nv_bfloat16, 1>(job, first_unit); break;
+      case kF16: dispatch_dst<__half, 1>(job, first_unit); break;
+      case kF32: dispatch_dst<float, 1>(job, first_unit); break;
+      default: break;
+    }
+  }
+}
+
+template <TablePaths kPaths>
+__global__ void __launch_bounds__(kThreads, blocks_per_sm<kPaths>()) multi_tensor_transform_kernel(const __grid_constant__ TransformTable table) {
   const uint32_t total_chunks = table.chunk_start[table.num_jobs];
   for (uint32_t chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x) {
     int lo = 0, hi = table.num_jobs - 1;  // last job whose first chunk is <= chunk
@@ -220,16 +275,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSM) multi_tensor_transform
       if (table.chunk_start[mid] <= chunk) lo = mid; else hi = mid - 1;
     }
     const TransformJob& job = table.jobs[lo];
-    const uint32_t first_unit = (chunk - table.chunk_start[lo]) * kChunkUnits;
-    switch (job.src_dtype) {
-      case kByte: copy_chunk(job, first_unit); break;
-      case kE4M3: dispatch_dst<e4m3_t>(job, first_unit); break;
-      case kE5M2: dispatch_dst<e5m2_t>(job, first_unit); break;
-      case kBF16: dispatch_dst<__nv_bfloat16>(job, first_unit); break;
-      case kF16: dispatch_dst<__half>(job, first_unit); break;
-      case kF32: dispatch_dst<float>(job, first_unit); break;
-      default: break;
-    }
+    run_chunk<kPaths>(job, (chunk - table.chunk_start[lo]) * kChunkUnits);
   }
 }
 

@@ -5,7 +5,7 @@
 #   scripts/gpu_check.sh [build] [test] [sanitize] [bench] [bench-cpu]     (default: all)
 #
 # Environment: PYLOADER_CUDA_ARCHS (default 90 here; release builds use setup.py's default),
-# PYTEST_ARGS (extra pytest arguments), BENCH_ARGS (extra bench_dequant.py arguments).
+# PYTEST_ARGS (extra pytest arguments), BENCH_ARGS (extra arguments of the bench scripts, e.g. --quick).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -54,7 +54,9 @@ fi
 if has bench; then
   note "bench_dequant (GPU)"
   python3 bench/bench_dequant.py --json "$OUT/bench.json" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1 || status=1
-  tail -40 "$OUT/bench.log"
+  note "bench_assembly (GPU)"
+  python3 bench/bench_assembly.py --json "$OUT/bench.json" ${BENCH_ARGS:-} >> "$OUT/bench.log" 2>&1 || status=1
+  tail -60 "$OUT/bench.log"
 fi
 
 if has bench-cpu; then

@@ -116,10 +116,111 @@ def dequant_blockwise_triton(weight, scale, out, block_size, block_offset):
     return out
 
 
+# Job table of the one-launch kernel: 13 int64 per job, pointers as addresses, strides in elements:
+# src, dst, scale, rows, cols, src_row_stride, dst_row_stride, scale_row_stride, scale_col_stride,
+# bm, bn, r0, c0.
+_BITS_TYPES = {1: tl.uint8, 2: tl.uint16, 4: tl.uint32, 8: tl.uint64}
+_TL_TYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32,
+             torch.float8_e4m3fn: tl.float8e4nv, torch.float8_e5m2: tl.float8e5}
+
+
+@triton.jit
+def _multi_tensor_transform_kernel(
+    table_ptr, tile_start_ptr, num_jobs,
+    SRC_TY: tl.constexpr, DST_TY: tl.constexpr, SCALE_TY: tl.constexpr,
+    SRC_MODE: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_E8M0: tl.constexpr, CONVERT: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program = one BLOCK_M x BLOCK_N tile of one job; the job is the last one whose first tile
+    # is <= program id (binary search over the tile prefix sums, like multi_tensor_apply's block map).
+    pid = tl.program_id(0)
+    lo = pid * 0
+    hi = lo + num_jobs
+    for _ in tl.static_range(SEARCH_STEPS):
+        mid = (lo + hi) // 2
+        go = tl.load(tile_start_ptr + mid) <= pid
+        lo = tl.where(go, mid, lo)
+        hi = tl.where(go, hi, mid)
+    row = table_ptr + lo.to(tl.int64) * 13
+    rows = tl.load(row + 3)
+    cols = tl.load(row + 4)
+    tiles_n = tl.cdiv(cols, BLOCK_N)
+    t = pid - tl.load(tile_start_ptr + lo)
+    offs_m = (t // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (t % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m[:, None] < rows) & (offs_n[None, :] < cols)
+    src_ptr = tl.load(row + 0).to(tl.pointer_type(SRC_TY))
+    dst_ptr = tl.load(row + 1).to(tl.pointer_type(DST_TY))
+    m64 = offs_m.to(tl.int64)[:, None]
+    src = tl.load(src_ptr + m64 * tl.load(row + 5) + offs_n[None, :], mask=mask)
+    if CONVERT:
+        if SRC_MODE == 1:
+            v = e4m3_bits_to_float32(src)
+        elif SRC_MODE == 2:
+            v = e5m2_bits_to_float32(src)
+        else:
+            v = src.to(tl.float32)
+        if HAS_SCALE:
+            scale_ptr = tl.load(row + 2).to(tl.pointer_type(SCALE_TY))
+            srow = (offs_m + tl.load(row + 11)) // tl.load(row + 9)
+            scol = (offs_n + tl.load(row + 12)) // tl.load(row + 10)
+            s_off = srow.to(tl.int64)[:, None] * tl.load(row + 7) + scol.to(tl.int64)[None, :] * tl.load(row + 8)
+            s = tl.load(scale_ptr + s_off, mask=mask, other=1)
+            if SCALE_E8M0:
+                s = e8m0_bits_to_float32(s)
+            else:
+                s = s.to(tl.float32)
+            v = v * s
+        out = v.to(DST_TY)
+    else:
+        out = src
+    tl.store(dst_ptr + m64 * tl.load(row + 6) + offs_n[None, :], out, mask=mask)
+
+
+def _signature(job, device):
+    """Constexpr signature of a job: jobs sharing one run in the same launch."""
+    src, dst, scale = job.src, job.dst, job.scale
+    convert = scale is not None or src.dtype != dst.dtype
+    if not convert:  # plain copy: move bits of the element size
+        bits = _BITS_TYPES[src.element_size()]
+        return (bits, bits, tl.float32, _SRC_NATIVE, False, False, False)
+    mode, src_ty = _SRC_NATIVE, _TL_TYPES[src.dtype]
+    if src.dtype in _dtypes.FP8_WEIGHT_DTYPES and fp8_upcast_mode(device) == "bitcast":
+        mode = _SRC_E4M3_BITS if src.dtype == torch.float8_e4m3fn else _SRC_E5M2_BITS
+        src_ty = tl.uint8
+    e8m0 = scale is not None and _dtypes.is_e8m0(scale.dtype)
+    scale_ty = tl.float32 if scale is None else (tl.uint8 if e8m0 else _TL_TYPES[scale.dtype])
+    return (src_ty, _TL_TYPES[dst.dtype], scale_ty, mode, scale is not None, e8m0, True)
+
+
 def multi_tensor_transform_triton(jobs):
-    """Triton backend of the multi-tensor transform: one launch per job."""
+    """Triton backend of the multi-tensor transform: one launch per distinct dtype signature
+    (a layer's experts share one), tiles of all its jobs in one grid."""
+    groups = {}
     for job in jobs:
         _check_unit_stride(job.src, "source")
         _check_unit_stride(job.dst, "destination")
-        scale = job.scale.unsqueeze(0) if job.scale is not None else None
-        _launch(job.src.unsqueeze(0), scale, job.dst.unsqueeze(0), job.block_size, job.block_offset)
+        if job.src.numel():
+            groups.setdefault(_signature(job, job.dst.device), []).append(job)
+    for sig, group in groups.items():
+        src_ty, dst_ty, scale_ty, mode, has_scale, e8m0, convert = sig
+        table, tile_start, total = [], [], 0
+        for job in group:
+            rows, cols = job.src.shape
+            s = job.scale
+            table.append([job.src.data_ptr(), job.dst.data_ptr(), s.data_ptr() if s is not None else 0, rows, cols,
+                          job.src.stride(0), job.dst.stride(0), s.stride(0) if s is not None else 0,
+                          s.stride(1) if s is not None else 0, job.block_size[0], job.block_size[1],
+                          job.block_offset[0], job.block_offset[1]])
+            tile_start.append(total)
+            total += triton.cdiv(rows, _BLOCK_M) * triton.cdiv(cols, _BLOCK_N)
+        device = group[0].dst.device
+        table_t = torch.tensor(table, dtype=torch.int64).to(device, non_blocking=True)
+        starts_t = torch.tensor(tile_start, dtype=torch.int32).to(device, non_blocking=True)
+        steps = max(1, (len(group) - 1).bit_length())
+        _multi_tensor_transform_kernel[(total,)](
+            table_t, starts_t, len(group),
+            SRC_TY=src_ty, DST_TY=dst_ty, SCALE_TY=scale_ty, SRC_MODE=mode, HAS_SCALE=has_scale,
+            SCALE_E8M0=e8m0, CONVERT=convert, SEARCH_STEPS=steps,
+            BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, num_warps=_NUM_WARPS,
+        )

@@ -1,0 +1,223 @@
+"""Shard and expert assembly (one multi-tensor launch) against an oracle built from whole-tensor
+reference dequant, sliced and concatenated with plain torch: bitwise on the GPU and for the CPU
+reference, within 1 ulp under the Triton interpreter."""
+
+import pytest
+import torch
+
+from pyloader import ops, reference
+from pyloader.errors import PyloaderInputError
+from pyloader.ops import Shard, TransformJob
+
+from helpers import HAS_GPU, HAS_TRITON, assert_bitwise_equal, assert_equal_within_ulp, poison_, random_fp8, random_scale
+
+E8M0 = getattr(torch, "float8_e8m0fnu", torch.uint8)
+
+BACKENDS = [pytest.param(("torch", "cpu"), id="torch-cpu")]
+if HAS_TRITON and not HAS_GPU:
+    BACKENDS.append(pytest.param(("triton", "cpu"), id="triton-interpreter"))
+BACKENDS += [pytest.param((b, "cuda"), id=f"{b}-gpu", marks=pytest.mark.gpu) for b in ("cuda", "triton", "torch")]
+
+
+def check(backend, device, got, expected, what=""):
+    if backend == "triton" and device == "cpu":
+        assert_equal_within_ulp(got, expected, what=what)  # the interpreter rounds toward zero
+    else:
+        assert_bitwise_equal(got, expected, what=what)
+
+
+def fp8(shape, seed, wdtype=torch.float8_e4m3fn, sdtype=torch.float32, block=(128, 128), device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    w = random_fp8(shape, wdtype, gen)
+    grid = tuple(shape[:-2]) + (-(-shape[-2] // block[0]), -(-shape[-1] // block[1]))
+    return w.to(device), random_scale(grid, sdtype, gen).to(device)
+
+
+def whole_dequant(w, s, block=(128, 128), dtype=torch.bfloat16):
+    """Oracle: reference dequant of the whole tensor (slices of it are taken afterwards)."""
+    out = torch.empty(w.shape, dtype=dtype, device=w.device)
+    return reference.dequant_blockwise_torch(w, s, out, block)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_stack_qkv_fp8_bf16_and_cast(backend_device):
+    backend, device = backend_device
+    q, qs = fp8((300, 257), 1, device=device)
+    k, ks = fp8((77, 257), 2, sdtype=torch.bfloat16, device=device)
+    v = torch.randn(50, 257, device=device)  # float32 → bf16 cast
+    o = torch.randn(1, 257, device=device).bfloat16()  # same dtype → byte copy
+    out = poison_(torch.empty(428, 257, dtype=torch.bfloat16, device=device))
+    ops.stack_shards(out, [Shard(q, qs), Shard(k, ks), v, o], backend=backend)
+    expected = torch.cat([whole_dequant(q, qs), whole_dequant(k, ks), v.bfloat16(), o])
+    check(backend, device, out, expected)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_tensor_parallel_slices_start_inside_blocks(backend_device, world):
+    backend, device = backend_device
+    # Column-parallel (output rows) q/k/v with sizes no world divides, and a row-parallel (input
+    # columns) o_proj: every rank's slice is checked against the slice of the whole dequant.
+    q, qs = fp8((333, 200), 3, device=device)
+    k, ks = fp8((131, 200), 4, sdtype=torch.float16, device=device)
+    o, os_ = fp8((96, 333), 5, block=(32, 48), device=device)
+    full_q, full_k, full_o = whole_dequant(q, qs), whole_dequant(k, ks), whole_dequant(o, os_, (32, 48))
+    for rank in range(world):
+        rq, rk, ro = ops.tp_range(333, rank, world), ops.tp_range(131, rank, world), ops.tp_range(333, rank, world)
+        rows = (rq[1] - rq[0]) + (rk[1] - rk[0])
+        qkv = poison_(torch.empty(rows, 200, dtype=torch.bfloat16, device=device))
+        ops.stack_shards(qkv, [Shard(q, qs, rows=rq), Shard(k, ks, rows=rk)], backend=backend)
+        check(backend, device, qkv, torch.cat([full_q[rq[0]:rq[1]], full_k[rk[0]:rk[1]]]), what=f"rank {rank}")
+        part = poison_(torch.empty(96, ro[1] - ro[0], dtype=torch.bfloat16, device=device))
+        ops.stack_shards(part, [Shard(o, os_, (32, 48), cols=ro)], backend=backend)
+        check(backend, device, part, full_o[:, ro[0]:ro[1]], what=f"row-parallel rank {rank}")
+
+
+def test_tp_range_is_a_balanced_partition():
+    for size in (0, 1, 7, 10, 333, 4096):
+        for world in (1, 2, 3, 4, 8):
+            spans = [ops.tp_range(size, r, world) for r in range(world)]
+            assert spans[0][0] == 0 and spans[-1][1] == size
+            assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+            lengths = [b - a for a, b in spans]
+            assert max(lengths) - min(lengths) <= 1
+    assert ops.tp_range(10, 0, 4) == (0, 3) and ops.tp_range(10, 3, 4) == (8, 10)
+    with pytest.raises(PyloaderInputError):
+        ops.tp_range(10, 4, 4)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_experts_w13_and_w2_with_expert_parallel_subset(backend_device):
+    backend, device = backend_device
+    E, I, H = 10, 96, 160  # ragged against 128x128 blocks
+    w1, s1 = fp8((E, I, H), 6, device=device)
+    w3, s3 = fp8((E, I, H), 7, device=device)
+    w2, s2 = fp8((E, H, I), 8, sdtype=E8M0, device=device)
+    f1, f3, f2 = whole_dequant(w1, s1), whole_dequant(w3, s3), whole_dequant(w2, s2)
+    for ep_rank, ep_size in ((0, 1), (1, 3), (2, 3)):
+        emap = ops.ep_expert_map(E, ep_rank, ep_size)
+        n = len(emap)
+        w13 = poison_(torch.empty(n, 2 * I, H, dtype=torch.bfloat16, device=device))
+        down = poison_(torch.empty(n, H, I, dtype=torch.bfloat16, device=device))
+        # every expert of the checkpoint is offered; only this rank's are written
+        ops.assemble_experts(w13, {e: [Shard(w1[e], s1[e]), Shard(w3[e], s3[e])] for e in range(E)},
+                             expert_map=emap, backend=backend)
+        ops.assemble_experts(down, {e: Shard(w2[e], s2[e]) for e in range(E)}, expert_map=emap, backend=backend)
+        owned = sorted(emap)
+        check(backend, device, w13, torch.stack([torch.cat([f1[e], f3[e]]) for e in owned]), what=f"ep {ep_rank}")
+        check(backend, device, down, torch.stack([f2[e] for e in owned]), what=f"ep {ep_rank} w2")
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_experts_from_prestacked_mix_and_explicit_map(backend_device):
+    backend, device = backend_device
+    E, I, H = 6, 40, 72
+    gate_up_stacked, s_stacked = fp8((E, 2 * I, H), 9, block=(32, 32), device=device)  # one 3-D tensor
+    full = whole_dequant(gate_up_stacked, s_stacked, (32, 32))
+    loose = torch.randn(2, 2 * I, H, device=device).bfloat16()  # two experts stored per-expert
+    experts = ops.unstack_experts(Shard(gate_up_stacked, s_stacked, (32, 32)))  # experts 0..5
+    experts.update({6: loose[0], 7: loose[1]})
+    emap = {7: 0, 2: 1, 5: 2}  # explicit, out of order
+    out = poison_(torch.empty(3, 2 * I, H, dtype=torch.bfloat16, device=device))
+    ops.assemble_experts(out, experts, expert_map=emap, backend=backend)
+    check(backend, device, out, torch.stack([loose[1], full[2], full[5]]))
+    # the pre-stacked tensor itself, identity map
+    out = poison_(torch.empty(E, 2 * I, H, dtype=torch.bfloat16, device=device))
+    ops.assemble_experts(out, Shard(gate_up_stacked, s_stacked, (32, 32)), backend=backend)
+    check(backend, device, out, full)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_more_jobs_than_one_launch_table(backend_device):
+    backend, device = backend_device
+    E = 300  # the CUDA table holds 256 jobs per launch
+    gen = torch.Generator().manual_seed(10)
+    w = torch.randn(E, 3, 17, generator=gen).to(device)
+    q, s = fp8((E, 5, 33), 11, block=(2, 16), device=device)
+    out_copy = poison_(torch.empty(E, 3, 17, dtype=torch.float32, device=device))
+    ops.assemble_experts(out_copy, {e: w[e] for e in range(E)}, backend=backend)
+    check(backend, device, out_copy, w)
+    out = poison_(torch.empty(E, 5, 33, dtype=torch.float16, device=device))
+    ops.assemble_experts(out, {e: Shard(q[e], s[e], (2, 16)) for e in range(E)}, backend=backend)
+    check(backend, device, out, whole_dequant(q, s, (2, 16), torch.float16))
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_zero_one_and_odd_sized_jobs(backend_device):
+    backend, device = backend_device
+    shapes = [(0, 9), (1, 9), (2, 9), (7, 9), (0, 9), (128, 9)]
+    parts = [random_fp8(s, torch.float8_e5m2, torch.Generator().manual_seed(i)).to(device) for i, s in enumerate(shapes)]
+    scales = [torch.full((1, 1), 0.5 + i, device=device) for i in range(len(parts))]  # per-tensor
+    out = poison_(torch.empty(138, 9, dtype=torch.bfloat16, device=device))
+    ops.stack_shards(out, [Shard(p, s) for p, s in zip(parts, scales)], backend=backend)
+    expected = torch.cat([whole_dequant(p, s, (max(1, p.shape[0]), 9)) for p, s in zip(parts, scales)])
+    check(backend, device, out, expected)
+    one = poison_(torch.empty(1, 1, dtype=torch.bfloat16, device=device))
+    ops.stack_shards(one, [Shard(parts[1][:, :1], scales[1])], backend=backend)
+    check(backend, device, one, whole_dequant(parts[1][:, :1], scales[1], (1, 1)))
+    empty = torch.empty(0, 9, dtype=torch.bfloat16, device=device)
+    ops.stack_shards(empty, [torch.empty(0, 9, device=device)], backend=backend)
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_sources_in_one_staging_buffer_at_unaligned_offsets(backend_device):
+    backend, device = backend_device
+    # The executor's layout: many tensors at offsets of one allocation. Odd byte offsets and
+    # row strides defeat the 16-byte vector path, so the scalar tail path is exercised.
+    gen = torch.Generator().manual_seed(12)
+    staging = torch.randint(0, 256, (1 << 16,), dtype=torch.uint8, generator=gen)
+    staging = staging.to(device)
+    a = staging[3:3 + 37 * 45].view(torch.float8_e4m3fn).view(37, 45)           # odd offset and stride
+    b = staging[5000:5000 + 2 * 40 * 45].view(torch.bfloat16).view(40, 45)      # 2-byte aligned only
+    c = staging[20001:20001 + 19 * 64].view(torch.float8_e4m3fn).view(19, 64)[:, 1:46]  # strided view
+    sa = torch.rand(1, 1, device=device) + 0.5
+    sc = (torch.rand(1, 2, device=device) + 0.5).bfloat16()
+    big = poison_(torch.empty(100, 47, dtype=torch.bfloat16, device=device))
+    out = big[1:97, 1:46]  # destination with odd offset and row stride
+    ops.stack_shards(out, [Shard(a, sa), b, Shard(c, sc, (19, 32))], backend=backend)
+    expected = torch.cat([whole_dequant(a.contiguous(), sa, (37, 45)), b,
+                          whole_dequant(c.contiguous(), sc, (19, 32))])
+    check(backend, device, out, expected)
+    untouched = big.clone()
+    untouched[1:97, 1:46] = expected
+    check(backend, device, big, untouched, what="outside the destination view")
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_stack_biases_and_columns(backend_device):
+    backend, device = backend_device
+    qb, kb = torch.randn(12, device=device), torch.randn(5, device=device)
+    bias = poison_(torch.empty(9, dtype=torch.bfloat16, device=device))
+    ops.stack_shards(bias, [Shard(qb, rows=(6, 12)), Shard(kb, rows=(2, 5))], backend=backend)
+    check(backend, device, bias, torch.cat([qb[6:], kb[2:]]).bfloat16())
+    left, right = torch.randn(8, 3, device=device), torch.randn(8, 4, device=device)
+    wide = poison_(torch.empty(8, 7, dtype=torch.float32, device=device))
+    ops.stack_shards(wide, [left, right], dim=1, backend=backend)
+    check(backend, device, wide, torch.cat([left, right], dim=1))
+
+
+def test_multi_tensor_transform_low_level_and_all_errors():
+    src = torch.randn(4, 4)
+    dst = poison_(torch.empty(4, 4))
+    ops.multi_tensor_transform([TransformJob(src, dst)], backend="torch")
+    assert torch.equal(dst, src)
+    q, s = fp8((64, 64), 13)
+    out = torch.empty(128, 64, dtype=torch.bfloat16)
+    cases = [
+        (lambda: ops.stack_shards(out, [Shard(q, s)]), "left unwritten"),
+        (lambda: ops.stack_shards(out, [Shard(q, s)] * 3), "overflow"),
+        (lambda: ops.stack_shards(out, [torch.randn(64, 65)] * 2), "does not fit"),
+        (lambda: ops.stack_shards(out, [Shard(q, s[:, :0])] * 2), "scale shape"),
+        (lambda: ops.stack_shards(out, [Shard(q, s, rows=(0, 65))] * 2), "outside"),
+        (lambda: ops.stack_shards(out, [Shard(torch.randn(64, 64), s)] * 2), "only FP8"),
+        (lambda: ops.assemble_experts(torch.empty(2, 64, 64), {0: q.float()}), "slots [1]"),
+        (lambda: ops.assemble_experts(torch.empty(2, 64, 64), {0: q.float(), 1: q.float()}, {0: 0, 1: 0}),
+         "both map"),
+        (lambda: ops.assemble_experts(torch.empty(2, 64, 64), {0: q.float()}, {0: 5}), "outside"),
+        (lambda: ops.tp_range(3, 0, 0), "rank"),
+    ]
+    for fn, needle in cases:
+        with pytest.raises(PyloaderInputError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+            fn()
+    with pytest.raises(PyloaderInputError, match="job 0: cannot cast"):
+        ops.multi_tensor_transform([TransformJob(torch.zeros(2, 2, dtype=torch.int32), torch.empty(2, 2))], backend="torch")
