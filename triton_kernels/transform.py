@@ -129,7 +129,7 @@ def _multi_tensor_transform_kernel(
     table_ptr, tile_start_ptr, num_jobs,
     SRC_TY: tl.constexpr, DST_TY: tl.constexpr, SCALE_TY: tl.constexpr,
     SRC_MODE: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_E8M0: tl.constexpr, CONVERT: tl.constexpr,
-    SEARCH_STEPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program = one BLOCK_M x BLOCK_N tile of one job; the job is the last one whose first tile
     # is <= program id (binary search over the tile prefix sums, like multi_tensor_apply's block map).
@@ -151,8 +151,15 @@ def _multi_tensor_transform_kernel(
     mask = (offs_m[:, None] < rows) & (offs_n[None, :] < cols)
     src_ptr = tl.load(row + 0).to(tl.pointer_type(SRC_TY))
     dst_ptr = tl.load(row + 1).to(tl.pointer_type(DST_TY))
+    src_stride = tl.load(row + 5)
+    dst_stride = tl.load(row + 6)
+    if ALIGNED:  # the host checked: pointers 16-byte aligned, row strides multiples of 16 elements
+        src_ptr = tl.multiple_of(src_ptr, 16)
+        dst_ptr = tl.multiple_of(dst_ptr, 16)
+        src_stride = tl.multiple_of(src_stride, 16)
+        dst_stride = tl.multiple_of(dst_stride, 16)
     m64 = offs_m.to(tl.int64)[:, None]
-    src = tl.load(src_ptr + m64 * tl.load(row + 5) + offs_n[None, :], mask=mask)
+    src = tl.load(src_ptr + m64 * src_stride + offs_n[None, :], mask=mask)
     if CONVERT:
         if SRC_MODE == 1:
             v = e4m3_bits_to_float32(src)
@@ -174,7 +181,7 @@ def _multi_tensor_transform_kernel(
         out = v.to(DST_TY)
     else:
         out = src
-    tl.store(dst_ptr + m64 * tl.load(row + 6) + offs_n[None, :], out, mask=mask)
+    tl.store(dst_ptr + m64 * dst_stride + offs_n[None, :], out, mask=mask)
 
 
 def _signature(job, device):
@@ -204,8 +211,10 @@ def multi_tensor_transform_triton(jobs):
             groups.setdefault(_signature(job, job.dst.device), []).append(job)
     for sig, group in groups.items():
         src_ty, dst_ty, scale_ty, mode, has_scale, e8m0, convert = sig
-        table, tile_start, total = [], [], 0
+        table, tile_start, total, aligned = [], [], 0, True
         for job in group:
+            aligned = aligned and all(t.data_ptr() % 16 == 0 and (t.shape[0] <= 1 or t.stride(0) % 16 == 0)
+                                      for t in (job.src, job.dst))
             rows, cols = job.src.shape
             s = job.scale
             table.append([job.src.data_ptr(), job.dst.data_ptr(), s.data_ptr() if s is not None else 0, rows, cols,
@@ -221,6 +230,6 @@ def multi_tensor_transform_triton(jobs):
         _multi_tensor_transform_kernel[(total,)](
             table_t, starts_t, len(group),
             SRC_TY=src_ty, DST_TY=dst_ty, SCALE_TY=scale_ty, SRC_MODE=mode, HAS_SCALE=has_scale,
-            SCALE_E8M0=e8m0, CONVERT=convert, SEARCH_STEPS=steps,
+            SCALE_E8M0=e8m0, CONVERT=convert, SEARCH_STEPS=steps, ALIGNED=aligned,
             BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, num_warps=_NUM_WARPS,
         )

@@ -1,0 +1,306 @@
+"""Safetensors headers read and validated by pyloader itself (the executor needs byte offsets for
+ranged reads), and checkpoint directories (``model.safetensors.index.json`` or a glob).
+
+File layout (safetensors): 8 bytes little-endian header length ``N``, ``N`` bytes of UTF-8 JSON
+``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}``, then
+the data; offsets are relative to the first data byte. Every check below rejects a file the
+``safetensors`` library would also reject, or one that would make a ranged read return wrong
+bytes; each error names the file and, where there is one, the tensor. Nothing is unpickled.
+"""
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .errors import PyloaderInputError
+
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own cap
+
+# safetensors dtype name → (bits per element, torch dtype or None where torch has none).
+DTYPES: Dict[str, Tuple[int, Optional[torch.dtype]]] = {
+    "BOOL": (8, torch.bool), "U8": (8, torch.uint8), "I8": (8, torch.int8),
+    "I16": (16, torch.int16), "U16": (16, getattr(torch, "uint16", None)), "F16": (16, torch.float16),
+    "BF16": (16, torch.bfloat16), "I32": (32, torch.int32), "U32": (32, getattr(torch, "uint32", None)),
+    "F32": (32, torch.float32), "F64": (64, torch.float64), "I64": (64, torch.int64),
+    "U64": (64, getattr(torch, "uint64", None)), "C64": (64, torch.complex64),
+    "F8_E4M3": (8, torch.float8_e4m3fn), "F8_E5M2": (8, torch.float8_e5m2),
+    "F8_E8M0": (8, getattr(torch, "float8_e8m0fnu", None)),
+    "F4": (4, None), "F6_E2M3": (6, None), "F6_E3M2": (6, None),
+}
+TORCH_TO_SAFETENSORS = {t: name for name, (_, t) in DTYPES.items() if t is not None}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+class CheckpointError(PyloaderInputError):
+    """A checkpoint file or index is malformed; names the file and, where known, the tensor."""
+
+    def __init__(self, file, message: str, tensor: Optional[str] = None):
+        self.file, self.tensor = str(file), tensor
+        where = f"{self.file}" + (f", tensor {tensor!r}" if tensor else "")
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a checkpoint: where its bytes are (absolute file offsets ``[start, end)``)."""
+
+    name: str
+    dtype: str                      # safetensors name: "BF16", "F8_E4M3", ...
+    shape: Optional[Tuple[int, ...]]  # None when only an index was read (no header)
+    file: Path
+    start: int = -1
+    end: int = -1
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def torch_dtype(self) -> Optional[torch.dtype]:
+        return DTYPES[self.dtype][1] if self.dtype in DTYPES else None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape) if self.shape is not None else -1
+
+
+@dataclass
+class SafetensorsFile:
+    path: Path
+    tensors: Dict[str, TensorInfo]
+    metadata: Dict[str, str]
+    data_start: int
+    file_size: int
+
+
+def _no_duplicates(pairs):
+    seen = {}
+    for k, v in pairs:
+        if k in seen:
+            raise ValueError(f"duplicate key {k!r}")
+        seen[k] = v
+    return seen
+
+
+def _as_int(v) -> Optional[int]:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def parse_header(path: Union[str, Path], head: bytes, file_size: int) -> SafetensorsFile:
+    """Validate a header given the file's first bytes (at least ``8 + N``) and its size."""
+    path = Path(path)
+    if len(head) < 8 or file_size < 8:
+        raise CheckpointError(path, f"file is {file_size} bytes: too short for a safetensors header length")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > MAX_HEADER_BYTES:
+        raise CheckpointError(path, f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte cap (corrupt or not safetensors)")
+    if 8 + n > file_size:
+        raise CheckpointError(path, f"header length {n} runs past the end of the {file_size}-byte file (truncated?)")
+    raw = head[8:8 + n]
+    if len(raw) < n:
+        raise CheckpointError(path, f"header truncated: {len(raw)} of {n} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(path, f"header is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if not text.startswith("{"):
+        raise CheckpointError(path, "header does not start with '{' (not a safetensors file?)")
+    try:
+        obj = json.loads(text, object_pairs_hook=_no_duplicates,
+                         parse_constant=lambda c: (_ for _ in ()).throw(ValueError(f"non-finite number {c}")))
+    except ValueError as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(path, f"header is not well-formed JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(path, "header is not a JSON object")
+    metadata = obj.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise CheckpointError(path, "__metadata__ must map strings to strings")
+    data_start = 8 + n
+    data_len = file_size - data_start
+    tensors: Dict[str, TensorInfo] = {}
+    spans = []
+    for name, entry in obj.items():
+        if not isinstance(entry, dict) or set(entry) - {"dtype", "shape", "data_offsets"} or len(entry) != 3:
+            raise CheckpointError(path, "entry must have exactly dtype, shape and data_offsets", name)
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise CheckpointError(path, f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})", name)
+        if not isinstance(shape, list) or any(_as_int(d) is None or d < 0 for d in shape):
+            raise CheckpointError(path, f"shape {shape!r} must be a list of non-negative integers", name)
+        if (not isinstance(offsets, list) or len(offsets) != 2 or any(_as_int(o) is None or o < 0 for o in offsets)
+                or offsets[0] > offsets[1]):
+            raise CheckpointError(path, f"data_offsets {offsets!r} must be [begin, end] with 0 <= begin <= end", name)
+        bits = DTYPES[dtype][0]
+        numel = math.prod(shape)
+        if (numel * bits) % 8:
+            raise CheckpointError(path, f"{numel} elements of {bits}-bit {dtype} do not fill whole bytes", name)
+        want = numel * bits // 8
+        if offsets[1] - offsets[0] != want:
+            raise CheckpointError(path, f"byte length {offsets[1] - offsets[0]} != {want} (numel {numel} x {dtype}, shape {shape})", name)
+        if offsets[1] > data_len:
+            raise CheckpointError(path, f"data_offsets {offsets} run past the {data_len} data bytes of the file", name)
+        spans.append((offsets[0], offsets[1], name))
+        tensors[name] = TensorInfo(name, dtype, tuple(shape), path, data_start + offsets[0], data_start + offsets[1])
+    spans.sort()
+    pos = 0
+    for begin, end, name in spans:
+        if begin != pos:
+            what = "overlaps the previous tensor" if begin < pos else f"leaves a gap of {begin - pos} bytes before it"
+            raise CheckpointError(path, f"data_offsets [{begin}, {end}] {what}", name)
+        pos = end
+    if pos != data_len:
+        raise CheckpointError(path, f"tensor data ends at byte {pos} of {data_len}: {data_len - pos} trailing bytes "
+                                    "(the file and its header disagree)")
+    return SafetensorsFile(path, tensors, metadata, data_start, file_size)
+
+
+def read_safetensors_header(path: Union[str, Path]) -> SafetensorsFile:
+    """Read and validate one ``.safetensors`` file's header (reads only the header bytes)."""
+    path = Path(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        raise CheckpointError(path, "pickle checkpoints are refused (they can run code); convert to safetensors")
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            first = f.read(8)
+            n = struct.unpack("<Q", first)[0] if len(first) == 8 else 0
+            head = first + (f.read(min(n, MAX_HEADER_BYTES + 1)) if n <= MAX_HEADER_BYTES else b"")
+    except OSError as e:
+        raise CheckpointError(path, f"cannot read: {e.strerror or e}") from None
+    return parse_header(path, head, size)
+
+
+@dataclass
+class Checkpoint:
+    """All tensors of a checkpoint (a directory, an index file, or a list of files)."""
+
+    directory: Optional[Path]
+    files: List[Path]
+    tensors: Dict[str, TensorInfo]
+    index_metadata: Dict[str, object] = field(default_factory=dict)
+    headers_read: bool = True
+
+    @property
+    def config_path(self) -> Optional[Path]:
+        if self.directory is not None and (self.directory / "config.json").is_file():
+            return self.directory / "config.json"
+        return None
+
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values()) if self.headers_read else -1
+
+
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def _file_in_directory(directory: Path, index_path: Path, fname) -> Path:
+    if not isinstance(fname, str) or not fname or "\x00" in fname:
+        raise CheckpointError(index_path, f"weight_map file name {fname!r} is not a file name")
+    p = Path(fname)
+    if p.is_absolute() or ".." in p.parts:
+        raise CheckpointError(index_path, f"weight_map file {fname!r} leaves the checkpoint directory")
+    full = directory / p
+    try:
+        full.resolve().relative_to(directory.resolve())
+    except ValueError:
+        raise CheckpointError(index_path, f"weight_map file {fname!r} resolves outside the checkpoint directory") from None
+    return full
+
+
+def read_index(index_path: Path) -> Tuple[Dict[str, str], Dict[str, object]]:
+    try:
+        obj = json.loads(index_path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicates)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(index_path, f"cannot read the index: {e}") from None
+    if not isinstance(obj, dict) or not isinstance(obj.get("weight_map"), dict):
+        raise CheckpointError(index_path, "index has no weight_map object")
+    meta = obj.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise CheckpointError(index_path, "index metadata must be an object")
+    return obj["weight_map"], meta
+
+
+def open_checkpoint(source: Union[str, Path, Sequence[Union[str, Path]]], require_files: bool = True) -> Checkpoint:
+    """Open a checkpoint: a directory (index or ``*.safetensors`` glob), an index file, or files.
+
+    ``require_files=False`` accepts an index whose shard files are absent (``pyloader inspect`` on
+    an index alone): names and files are known, shapes are not.
+    """
+    if isinstance(source, (list, tuple)):
+        files = [Path(p) for p in source]
+        return _from_files(None, files)
+    path = Path(source)
+    if path.is_file() and path.name.endswith(".index.json"):
+        return _from_index(path.parent, path, require_files)
+    if path.is_file():
+        return _from_files(path.parent, [path])
+    if not path.is_dir():
+        raise CheckpointError(path, "no such checkpoint file or directory")
+    index = path / INDEX_NAME
+    if index.is_file():
+        return _from_index(path, index, require_files)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        hint = f" (found pickle files {pickles[:3]}: refused, they can run code; convert to safetensors)" if pickles else ""
+        raise CheckpointError(path, f"no *.safetensors files and no {INDEX_NAME}{hint}")
+    return _from_files(path, files)
+
+
+def _from_files(directory: Optional[Path], files: List[Path]) -> Checkpoint:
+    tensors: Dict[str, TensorInfo] = {}
+    for f in files:
+        header = read_safetensors_header(f)
+        for name, info in header.tensors.items():
+            if name in tensors:
+                raise CheckpointError(f, f"tensor also present in {tensors[name].file}", name)
+            tensors[name] = info
+    return Checkpoint(directory, files, tensors)
+
+
+def _from_index(directory: Path, index_path: Path, require_files: bool) -> Checkpoint:
+    weight_map, meta = read_index(index_path)
+    by_file: Dict[Path, List[str]] = {}
+    for name, fname in weight_map.items():
+        by_file.setdefault(_file_in_directory(directory, index_path, fname), []).append(name)
+    missing = [p.name for p in by_file if not p.is_file()]
+    tensors: Dict[str, TensorInfo] = {}
+    if missing and require_files:
+        raise CheckpointError(index_path, f"{len(missing)} file(s) listed in weight_map do not exist: {missing[:5]}")
+    if missing:  # index only: names and files, no shapes
+        for f, names in by_file.items():
+            for name in names:
+                tensors[name] = TensorInfo(name, "?", None, f)
+        return Checkpoint(directory, sorted(by_file), tensors, meta, headers_read=False)
+    for f, names in by_file.items():
+        header = read_safetensors_header(f)
+        for name in names:
+            if name not in header.tensors:
+                raise CheckpointError(f, f"listed in {index_path.name} but not in this file", name)
+            tensors[name] = header.tensors[name]
+    return Checkpoint(directory, sorted(by_file), tensors, meta)
+
+
+def write_safetensors_header(tensors: Iterable[Tuple[str, str, Sequence[int]]], metadata: Optional[Dict[str, str]] = None,
+                             align: int = 8) -> Tuple[bytes, Dict[str, Tuple[int, int]]]:
+    """Header bytes (length prefix included, padded with spaces to ``align``) for tensors given as
+    ``(name, safetensors dtype, shape)`` in data order, and each tensor's ``[begin, end)`` data offsets.
+    Used by writers that know every shape before any data (``pyloader convert``)."""
+    header: Dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offsets, pos = {}, 0
+    for name, dtype, shape in tensors:
+        nbytes = math.prod(shape) * DTYPES[dtype][0] // 8
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        offsets[name] = (pos, pos + nbytes)
+        pos += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-(8 + len(raw)) % align)
+    return struct.pack("<Q", len(raw)) + raw, offsets
