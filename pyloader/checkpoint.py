@@ -267,8 +267,12 @@ def _from_files(directory: Optional[Path], files: List[Path]) -> Checkpoint:
 def _from_index(directory: Path, index_path: Path, require_files: bool) -> Checkpoint:
     weight_map, meta = read_index(index_path)
     by_file: Dict[Path, List[str]] = {}
+    checked: Dict[str, Path] = {}
     for name, fname in weight_map.items():
-        by_file.setdefault(_file_in_directory(directory, index_path, fname), []).append(name)
+        path = checked.get(fname) if isinstance(fname, str) else None
+        if path is None:
+            path = checked[fname] = _file_in_directory(directory, index_path, fname)
+        by_file.setdefault(path, []).append(name)
     missing = [p.name for p in by_file if not p.is_file()]
     tensors: Dict[str, TensorInfo] = {}
     if missing and require_files:

@@ -183,8 +183,10 @@ def build_plan(
                 continue
             transform = "dequant"
             used_scales.add(key)
-        elif src.dtype == "?":
-            transform = "copy"  # index only (inspect without weights): dtype unknown
+        elif src.dtype == "?":  # index only (inspect without weights): a weight with a scale is FP8
+            transform = "dequant" if scale_route is not None and not fp8_dst else "copy"
+            if transform == "dequant":
+                used_scales.add(key)
         elif spec.dtype == src.torch_dtype:
             transform = "copy"
             if scale_route is not None and fp8_dst:

@@ -20,7 +20,6 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from .errors import PyloaderInputError
 
-_INT_COMPONENT = re.compile(r"(?:(?<=\.)|^)\d+(?=\.|$)")
 SCALE_SUFFIXES = ("weight_scale_inv", "weight_scale", "scale_inv")
 
 
@@ -28,10 +27,16 @@ def templatize(name: str) -> Tuple[str, Tuple[int, ...]]:
     """``model.layers.3.mlp.experts.17.w1.weight`` → (``model.layers.{}.mlp.experts.{}.w1.weight``, (3, 17))."""
     if "{" in name or "}" in name:
         name = name.replace("{", "{{").replace("}", "}}")
-    return _INT_COMPONENT.sub("{}", name), tuple(map(int, _INT_COMPONENT.findall(name)))
+    parts = name.split(".")
+    ints = []
+    for i, part in enumerate(parts):
+        if part.isdigit() and part.isascii():
+            ints.append(int(part))
+            parts[i] = "{}"
+    return ".".join(parts), tuple(ints)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Route:
     """Where one checkpoint tensor goes.
 
@@ -213,7 +218,7 @@ class Router:
         return ("unexpected", None, None, None)
 
     def route(self, name: str) -> Route:
-        reason = self._skips.reason(name)
+        reason = self._skips.reason(name) if self._skips.regex is not None else None
         tmpl, ints = templatize(name)
         slot_key = (tmpl, len(ints))
         lslot = self._layer_slots.get(slot_key, -1)

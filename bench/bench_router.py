@@ -1,0 +1,56 @@
+"""Routing and planning time over real checkpoint tensor lists (../shared/checkpoints), CPU only.
+
+    python bench/bench_router.py [--json FILE]
+
+Reports, per checkpoint: names, router build time, time to route every name (median of 5), and
+time to build the whole plan (routing, pairing, shape checks, coverage, byte ranges).
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from common import environment, print_table, write_rows  # noqa: E402
+
+from checkpoint_lists import DUMPS, config_of, header_only_checkpoint  # noqa: E402
+from pyloader.plan import build_plan  # noqa: E402
+from pyloader.presets import build_preset  # noqa: E402
+from pyloader.router import Router  # noqa: E402
+
+
+def median_s(fn, reps=5):
+    samples = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t)
+    return statistics.median(samples)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    env = environment()
+    env["gpu"] = "none (cpu)"
+    rows = []
+    for folder in DUMPS:
+        ck = header_only_checkpoint(folder)
+        preset = build_preset(config_of(folder))
+        names = list(ck.tensors)
+        build = median_s(lambda: Router(preset.rules, preset.targets))
+        route = median_s(lambda: Router(preset.rules, preset.targets).route_all(names))
+        plan = median_s(lambda: build_plan(ck, preset.targets, preset.rules, block_size=preset.block_size), reps=3)
+        rows.append(dict(env, bench="router", case=folder, preset=preset.name, names=len(names),
+                         router_build_ms=round(build * 1e3, 2), route_all_s=round(route, 3),
+                         us_per_name=round(route / len(names) * 1e6, 2), plan_s=round(plan, 3)))
+    print_table(rows, ["case", "preset", "names", "router_build_ms", "route_all_s", "us_per_name", "plan_s"])
+    write_rows(rows, args.json)
+
+
+if __name__ == "__main__":
+    main()

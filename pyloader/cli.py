@@ -1,0 +1,101 @@
+"""``pyloader`` command line: ``inspect`` (how every checkpoint name routes).
+
+Exit codes: 0 ok, 2 bad input (the message names the file and tensor; no traceback), 1 internal error.
+"""
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from .errors import PyloaderInputError
+
+
+def _human_bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "unknown (index only)"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def cmd_inspect(args) -> int:
+    from .checkpoint import open_checkpoint
+    from .plan import build_plan, plan_report
+    from .presets import Parallel, build_preset, load_config
+
+    path = Path(args.checkpoint)
+    ck = open_checkpoint(path, require_files=False)
+    config_path = Path(args.config) if args.config else (path.parent if path.is_file() else path) / "config.json"
+    if not config_path.is_file():
+        raise PyloaderInputError(f"{config_path}: no config.json (pass --config FILE)")
+    config = load_config(config_path)
+    parallel = Parallel(tp_rank=args.tp_rank, tp_size=args.tp_size, pp_rank=args.pp_rank, pp_size=args.pp_size,
+                        ep_rank=args.ep_rank, ep_size=args.ep_size)
+    preset = build_preset(config, args.preset, parallel)
+    plan = build_plan(ck, preset.targets, preset.rules, unexpected="ignore", block_size=preset.block_size)
+    plan.owned_layers = preset.owned_layers
+    report = plan_report(plan, preset.name)
+    if args.json:
+        json.dump(report, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+        return 0
+    print(f"checkpoint   {path}  ({len(ck.tensors)} tensors in {len(ck.files)} files"
+          f"{'' if ck.headers_read else '; index only, shapes from config'})")
+    print(f"preset       {preset.name}  (model_type {config.get('model_type')!r})")
+    print(f"rank         tp {args.tp_rank}/{args.tp_size}  pp {args.pp_rank}/{args.pp_size}  ep {args.ep_rank}/{args.ep_size}"
+          f"  layers {preset.owned_layers[0]}..{preset.owned_layers[1] - 1} of {preset.num_layers}")
+    print(f"routed       {report['routed']} tensors into {len(report['targets'])} targets; reads {_human_bytes(report['read_bytes'])}")
+    transforms = {}
+    for p in plan.pieces:
+        transforms[p.transform] = transforms.get(p.transform, 0) + 1
+    print(f"transforms   {', '.join(f'{k} {v}' for k, v in sorted(transforms.items()))}")
+    for reason, n in report["skipped"].items():
+        print(f"skipped      {n:7d}  {reason}")
+    for name in report["unexpected"][:20]:
+        print(f"UNEXPECTED   {name}")
+    if len(report["unexpected"]) > 20:
+        print(f"UNEXPECTED   … {len(report['unexpected']) - 20} more")
+    for name in report["missing"][:20]:
+        print(f"MISSING      {name}")
+    ok = not report["unexpected"] and not report["missing"]
+    print("result       " + ("every checkpoint tensor has a place and every target is covered" if ok else
+                             "problems above (unexpected names would be an error when loading)"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pyloader", description="Fast, correct loading of large-model weights.")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log what pyloader decides (backends, plans)")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="show how every checkpoint tensor routes (no weights needed: an index and config.json suffice)")
+    p.add_argument("checkpoint", help="checkpoint directory or model.safetensors.index.json")
+    p.add_argument("--config", help="config.json (default: beside the checkpoint)")
+    p.add_argument("--preset", help="override the preset chosen from config.json")
+    for what in ("tp", "pp", "ep"):
+        p.add_argument(f"--{what}-rank", type=int, default=0)
+        p.add_argument(f"--{what}-size", type=int, default=1)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_inspect)
+    return ap
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.func(args)
+    except PyloaderInputError as e:
+        print(f"pyloader {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"pyloader {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""``pyloader inspect``: JSON contract, human output, exit code 2 with a clear message on bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pyloader.cli import main
+
+from checkpoint_lists import SHARED, dump_rows
+
+
+@pytest.fixture(scope="module")
+def index_only(tmp_path_factory):
+    d = tmp_path_factory.mktemp("qwen3-30b-fp8-index")
+    wm = {n: f"model-{i % 4 + 1:05d}-of-00004.safetensors" for i, (n, _, _) in
+          enumerate(dump_rows("qwen3-30b-a3b-thinking-2507-fp8"))}
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": wm}))
+    shutil.copy(SHARED / "qwen3-30b-a3b-fp8" / "config.json", d / "config.json")
+    return d
+
+
+def run_json(capsys, *argv):
+    assert main(["inspect", *map(str, argv), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_inspect_json_contract_from_an_index_alone(index_only, capsys):
+    out = run_json(capsys, index_only / "model.safetensors.index.json", "--pp-rank", 1, "--pp-size", 4,
+                   "--ep-rank", 1, "--ep-size", 2)
+    assert out["preset"] == "qwen_moe" and out["unexpected"] == [] and out["missing"] == []
+    assert out["layers"] == list(range(12, 24))
+    assert out["skipped"]["layer owned by another pipeline stage"] > 0
+    assert out["skipped"]["expert owned by another expert-parallel rank"] == 12 * 64 * 3 * 2  # weights + scales
+    t = out["targets"]["model.layers.12.mlp.experts.w13_weight"]
+    assert t["shape"] == [64, 1536, 2048] and t["dtype"] == "bfloat16" and len(t["sources"]) == 64 * 2
+    assert out["read_bytes"] is None  # index only: no shard headers
+
+
+def test_inspect_real_files_and_human_output(tmp_path, capsys):
+    config = json.loads((SHARED / "qwen3-0.6b" / "config.json").read_text())
+    config.update(num_hidden_layers=2, vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    t = {"model.embed_tokens.weight": torch.zeros(64, 32), "model.norm.weight": torch.zeros(32)}
+    for i in range(2):
+        p = f"model.layers.{i}"
+        t.update({f"{p}.self_attn.q_proj.weight": torch.zeros(32, 32), f"{p}.self_attn.k_proj.weight": torch.zeros(16, 32),
+                  f"{p}.self_attn.v_proj.weight": torch.zeros(16, 32), f"{p}.self_attn.o_proj.weight": torch.zeros(32, 32),
+                  f"{p}.self_attn.q_norm.weight": torch.zeros(8), f"{p}.self_attn.k_norm.weight": torch.zeros(8),
+                  f"{p}.mlp.gate_proj.weight": torch.zeros(48, 32), f"{p}.mlp.up_proj.weight": torch.zeros(48, 32),
+                  f"{p}.mlp.down_proj.weight": torch.zeros(32, 48), f"{p}.input_layernorm.weight": torch.zeros(32),
+                  f"{p}.post_attention_layernorm.weight": torch.zeros(32)})
+    t = {k: v.bfloat16() for k, v in t.items()}
+    save_file(t, str(tmp_path / "model.safetensors"))
+    out = run_json(capsys, tmp_path)
+    assert out["missing"] == [] and out["read_bytes"] == sum(v.numel() * 2 for v in t.values())
+    assert out["targets"]["lm_head.weight"]["sources"] == ["tied: model.embed_tokens.weight"]
+    assert main(["inspect", str(tmp_path)]) == 0
+    assert "every target is covered" in capsys.readouterr().out
+    # a wrong shape is a clear error with exit code 2
+    t["model.layers.1.mlp.up_proj.weight"] = torch.zeros(47, 32, dtype=torch.bfloat16)
+    save_file(t, str(tmp_path / "model.safetensors"))
+    assert main(["inspect", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "model.layers.1.mlp.up_proj.weight: shape [47, 32]" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("setup,needle", [
+    (lambda d: None, "no such checkpoint"),
+    (lambda d: d.mkdir() or (d / "config.json").write_text("{}"), "no *.safetensors"),
+    (lambda d: d.mkdir() or (d / "model.safetensors").write_bytes(b"\x01\x00\x00\x00\x00\x00\x00\x00{"), "model.safetensors"),
+    (lambda d: d.mkdir() or (d / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"x": "../../etc/passwd"}})), "leaves the checkpoint directory"),
+])
+def test_inspect_bad_input_exits_2(tmp_path, capsys, setup, needle):
+    d = tmp_path / "ck"
+    setup(d)
+    assert main(["inspect", str(d)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_module_entry_point(index_only):
+    r = subprocess.run([sys.executable, "-m", "pyloader", "inspect", str(index_only), "--tp-size", "3"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "do not split over tp_size 3" in r.stderr and "Traceback" not in r.stderr

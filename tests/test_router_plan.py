@@ -1,0 +1,282 @@
+"""Router, presets and plan over real checkpoint tensor lists, and the five failures of the design
+doc (docs: ../shared/docs/design.md), each shown to break a naive loader and to pass here."""
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyloader.checkpoint import Checkpoint, TensorInfo
+from pyloader.errors import PyloaderInputError
+from pyloader.plan import PlanError, build_plan, targets_of_module
+from pyloader.presets import Parallel, build_preset, pp_layer_range
+from pyloader.router import Router, Rules, templatize
+
+from checkpoint_lists import DUMPS, config_of, dump_rows, header_only_checkpoint
+
+_CACHE = {}
+
+
+def checkpoint(folder):
+    if folder not in _CACHE:
+        _CACHE[folder] = header_only_checkpoint(folder)
+    return _CACHE[folder]
+
+
+def synthetic(entries, folder="synthetic"):
+    """Header-only checkpoint from (name, shape, safetensors dtype)."""
+    bits = {"BF16": 16, "F32": 32, "F8_E4M3": 8, "U8": 8, "F16": 16}
+    tensors, pos = {}, 8
+    for name, shape, dtype in entries:
+        n = math.prod(shape) * bits[dtype] // 8
+        tensors[name] = TensorInfo(name, dtype, tuple(shape), Path("/nonexistent") / folder / "m.safetensors", pos, pos + n)
+        pos += n
+    return Checkpoint(None, [Path("/nonexistent") / folder / "m.safetensors"], tensors)
+
+
+# ---------------------------------------------------------------- real tensor lists, PP x TP
+
+@pytest.mark.parametrize("tp", [1, 2, 8])
+@pytest.mark.parametrize("folder", sorted(DUMPS))
+def test_real_checkpoints_route_for_every_pp_and_tp(folder, tp):
+    ck = checkpoint(folder)
+    config = config_of(folder)
+    n = config["num_hidden_layers"]
+    for pp in (1, 2, 3, 4, 8):
+        owned, routed_names = [], []
+        for rank in range(pp):
+            preset = build_preset(config, parallel=Parallel(tp_rank=tp - 1, tp_size=tp, pp_rank=rank, pp_size=pp))
+            plan = build_plan(ck, preset.targets, preset.rules, block_size=preset.block_size)
+            assert plan.summary.unexpected == [] and plan.missing == [], (folder, tp, pp, rank, plan.missing[:3])
+            layers = set(range(*preset.owned_layers))
+            assert {p.layer for p in plan.pieces if p.layer is not None} <= layers
+            owned.append(layers)
+            routed_names += [p.source.name for p in plan.pieces] + [p.scale.name for p in plan.pieces if p.scale]
+        assert set().union(*owned) == set(range(n)) and sum(map(len, owned)) == n, "layers disjoint and complete"
+        # every tensor that is not an MTP/next-n draft tensor is read by exactly one stage
+        mtp = [name for name in ck.tensors if re.search(rf"\.layers\.{n}\.", name)]
+        assert len(routed_names) == len(set(routed_names)) == len(ck.tensors) - len(mtp), (folder, pp)
+
+
+def test_tensor_parallel_ranks_tile_each_source():
+    ck = checkpoint("qwen3-30b-a3b-thinking-2507-fp8")  # 4 KV heads: at TP 8 each is held by 2 ranks
+    config = config_of("qwen3-30b-a3b-thinking-2507-fp8")
+    rows = {}
+    for rank in range(8):
+        preset = build_preset(config, parallel=Parallel(tp_rank=rank, tp_size=8))
+        plan = build_plan(ck, preset.targets, preset.rules, block_size=preset.block_size)
+        for p in plan.pieces:
+            if p.layer == 5:
+                rng = p.placement.src_rows or p.placement.src_cols or (0, p.source.shape[0])
+                rows.setdefault(p.source.name, []).append(rng)
+    q = sorted(rows["model.layers.5.self_attn.q_proj.weight"])
+    assert q[0][0] == 0 and q[-1][1] == 4096 and all(a[1] == b[0] for a, b in zip(q, q[1:]))
+    k = rows["model.layers.5.self_attn.k_proj.weight"]
+    assert sorted(set(k)) == [(0, 128), (128, 256), (256, 384), (384, 512)] and len(k) == 8  # replicated twice
+    down = sorted(rows["model.layers.5.mlp.experts.3.down_proj.weight"])
+    assert down == [(i * 96, (i + 1) * 96) for i in range(8)]
+
+
+def test_pp_partition_is_vllms():
+    sizes = [b - a for a, b in (pp_layer_range(61, r, 8) for r in range(8))]
+    assert sizes == [7, 7, 8, 8, 8, 8, 8, 7]
+    assert [pp_layer_range(10, r, 3) for r in range(3)] == [(0, 3), (3, 7), (7, 10)]
+    with pytest.raises(PyloaderInputError):
+        pp_layer_range(2, 0, 4)
+
+
+def test_routing_deepseek_is_fast_and_o1():
+    ck = checkpoint("deepseek-r1")
+    preset = build_preset(config_of("deepseek-r1"))
+    router = Router(preset.rules, preset.targets)
+    routes = router.route_all(ck.tensors)
+    # 768 expert mapping tuples per layer reduce to templates; the cache holds one entry per template
+    assert len(router._cache) < 100 and len(routes) == 91991
+    r = router.route("model.layers.7.mlp.experts.201.up_proj.weight_scale_inv")
+    assert (r.kind, r.target, r.shard_id, r.expert_id, r.layer) == ("scale", "model.layers.7.mlp.experts.w13_weight", "w3", 201, 7)
+
+
+def test_templatize():
+    assert templatize("model.layers.3.mlp.experts.17.w1.weight") == ("model.layers.{}.mlp.experts.{}.w1.weight", (3, 17))
+    assert templatize("h.0.attn.c_attn.weight") == ("h.{}.attn.c_attn.weight", (0,))
+    assert templatize("a{b}.1") == ("a{{b}}.{}", (1,))
+
+
+# ---------------------------------------------------------------- the five failures
+
+def _naive_load(names, target_names):
+    """What broke in the engines: every checkpoint name must be a parameter of this rank."""
+    for n in names:
+        if n not in target_names:
+            raise KeyError(n)
+
+
+def test_failure2_nvfp4_input_scale_without_target_is_skipped_with_a_reason():
+    config = config_of("qwen3-30b-a3b-thinking-2507-fp8")
+    names = [(n, s, d) for n, s, d in dump_rows("qwen3-30b-a3b-thinking-2507-fp8")]
+    names += [(f"model.layers.{i}.mlp.experts.{e}.down_proj.input_scale", (), "F32") for i in range(2) for e in range(128)]
+    ck = synthetic(names)
+    preset = build_preset(config)
+    with pytest.raises(KeyError):
+        _naive_load([n for n in ck.tensors if "input_scale" in n], preset.targets)
+    plan = build_plan(ck, preset.targets, preset.rules)
+    assert plan.summary.skipped == {"activation input scale; activations are not quantized here": 256}
+    assert plan.summary.unexpected == [] and plan.missing == []
+
+
+def test_failure3_tied_embeddings():
+    config = config_of_folder("qwen3-0.6b")
+    assert config["tie_word_embeddings"]
+    preset = build_preset(config)
+    entries = _dense_entries(config)
+    # a checkpoint without lm_head (the usual tied case): naive coverage finds lm_head missing
+    ck = synthetic(entries)
+    assert "lm_head.weight" not in ck.tensors
+    plan = build_plan(ck, preset.targets, preset.rules)
+    assert plan.missing == [] and preset.targets["lm_head.weight"].fill_from == "model.embed_tokens.weight"
+    # a checkpoint that stores lm_head anyway: skipped with the reason, never loaded twice
+    ck2 = synthetic(entries + [("lm_head.weight", (config["vocab_size"], config["hidden_size"]), "BF16")])
+    plan2 = build_plan(ck2, preset.targets, preset.rules)
+    assert any("tie_word_embeddings" in k for k in plan2.summary.skipped)
+    # pipeline parallel: the last stage reads the embedding into its head
+    last = build_preset(config, parallel=Parallel(pp_rank=1, pp_size=2))
+    plan3 = build_plan(ck, last.targets, last.rules)
+    assert plan3.sources_of("lm_head.weight") == ["model.embed_tokens.weight"] and plan3.missing == []
+
+
+def test_failure4_buffers_are_targets():
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 3, bias=False)
+            self.register_buffer("norm_mean", torch.zeros(4))
+            self.register_buffer("norm_std", torch.ones(4), persistent=False)
+
+    model = Model()
+    ck = synthetic([("proj.weight", (3, 4), "F32"), ("norm_mean", (4,), "F32"), ("norm_std", (4,), "F32")])
+    with pytest.raises(KeyError):
+        _naive_load(ck.tensors, dict(model.named_parameters()))
+    plan = build_plan(ck, targets_of_module(model), Rules())
+    assert sorted(p.target for p in plan.pieces) == ["norm_mean", "norm_std", "proj.weight"] and plan.missing == []
+
+
+def _glm_fp8_entries():
+    """GLM-5.1-FP8 as published: linear weights FP8 with 128x128 weight_scale_inv, except the
+    modules its quantization_config leaves in BF16 (embeddings, head, router, indexer weights_proj, eh_proj)."""
+    keep_bf16 = re.compile(r"(embed_tokens|lm_head|mlp\.gate\.weight|indexer\.weights_proj|eh_proj|shared_head\.head)")
+    out = []
+    for name, shape, dtype in dump_rows("glm-5.1"):
+        if len(shape) == 2 and name.endswith(".weight") and not keep_bf16.search(name):
+            out.append((name, shape, "F8_E4M3"))
+            out.append((name + "_scale_inv", (-(-shape[0] // 128), -(-shape[1] // 128)), "F32"))
+        else:
+            out.append((name, shape, dtype))
+    return out
+
+
+def test_failure5_glm51_fp8_indexer_under_pp8():
+    ck = synthetic(_glm_fp8_entries(), "glm-5.1-fp8")
+    config = config_of_folder("glm-5.1-fp8")
+    read = set()
+    for rank in range(8):
+        preset = build_preset(config, parallel=Parallel(pp_rank=rank, pp_size=8))
+        with pytest.raises(KeyError):  # the shipped failure: a stage meets another stage's indexer wk
+            _naive_load([n for n in ck.tensors if "indexer.wk" in n], preset.targets)
+        plan = build_plan(ck, preset.targets, preset.rules, block_size=preset.block_size)
+        owned = set(range(*preset.owned_layers))
+        names = [p.source.name for p in plan.pieces] + [p.scale.name for p in plan.pieces if p.scale]
+        for n in names:
+            m = re.search(r"\.layers\.(\d+)\.", n)
+            assert m is None or int(m.group(1)) in owned, (rank, n)  # never read another stage's bytes
+        wk = [p for p in plan.pieces if p.source.name.endswith("indexer.wk.weight")]
+        assert wk and all(p.transform == "dequant" and p.scale.name.endswith("wk.weight_scale_inv") for p in wk)
+        assert all(p.target.endswith("indexer.wk_weights_proj.weight") for p in wk)
+        read.update(names)
+    assert len(read) == len([n for n in ck.tensors if ".layers.78." not in n])
+
+
+def test_failure1_streaming_buffer_reuse_is_covered_by_the_executor():
+    pytest.skip("the executor (issue 5) carries this test: a source that poisons its buffer after every yield")
+
+
+# ---------------------------------------------------------------- policies and plan errors
+
+def config_of_folder(folder):
+    import json
+    from checkpoint_lists import SHARED
+
+    return json.loads((SHARED / folder / "config.json").read_text())
+
+
+def _dense_entries(c):
+    H, I, hd = c["hidden_size"], c["intermediate_size"], c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    out = [("model.embed_tokens.weight", (c["vocab_size"], H), "BF16"), ("model.norm.weight", (H,), "BF16")]
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        out += [(f"{p}.self_attn.q_proj.weight", (q, H), "BF16"), (f"{p}.self_attn.k_proj.weight", (kv, H), "BF16"),
+                (f"{p}.self_attn.v_proj.weight", (kv, H), "BF16"), (f"{p}.self_attn.o_proj.weight", (H, q), "BF16"),
+                (f"{p}.self_attn.q_norm.weight", (hd,), "BF16"), (f"{p}.self_attn.k_norm.weight", (hd,), "BF16"),
+                (f"{p}.mlp.gate_proj.weight", (I, H), "BF16"), (f"{p}.mlp.up_proj.weight", (I, H), "BF16"),
+                (f"{p}.mlp.down_proj.weight", (H, I), "BF16"), (f"{p}.input_layernorm.weight", (H,), "BF16"),
+                (f"{p}.post_attention_layernorm.weight", (H,), "BF16"), (f"{p}.self_attn.rotary_emb.inv_freq", (hd // 2,), "F32")]
+    return out
+
+
+def test_unexpected_names_policy_lists_all_with_hints():
+    config = config_of_folder("qwen3-0.6b")
+    preset = build_preset(config)
+    entries = _dense_entries(config) + [("model.layers.0.mlp.gate_prj.weight", (3, 3), "BF16"),
+                                        ("model.layers.1.self_attn.o_prj.weight", (3, 3), "BF16")]
+    ck = synthetic(entries)
+    with pytest.raises(PyloaderInputError) as e:
+        build_plan(ck, preset.targets, preset.rules)
+    msg = str(e.value)
+    assert "2 checkpoint tensor(s) have no target" in msg and "gate_prj" in msg and "o_prj" in msg
+    assert "did you mean model.layers.1.self_attn.o_proj.weight" in msg
+    plan = build_plan(ck, preset.targets, preset.rules, unexpected="ignore")
+    assert len(plan.summary.unexpected) == 2
+    assert plan.summary.skipped["rotary inv_freq is recomputed, never loaded"] == config["num_hidden_layers"]
+
+
+def test_plan_reports_every_problem_at_once():
+    rules = Rules(stacked_params_mapping=[(".qkv_proj", ".q_proj", "q"), (".qkv_proj", ".k_proj", "k"),
+                                          (".qkv_proj", ".v_proj", "v")])
+    targets = {"a.qkv_proj.weight": torch.empty(12, 8, dtype=torch.bfloat16), "b.weight": torch.empty(4, 4),
+               "c.weight": torch.empty(256, 256, dtype=torch.bfloat16), "d.weight": torch.empty(2, 2)}
+    ck = synthetic([("a.q_proj.weight", (4, 8), "BF16"), ("a.k_proj.weight", (4, 8), "BF16"),  # v missing
+                    ("b.weight", (4, 5), "F32"),                                                # wrong shape
+                    ("c.weight", (256, 256), "F8_E4M3"),                                        # no scale
+                    ("e.weight_scale_inv", (1, 1), "F32"),                                      # scale of nothing
+                    ("d.weight", (2, 2), "U8")])                                                # wrong dtype
+    from pyloader.plan import targets_from_tensors
+
+    with pytest.raises(PlanError) as e:
+        build_plan(ck, targets_from_tensors(targets), rules, unexpected="ignore")
+    msg = "\n".join(e.value.problems)
+    assert "b.weight: shape [4, 5]" in msg and "c.weight (F8_E4M3) has no scale" in msg
+    assert "cannot load U8 into d.weight" in msg
+    assert len(e.value.problems) == 3, msg
+
+
+def test_user_rules_with_module_targets_infer_the_layout():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv_proj = torch.nn.Linear(8, 4 + 2 + 2, bias=False)
+            self.experts = torch.nn.Module()
+            self.experts.w13_weight = torch.nn.Parameter(torch.empty(3, 10, 8))
+
+    m = Block()
+    rules = Rules(stacked_params_mapping=[("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v")],
+                  expert_params_mapping=[("experts.w13_", f"experts.{e}.{n}.", e, s) for e in range(3)
+                                         for n, s in (("gate_proj", "w1"), ("up_proj", "w3"))])
+    entries = [("v_proj.weight", (2, 8), "F32"), ("q_proj.weight", (4, 8), "F32"), ("k_proj.weight", (2, 8), "F32")]
+    entries += [(f"experts.{e}.{n}.weight", (5, 8), "F32") for e in range(3) for n in ("up_proj", "gate_proj")]
+    plan = build_plan(synthetic(entries), targets_of_module(m), rules)
+    place = {p.source.name: (p.placement.offset, p.slot) for p in plan.pieces}
+    assert place["q_proj.weight"] == (0, None) and place["k_proj.weight"] == (4, None) and place["v_proj.weight"] == (6, None)
+    assert place["experts.2.gate_proj.weight"] == (0, 2) and place["experts.2.up_proj.weight"] == (5, 2)
+    assert plan.missing == []
