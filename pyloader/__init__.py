@@ -8,6 +8,8 @@ Kernels live in ``pyloader.ops``; the backend is chosen explicitly (``backend=``
 import logging
 
 from . import ops
+from .executor import ExecutorConfig
+from .loader import LoadReport, load
 from .backend import BACKENDS, resolve_backend
 from .errors import BackendUnavailableError, PyloaderError, PyloaderInputError
 
@@ -15,4 +17,4 @@ __version__ = "0.1.0"
 
 logging.getLogger("pyloader").addHandler(logging.NullHandler())
 
-__all__ = ["ops", "BACKENDS", "resolve_backend", "PyloaderError", "PyloaderInputError", "BackendUnavailableError"]
+__all__ = ["ops", "load", "LoadReport", "ExecutorConfig", "BACKENDS", "resolve_backend", "PyloaderError", "PyloaderInputError", "BackendUnavailableError"]

@@ -1,4 +1,4 @@
-"""``pyloader`` command line: ``inspect`` (how every checkpoint name routes).
+"""``pyloader`` command line: ``inspect`` (how every checkpoint name routes), ``bench`` (load throughput).
 
 Exit codes: 0 ok, 2 bad input (the message names the file and tensor; no traceback), 1 internal error.
 """
@@ -68,6 +68,36 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+
+    rows = run_bench(checkpoint=args.checkpoint, size_gb=args.size_gb, preset=args.preset, device=args.device,
+                     cold=args.cold, peers=not args.no_peers, repeats=args.repeats, json_path=args.json, keep=args.tmpdir)
+    if args.plot:
+        _plot(rows, args.plot)
+    return 0
+
+
+def _plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot written", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.5))
+    ax.barh([r["provider"] for r in rows], [r["gbps"] for r in rows])
+    if rows and rows[0].get("ceiling_gbps"):
+        ax.axvline(rows[0]["ceiling_gbps"], color="k", linestyle="--", label="pinned H2D ceiling")
+        ax.legend()
+    ax.set_xlabel("GB/s (checkpoint bytes)")
+    ax.set_title(f"{rows[0]['case']} on {rows[0]['gpu']}" if rows else "")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pyloader", description="Fast, correct loading of large-model weights.")
     ap.add_argument("-v", "--verbose", action="store_true", help="log what pyloader decides (backends, plans)")
@@ -81,6 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{what}-size", type=int, default=1)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_inspect)
+    b = sub.add_parser("bench", help="load throughput against the machine's ceilings and peer loaders")
+    b.add_argument("--checkpoint", help="a real checkpoint directory (default: a synthetic DeepSeek-V3-shaped FP8 slice)")
+    b.add_argument("--size-gb", type=float, help="size of the synthetic checkpoint (default 6 on a GPU, 0.3 on CPU)")
+    b.add_argument("--preset", help="override the preset chosen from config.json")
+    b.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
+    b.add_argument("--cold", action="store_true", help="drop the files from the page cache before each load")
+    b.add_argument("--no-peers", action="store_true", help="measure pyloader only")
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--json", help="append result rows to this JSON file")
+    b.add_argument("--plot", help="write a PNG bar chart (needs matplotlib)")
+    b.add_argument("--tmpdir", help="where to write the synthetic checkpoint (default: the system temp dir)")
+    b.set_defaults(func=cmd_bench)
     return ap
 
 

@@ -124,11 +124,13 @@ def build_plan(
     unexpected: str = "error",
     block_size: Tuple[int, int] = (128, 128),
     check_shapes: bool = True,
+    partial: bool = False,
 ) -> Plan:
     """Route, pair, check and place every tensor of ``checkpoint`` into ``targets``.
 
     ``unexpected``: ``"error"`` (every name with no target listed at once, with did-you-mean
-    hints), ``"warn"`` or ``"ignore"``. Raises :class:`PlanError` listing every shape, dtype,
+    hints), ``"warn"`` or ``"ignore"``. ``partial``: a plan for some tensors of a stream (no
+    coverage check; a scale whose weight is elsewhere is not an error). Raises :class:`PlanError` listing every shape, dtype,
     pairing and coverage problem; a target left unwritten is a problem unless it is tied.
     """
     if unexpected not in ("error", "warn", "ignore"):
@@ -209,7 +211,7 @@ def build_plan(
     for key, r in scales.items():
         if key not in used_scales and key in weights:
             continue  # scale of a non-FP8 weight: an FP8 weight with no scale is reported above
-        if key not in weights:
+        if key not in weights and not partial:
             problems.append(f"{r.name}: a scale with no weight (no {key[0]} weight"
                             f"{f' shard {key[1]!r}' if key[1] is not None else ''}"
                             f"{f' expert {key[2]}' if key[2] is not None else ''} in the checkpoint)")
@@ -218,7 +220,7 @@ def build_plan(
     if check_shapes and checkpoint.headers_read:
         for p in pieces:
             _check_piece(p, targets[p.target], problems)
-    missing = _coverage(pieces, targets, problems)
+    missing = [] if partial else _coverage(pieces, targets, problems)
     for p in pieces:
         p.read_range = _read_range(p)
     if problems:

@@ -2,7 +2,7 @@
 # The device-machine run: build, GPU tests, compute-sanitizer, benchmarks. Logs and JSON go to
 # $OUT (the device tool brings back at most 8 files, so each stage writes one log).
 #
-#   scripts/gpu_check.sh [build] [test] [sanitize] [bench] [bench-cpu]     (default: all)
+#   scripts/gpu_check.sh [build] [test] [sanitize] [bench] [bench-cpu] [e2e]     (default: all)
 #
 # Environment: PYLOADER_CUDA_ARCHS (default 90 here; release builds use setup.py's default),
 # PYTEST_ARGS (extra pytest arguments), BENCH_ARGS (extra arguments of the bench scripts, e.g. --quick).
@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-stages=${*:-build test sanitize bench bench-cpu}
+stages=${*:-build test sanitize bench bench-cpu e2e}
 status=0
 has() { [[ " $stages " == *" $1 "* ]]; }
 note() { echo "== $(date +%T) $*" | tee -a "$OUT/summary.txt"; }
@@ -42,10 +42,12 @@ if has sanitize; then
     note "compute-sanitizer --tool $tool (cuda kernel tests)"
     compute-sanitizer --tool "$tool" --error-exitcode 99 --target-processes all \
       python3 -m pytest tests -q -x -m gpu -k "cuda and not 64bit" -p no:cacheprovider \
-      > "$OUT/sanitize_$tool.log" 2>&1
+      > "$OUT/sanitize_$tool.tmp" 2>&1
     rc=$?
-    tail -2 "$OUT/sanitize_$tool.log" | tee -a "$OUT/summary.txt"
-    grep -m3 "ERROR SUMMARY" "$OUT/sanitize_$tool.log" | tee -a "$OUT/summary.txt"
+    { echo "===== $tool"; cat "$OUT/sanitize_$tool.tmp"; } >> "$OUT/sanitize.log"
+    tail -2 "$OUT/sanitize_$tool.tmp" | tee -a "$OUT/summary.txt"
+    grep -m3 -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitize_$tool.tmp" | tee -a "$OUT/summary.txt"
+    rm -f "$OUT/sanitize_$tool.tmp"
     [ $rc -eq 0 ] || { status=1; note "$tool: exit $rc"; }
   done
   unset PYTORCH_NO_CUDA_MEMORY_CACHING
@@ -59,10 +61,20 @@ if has bench; then
   tail -60 "$OUT/bench.log"
 fi
 
+if has e2e; then
+  note "pyloader bench (end to end, warm then cold page cache)"
+  python3 -m pyloader bench --json "$OUT/bench.json" --plot "$OUT/e2e_warm.png" --tmpdir "${BENCH_TMP:-/tmp}" \
+    ${E2E_ARGS:-} > "$OUT/e2e.log" 2>&1 || status=1
+  python3 -m pyloader bench --cold --repeats 1 --json "$OUT/bench.json" --tmpdir "${BENCH_TMP:-/tmp}" \
+    ${E2E_ARGS:-} >> "$OUT/e2e.log" 2>&1 || status=1
+  tail -14 "$OUT/e2e.log"
+fi
+
 if has bench-cpu; then
   note "bench_dequant --cpu"
   python3 bench/bench_dequant.py --cpu --json "$OUT/bench.json" >> "$OUT/bench.log" 2>&1 || status=1
-  tail -8 "$OUT/bench.log"
+  python3 bench/bench_router.py --json "$OUT/bench.json" >> "$OUT/bench.log" 2>&1 || status=1
+  tail -16 "$OUT/bench.log"
 fi
 
 note "done, status $status"

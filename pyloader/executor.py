@@ -1,0 +1,337 @@
+"""The streaming executor: a plan's byte ranges → pinned host slots → device staging slots → one
+batched transform launch per slot, writing every tensor straight into its final place.
+
+    reader threads (os.preadv, GIL released) ─► pinned slot k ─► copy stream: H2D into staging slot k
+        ─► compute stream: multi_tensor_transform over every tensor in the slot ─► event k frees slot k
+
+Scales (small) go to the device first, so a weight never waits for its scale. A tensor larger
+than a slot is split by rows (scale blocks are indexed from each part's global row, so any row
+split is exact). Slots are reused only after the event of the transform that read them has
+completed; memory is ``num_slots x slot_bytes`` pinned plus the same on the device, whatever the
+model size. On a CPU device the same plan runs with the torch backend, reading straight into
+host slots.
+"""
+
+import logging
+import math
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from .backend import resolve_backend
+from .checkpoint import TensorInfo
+from .errors import PyloaderInputError
+from .plan import Piece, Plan
+from .transform import TransformJob, run_jobs
+
+logger = logging.getLogger("pyloader")
+
+_ALIGN = 256  # every part starts 256-byte aligned in a slot: the kernels' 16-byte vector path applies
+
+
+@dataclass
+class ExecutorConfig:
+    slot_bytes: int = 256 << 20
+    num_slots: int = 4               # pinned host ≤ num_slots x slot_bytes; device staging the same
+    read_threads: int = 16
+    read_chunk_bytes: int = 32 << 20  # one preadv call at most this large
+
+
+@dataclass
+class Timings:
+    read_s: float = 0.0       # summed over reader threads
+    wait_read_s: float = 0.0  # orchestrator waiting for reads (the critical path when I/O bound)
+    h2d_s: float = 0.0        # device time of host→device copies (CUDA events)
+    transform_s: float = 0.0  # device time of transform launches
+    wall_s: float = 0.0
+
+
+@dataclass
+class _Part:
+    piece: Piece
+    row0: int        # first row of the part, relative to the rows this rank reads of the source
+    rows: int
+    file_offset: int
+    nbytes: int
+    slot_offset: int = 0
+
+
+@dataclass
+class _Batch:
+    parts: List[_Part] = field(default_factory=list)
+    nbytes: int = 0
+    layers: set = field(default_factory=set)
+
+
+def _read_rows(piece: Piece) -> Tuple[int, int]:
+    """Rows of the source that this rank reads (a column-parallel slice reads only its rows)."""
+    shape = piece.source.shape
+    n = shape[0] if shape else 1
+    pl = piece.placement
+    if pl.src_rows is not None and pl.src_cols is None and len(shape) >= 1:
+        return pl.src_rows
+    return 0, n
+
+
+def split_into_batches(pieces: List[Piece], slot_bytes: int) -> List[_Batch]:
+    """Pack pieces (in plan order) into slot-sized batches; pieces larger than a slot are split by rows."""
+    batches: List[_Batch] = [_Batch()]
+    for p in pieces:
+        a, b = _read_rows(p)
+        total = p.read_range[1] - p.read_range[0]
+        rows = b - a
+        row_bytes = total // rows if rows else total
+        if row_bytes > slot_bytes:
+            raise PyloaderInputError(f"{p.source.file}: tensor {p.source.name}: one row is {row_bytes} bytes, "
+                                     f"larger than a staging slot ({slot_bytes}); raise slot_bytes")
+        if len(p.source.shape) <= 1 or rows == 0:
+            chunks = [(0, rows, total)]
+        else:
+            per = max(1, (slot_bytes - _ALIGN) // row_bytes)
+            chunks = [(r, min(per, rows - r), min(per, rows - r) * row_bytes) for r in range(0, rows, per)]
+        for r, n, nbytes in chunks:
+            cur = batches[-1]
+            start = -(-cur.nbytes // _ALIGN) * _ALIGN
+            if start + nbytes > slot_bytes and cur.parts:
+                cur = _Batch()
+                batches.append(cur)
+                start = 0
+            part = _Part(p, r, n, p.read_range[0] + r * row_bytes, nbytes, start)
+            cur.parts.append(part)
+            cur.nbytes = start + nbytes
+            cur.layers.add(p.layer)
+    return [b for b in batches if b.parts]
+
+
+def _preadv_into(fd: int, buf: memoryview, offset: int, path) -> None:
+    pos = 0
+    while pos < len(buf):
+        n = os.preadv(fd, [buf[pos:]], offset + pos)
+        if n <= 0:
+            raise PyloaderInputError(f"{path}: file ended at byte {offset + pos} while reading (truncated or changed?)")
+        pos += n
+
+
+class _FileCache:
+    """One read-only descriptor per file, shared by the reader threads."""
+
+    def __init__(self):
+        self.fds: Dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def fd(self, path) -> int:
+        key = str(path)
+        fd = self.fds.get(key)
+        if fd is None:
+            with self.lock:
+                if key not in self.fds:
+                    try:
+                        self.fds[key] = os.open(key, os.O_RDONLY)
+                    except OSError as e:
+                        raise PyloaderInputError(f"{path}: cannot open: {e.strerror}") from None
+                fd = self.fds[key]
+        return fd
+
+    def close(self):
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _as_matrix(t: torch.Tensor) -> torch.Tensor:
+    if t.dim() == 0:
+        return t.reshape(1, 1)
+    if t.dim() == 1:
+        return t.unsqueeze(0)
+    return t.reshape(t.shape[0], -1)
+
+
+def piece_jobs(piece: Piece, src: torch.Tensor, row0: int, target: torch.Tensor,
+               scales: Dict[str, torch.Tensor], experts: Optional[Dict[int, int]]) -> List[TransformJob]:
+    """Jobs writing ``src`` (rows ``row0..`` of what this rank reads of ``piece.source``, already
+    viewed with the source dtype and shape) into ``target``."""
+    pl = piece.placement
+    jobs = []
+    if experts is not None and piece.expert_id is None:  # pre-stacked experts: one job per owned expert
+        for g, slot in experts.items():
+            if row0 <= g < row0 + src.shape[0]:  # this part holds experts row0 .. row0 + len
+                jobs.append(TransformJob(_as_matrix(src[g - row0]), _as_matrix(target[slot])))
+        return jobs
+    plane = target[piece.slot] if piece.slot is not None else target
+    if plane.dim() <= 1:  # 1-D target (norm, bias): elements
+        dst = plane.reshape(-1)[pl.offset:pl.offset + src.numel()].unsqueeze(0)
+        s = src.reshape(1, -1)
+        return [_job(piece, s, dst, scales, 0, 0)]
+    src2 = _as_matrix(src)
+    rows_base = pl.src_rows[0] if (pl.src_rows is not None and pl.src_cols is None) else 0
+    c0 = 0
+    if pl.src_cols is not None:
+        c0 = pl.src_cols[0]
+        src2 = src2[:, pl.src_cols[0]:pl.src_cols[1]]
+    global_row0 = rows_base + row0
+    dst_row0 = pl.offset + (global_row0 - (pl.src_rows[0] if pl.src_rows is not None else 0))
+    dst = _as_matrix(plane)[dst_row0:dst_row0 + src2.shape[0]]
+    return [_job(piece, src2, dst, scales, global_row0, c0)]
+
+
+def _job(piece: Piece, src, dst, scales, global_row0: int, c0: int) -> TransformJob:
+    if piece.transform != "dequant":
+        return TransformJob(src, dst)
+    scale = scales[piece.scale.name]
+    shape = piece.source.shape
+    if scale.numel() == 1:  # per-tensor
+        return TransformJob(src, dst, scale.reshape(1, 1), (max(1, shape[0]), max(1, math.prod(shape[1:]) or 1)))
+    bm, bn = piece.block_size
+    grid = scale if scale.dim() == 2 else scale.reshape(1, -1)
+    return TransformJob(src, dst, grid[global_row0 // bm:, c0 // bn:], (bm, bn), (global_row0 % bm, c0 % bn))
+
+
+def _view_source(raw: torch.Tensor, info: TensorInfo, rows: int) -> torch.Tensor:
+    dtype = info.torch_dtype
+    shape = info.shape
+    t = raw.view(dtype)
+    if not shape:
+        return t.reshape(())
+    return t.view((rows,) + tuple(shape[1:]))
+
+
+class StreamingExecutor:
+    """Runs a :class:`~pyloader.plan.Plan` into ``tensors`` (target name → tensor on ``device``)."""
+
+    def __init__(self, plan: Plan, tensors: Dict[str, torch.Tensor], device: torch.device,
+                 backend: Optional[str] = None, config: ExecutorConfig = ExecutorConfig(),
+                 progress: bool = True, hooks: Optional[Callable[[Optional[int]], None]] = None):
+        self.plan, self.tensors, self.device = plan, tensors, torch.device(device)
+        self.cfg = config
+        self.backend = resolve_backend(backend, self.device, "load")
+        self.progress = progress
+        self.hooks = hooks
+        self.timings = Timings()
+        self.bytes_read = 0
+
+    def _read_chunks(self, files: _FileCache, chunks, host: torch.Tensor) -> float:
+        t = time.perf_counter()
+        buf = memoryview(host.numpy()).cast("B")
+        for path, file_offset, slot_offset, n in chunks:
+            _preadv_into(files.fd(path), buf[slot_offset:slot_offset + n], file_offset, path)
+        return time.perf_counter() - t
+
+    def _chunks(self, parts: List[_Part]):
+        """A batch's reads as (file, file offset, slot offset, bytes) pieces of at most read_chunk_bytes."""
+        out, step = [], self.cfg.read_chunk_bytes
+        for part in parts:
+            for off in range(0, part.nbytes, step):
+                out.append((part.piece.source.file, part.file_offset + off, part.slot_offset + off,
+                            min(step, part.nbytes - off)))
+        return out
+
+    def _load_scales(self, files: _FileCache) -> Dict[str, torch.Tensor]:
+        scales = {}
+        for info in {s.name: s for s in self.plan.scales}.values():
+            host = torch.empty(info.nbytes, dtype=torch.uint8)
+            _preadv_into(files.fd(info.file), memoryview(host.numpy()).cast("B"), info.start, info.file)
+            scales[info.name] = host.view(info.torch_dtype).view(info.shape).to(self.device)
+            self.bytes_read += info.nbytes
+        return scales
+
+    def run(self) -> Timings:
+        cfg, dev = self.cfg, self.device
+        t_start = time.perf_counter()
+        files = _FileCache()
+        cuda = dev.type == "cuda"
+        pieces = [p for _, group in self.plan.by_layer() for p in group]
+        batches = split_into_batches(pieces, cfg.slot_bytes)
+        nslots = max(1, min(cfg.num_slots, len(batches)))
+        host = [torch.empty(cfg.slot_bytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(nslots)]
+        staging = [torch.empty(cfg.slot_bytes, dtype=torch.uint8, device=dev) for _ in range(nslots)] if cuda else host
+        copy_stream = torch.cuda.Stream(dev) if cuda else None
+        compute = torch.cuda.current_stream(dev) if cuda else None
+        done = [None] * nslots
+        timing_events = []
+        total = sum(b.nbytes for b in batches)
+        bar = _progress(total, self.progress)
+        pool = ThreadPoolExecutor(max_workers=cfg.read_threads, thread_name_prefix="pyloader-read")
+        try:
+            scales = self._load_scales(files)
+            last_batch_of_layer = {}
+            for i, b in enumerate(batches):
+                for layer in b.layers:
+                    last_batch_of_layer[layer] = i
+            pending = deque()
+
+            def submit(j):
+                slot = j % nslots
+                if done[slot] is not None:
+                    done[slot].synchronize()  # the transform that read this slot has finished
+                chunks = self._chunks(batches[j].parts)
+                groups = [chunks[k::cfg.read_threads] for k in range(min(cfg.read_threads, len(chunks)))]
+                pending.append([pool.submit(self._read_chunks, files, g, host[slot]) for g in groups])
+
+            for j in range(nslots):
+                if j < len(batches):
+                    submit(j)
+            for i, batch in enumerate(batches):
+                slot = i % nslots
+                t = time.perf_counter()
+                self.timings.read_s += sum(f.result() for f in pending.popleft())
+                self.timings.wait_read_s += time.perf_counter() - t
+                jobs = []
+                if cuda:
+                    with torch.cuda.stream(copy_stream):
+                        e0 = torch.cuda.Event(enable_timing=True)
+                        e1 = torch.cuda.Event(enable_timing=True)
+                        e0.record()
+                        staging[slot][:batch.nbytes].copy_(host[slot][:batch.nbytes], non_blocking=True)
+                        e1.record()
+                    compute.wait_event(e1)
+                for part in batch.parts:
+                    p = part.piece
+                    raw = staging[slot][part.slot_offset:part.slot_offset + part.nbytes]
+                    src = _view_source(raw, p.source, part.rows if p.source.shape else 1)
+                    spec = self.plan.targets[p.target]
+                    jobs += piece_jobs(p, src, part.row0, self.tensors[p.target], scales, spec.experts)
+                t0 = torch.cuda.Event(enable_timing=True) if cuda else None
+                if cuda:
+                    t0.record()
+                run_jobs([j for j in jobs if j.src.numel()], self.backend)
+                if cuda:
+                    t1 = torch.cuda.Event(enable_timing=True)
+                    t1.record()
+                    done[slot] = t1
+                    timing_events.append((e0, e1, t0, t1))
+                for layer in batch.layers:
+                    if last_batch_of_layer[layer] == i and self.hooks is not None:
+                        self.hooks(layer)
+                self.bytes_read += sum(part.nbytes for part in batch.parts)
+                if bar is not None:
+                    bar.update(batch.nbytes)
+                if i + nslots < len(batches):
+                    submit(i + nslots)
+            if cuda:
+                torch.cuda.synchronize(dev)
+                for e0, e1, t0, t1 in timing_events:
+                    self.timings.h2d_s += e0.elapsed_time(e1) / 1e3
+                    self.timings.transform_s += t0.elapsed_time(t1) / 1e3
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            files.close()
+            if bar is not None:
+                bar.close()
+        self.timings.wall_s = time.perf_counter() - t_start
+        return self.timings
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="pyloader load", leave=False)

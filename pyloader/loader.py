@@ -1,0 +1,257 @@
+"""``pyloader.load``: fill an engine's parameters from a checkpoint.
+
+Inside an engine's own ``load_weights`` (vLLM-style), with its fused parameters already allocated::
+
+    def load_weights(self, weights):          # weights: an iterator of (name, tensor), or ignore it
+        report = pyloader.load(self, "/models/DeepSeek-R1", tp=(tp_rank, tp_size), pp=(pp_rank, pp_size))
+        return set(report.loaded)
+
+The preset is chosen from the checkpoint's ``config.json`` (``preset=`` overrides; ``rules=``
+replaces it with your own :class:`~pyloader.router.Rules`, the layout then being inferred from
+your module). BF16/FP16/FP32 targets receive dequantized values; the output dtype is always the
+target's own.
+"""
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .checkpoint import Checkpoint, TensorInfo, TORCH_TO_SAFETENSORS, open_checkpoint
+from .errors import PyloaderInputError
+from .executor import ExecutorConfig, StreamingExecutor, Timings, piece_jobs
+from .plan import Plan, PlanError, build_plan, targets_from_tensors, _coverage
+from .presets import Parallel, TargetSpec, build_preset, load_config
+from .router import Router, RoutingSummary, Rules, unexpected_error
+from .backend import resolve_backend
+from .transform import run_jobs
+
+logger = logging.getLogger("pyloader")
+
+Source = Union[str, Path, Sequence[Union[str, Path]], Mapping[str, torch.Tensor], Iterable[Tuple[str, torch.Tensor]]]
+
+
+@dataclass
+class LoadReport:
+    loaded: List[str] = field(default_factory=list)             # targets written
+    skipped: Dict[str, str] = field(default_factory=dict)       # checkpoint name → reason
+    unexpected: List[str] = field(default_factory=list)
+    missing: List[str] = field(default_factory=list)            # targets not written
+    bytes_read: int = 0
+    timings: Timings = field(default_factory=Timings)
+    backend: str = ""
+    preset: Optional[str] = None
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes_read / self.timings.wall_s / 1e9 if self.timings.wall_s else 0.0
+
+    def summary(self) -> str:
+        t = self.timings
+        return (f"loaded {len(self.loaded)} targets, {self.bytes_read / 1e9:.2f} GB in {t.wall_s:.2f} s "
+                f"({self.gbps:.1f} GB/s); read {t.read_s:.2f} thread-s (waited {t.wait_read_s:.2f} s), "
+                f"H2D {t.h2d_s:.2f} s, transforms {t.transform_s:.2f} s; backend {self.backend}")
+
+
+def _target_tensors(target) -> Dict[str, torch.Tensor]:
+    if isinstance(target, torch.nn.Module):
+        tensors = {n: p.data for n, p in target.named_parameters()}
+        tensors.update({n: b for n, b in target.named_buffers()})
+        return tensors
+    if isinstance(target, Mapping):
+        return dict(target)
+    raise PyloaderInputError(f"target must be an nn.Module or a dict of tensors, not {type(target).__name__}")
+
+
+def _pair(v, what) -> Tuple[int, int]:
+    if v is None:
+        return 0, 1
+    try:
+        r, n = v
+        return int(r), int(n)
+    except (TypeError, ValueError):
+        raise PyloaderInputError(f"{what} must be (rank, size), got {v!r}") from None
+
+
+def _specs(tensors: Dict[str, torch.Tensor], preset_targets: Optional[Dict[str, TargetSpec]], rules: Rules):
+    """Target specs with the user's tensors' dtypes; preset layouts checked against the real shapes."""
+    if preset_targets is None:
+        return targets_from_tensors(tensors, rules)
+    problems = []
+    for name, spec in preset_targets.items():
+        t = tensors.get(name)
+        if t is None:
+            problems.append(f"target {name} {list(spec.shape)} (from the preset) is not in the model")
+        elif tuple(t.shape) != spec.shape:
+            problems.append(f"target {name}: the model has shape {list(t.shape)}, the preset derives {list(spec.shape)}")
+        else:
+            spec.dtype = t.dtype
+    extra = sorted(set(tensors) - set(preset_targets))
+    if extra:
+        logger.info("pyloader: %d model tensors are not filled by the preset: %s", len(extra), ", ".join(extra[:10]))
+    if problems:
+        raise PlanError(problems)
+    return preset_targets
+
+
+def load(target, source: Source, *, config=None, preset: Optional[str] = None, rules: Optional[Rules] = None,
+         tp=None, pp=None, ep=None, device=None, backend: Optional[str] = None, progress: bool = True,
+         unexpected: str = "error", executor: Optional[ExecutorConfig] = None,
+         hooks: Optional[Callable[[Optional[int]], None]] = None) -> LoadReport:
+    """Load ``source`` into ``target`` (an ``nn.Module`` or a dict of tensors, already allocated).
+
+    ``source``: a checkpoint directory, an index file or a list of ``.safetensors`` files (the fast
+    path: pyloader's own ranged reads); a dict of tensors (e.g. a trainer's, on a GPU: device to
+    device); or an iterator of ``(name, tensor)`` (each tensor is consumed before the iterator
+    advances, so sources that reuse one buffer are safe). ``tp``/``pp``/``ep``: ``(rank, size)``.
+    ``hooks(layer)`` runs after each layer's last transform is enqueued (``None``: non-layer tensors).
+    Returns a :class:`LoadReport`; raises :class:`~pyloader.errors.PyloaderInputError` (with every
+    problem listed) before any byte is written if the plan does not check out.
+    """
+    t0 = time.perf_counter()
+    tensors = _target_tensors(target)
+    if not tensors:
+        raise PyloaderInputError("the target has no parameters or buffers")
+    dev = torch.device(device) if device is not None else next(iter(tensors.values())).device
+    (tpr, tps), (ppr, pps), (epr, eps) = _pair(tp, "tp"), _pair(pp, "pp"), _pair(ep, "ep")
+    is_files = isinstance(source, (str, Path)) or (isinstance(source, (list, tuple)) and source and
+                                                     isinstance(source[0], (str, Path)))
+    checkpoint = open_checkpoint(source) if is_files else None
+    if config is None and checkpoint is not None and checkpoint.config_path is not None:
+        config = checkpoint.config_path
+    preset_name, block = None, (128, 128)
+    if rules is None:
+        if config is None:
+            raise PyloaderInputError("no config: pass config= (a config.json path or dict), preset=, or rules=")
+        p = build_preset(load_config(config), preset, Parallel(tpr, tps, ppr, pps, epr, eps))
+        rules, preset_targets, preset_name, block = p.rules, p.targets, p.name, p.block_size
+    else:
+        preset_targets = None
+    specs = _specs(tensors, preset_targets, rules)
+    report = LoadReport(preset=preset_name)
+    if checkpoint is not None:
+        plan = build_plan(checkpoint, specs, rules, unexpected=unexpected, block_size=block)
+        ex = StreamingExecutor(plan, tensors, dev, backend, executor or ExecutorConfig(), progress, hooks)
+        report.timings = ex.run()
+        report.bytes_read, report.backend = ex.bytes_read, ex.backend
+    elif isinstance(source, Mapping):
+        plan = _run_memory(source, specs, rules, tensors, dev, backend, unexpected, block, hooks, report)
+    else:
+        plan = _run_stream(iter(source), specs, rules, tensors, dev, backend, unexpected, block, hooks, report)
+    _fill_tied(plan, tensors)
+    report.loaded = sorted({p.target for p in plan.pieces} | {n for n, s in plan.targets.items() if s.fill_from})
+    report.skipped = {r.name: r.reason for r in plan.summary.routes if r.kind == "skip"}
+    report.unexpected = plan.summary.unexpected
+    report.missing = plan.missing
+    if report.timings.wall_s == 0:
+        report.timings.wall_s = time.perf_counter() - t0
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    logger.info("pyloader: %s", report.summary())
+    return report
+
+
+def _fill_tied(plan: Plan, tensors: Dict[str, torch.Tensor]):
+    for name, spec in plan.targets.items():
+        if spec.fill_from is not None and name in tensors and spec.fill_from in tensors:
+            dst, src = tensors[name], tensors[spec.fill_from]
+            if dst.data_ptr() != src.data_ptr():
+                dst.copy_(src)
+
+
+def _info(name: str, t: torch.Tensor) -> TensorInfo:
+    dtype = TORCH_TO_SAFETENSORS.get(t.dtype)
+    if dtype is None:
+        raise PyloaderInputError(f"source tensor {name}: dtype {t.dtype} has no safetensors equivalent")
+    return TensorInfo(name, dtype, tuple(t.shape), Path("<memory>"), 0, t.numel() * t.element_size())
+
+
+def _source_rows(piece, t: torch.Tensor) -> torch.Tensor:
+    pl = piece.placement
+    if pl.src_rows is not None and pl.src_cols is None and t.dim() >= 1:
+        return t[pl.src_rows[0]:pl.src_rows[1]]
+    return t
+
+
+def _run_memory(source: Mapping[str, torch.Tensor], specs, rules, tensors, dev, backend, unexpected, block, hooks,
+                report) -> Plan:
+    """Tensors already in memory (the RL refit case, device to device): one launch per layer."""
+    ck = Checkpoint(None, [], {n: _info(n, t) for n, t in source.items()})
+    plan = build_plan(ck, specs, rules, unexpected=unexpected, block_size=block)
+    chosen = resolve_backend(backend, dev, "load")
+    scales = {p.scale.name: source[p.scale.name].to(dev) for p in plan.pieces if p.scale is not None}
+    for layer, group in plan.by_layer():
+        jobs = []
+        for p in group:
+            src = _source_rows(p, source[p.source.name]).to(dev)
+            jobs += piece_jobs(p, src, 0, tensors[p.target], scales, plan.targets[p.target].experts)
+        run_jobs([j for j in jobs if j.src.numel()], chosen)
+        report.bytes_read += sum(p.read_bytes for p in group)
+        if hooks is not None:
+            hooks(layer)
+    report.backend = chosen
+    return plan
+
+
+def _run_stream(items: Iterator[Tuple[str, torch.Tensor]], specs, rules, tensors, dev, backend, unexpected, block,
+                hooks, report) -> Plan:
+    """A ``(name, tensor)`` iterator. Every yielded tensor is copied out (to the device, or into
+    its target) before the iterator advances: sources that reuse one buffer (run:ai's streamer)
+    cannot corrupt earlier tensors. An FP8 weight waits on the device for its scale (and a scale
+    for its weight); everything else goes straight into its target."""
+    chosen = resolve_backend(backend, dev, "load")
+    router = Router(rules, specs)
+    for name, spec in specs.items():
+        if not spec.shards and not spec.fill_from and _is_stacked(rules, name, router):
+            raise PyloaderInputError(f"target {name} is stacked from several checkpoint tensors: a streamed source "
+                                     "needs its layout from a preset (pass config= or preset=)")
+    pieces, routes = [], []
+    pairs = {}
+    for name, t in items:
+        route = router.route(name)
+        routes.append(route)
+        if route.kind not in ("weight", "scale"):
+            continue
+        copy = t.to(dev, copy=True)  # the source may overwrite its buffer once we advance
+        key = (route.target, route.shard_id, route.expert_id)
+        entry = pairs.setdefault(key, {})
+        entry[route.kind] = (name, copy)
+        needs_scale = route.kind == "weight" and t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and \
+            specs[route.target].dtype not in (torch.float8_e4m3fn, torch.float8_e5m2)
+        if route.kind == "scale" and "weight" not in entry:
+            continue  # wait for the weight
+        if needs_scale and "scale" not in entry:
+            continue  # wait for the scale
+        wname, w = entry["weight"]
+        mini = {wname: w}
+        if "scale" in entry:
+            mini[entry["scale"][0]] = entry["scale"][1]
+        ck = Checkpoint(None, [], {n: _info(n, x) for n, x in mini.items()})
+        plan = build_plan(ck, specs, rules, unexpected="ignore", block_size=block, partial=True)
+        scales = {p.scale.name: mini[p.scale.name] for p in plan.pieces if p.scale is not None}
+        jobs = []
+        for p in plan.pieces:
+            jobs += piece_jobs(p, _source_rows(p, mini[p.source.name]), 0, tensors[p.target], scales,
+                               specs[p.target].experts)
+        run_jobs([j for j in jobs if j.src.numel()], chosen)
+        report.bytes_read += sum(x.numel() * x.element_size() for x in mini.values())
+        pieces += plan.pieces
+        del pairs[key]
+    summary = RoutingSummary.of(routes)
+    if summary.unexpected and unexpected == "error":
+        raise unexpected_error(router, summary.unexpected)
+    problems = [f"{n}: its {'scale' if kind == 'weight' else 'weight'} never arrived"
+                for entry in pairs.values() for kind, (n, _) in entry.items()]
+    missing = _coverage(pieces, specs, problems)
+    if problems:
+        raise PlanError(problems)
+    report.backend = chosen
+    return Plan(specs, pieces, summary, missing)
+
+
+def _is_stacked(rules: Rules, target: str, router: Router) -> bool:
+    params = {p for p, _, _ in rules.stacked_params_mapping} | {p for p, _, _, _ in rules.expert_params_mapping}
+    return any(p in target for p in params)
