@@ -167,10 +167,26 @@ def run_bench(checkpoint: Optional[str] = None, size_gb: Optional[float] = None,
         _warm(files)
         return "warm"
 
+    for io in (("mmap", "pread") if dev.type == "cuda" else ("pread",)):
+        _bench_pyloader(io, repeats, targets, ck_dir, preset, dev, prepare, plan, record)
+    if peers and dev.type == "cuda":
+        _peers(files, plan, targets, dev, prepare, record)
+    if json_path:
+        p = Path(json_path)
+        existing = json.loads(p.read_text()) if p.exists() else []
+        p.write_text(json.dumps(existing + rows, indent=1) + "\n")
+    if tmp is not None:
+        tmp.cleanup()
+    return rows
+
+
+def _bench_pyloader(io, repeats, targets, ck_dir, preset, dev, prepare, plan, record):
     from .loader import load
 
     times, how = [], ""
-    cfg_ex = ExecutorConfig()
+    cfg_ex = ExecutorConfig(io=io)
+    for t in targets.values():  # poison: an unwritten element fails the verification below
+        t.view(torch.uint8).fill_(0x5A)
     for _ in range(repeats):
         how = prepare()
         if dev.type == "cuda":
@@ -183,22 +199,13 @@ def run_bench(checkpoint: Optional[str] = None, size_gb: Optional[float] = None,
     ok = _verify(targets, plan, dev)
     peak = (torch.cuda.max_memory_allocated(dev) - base) if dev.type == "cuda" else None
     tm = report.timings
-    record("pyloader", min(times), f"{'verified' if ok else 'MISMATCH'}; {how}",
+    record(f"pyloader (io={io})", min(times), f"{'verified' if ok else 'MISMATCH'}; {how}",
            repeats=[round(x, 3) for x in times], peak_device_staging_bytes=peak,
            pinned_bytes=cfg_ex.slot_bytes * cfg_ex.num_slots if dev.type == "cuda" else 0,
            read_thread_s=round(tm.read_s, 3), wait_read_s=round(tm.wait_read_s, 3), h2d_s=round(tm.h2d_s, 3),
-           transform_s=round(tm.transform_s, 3), backend=report.backend)
+           transform_s=round(tm.transform_s, 3), backend=report.backend, io_used=report.io)
     if not ok:
         raise SystemExit("pyloader result differs from the reference: not a valid measurement")
-    if peers and dev.type == "cuda":
-        _peers(files, plan, targets, dev, prepare, record)
-    if json_path:
-        p = Path(json_path)
-        existing = json.loads(p.read_text()) if p.exists() else []
-        p.write_text(json.dumps(existing + rows, indent=1) + "\n")
-    if tmp is not None:
-        tmp.cleanup()
-    return rows
 
 
 def _peers(files, plan, targets, dev, prepare, record):

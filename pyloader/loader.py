@@ -44,6 +44,7 @@ class LoadReport:
     timings: Timings = field(default_factory=Timings)
     backend: str = ""
     preset: Optional[str] = None
+    io: str = ""                                                # "mmap", "pread", "mixed", "memory", "stream"
 
     @property
     def gbps(self) -> float:
@@ -136,7 +137,7 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
         plan = build_plan(checkpoint, specs, rules, unexpected=unexpected, block_size=block)
         ex = StreamingExecutor(plan, tensors, dev, backend, executor or ExecutorConfig(), progress, hooks)
         report.timings = ex.run()
-        report.bytes_read, report.backend = ex.bytes_read, ex.backend
+        report.bytes_read, report.backend, report.io = ex.bytes_read, ex.backend, ex.io_used
     elif isinstance(source, Mapping):
         plan = _run_memory(source, specs, rules, tensors, dev, backend, unexpected, block, hooks, report)
     else:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pyloader.checkpoint import Checkpoint, TensorInfo
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "checkpoints"
+SHARED = Path(__file__).resolve().parent / "data" / "checkpoints"
 
 # header dump folder → config.json folder (the same architecture where the dump's own is absent)
 DUMPS = {
