@@ -1,4 +1,5 @@
-"""``pyloader`` command line: ``inspect`` (how every checkpoint name routes), ``bench`` (load throughput).
+"""``pyloader`` command line: ``inspect`` (how every checkpoint name routes), ``bench`` (load throughput),
+``convert`` (FP8 checkpoint → BF16 checkpoint).
 
 Exit codes: 0 ok, 2 bad input (the message names the file and tensor; no traceback), 1 internal error.
 """
@@ -68,6 +69,35 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    import os
+
+    from .convert import convert, parse_size
+
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    device = args.device
+    if world > 1:
+        import torch
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+        if device in ("auto", "cuda") and torch.cuda.is_available():
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    try:
+        report = convert(args.src, args.dst, device=device, out_dtype=args.out_dtype, resume=args.resume,
+                         max_shard_size=parse_size(args.max_shard_size) if args.max_shard_size else None,
+                         workers=args.workers, progress=not args.no_progress, rank=rank, world_size=world)
+    except OSError as e:  # no permission, disk full, a file vanished: the user's to fix, not a crash
+        raise PyloaderInputError(f"{e.filename or args.dst}: {e.strerror or e}") from None
+    gb = report.bytes_in / 1e9
+    print(f"converted {len(report.files_written)} file(s) ({report.dequantized} tensors dequantized, {report.copied} "
+          f"copied) on {report.device} [{report.backend}]: {gb:.2f} GB in {report.seconds:.1f} s "
+          f"({gb / report.seconds if report.seconds else 0:.2f} GB/s in); resumed {len(report.files_resumed)}")
+    for name, (nan, inf) in sorted(report.nonfinite.items()):
+        print(f"  non-finite values in {name}: {nan} NaN, {inf} Inf")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from .bench import run_bench
 
@@ -111,6 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{what}-size", type=int, default=1)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_inspect)
+    c = sub.add_parser("convert", help="FP8 checkpoint directory → BF16 (or FP16/FP32) checkpoint directory")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto: the GPU if there is one)")
+    c.add_argument("--out-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    c.add_argument("--resume", action="store_true", help="keep finished output files (validated) and continue")
+    c.add_argument("--max-shard-size", help="repack output files up to this size (e.g. 5GB); default: SRC's layout")
+    c.add_argument("--workers", type=int, default=4, help="chunks converted concurrently (bounds memory)")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=cmd_convert)
     b = sub.add_parser("bench", help="load throughput against the machine's ceilings and peer loaders")
     b.add_argument("--checkpoint", help="a real checkpoint directory (default: a synthetic DeepSeek-V3-shaped FP8 slice)")
     b.add_argument("--size-gb", type=float, help="size of the synthetic checkpoint (default 6 on a GPU, 0.3 on CPU)")

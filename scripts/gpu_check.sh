@@ -2,7 +2,7 @@
 # The device-machine run: build, GPU tests, compute-sanitizer, benchmarks. Logs and JSON go to
 # $OUT (the device tool brings back at most 8 files, so each stage writes one log).
 #
-#   scripts/gpu_check.sh [build] [test] [sanitize] [bench] [bench-cpu] [e2e]     (default: all)
+#   scripts/gpu_check.sh [build] [test] [sanitize] [bench] [bench-cpu] [e2e] [convert]   (default: all)
 #
 # Environment: PYLOADER_CUDA_ARCHS (default 90 here; release builds use setup.py's default),
 # PYTEST_ARGS (extra pytest arguments), BENCH_ARGS (extra arguments of the bench scripts, e.g. --quick).
@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-stages=${*:-build test sanitize bench bench-cpu e2e}
+stages=${*:-build test sanitize bench bench-cpu e2e convert}
 status=0
 has() { [[ " $stages " == *" $1 "* ]]; }
 note() { echo "== $(date +%T) $*" | tee -a "$OUT/summary.txt"; }
@@ -68,6 +68,12 @@ if has e2e; then
   python3 -m pyloader bench --cold --repeats 1 --json "$OUT/bench.json" --tmpdir "${BENCH_TMP:-/tmp}" \
     ${E2E_ARGS:-} >> "$OUT/e2e.log" 2>&1 || status=1
   tail -14 "$OUT/e2e.log"
+fi
+
+if has convert; then
+  note "bench_convert (GPU and CPU paths, disk and tmpfs output, common-script baseline)"
+  python3 bench/bench_convert.py --cpu --json "$OUT/bench.json" ${CONVERT_ARGS:-} > "$OUT/convert.log" 2>&1 || status=1
+  tail -12 "$OUT/convert.log"
 fi
 
 if has bench-cpu; then

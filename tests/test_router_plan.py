@@ -197,8 +197,7 @@ def test_failure5_glm51_fp8_indexer_under_pp8():
     assert len(read) == len([n for n in ck.tensors if ".layers.78." not in n])
 
 
-def test_failure1_streaming_buffer_reuse_is_covered_by_the_executor():
-    pytest.skip("the executor (issue 5) carries this test: a source that poisons its buffer after every yield")
+# Failure 1 (a streaming source that reuses its buffer) is an executor test: tests/test_load.py.
 
 
 # ---------------------------------------------------------------- policies and plan errors

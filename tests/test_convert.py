@@ -1,0 +1,220 @@
+"""``pyloader convert``: a tiny FP8 checkpoint (several shards, a scale in another shard than its
+weight, ragged and per-channel tensors, bf16 and fp32 scales, tokenizer files) → every output
+tensor bitwise equal to the reference dequant; index, config and other files right; atomic,
+resumable, bad input refused with exit code 2."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from pyloader import ops, reference
+from pyloader.cli import main
+from pyloader.convert import convert
+
+from helpers import HAS_GPU, assert_bitwise_equal
+
+
+def _fp8(shape, seed, block=(128, 128), sdtype=torch.float32):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    q, s = ops.quantize_blockwise(x, block, backend="torch")
+    return q, s.to(sdtype)
+
+
+@pytest.fixture
+def src(tmp_path):
+    d = tmp_path / "src"
+    d.mkdir()
+    w1, s1 = _fp8((300, 257), 1)                                   # ragged against 128x128
+    w2, s2 = _fp8((256, 128), 2, sdtype=torch.bfloat16)            # bf16 scales (Qwen3-FP8)
+    w3, s3 = _fp8((64, 96), 3, block=(1, 96))                      # per-channel
+    w4, s4 = _fp8((40, 64), 4, block=(40, 64))                     # per-tensor
+    tensors_a = {"model.layers.0.mlp.up_proj.weight": w1, "model.layers.0.mlp.down_proj.weight_scale_inv": s2,
+                 "model.norm.weight": torch.randn(257).bfloat16(), "model.layers.0.o.weight": w3,
+                 "model.layers.0.o.weight_scale_inv": s3.reshape(64)}
+    tensors_b = {"model.layers.0.mlp.up_proj.weight_scale_inv": s1, "model.layers.0.mlp.down_proj.weight": w2,
+                 "model.embed_tokens.weight": torch.randn(10, 257).bfloat16(), "model.layers.0.p.weight": w4,
+                 "model.layers.0.p.weight_scale": s4, "model.bias": torch.randn(3)}
+    save_file(tensors_a, str(d / "model-00001-of-00002.safetensors"), metadata={"format": "pt"})
+    save_file(tensors_b, str(d / "model-00002-of-00002.safetensors"), metadata={"format": "pt"})
+    wm = {n: "model-00001-of-00002.safetensors" for n in tensors_a}
+    wm.update({n: "model-00002-of-00002.safetensors" for n in tensors_b})
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 1, "format": "pt"},
+                                                                "weight_map": wm}))
+    (d / "config.json").write_text(json.dumps({"model_type": "qwen3", "torch_dtype": "bfloat16", "dtype": "bfloat16",
+                                               "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]},
+                                               "hidden_size": 257}))
+    (d / "tokenizer.json").write_text('{"model": "x"}')
+    (d / "generation_config.json").write_text("{}")
+    (d / "sub").mkdir()
+    (d / "sub" / "chat_template.jinja").write_text("{{ messages }}")
+    expected = {
+        "model.layers.0.mlp.up_proj.weight": (w1, s1, (128, 128)), "model.layers.0.mlp.down_proj.weight": (w2, s2, (128, 128)),
+        "model.layers.0.o.weight": (w3, s3, (1, 96)), "model.layers.0.p.weight": (w4, s4, (40, 64)),
+    }
+    copied = {k: v for k, v in {**tensors_a, **tensors_b}.items() if v.dtype != torch.float8_e4m3fn and "scale" not in k}
+    return d, expected, copied
+
+
+def check_output(dst, expected, copied, out_dtype=torch.bfloat16, device="cpu"):
+    out = {}
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    for f in sorted(set(index["weight_map"].values())):
+        out.update(load_file(str(dst / f)))
+    assert set(out) == set(expected) | set(copied)
+    for name, (w, s, block) in expected.items():
+        ref = reference.dequant_blockwise_torch(w.to(device), s.to(device), torch.empty(w.shape, dtype=out_dtype, device=device), block)
+        assert_bitwise_equal(out[name], ref.cpu(), what=name)
+    for name, t in copied.items():
+        assert_bitwise_equal(out[name], t, what=name)
+    total = sum(t.numel() * t.element_size() for t in out.values())
+    assert index["metadata"] == {"total_size": total, "format": "pt"}
+    config = json.loads((dst / "config.json").read_text())
+    assert "quantization_config" not in config and config["torch_dtype"] == config["dtype"] == {
+        torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}[out_dtype]
+    assert config["hidden_size"] == 257
+    assert (dst / "tokenizer.json").read_text() == '{"model": "x"}' and (dst / "sub" / "chat_template.jinja").exists()
+    assert not list(dst.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("out_dtype", ["bfloat16", "float32"])
+def test_convert_cpu_bitwise(src, tmp_path, out_dtype):
+    d, expected, copied = src
+    before = {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
+    dst = tmp_path / "dst"
+    report = convert(d, dst, device="cpu", out_dtype=out_dtype, progress=False)
+    check_output(dst, expected, copied, getattr(torch, out_dtype))
+    assert report.dequantized == 4 and report.copied == 3
+    assert {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()} == before  # SRC untouched
+
+
+@pytest.mark.gpu
+def test_convert_gpu_bitwise(src, tmp_path):
+    d, expected, copied = src
+    convert(d, tmp_path / "dst", device="cuda", progress=False)
+    check_output(tmp_path / "dst", expected, copied, device="cuda")
+
+
+def test_convert_repacks_and_resumes(src, tmp_path, monkeypatch):
+    d, expected, copied = src
+    dst = tmp_path / "dst"
+    import pyloader.convert as conv
+
+    monkeypatch.setattr(conv, "CHUNK_BYTES", 4096)  # many row chunks per tensor
+    calls = {"n": 0}
+    real = conv._Converter.write_file
+
+    def interrupted(self, path, f):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # the run dies while writing the second file
+        return real(self, path, f)
+
+    monkeypatch.setattr(conv._Converter, "write_file", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert(d, dst, device="cpu", max_shard_size=60_000, progress=False)
+    finished = sorted(p.name for p in dst.glob("*.safetensors"))
+    assert len(finished) == 1 and not (dst / "model.safetensors.index.json").exists()  # index is written last
+    monkeypatch.setattr(conv._Converter, "write_file", real)
+    # a truncated "finished" file must be redone, not trusted
+    second = finished[0].replace("00001-of", "00002-of")
+    (dst / second).write_bytes(b"\0" * 100)
+    with pytest.raises(Exception, match="--resume"):
+        convert(d, dst, device="cpu", max_shard_size=60_000, progress=False)
+    report = convert(d, dst, device="cpu", max_shard_size=60_000, resume=True, progress=False)
+    total = int(finished[0].split("-of-")[1].split(".")[0])
+    assert total >= 3 and report.files_resumed == finished and len(report.files_written) == total - 1
+    assert second in report.files_written
+    check_output(dst, expected, copied)
+
+
+def test_convert_census_reports_nonfinite(tmp_path):
+    d = tmp_path / "src"
+    d.mkdir()
+    w = torch.tensor([[0x7F, 0x38]], dtype=torch.uint8).view(torch.float8_e4m3fn)  # NaN, 1.0
+    save_file({"a.weight": w, "a.weight_scale_inv": torch.tensor([[1.0]])}, str(d / "model.safetensors"))
+    report = convert(d, tmp_path / "dst", device="cpu", progress=False)
+    assert report.nonfinite == {"a.weight": (1, 0)}
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("no_scale", "has no scale tensor"),
+    ("inside", "must not be SRC or inside it"),
+    ("same", "must not be SRC or inside it"),
+    ("nvfp4", "is not blockwise FP8"),
+    ("bad_scale", "matches no block shape"),
+])
+def test_convert_bad_input_exit_2_nothing_written(tmp_path, capsys, case, needle):
+    d = tmp_path / "src"
+    d.mkdir()
+    w, s = _fp8((64, 64), 5)
+    tensors = {"a.weight": w, "a.weight_scale_inv": s}
+    config = {"model_type": "llama"}
+    if case == "no_scale":
+        tensors = {"a.weight": w}
+    if case == "nvfp4":
+        config["quantization_config"] = {"quant_method": "modelopt"}
+    if case == "bad_scale":
+        tensors["a.weight_scale_inv"] = torch.ones(3, 7)
+    save_file(tensors, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps(config))
+    dst = {"inside": d / "out", "same": d}.get(case, tmp_path / "dst")
+    assert main(["convert", str(d), str(dst), "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+    if case in ("no_scale", "bad_scale"):
+        assert "a.weight" in err
+    assert not (tmp_path / "dst").exists() or not any((tmp_path / "dst").iterdir())
+    assert sorted(p.name for p in d.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def _run_cli(args, **kw):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "pyloader", "convert", *map(str, args), "--device", "cpu",
+                             "--no-progress", "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+def test_killed_at_random_points_then_resume_is_byte_identical(src, tmp_path):
+    import random
+    import signal
+    import time
+
+    d, _, _ = src
+    ref = tmp_path / "ref"
+    assert _run_cli([d, ref, "--max-shard-size", "40000"]).wait() == 0
+    dst = tmp_path / "dst"
+    rng = random.Random(0)
+    for _ in range(6):
+        p = _run_cli([d, dst, "--max-shard-size", "40000", "--resume"])
+        time.sleep(rng.uniform(0.5, 3.0))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        # whatever is visible under a final name is complete and valid
+        for f in dst.glob("*.safetensors"):
+            assert f.read_bytes() == (ref / f.name).read_bytes(), f.name
+    assert _run_cli([d, dst, "--max-shard-size", "40000", "--resume"]).wait() == 0
+    for f in ref.rglob("*"):
+        if f.is_file():
+            assert (dst / f.relative_to(ref)).read_bytes() == f.read_bytes(), f.name
+    assert not list(dst.glob("*.tmp"))
+
+
+def test_no_write_permission_and_truncated_input_exit_2(src, tmp_path, capsys):
+    d, _, _ = src
+    if os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        assert main(["convert", str(d), str(ro / "out"), "--device", "cpu", "--no-progress"]) == 2
+        assert "Permission denied" in capsys.readouterr().err
+    f = d / "model-00002-of-00002.safetensors"
+    f.write_bytes(f.read_bytes()[:-10])
+    assert main(["convert", str(d), str(tmp_path / "x"), "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "model-00002-of-00002.safetensors" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
