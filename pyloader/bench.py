@@ -167,7 +167,7 @@ def run_bench(checkpoint: Optional[str] = None, size_gb: Optional[float] = None,
         _warm(files)
         return "warm"
 
-    for io in (("mmap", "pread") if dev.type == "cuda" else ("pread",)):
+    for io in (("auto", "mmap", "pread") if dev.type == "cuda" else ("auto",)):
         _bench_pyloader(io, repeats, targets, ck_dir, preset, dev, prepare, plan, record)
     if peers and dev.type == "cuda":
         _peers(files, plan, targets, dev, prepare, record)
@@ -244,8 +244,59 @@ def _peers(files, plan, targets, dev, prepare, record):
     t = time.perf_counter()
     safetensors_engine_style()
     record("safetensors + per-tensor torch dequant + copy_", time.perf_counter() - t, how)
-    for name in ("fastsafetensors", "runai_model_streamer", "instanttensor"):
+    dst: Dict[str, torch.Tensor] = {}
+
+    def into_preallocated(name, t):
+        d = dst.get(name)
+        if d is None:
+            d = dst[name] = torch.empty(t.shape, dtype=t.dtype, device=dev)
+        d.copy_(t)  # the peer may reuse its buffer: copy before advancing
+
+    def fastsafetensors_raw():
+        from fastsafetensors import SafeTensorsFileLoader
+
+        loader = SafeTensorsFileLoader(None, str(dev) if dev.index is not None else "cuda:0", nogds=True, max_threads=16)
+        loader.add_filenames({0: files})
+        fb = loader.copy_files_to_device()
+        for k in loader.get_keys():
+            fb.get_tensor(k)
+        _sync(dev)
+        fb.close()
+        loader.close()
+
+    def runai_raw():
+        from runai_model_streamer import SafetensorsStreamer
+
+        with SafetensorsStreamer() as s:
+            s.stream_files(files)
+            for name, t in s.get_tensors():
+                into_preallocated(name, t)
+        _sync(dev)
+
+    def instanttensor_raw(buffered):
+        from instanttensor import BackendPolicy, safe_open as it_open
+
+        kw = {"backend": BackendPolicy.BUFFERED} if buffered else {}
+        with it_open(files, framework="pt", device=dev.index or 0, copy=False, **kw) as f:
+            for name, t in f.tensors():
+                into_preallocated(name, t)
+        _sync(dev)
+
+    for label, module, fn in (("fastsafetensors 0.5 (nogds) raw", "fastsafetensors", fastsafetensors_raw),
+                              ("run:ai streamer raw (copy to preallocated)", "runai_model_streamer", runai_raw),
+                              ("InstantTensor buffered raw", "instanttensor", lambda: instanttensor_raw(True)),
+                              ("InstantTensor default raw", "instanttensor", lambda: instanttensor_raw(False))):
         try:
-            __import__(name)
+            __import__(module)
         except ImportError:
-            print(f"  {name:44s} not installed: not measured")
+            print(f"  {label:44s} not installed: not measured")
+            continue
+        try:
+            how = prepare()
+            t = time.perf_counter()
+            fn()
+            record(label, time.perf_counter() - t, how)
+        except Exception as e:  # noqa: BLE001 - a peer that fails is reported, the others still run
+            print(f"  {label:44s} failed: {type(e).__name__}: {str(e)[:200]}")
+        dst.clear()
+        torch.cuda.empty_cache()

@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     c.add_argument("--resume", action="store_true", help="keep finished output files (validated) and continue")
     c.add_argument("--max-shard-size", help="repack output files up to this size (e.g. 5GB); default: SRC's layout")
-    c.add_argument("--workers", type=int, default=4, help="chunks converted concurrently (bounds memory)")
+    c.add_argument("--workers", type=int, default=8, help="chunks converted concurrently (bounds memory: about workers x 128 MB)")
     c.add_argument("--no-progress", action="store_true")
     c.set_defaults(func=cmd_convert)
     b = sub.add_parser("bench", help="load throughput against the machine's ceilings and peer loaders")

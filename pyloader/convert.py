@@ -180,6 +180,14 @@ def plan_conversion(ck, config: dict, out_dtype: torch.dtype, max_shard_size: Op
     return files
 
 
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
 def _resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -217,20 +225,45 @@ class _Converter:
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="pyloader-convert")
         self.inflight = threading.Semaphore(max(2, workers))  # bounds resident chunks
         self.scales: Dict[str, torch.Tensor] = {}
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # scale() reads (and opens files) while holding it
+        self.fds: Dict[str, int] = {}
+        self.local = threading.local()  # a CUDA stream a worker thread: copies of workers overlap
         self.report = ConvertReport(device=str(device), backend=self.backend)
 
+    def _fd(self, path) -> int:
+        key = str(path)
+        with self.lock:
+            if key not in self.fds:
+                self.fds[key] = os.open(key, os.O_RDONLY)
+            return self.fds[key]
+
+    def close(self):
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def _pinned(self, nbytes: int) -> torch.Tensor:
+        # torch's caching host allocator: pinned blocks are reused chunk after chunk
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+
     def read(self, info: TensorInfo, start: int, nbytes: int) -> torch.Tensor:
-        buf = torch.empty(nbytes, dtype=torch.uint8)
-        with open(info.file, "rb", buffering=0) as fh:
-            mv = memoryview(buf.numpy()).cast("B")
-            pos = 0
-            while pos < nbytes:
-                n = os.preadv(fh.fileno(), [mv[pos:]], start + pos)
-                if n <= 0:
-                    raise CheckpointError(info.file, f"file ended at byte {start + pos} (truncated?)", info.name)
-                pos += n
+        buf = self._pinned(nbytes)
+        fd = self._fd(info.file)
+        mv = memoryview(buf.numpy()).cast("B")
+        pos = 0
+        while pos < nbytes:
+            n = os.preadv(fd, [mv[pos:]], start + pos)
+            if n <= 0:
+                raise CheckpointError(info.file, f"file ended at byte {start + pos} (truncated?)", info.name)
+            pos += n
         return buf
+
+    def stream(self):
+        if self.device.type != "cuda":
+            return None
+        if getattr(self.local, "stream", None) is None:
+            self.local.stream = torch.cuda.Stream(self.device)
+        return self.local.stream
 
     def scale(self, info: TensorInfo) -> torch.Tensor:
         with self.lock:
@@ -253,13 +286,20 @@ class _Converter:
                 if info.dtype in ("BF16", "F16", "F32") and raw.numel():
                     self._census(t.name, raw.view(info.torch_dtype))
             else:
-                w = raw.view(info.torch_dtype).view(rows, cols).to(self.device)
                 grid = self.scale(t.scale).reshape(t.grid)
-                out = torch.empty(rows, cols, dtype=self.out_dtype, device=self.device)
-                bm, bn = t.block
-                run_jobs([TransformJob(w, out, grid[r0 // bm:], (bm, bn), (r0 % bm, 0))], self.backend)
-                self._census(t.name, out)
-                out_bytes = out.view(-1).view(torch.uint8).cpu()
+                stream = self.stream()
+                with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+                    w = raw.view(info.torch_dtype).view(rows, cols).to(self.device, non_blocking=True)
+                    out = torch.empty(rows, cols, dtype=self.out_dtype, device=self.device)
+                    bm, bn = t.block
+                    run_jobs([TransformJob(w, out, grid[r0 // bm:], (bm, bn), (r0 % bm, 0))], self.backend)
+                    self._census(t.name, out)
+                    if stream is not None:
+                        out_bytes = self._pinned(out.numel() * out.element_size())
+                        out_bytes.copy_(out.view(-1).view(torch.uint8), non_blocking=True)
+                        stream.synchronize()
+                    else:
+                        out_bytes = out.view(-1).view(torch.uint8)
             mv = memoryview(out_bytes.numpy()).cast("B")
             pos = 0
             while pos < len(mv):
@@ -270,8 +310,8 @@ class _Converter:
             self.inflight.release()
 
     def _census(self, name: str, x: torch.Tensor):
-        nan = int(torch.isnan(x).sum())
-        inf = int(torch.isinf(x).sum())
+        counts = torch.stack([torch.isnan(x).sum(), torch.isinf(x).sum()]).tolist()  # one sync, not two
+        nan, inf = int(counts[0]), int(counts[1])
         if nan or inf:
             with self.lock:
                 a, b = self.report.nonfinite.get(name, (0, 0))
@@ -316,7 +356,7 @@ class _Converter:
 
 
 def convert(src, dst, device: str = "auto", out_dtype: str = "bfloat16", resume: bool = False,
-            max_shard_size: Optional[int] = None, workers: int = 4, backend: Optional[str] = None,
+            max_shard_size: Optional[int] = None, workers: int = 8, backend: Optional[str] = None,
             progress: bool = True, rank: int = 0, world_size: int = 1) -> ConvertReport:
     """Convert the FP8 checkpoint directory ``src`` into ``dst`` (see the module docstring)."""
     t0 = time.perf_counter()
@@ -353,6 +393,7 @@ def convert(src, dst, device: str = "auto", out_dtype: str = "bfloat16", resume:
             conv.report.files_written.append(f.name)
     finally:
         conv.pool.shutdown(wait=True)
+        conv.close()
         if bar is not None:
             bar.close()
     report = conv.report

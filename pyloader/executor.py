@@ -37,8 +37,8 @@ _ALIGN = 256  # every part starts 256-byte aligned in a slot: the kernels' 16-by
 
 @dataclass
 class ExecutorConfig:
-    slot_bytes: int = 256 << 20
-    num_slots: int = 4               # pinned host ≤ num_slots x slot_bytes; device staging the same
+    slot_bytes: int = 128 << 20
+    num_slots: int = 8               # pinned host ≤ num_slots x slot_bytes; device staging the same
     read_threads: int = 16
     read_chunk_bytes: int = 32 << 20  # one preadv call at most this large
     # "mmap": files mapped read-only and registered with cudaHostRegister(ReadOnly), DMA straight
@@ -166,14 +166,41 @@ def _clear_torch_cuda_error() -> None:
         pass
 
 
+def _resident_fraction(mm_addr: int, size: int, samples: int = 64) -> float:
+    """Share of sampled pages of a mapping that are in the page cache (mincore); 1.0 if unknown."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        page = os.sysconf("SC_PAGE_SIZE")
+        vec = (ctypes.c_ubyte * 1)()
+        hits = 0
+        n = max(1, min(samples, size // page))
+        for k in range(n):
+            addr = mm_addr + (size * k // n) // page * page
+            if libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(page), vec) != 0:
+                return 1.0
+            hits += vec[0] & 1
+        return hits / n
+    except (OSError, AttributeError):
+        return 1.0
+
+
 class _RegisteredFiles:
-    """Files mapped read-only and registered as pinned memory (DMA straight from the page cache)."""
+    """Files mapped read-only; windows of them registered as pinned memory (cudaHostRegister
+    ReadOnly) by a few threads ahead of the copies, so DMA reads straight from the page cache
+    while registration of later windows proceeds. Copies are split at window boundaries."""
 
-    def __init__(self):
+    def __init__(self, window_bytes: int = 1 << 30, threads: int = 8):
+        self.window = window_bytes
         self.maps: Dict[str, Tuple[object, torch.Tensor]] = {}
+        self.futures: Dict[Tuple[str, int], object] = {}
         self.refused: Dict[str, str] = {}
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pyloader-register")
+        self.registered: List[int] = []
+        self.lock = threading.Lock()
 
-    def tensor(self, path) -> Optional[torch.Tensor]:
+    def map(self, path, require_resident: float = 0.0) -> Optional[torch.Tensor]:
         import mmap
         import warnings
 
@@ -183,31 +210,70 @@ class _RegisteredFiles:
         if key in self.refused:
             return None
         with open(key, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                self.refused[key] = "empty file"
+                return None
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # frombuffer warns that the mapping is read-only; it is only read
             t = torch.frombuffer(mm, dtype=torch.uint8)
-        err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel(), _CUDA_HOST_REGISTER_READ_ONLY)
-        if int(err) != 0:
-            _clear_torch_cuda_error()
-            self.refused[key] = f"cudaHostRegister(ReadOnly) failed with error {int(err)}"
-            logger.info("pyloader: %s: %s; reading it through pinned slots instead", key, self.refused[key])
+        if require_resident and _resident_fraction(t.data_ptr(), size) < require_resident:
+            self.refused[key] = "not in the page cache (cold): registering would fault it in serially"
             del t
             mm.close()
             return None
         self.maps[key] = (mm, t)
+        for k, off in enumerate(range(0, size, self.window)):
+            self.futures[(key, k)] = self.pool.submit(self._register, t.data_ptr() + off, min(self.window, size - off))
         return t
 
+    def _register(self, ptr: int, n: int) -> Optional[str]:
+        err = int(torch.cuda.cudart().cudaHostRegister(ptr, n, _CUDA_HOST_REGISTER_READ_ONLY))
+        if err != 0:
+            _clear_torch_cuda_error()
+            return f"cudaHostRegister(ReadOnly) failed with error {err}"
+        with self.lock:
+            self.registered.append(ptr)
+        return None
+
+    def first_window_ok(self, path) -> bool:
+        """Registration of the file's first window (decides the path before any copy)."""
+        key = str(path)
+        why = self.futures[(key, 0)].result()
+        if why:
+            self.refused[key] = why
+            logger.info("pyloader: %s: %s; reading through pinned slots instead", key, why)
+        return why is None
+
+    def copy(self, dst: torch.Tensor, path, offset: int, n: int) -> None:
+        """Enqueue dst[:n] <- file[offset:offset + n] on the current stream, window by window."""
+        key = str(path)
+        t = self.maps[key][1]
+        pos = 0
+        while pos < n:
+            k = (offset + pos) // self.window
+            why = self.futures[(key, k)].result()
+            if why:
+                raise PyloaderInputError(f"{path}: {why} (window {k}) after earlier windows registered")
+            end = min(n, (k + 1) * self.window - offset)
+            dst[pos:end].copy_(t[offset + pos:offset + end], non_blocking=True)
+            pos = end
+
     def close(self):
-        for mm, t in self.maps.values():
-            torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
-            del t
-        for mm, _ in self.maps.values():
+        self.pool.shutdown(wait=True)
+        for ptr in self.registered:
+            torch.cuda.cudart().cudaHostUnregister(ptr)
+        self.registered.clear()
+        tensors = [t for _, t in self.maps.values()]
+        maps = [mm for mm, _ in self.maps.values()]
+        self.maps.clear()
+        del tensors
+        for mm in maps:
             try:
                 mm.close()
             except BufferError:
                 pass  # a view is still alive; the mapping goes with it
-        self.maps.clear()
 
 
 def _as_matrix(t: torch.Tensor) -> torch.Tensor:
@@ -329,8 +395,14 @@ class StreamingExecutor:
         registered = _RegisteredFiles() if (cuda and cfg.io != "pread") else None
         mapped_batch = [False] * len(batches)
         if registered is not None:
+            # auto: only files already in the page cache are registered (a cold file would be
+            # faulted in serially by the registration; reader threads do better there)
+            need = 0.9 if cfg.io == "auto" else 0.0
+            usable = {}
+            for f in dict.fromkeys(str(p.source.file) for p in pieces):
+                usable[f] = registered.map(f, need) is not None and registered.first_window_ok(f)
             for i, b in enumerate(batches):
-                mapped_batch[i] = all(registered.tensor(part.piece.source.file) is not None for part in b.parts)
+                mapped_batch[i] = all(usable[str(part.piece.source.file)] for part in b.parts)
             if cfg.io == "mmap" and registered.refused:
                 raise PyloaderInputError(f"io='mmap': {next(iter(registered.refused.items()))}")
             self.io_used = "mmap" if all(mapped_batch) else ("mixed" if any(mapped_batch) else "pread")
@@ -374,9 +446,8 @@ class StreamingExecutor:
                                 copy_stream.wait_event(done[slot])  # the slot's previous transform read it
                             e0.record()
                             for part in batch.parts:
-                                mapping = registered.tensor(part.piece.source.file)
-                                staging[slot][part.slot_offset:part.slot_offset + part.nbytes].copy_(
-                                    mapping[part.file_offset:part.file_offset + part.nbytes], non_blocking=True)
+                                registered.copy(staging[slot][part.slot_offset:part.slot_offset + part.nbytes],
+                                                part.piece.source.file, part.file_offset, part.nbytes)
                         else:
                             e0.record()
                             staging[slot][:batch.nbytes].copy_(host[slot][:batch.nbytes], non_blocking=True)

@@ -16,6 +16,12 @@ status=0
 has() { [[ " $stages " == *" $1 "* ]]; }
 note() { echo "== $(date +%T) $*" | tee -a "$OUT/summary.txt"; }
 
+# Peer loaders, carried as wheels (.whl/, see ../shared/docs/anchors.md): installed aside, never into the project.
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/peers-site .whl/*.whl > /dev/null 2>&1 \
+    && export PYTHONPATH=/tmp/peers-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; nvcc --version | tail -1;
   python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; git log -1 --oneline 2>/dev/null; } \
   > "$OUT/summary.txt" 2>&1

@@ -160,3 +160,23 @@ def test_poisoning_streaming_source_and_dict_source(tmp_path):
     pyloader.load(from_dict, raw, config=c, backend="torch", progress=False)
     for n in ref:
         assert_bitwise_equal(from_dict[n], ref[n], what=n)
+
+
+@pytest.mark.gpu
+def test_real_runai_streamer_as_a_source(tmp_path):
+    """The Nemotron Nano VL failure with the real run:ai streamer (a carried wheel on the device):
+    its tensors live in one reused buffer; the load must equal the directory load bitwise."""
+    runai = pytest.importorskip("runai_model_streamer")
+    c = dict(TINY["qwen3_moe"], quantization_config={"quant_method": "fp8"})
+    d = write_checkpoint(tmp_path / "r", c, scale_dtype=torch.bfloat16, shard_bytes=300_000)
+    preset = build_preset(c)
+    ref = allocate_targets(preset.targets, "cuda")
+    pyloader.load(ref, d, progress=False)
+    out = {n: poison_(t) for n, t in allocate_targets(preset.targets, "cuda").items()}
+    files = sorted(str(p) for p in d.glob("*.safetensors"))
+    with runai.SafetensorsStreamer() as s:
+        s.stream_files(files)
+        report = pyloader.load(out, s.get_tensors(), config=c, progress=False)
+    assert report.missing == []
+    for n in ref:
+        assert_bitwise_equal(out[n], ref[n], what=n)
