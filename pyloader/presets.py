@@ -9,6 +9,7 @@ Target names and layouts follow vLLM's for each family:
 | ``mixtral`` | mixtral | ``block_sparse_moe.experts.w13_weight`` / ``w2_weight`` from ``experts.N.w1/w3/w2`` |
 | ``deepseek`` | deepseek_v2, deepseek_v3, kimi_k2 | MLA ``self_attn.fused_qkv_a_proj`` (q_a_proj, kv_a_proj_with_mqa) when ``q_lora_rank``; dense ``mlp.gate_up_proj`` below ``first_k_dense_replace``; experts ``w13``/``w2``; ``mlp.shared_experts.gate_up_proj``; MTP layers ``>= num_hidden_layers`` skipped |
 | ``deepseek_dsa`` | deepseek_v32, glm_moe_dsa (GLM-5) | ``deepseek`` plus the sparse-attention indexer: ``self_attn.indexer.wk_weights_proj`` (wk, weights_proj) ``[index_head_dim + index_n_heads, H]``, ``indexer.wq_b``, ``indexer.k_norm`` |
+| ``nemotron_h`` | nemotron_h (Nemotron-H, Nemotron 3 Nano/Super/Ultra hybrids) | ``backbone.*`` renamed to ``model.*`` (``embeddings`` → ``embed_tokens``, ``norm_f`` → ``norm``); Mamba2 mixers as stored (``in_proj``, ``conv1d``, ``A_log``, ``D``, ``dt_bias``, ``norm``, ``out_proj``; ``A_log`` kept raw for the engine's post-load hook); attention ``mixer.qkv_proj``; relu2 (non-gated) experts ``mixer.experts.w13_weight`` ``[E, I, H]`` (up only) and ``w2_weight``; ``mtp.*`` skipped; tensor parallel not yet for Mamba layers |
 | ``gpt_oss`` | gpt_oss | ``self_attn.qkv_proj`` with bias, ``self_attn.sinks``, ``mlp.router``, MXFP4 experts kept packed: ``mlp.experts.w13_weight`` (uint8 blocks), ``w13_weight_scale`` (E8M0), ``w13_bias``, same for ``w2`` |
 
 Derived targets have the config's dtype (``torch_dtype``/``dtype``): FP8 checkpoint weights are
@@ -219,9 +220,10 @@ class _Builder:
             emap = {g: g for g in range(num_experts)}
             rows = self.tp(inter)
         n = rows[1] - rows[0]
-        self.add(f"{prefix}.w13_weight", (len(emap), 2 * n, hidden), layer, experts=emap, shards={
-            w13[0]: ShardPlacement(0, n, src_rows=rows, src_shape=(inter, hidden)),
-            w13[1]: ShardPlacement(n, n, src_rows=rows, src_shape=(inter, hidden))})
+        shards = {w13[0]: ShardPlacement(0, n, src_rows=rows, src_shape=(inter, hidden))}
+        if w13[1] is not None:  # gated (SwiGLU): gate then up
+            shards[w13[1]] = ShardPlacement(n, n, src_rows=rows, src_shape=(inter, hidden))
+        self.add(f"{prefix}.w13_weight", (len(emap), n * len(shards), hidden), layer, experts=emap, shards=shards)
         self.add(f"{prefix}.w2_weight", (len(emap), hidden, n), layer, experts=emap, shards={
             w2: ShardPlacement(0, hidden, src_cols=rows, src_shape=(hidden, inter))})
         return emap
@@ -374,6 +376,70 @@ def _gpt_oss(b, c, par, layers):
                   shards={None: ShardPlacement(0, shape[0], src_shape=shape)})
 
 
+def _nemotron_h(b, c, par, layers):
+    """Nemotron-H hybrid (``hybrid_override_pattern`` or ``layers_block_type``: M Mamba2, E MoE, * attention, - MLP)."""
+    H = c["hidden_size"]
+    if c.get("hybrid_override_pattern"):
+        pattern = c["hybrid_override_pattern"]
+    elif c.get("layers_block_type"):  # newer configs spell the pattern out
+        kinds = {"mamba": "M", "moe": "E", "attention": "*", "mlp": "-"}
+        try:
+            pattern = "".join(kinds[k] for k in c["layers_block_type"])
+        except KeyError as e:
+            raise PyloaderInputError(f"nemotron_h: unknown layers_block_type {e.args[0]!r}") from None
+    else:
+        raise PyloaderInputError("nemotron_h: config has neither hybrid_override_pattern nor layers_block_type")
+    nh, hd_m, ng, ds = c["mamba_num_heads"], c["mamba_head_dim"], c["n_groups"], c["ssm_state_size"]
+    d_inner = nh * hd_m
+    conv_dim = d_inner + 2 * ng * ds
+    if par.tp_size > 1 and "M" in pattern:
+        raise PyloaderInputError("nemotron_h: tensor-parallel splitting of the Mamba in_proj (z, x, B, C, dt "
+                                 "segments) is not supported yet; use tp_size 1 (pipeline and expert parallel work)")
+    for i in range(*layers):
+        p = f"model.layers.{i}"
+        m = f"{p}.mixer"
+        b.replicated(f"{p}.norm.weight", (H,), i)
+        kind = pattern[i]
+        if kind == "M":
+            b.replicated(f"{m}.in_proj.weight", (d_inner + conv_dim + nh, H), i)
+            b.replicated(f"{m}.conv1d.weight", (conv_dim, 1, c.get("conv_kernel", 4)), i)
+            if c.get("use_conv_bias", True):
+                b.replicated(f"{m}.conv1d.bias", (conv_dim,), i)
+            for name in ("A_log", "D", "dt_bias"):
+                b.replicated(f"{m}.{name}", (nh,), i, dtype=torch.float32 if name == "A_log" else None)
+            b.replicated(f"{m}.norm.weight", (d_inner,), i)
+            b.replicated(f"{m}.out_proj.weight", (H, d_inner), i)
+        elif kind == "E":
+            E = c["n_routed_experts"]
+            b.replicated(f"{m}.gate.weight", (E, H), i)
+            b.replicated(f"{m}.gate.e_score_correction_bias", (E,), i, dtype=torch.float32)
+            # relu2 experts are not gated: w13 holds the up projection only
+            emap = b.experts(f"{m}.experts", i, E, H, c["moe_intermediate_size"], w13=("w1", None))
+            Is = c["moe_shared_expert_intermediate_size"]
+            b.column(f"{m}.shared_experts.up_proj.weight", (Is, H), i)
+            b.row(f"{m}.shared_experts.down_proj.weight", (H, Is), i)
+        elif kind == "*":
+            heads, kv = c["num_attention_heads"], c["num_key_value_heads"]
+            hd = c.get("head_dim") or H // heads
+            q, k = b.q_rows(heads, hd), b.kv_rows(kv, hd)
+            b.stacked_column(f"{m}.qkv_proj.weight",
+                             [("q", (heads * hd, H), q), ("k", (kv * hd, H), k), ("v", (kv * hd, H), k)], i)
+            b.row(f"{m}.o_proj.weight", (H, heads * hd), i, unit=hd)
+        elif kind == "-":
+            I = c["intermediate_size"]
+            b.column(f"{m}.up_proj.weight", (I, H), i)
+            b.row(f"{m}.down_proj.weight", (H, I), i)
+        else:
+            raise PyloaderInputError(f"nemotron_h: unknown layer kind {kind!r} at layer {i} in hybrid_override_pattern")
+
+
+NEMOTRON_H_RENAMES = [
+    ("prefix", "backbone.embeddings.", "model.embed_tokens."),
+    ("prefix", "backbone.norm_f.", "model.norm."),
+    ("prefix", "backbone.", "model."),
+]
+
+
 GPT_OSS_RENAMES = [
     ("regex", r"\.mlp\.experts\.gate_up_proj_blocks$", ".mlp.experts.w13_weight"),
     ("regex", r"\.mlp\.experts\.gate_up_proj_scales$", ".mlp.experts.w13_weight_scale"),
@@ -390,6 +456,7 @@ FAMILIES = {
     "deepseek": ("deepseek_v2", "deepseek_v3", "kimi_k2"),
     "deepseek_dsa": ("deepseek_v32", "glm_moe_dsa"),
     "gpt_oss": ("gpt_oss",),
+    "nemotron_h": ("nemotron_h",),
 }
 PRESETS = tuple(FAMILIES)
 
@@ -425,6 +492,7 @@ def build_preset(config: Union[str, Path, dict], preset: Optional[str] = None, p
     stacked = list(LLAMA_STACKED)
     experts_map: List = []
     renames: List = []
+    skips: tuple = ()
     if name == "llama":
         _dense_or_moe(b, c, parallel, layers, "dense")
     elif name == "qwen_moe":
@@ -444,10 +512,17 @@ def build_preset(config: Union[str, Path, dict], preset: Optional[str] = None, p
     elif name == "gpt_oss":
         _gpt_oss(b, c, parallel, layers)
         renames = GPT_OSS_RENAMES
+    elif name == "nemotron_h":
+        _nemotron_h(b, c, parallel, layers)
+        renames = NEMOTRON_H_RENAMES
+        skips = (("prefix", "mtp.", "MTP draft module (loaded by the draft model)"),)
+        stacked = [(".qkv_proj", ".q_proj", "q"), (".qkv_proj", ".k_proj", "k"), (".qkv_proj", ".v_proj", "v")]
+        experts_map = [(f"experts.{p}_", f"experts.{e}.{n}.", e, sid) for e in range(c.get("n_routed_experts") or 0)
+                       for n, p, sid in (("up_proj", "w13", "w1"), ("down_proj", "w2", "w2"))]
     q = c.get("quantization_config") or {}
     block = tuple(q.get("weight_block_size") or (128, 128))
     rules = Rules(stacked_params_mapping=stacked, expert_params_mapping=experts_map, renames=renames,
-                  tie_word_embeddings=tied, num_layers=n, owned_layers=range(*layers))
+                  skips=skips, tie_word_embeddings=tied, num_layers=n, owned_layers=range(*layers))
     if tied and last and not first:  # the last stage's head is read from the embedding
         lm = b.targets["lm_head.weight"]
         lm.fill_from, lm.shards = None, {None: ShardPlacement(0, lm.shape[0], src_rows=b.tp(c["vocab_size"]),

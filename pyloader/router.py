@@ -218,8 +218,14 @@ class Router:
         return ("unexpected", None, None, None)
 
     def route(self, name: str) -> Route:
-        reason = self._skips.reason(name) if self._skips.regex is not None else None
-        tmpl, ints = templatize(name)
+        renamed = name
+        for regex, repl in self._renames:
+            renamed = regex.sub(repl, renamed)
+        if self._skips.regex is not None:  # skip rules see the checkpoint name and the renamed one
+            reason = self._skips.reason(name) or (self._skips.reason(renamed) if renamed != name else None)
+        else:
+            reason = None
+        tmpl, ints = templatize(renamed)
         slot_key = (tmpl, len(ints))
         lslot = self._layer_slots.get(slot_key, -1)
         if lslot == -1:
@@ -235,12 +241,6 @@ class Router:
             return Route(name, "skip", layer=layer, reason="layer owned by another pipeline stage")
         if r.tie_word_embeddings and name == r.tied_target:
             return Route(name, "skip", reason=f"tie_word_embeddings: {r.tied_target} is {r.tied_source}")
-        if self._renames:
-            renamed = name
-            for regex, repl in self._renames:
-                renamed = regex.sub(repl, renamed)
-            if renamed != name:
-                tmpl, ints = templatize(renamed)
         resolved = self._cache.get(tmpl)
         if resolved is None:
             resolved = self._cache[tmpl] = self._resolve_template(tmpl)

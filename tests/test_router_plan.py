@@ -1,6 +1,7 @@
 """Router, presets and plan over real checkpoint tensor lists, and the five failures of the design
 doc (docs: ../shared/docs/design.md), each shown to break a naive loader and to pass here."""
 
+import json
 import math
 import re
 from pathlib import Path
@@ -14,7 +15,7 @@ from pyloader.plan import PlanError, build_plan, targets_of_module
 from pyloader.presets import Parallel, build_preset, pp_layer_range
 from pyloader.router import Router, Rules, templatize
 
-from checkpoint_lists import DUMPS, config_of, dump_rows, header_only_checkpoint
+from checkpoint_lists import DUMPS, SHARED, config_of, dump_rows, header_only_checkpoint
 
 _CACHE = {}
 
@@ -279,3 +280,76 @@ def test_user_rules_with_module_targets_infer_the_layout():
     assert place["q_proj.weight"] == (0, None) and place["k_proj.weight"] == (4, None) and place["v_proj.weight"] == (6, None)
     assert place["experts.2.gate_proj.weight"] == (0, 2) and place["experts.2.up_proj.weight"] == (5, 2)
     assert plan.missing == []
+
+
+# ---------------------------------------------------------------- Nemotron-H (hybrid Mamba + MoE)
+
+def nemotron_h_entries(c, nvfp4_input_scales=False):
+    """Checkpoint names: every Linear module of the real ModelOpt module list of
+    Nemotron-3.5-Lightning (hf_quant_config.json: quantized_layers + exclude_modules) as
+    ``.weight``, plus the non-Linear parameters of its Mamba2, MoE and norm modules."""
+    q = json.loads((SHARED / "nvidia-nemotron-3.5-lightning-30b-a3b-nvfp4" / "hf_quant_config.json").read_text())["quantization"]
+    modules = sorted(set(q["quantized_layers"]) | {m for m in q["exclude_modules"] if not m.endswith("*")})
+    H, E, I, Is = c["hidden_size"], c["n_routed_experts"], c["moe_intermediate_size"], c["moe_shared_expert_intermediate_size"]
+    nh, d_inner = c["mamba_num_heads"], c["mamba_num_heads"] * c["mamba_head_dim"]
+    conv = d_inner + 2 * c["n_groups"] * c["ssm_state_size"]
+    heads, kv, hd = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
+    shapes = {"embeddings": (c["vocab_size"], H), "lm_head": (c["vocab_size"], H), "in_proj": (d_inner + conv + nh, H),
+              "out_proj": (H, d_inner), "conv1d": (conv, 1, c["conv_kernel"]), "gate": (E, H), "q_proj": (heads * hd, H),
+              "k_proj": (kv * hd, H), "v_proj": (kv * hd, H), "o_proj": (H, heads * hd)}
+    out = [("backbone.norm_f.weight", (H,), "BF16")]
+    for m in modules:
+        leaf = m.rsplit(".", 1)[-1]
+        if ".experts." in m:
+            shape = (I, H) if leaf == "up_proj" else (H, I)
+            if nvfp4_input_scales:
+                out.append((m + ".input_scale", (), "F32"))
+        elif ".shared_experts." in m:
+            shape = (Is, H) if leaf == "up_proj" else (H, Is)
+        else:
+            shape = shapes[leaf]
+        out.append((m + ".weight", shape, "BF16"))
+        if leaf == "conv1d":
+            out.append((m + ".bias", (conv,), "BF16"))
+            base = m.rsplit(".", 1)[0]
+            out += [(base + ".A_log", (nh,), "F32"), (base + ".D", (nh,), "BF16"), (base + ".dt_bias", (nh,), "BF16"),
+                    (base + ".norm.weight", (d_inner,), "BF16")]
+        if leaf == "gate":
+            out.append((m + ".e_score_correction_bias", (E,), "F32"))
+    layers = sorted({int(re.search(r"layers\.(\d+)\.", m).group(1)) for m in modules if ".layers." in m})
+    out += [(f"backbone.layers.{i}.norm.weight", (H,), "BF16") for i in layers]
+    out += [("mtp.layers.0.mixer.q_proj.weight", (heads * hd, H), "BF16")]  # the MTP module the exclude list names
+    return out
+
+
+def test_nemotron_h_real_module_list_routes_for_every_pp_size():
+    c = config_of_folder("nvidia-nemotron-3.5-lightning-30b-a3b-nvfp4")
+    ck = synthetic(nemotron_h_entries(c), "nemotron-h")
+    for pp in (1, 2, 3, 4, 8):
+        owned, names = [], []
+        for rank in range(pp):
+            preset = build_preset(c, parallel=Parallel(pp_rank=rank, pp_size=pp))
+            assert preset.name == "nemotron_h"
+            plan = build_plan(ck, preset.targets, preset.rules)
+            assert plan.summary.unexpected == [] and plan.missing == [], (pp, rank, plan.missing[:3])
+            owned.append(set(range(*preset.owned_layers)))
+            names += [p.source.name for p in plan.pieces]
+        assert set().union(*owned) == set(range(52)) and len(names) == len(set(names)) == len(ck.tensors) - 1
+    preset = build_preset(c, parallel=Parallel(ep_rank=1, ep_size=4))
+    plan = build_plan(ck, preset.targets, preset.rules)
+    w13 = preset.targets["model.layers.1.mixer.experts.w13_weight"]
+    assert w13.shape == (32, 1856, 2688) and sorted(w13.experts)[:2] == [32, 33]  # relu2: up only
+    with pytest.raises(PyloaderInputError, match="Mamba"):
+        build_preset(c, parallel=Parallel(tp_rank=0, tp_size=2))
+
+
+def test_failure2_nemotron_h_nvfp4_expert_input_scales():
+    """The SGLang Nemotron-H KeyError: expert down_proj.input_scale has no target parameter."""
+    c = config_of_folder("nvidia-nemotron-3.5-lightning-30b-a3b-nvfp4")
+    ck = synthetic(nemotron_h_entries(c, nvfp4_input_scales=True), "nemotron-h")
+    preset = build_preset(c)
+    with pytest.raises(KeyError):
+        _naive_load([n for n in ck.tensors if n.endswith("input_scale")], preset.targets)
+    plan = build_plan(ck, preset.targets, preset.rules)
+    assert plan.summary.skipped["activation input scale; activations are not quantized here"] == 2944 * 2
+    assert plan.summary.unexpected == [] and plan.missing == []
