@@ -84,7 +84,14 @@ def gpu_providers():
         out.copy_(compiled(w, s))
         return out
 
+    def widen_u8_to_i16(w, s, out):
+        # Not a dequant: the same traffic (1 byte read, 2 written an element) through torch's cast
+        # kernel, as a reference for what a 1:2 read/write mix reaches beside the 1:1 copy ceiling.
+        out.view(torch.int16).copy_(w.view(torch.uint8))
+        return out
+
     return {
+        "traffic_reference_u8_to_i16_cast": widen_u8_to_i16,
         "torch_expanded_scales": expanded,
         "torch_view_broadcast": view_broadcast,
         "torch_compile": torch_compile,
@@ -111,7 +118,7 @@ def bench_gpu(shapes, json_path):
             except NotImplementedError as e:
                 print(f"  skip {name} on {shape}: {e}")
                 continue
-            exact = torch.equal(got.view(torch.int16), expected.view(torch.int16))
+            exact = torch.equal(got.view(torch.int16), expected.view(torch.int16)) if not name.startswith("traffic") else None
             if name.startswith("pyloader") and not exact:
                 raise SystemExit(f"{name} differs from the reference on {shape}: refusing to time it")
             ms, timing = time_gpu_ms([lambda a=a, o=o: fn(a[0], a[1], o) for a, o in zip(sets, outs)])
