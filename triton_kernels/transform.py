@@ -119,6 +119,7 @@ def dequant_blockwise_triton(weight, scale, out, block_size, block_offset):
 # Job table of the one-launch kernel: 13 int64 per job, pointers as addresses, strides in elements:
 # src, dst, scale, rows, cols, src_row_stride, dst_row_stride, scale_row_stride, scale_col_stride,
 # bm, bn, r0, c0.
+_MAX_GRID_Y = 65535
 _BITS_TYPES = {1: tl.uint8, 2: tl.uint16, 4: tl.uint32, 8: tl.uint64}
 _TL_TYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32,
              torch.float8_e4m3fn: tl.float8e4nv, torch.float8_e5m2: tl.float8e5}
@@ -126,26 +127,21 @@ _TL_TYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float
 
 @triton.jit
 def _multi_tensor_transform_kernel(
-    table_ptr, tile_start_ptr, num_jobs,
+    table_ptr,
     SRC_TY: tl.constexpr, DST_TY: tl.constexpr, SCALE_TY: tl.constexpr,
     SRC_MODE: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_E8M0: tl.constexpr, CONVERT: tl.constexpr,
-    SEARCH_STEPS: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # One program = one BLOCK_M x BLOCK_N tile of one job; the job is the last one whose first tile
-    # is <= program id (binary search over the tile prefix sums, like multi_tensor_apply's block map).
-    pid = tl.program_id(0)
-    lo = pid * 0
-    hi = lo + num_jobs
-    for _ in tl.static_range(SEARCH_STEPS):
-        mid = (lo + hi) // 2
-        go = tl.load(tile_start_ptr + mid) <= pid
-        lo = tl.where(go, mid, lo)
-        hi = tl.where(go, hi, mid)
-    row = table_ptr + lo.to(tl.int64) * 13
+    # Grid (tiles of the largest job, jobs): program (t, j) is tile t of job j; tiles past a job's
+    # end return at once. A binary search over tile prefixes (multi_tensor_apply's block map)
+    # costs a chain of dependent global loads per program in Triton: measured 4-9 % of copy.
+    t = tl.program_id(0)
+    row = table_ptr + tl.program_id(1).to(tl.int64) * 13
     rows = tl.load(row + 3)
     cols = tl.load(row + 4)
     tiles_n = tl.cdiv(cols, BLOCK_N)
-    t = pid - tl.load(tile_start_ptr + lo)
+    if t >= tl.cdiv(rows, BLOCK_M) * tiles_n:
+        return
     offs_m = (t // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = (t % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (offs_m[:, None] < rows) & (offs_n[None, :] < cols)
@@ -202,7 +198,7 @@ def _signature(job, device):
 
 def multi_tensor_transform_triton(jobs):
     """Triton backend of the multi-tensor transform: one launch per distinct dtype signature
-    (a layer's experts share one), tiles of all its jobs in one grid."""
+    (a layer's experts share one), a (tiles, jobs) grid over all its jobs."""
     groups = {}
     for job in jobs:
         _check_unit_stride(job.src, "source")
@@ -211,7 +207,7 @@ def multi_tensor_transform_triton(jobs):
             groups.setdefault(_signature(job, job.dst.device), []).append(job)
     for sig, group in groups.items():
         src_ty, dst_ty, scale_ty, mode, has_scale, e8m0, convert = sig
-        table, tile_start, total, aligned = [], [], 0, True
+        table, most, aligned = [], 0, True
         for job in group:
             aligned = aligned and all(t.data_ptr() % 16 == 0 and (t.shape[0] <= 1 or t.stride(0) % 16 == 0)
                                       for t in (job.src, job.dst))
@@ -221,15 +217,13 @@ def multi_tensor_transform_triton(jobs):
                           job.src.stride(0), job.dst.stride(0), s.stride(0) if s is not None else 0,
                           s.stride(1) if s is not None else 0, job.block_size[0], job.block_size[1],
                           job.block_offset[0], job.block_offset[1]])
-            tile_start.append(total)
-            total += triton.cdiv(rows, _BLOCK_M) * triton.cdiv(cols, _BLOCK_N)
+            most = max(most, triton.cdiv(rows, _BLOCK_M) * triton.cdiv(cols, _BLOCK_N))
         device = group[0].dst.device
         table_t = torch.tensor(table, dtype=torch.int64).to(device, non_blocking=True)
-        starts_t = torch.tensor(tile_start, dtype=torch.int32).to(device, non_blocking=True)
-        steps = max(1, (len(group) - 1).bit_length())
-        _multi_tensor_transform_kernel[(total,)](
-            table_t, starts_t, len(group),
-            SRC_TY=src_ty, DST_TY=dst_ty, SCALE_TY=scale_ty, SRC_MODE=mode, HAS_SCALE=has_scale,
-            SCALE_E8M0=e8m0, CONVERT=convert, SEARCH_STEPS=steps, ALIGNED=aligned,
-            BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, num_warps=_NUM_WARPS,
-        )
+        for first in range(0, len(group), _MAX_GRID_Y):  # grid dimension 1 holds at most 65535 jobs
+            _multi_tensor_transform_kernel[(most, min(_MAX_GRID_Y, len(group) - first))](
+                table_t[first:],
+                SRC_TY=src_ty, DST_TY=dst_ty, SCALE_TY=scale_ty, SRC_MODE=mode, HAS_SCALE=has_scale,
+                SCALE_E8M0=e8m0, CONVERT=convert, ALIGNED=aligned,
+                BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, num_warps=_NUM_WARPS,
+            )
