@@ -348,7 +348,9 @@ class StreamingExecutor:
         self.bytes_read = 0
         self.io_used = ""
 
-    def _read_chunks(self, files: _FileCache, chunks, host: torch.Tensor) -> float:
+    def _read_chunks(self, files: _FileCache, chunks, host: torch.Tensor, slot_free=None) -> float:
+        if slot_free is not None:
+            slot_free.synchronize()  # the slot's previous batch is copied and transformed: overwrite it
         t = time.perf_counter()
         buf = memoryview(host.numpy()).cast("B")
         for path, file_offset, slot_offset, n in chunks:
@@ -420,11 +422,11 @@ class StreamingExecutor:
                 if mapped_batch[j]:
                     pending.append([])  # copied straight from the registered mapping below
                     return
-                if done[slot] is not None:
-                    done[slot].synchronize()  # the transform that read this slot has finished
+                # The readers, not this thread, wait for the slot to be free: the orchestrator keeps
+                # enqueuing copies and transforms of batches already read (no GPU bubble per batch).
                 chunks = self._chunks(batches[j].parts)
                 groups = [chunks[k::cfg.read_threads] for k in range(min(cfg.read_threads, len(chunks)))]
-                pending.append([pool.submit(self._read_chunks, files, g, host[slot]) for g in groups])
+                pending.append([pool.submit(self._read_chunks, files, g, host[slot], done[slot]) for g in groups])
 
             for j in range(nslots):
                 if j < len(batches):
@@ -447,6 +449,8 @@ class StreamingExecutor:
                                 registered.copy(staging[slot][part.slot_offset:part.slot_offset + part.nbytes],
                                                 part.piece.source.file, part.file_offset, part.nbytes)
                         else:
+                            if done[slot] is not None:
+                                copy_stream.wait_event(done[slot])  # the staging slot's previous transform
                             e0.record()
                             staging[slot][:batch.nbytes].copy_(host[slot][:batch.nbytes], non_blocking=True)
                         e1.record()
