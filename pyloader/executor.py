@@ -366,14 +366,26 @@ class StreamingExecutor:
                             min(step, part.nbytes - off)))
         return out
 
-    def _load_scales(self, files: _FileCache) -> Dict[str, torch.Tensor]:
-        scales = {}
-        for info in {s.name: s for s in self.plan.scales}.values():
-            host = torch.empty(info.nbytes, dtype=torch.uint8)
-            _preadv_into(files.fd(info.file), memoryview(host.numpy()).cast("B"), info.start, info.file)
-            scales[info.name] = host.view(info.torch_dtype).view(info.shape).to(self.device)
-            self.bytes_read += info.nbytes
-        return scales
+    def _load_scales(self, files: _FileCache, pool: ThreadPoolExecutor) -> Dict[str, torch.Tensor]:
+        """Every scale tensor (small) read into one pinned buffer by the reader threads and moved
+        to the device in one copy: no per-scale synchronous transfer."""
+        infos = list({s.name: s for s in self.plan.scales}.values())
+        if not infos:
+            return {}
+        offsets, pos = [], 0
+        for info in infos:
+            offsets.append(pos)
+            pos += -(-info.nbytes // 16) * 16
+        cuda = self.device.type == "cuda"
+        host = torch.empty(pos, dtype=torch.uint8, pin_memory=cuda)
+        chunks = [(info.file, info.start, off, info.nbytes) for info, off in zip(infos, offsets)]
+        groups = [chunks[k::self.cfg.read_threads] for k in range(min(self.cfg.read_threads, len(chunks)))]
+        for f in [pool.submit(self._read_chunks, files, g, host) for g in groups]:
+            f.result()
+        dev = host.to(self.device, non_blocking=True) if cuda else host
+        self.bytes_read += sum(info.nbytes for info in infos)
+        return {info.name: dev[off:off + info.nbytes].view(info.torch_dtype).view(info.shape)
+                for info, off in zip(infos, offsets)}
 
     def run(self) -> Timings:
         cfg, dev = self.cfg, self.device
@@ -410,7 +422,7 @@ class StreamingExecutor:
             self.io_used = "pread"
         logger.info("pyloader: load reads through %s", self.io_used)
         try:
-            scales = self._load_scales(files)
+            scales = self._load_scales(files, pool)
             last_batch_of_layer = {}
             for i, b in enumerate(batches):
                 for layer in b.layers:
