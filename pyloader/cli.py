@@ -38,6 +38,7 @@ def cmd_inspect(args) -> int:
     parallel = Parallel(tp_rank=args.tp_rank, tp_size=args.tp_size, pp_rank=args.pp_rank, pp_size=args.pp_size,
                         ep_rank=args.ep_rank, ep_size=args.ep_size)
     preset = build_preset(config, args.preset, parallel)
+    preset.add_passthrough(ck.tensors)
     plan = build_plan(ck, preset.targets, preset.rules, unexpected="ignore", block_size=preset.block_size)
     plan.owned_layers = preset.owned_layers
     report = plan_report(plan, preset.name)

@@ -128,6 +128,10 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
         if config is None:
             raise PyloaderInputError("no config: pass config= (a config.json path or dict), preset=, or rules=")
         p = build_preset(load_config(config), preset, Parallel(tpr, tps, ppr, pps, epr, eps))
+        if checkpoint is not None:
+            p.add_passthrough(checkpoint.tensors)
+        elif isinstance(source, Mapping):
+            p.add_passthrough({n: _info(n, t) for n, t in source.items()})
         rules, preset_targets, preset_name, block = p.rules, p.targets, p.name, p.block_size
     else:
         preset_targets = None

@@ -313,6 +313,8 @@ def _coverage(pieces: List[Piece], targets: Dict[str, TargetSpec], problems: Lis
         if not planes:
             missing.append(name)
             continue
+        if not spec.shape_known:
+            continue  # pass-through target seen through an index only: written once, size unknown
         rows = spec.shape[1] if spec.experts is not None and len(spec.shape) > 1 else (spec.shape[0] if spec.shape else 1)
         slots = list(spec.experts.values()) if spec.experts is not None else [None]
         gaps = []

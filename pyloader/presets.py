@@ -10,6 +10,7 @@ Target names and layouts follow vLLM's for each family:
 | ``deepseek`` | deepseek_v2, deepseek_v3, kimi_k2 | MLA ``self_attn.fused_qkv_a_proj`` (q_a_proj, kv_a_proj_with_mqa) when ``q_lora_rank``; dense ``mlp.gate_up_proj`` below ``first_k_dense_replace``; experts ``w13``/``w2``; ``mlp.shared_experts.gate_up_proj``; MTP layers ``>= num_hidden_layers`` skipped |
 | ``deepseek_dsa`` | deepseek_v32, glm_moe_dsa (GLM-5) | ``deepseek`` plus the sparse-attention indexer: ``self_attn.indexer.wk_weights_proj`` (wk, weights_proj) ``[index_head_dim + index_n_heads, H]``, ``indexer.wq_b``, ``indexer.k_norm`` |
 | ``nemotron_h`` | nemotron_h (Nemotron-H, Nemotron 3 Nano/Super/Ultra hybrids) | ``backbone.*`` renamed to ``model.*`` (``embeddings`` → ``embed_tokens``, ``norm_f`` → ``norm``); Mamba2 mixers as stored (``in_proj``, ``conv1d``, ``A_log``, ``D``, ``dt_bias``, ``norm``, ``out_proj``; ``A_log`` kept raw for the engine's post-load hook); attention ``mixer.qkv_proj``; relu2 (non-gated) experts ``mixer.experts.w13_weight`` ``[E, I, H]`` (up only) and ``w2_weight``; ``mtp.*`` skipped; tensor parallel not yet for Mamba layers |
+| ``nemotron_vl`` | NemotronH_Nano_VL_V2, NemotronH_Nano_Omni_Reasoning_V3 | the ``nemotron_h`` language model under ``language_model.`` (from ``llm_config``/``text_config``); ``vision_model.*`` (RADIO tower and its ``input_conditioner.norm_mean``/``norm_std`` buffers), ``mlp1.*``, ``sound_encoder.*``, ``sound_projection.*`` pass through under their checkpoint names and stored shapes, on the first stage |
 | ``gpt_oss`` | gpt_oss | ``self_attn.qkv_proj`` with bias, ``self_attn.sinks``, ``mlp.router``, MXFP4 experts kept packed: ``mlp.experts.w13_weight`` (uint8 blocks), ``w13_weight_scale`` (E8M0), ``w13_bias``, same for ``w2`` |
 
 Derived targets have the config's dtype (``torch_dtype``/``dtype``): FP8 checkpoint weights are
@@ -100,6 +101,7 @@ class TargetSpec:
     experts: Optional[Dict[int, int]] = None   # expert targets: global expert id → local slot
     experts_stacked_in_source: bool = False    # one checkpoint tensor holds all experts [E, ...]
     fill_from: Optional[str] = None            # tied: filled from this target after loading
+    shape_known: bool = True                   # False: a pass-through target seen through an index only
 
     @property
     def nbytes(self) -> int:
@@ -115,6 +117,34 @@ class Preset:
     owned_layers: Range
     block_size: Tuple[int, int] = (128, 128)
     quantized: bool = False
+    # checkpoint names under these prefixes fill identically named targets shaped as stored
+    # (towers whose layout the preset does not derive: vision, projector, audio)
+    passthrough: Tuple[str, ...] = ()
+    dtype: torch.dtype = torch.bfloat16
+
+    def add_passthrough(self, tensors) -> None:
+        """Add the pass-through targets for a checkpoint's tensors (see ``passthrough``)."""
+        if self.passthrough:
+            self.targets.update(passthrough_targets(tensors, self.passthrough, self.dtype))
+
+
+def passthrough_targets(tensors, prefixes: Sequence[str], dtype: torch.dtype) -> Dict[str, TargetSpec]:
+    """Targets for checkpoint tensors under ``prefixes``: same name, stored shape (replicated)."""
+    out = {}
+    prefixes = tuple(prefixes)
+    for name, info in tensors.items():
+        if not name.startswith(prefixes):
+            continue
+        tdt = info.torch_dtype if info.torch_dtype is not None and not info.torch_dtype.is_floating_point else None
+        if info.shape is None:  # index only: the shape is not known until the header is read
+            out[name] = TargetSpec(name, (), tdt or dtype, None, shards={None: ShardPlacement(0, 1)}, shape_known=False)
+            continue
+        shape = tuple(info.shape)
+        rows = shape[0] if shape else 1
+        src = info.torch_dtype
+        keep = src if (src is not None and (not src.is_floating_point or src == torch.float32)) else dtype
+        out[name] = TargetSpec(name, shape, keep, None, shards={None: ShardPlacement(0, rows, src_shape=shape)})
+    return out
 
 
 def load_config(config: Union[str, Path, dict, None]) -> dict:
@@ -457,7 +487,46 @@ FAMILIES = {
     "deepseek_dsa": ("deepseek_v32", "glm_moe_dsa"),
     "gpt_oss": ("gpt_oss",),
     "nemotron_h": ("nemotron_h",),
+    "nemotron_vl": ("NemotronH_Nano_VL_V2", "NemotronH_Nano_Omni_Reasoning_V3"),
 }
+VL_PASSTHROUGH = ("vision_model.", "mlp1.", "sound_encoder.", "sound_projection.", "vision_projector.")
+
+
+def _nemotron_vl(c: dict, parallel: Parallel, dtype) -> Preset:
+    """Nemotron Nano VL: the Nemotron-H language model under ``language_model.`` (its
+    ``backbone.*`` renamed to ``model.*``), and the RADIO vision tower (``vision_model.radio_model.*``,
+    input-conditioner buffers included), the ``mlp1`` projector and the audio arm passed through
+    under their checkpoint names, on the first pipeline stage."""
+    inner = c.get("llm_config") or c.get("text_config")
+    if not isinstance(inner, dict):
+        raise PyloaderInputError(f"{c.get('model_type')}: config has no llm_config/text_config for the language model")
+    inner = dict(inner)
+    inner.setdefault("model_type", "nemotron_h")
+    lm = build_preset(inner, "nemotron_h", parallel, dtype)
+    pre = "language_model."
+    targets = {}
+    for name, spec in lm.targets.items():
+        spec.name = pre + name
+        if spec.fill_from:
+            spec.fill_from = pre + spec.fill_from
+        targets[pre + name] = spec
+    r = lm.rules
+    first, last = lm.owned_layers[0] == 0, lm.owned_layers[1] == lm.num_layers
+    skips = [("prefix", pre + "mtp.", "MTP draft module (loaded by the draft model)")]
+    if not first:
+        skips += [("regex", r"^language_model\.model\.embed_tokens\.", "embeddings live on the first pipeline stage"),
+                  ("prefix", VL_PASSTHROUGH, "vision and audio towers live on the first pipeline stage")]
+    if not last:
+        skips += [("regex", r"^language_model\.(model\.norm\.|lm_head\.)", "final norm and head live on the last pipeline stage")]
+    skips = [(k, p, why) for k, ps, why in skips for p in (ps if isinstance(ps, tuple) else (ps,))]
+    rules = Rules(stacked_params_mapping=r.stacked_params_mapping, expert_params_mapping=r.expert_params_mapping,
+                  renames=[("prefix", pre + "backbone.embeddings.", pre + "model.embed_tokens."),
+                           ("prefix", pre + "backbone.norm_f.", pre + "model.norm."),
+                           ("prefix", pre + "backbone.", pre + "model.")],
+                  skips=skips, tie_word_embeddings=r.tie_word_embeddings, tied_source=pre + r.tied_source,
+                  tied_target=pre + r.tied_target, num_layers=r.num_layers, owned_layers=r.owned_layers)
+    return Preset("nemotron_vl", rules, targets, lm.num_layers, lm.owned_layers, lm.block_size, lm.quantized,
+                  passthrough=VL_PASSTHROUGH if first else (), dtype=dtype)
 PRESETS = tuple(FAMILIES)
 
 
@@ -477,12 +546,14 @@ def build_preset(config: Union[str, Path, dict], preset: Optional[str] = None, p
                  dtype: Optional[torch.dtype] = None) -> Preset:
     """Rules and this rank's targets (shapes per rank) for ``config``."""
     c = load_config(config)
-    if isinstance(c.get("text_config"), dict) and "hidden_size" not in c:
-        raise PyloaderInputError("multimodal configs (text_config) have no preset yet; pass rules and targets")
     name = preset or choose_preset(c)
+    if name != "nemotron_vl" and isinstance(c.get("text_config"), dict) and "hidden_size" not in c:
+        raise PyloaderInputError("multimodal configs (text_config) have no preset yet; pass rules and targets")
     if name not in FAMILIES:
         raise PyloaderInputError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
     dtype = dtype or _DTYPES.get(str(c.get("torch_dtype") or c.get("dtype") or "bfloat16"), torch.bfloat16)
+    if name == "nemotron_vl":
+        return _nemotron_vl(c, parallel, dtype)
     b = _Builder(c, parallel, dtype)
     n = c["num_hidden_layers"]
     layers = _layer_range(c, parallel, n)

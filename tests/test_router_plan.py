@@ -353,3 +353,85 @@ def test_failure2_nemotron_h_nvfp4_expert_input_scales():
     plan = build_plan(ck, preset.targets, preset.rules)
     assert plan.summary.skipped["activation input scale; activations are not quantized here"] == 2944 * 2
     assert plan.summary.unexpected == [] and plan.missing == []
+
+
+def nemotron_vl_entries(c_llm):
+    """Nemotron Nano VL: the Nemotron-H language model under ``language_model.`` and the RADIO
+    tower as published (names and shapes of C-RADIOv2-H: 32 blocks of width 1280, the
+    input-conditioner buffers), the mlp1 projector and an audio arm."""
+    out = [("language_model." + n, s, d) for n, s, d in nemotron_h_entries(c_llm) if not n.startswith("mtp.")]
+    out = [(n.replace("language_model.lm_head", "language_model.lm_head"), s, d) for n, s, d in out]
+    r = "vision_model.radio_model."
+    out += [(r + "input_conditioner.norm_mean", (3, 1, 1), "F32"), (r + "input_conditioner.norm_std", (3, 1, 1), "F32"),
+            (r + "summary_idxs", (3,), "F32"),
+            (r + "model.patch_generator.cls_token.token", (10, 1280), "BF16"),
+            (r + "model.patch_generator.embedder.weight", (1280, 768), "BF16"),
+            (r + "model.patch_generator.pos_embed", (1, 16384, 1280), "BF16")]
+    for b in range(32):
+        p = f"{r}model.blocks.{b}."
+        out += [(p + "attn.qkv.weight", (3840, 1280), "BF16"), (p + "attn.qkv.bias", (3840,), "BF16"),
+                (p + "attn.proj.weight", (1280, 1280), "BF16"), (p + "attn.proj.bias", (1280,), "BF16"),
+                (p + "norm1.weight", (1280,), "BF16"), (p + "norm1.bias", (1280,), "BF16"),
+                (p + "norm2.weight", (1280,), "BF16"), (p + "norm2.bias", (1280,), "BF16"),
+                (p + "mlp.fc1.weight", (5120, 1280), "BF16"), (p + "mlp.fc1.bias", (5120,), "BF16"),
+                (p + "mlp.fc2.weight", (1280, 5120), "BF16"), (p + "mlp.fc2.bias", (1280,), "BF16")]
+    out += [("mlp1.0.weight", (5120,), "BF16"), ("mlp1.1.weight", (20480, 5120), "BF16"), ("mlp1.3.weight", (2688, 20480), "BF16"),
+            ("sound_encoder.encoder.layers.0.weight", (16, 16), "BF16"), ("sound_projection.weight", (2688, 16), "BF16")]
+    return out
+
+
+def test_nemotron_vl_routes_language_vision_audio_for_every_pp_size():
+    llm = config_of_folder("nvidia-nemotron-3.5-lightning-30b-a3b-nvfp4")
+    c = {"architectures": ["NemotronH_Nano_VL_V2"], "model_type": "NemotronH_Nano_VL_V2", "llm_config": llm,
+         "torch_dtype": "bfloat16"}
+    ck = synthetic(nemotron_vl_entries(llm), "nemotron-vl")
+    tower = [n for n in ck.tensors if not n.startswith("language_model.")]
+    for pp in (1, 2, 4):
+        names = []
+        for rank in range(pp):
+            preset = build_preset(c, parallel=Parallel(pp_rank=rank, pp_size=pp))
+            preset.add_passthrough(ck.tensors)
+            assert preset.name == "nemotron_vl"
+            plan = build_plan(ck, preset.targets, preset.rules)
+            assert plan.summary.unexpected == [] and plan.missing == [], (pp, rank, plan.missing[:3])
+            names += [p.source.name for p in plan.pieces]
+            if rank == 0:
+                assert set(tower) <= set(names)  # towers, buffers included, load on the first stage
+            else:
+                assert not set(tower) & {p.source.name for p in plan.pieces}
+        assert len(names) == len(set(names)) == len(ck.tensors)
+    preset = build_preset(c)
+    assert "language_model.model.layers.1.mixer.experts.w13_weight" in preset.targets
+    assert "language_model.lm_head.weight" in preset.targets
+
+
+def test_failure4_nemotron_vl_radio_buffers_are_targets():
+    """vLLM's AutoWeightsLoader: 'There is no module or parameter named ...norm_mean': the RADIO
+    input conditioner's registered buffers. A module whose buffers are targets loads them."""
+    class Conditioner(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("norm_mean", torch.zeros(3, 1, 1))
+            self.register_buffer("norm_std", torch.ones(3, 1, 1))
+
+    class Radio(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.input_conditioner = Conditioner()
+            self.proj = torch.nn.Linear(2, 2)
+
+    class VL(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vision_model = torch.nn.Module()
+            self.vision_model.radio_model = Radio()
+
+    m = VL()
+    ck = synthetic([("vision_model.radio_model.input_conditioner.norm_mean", (3, 1, 1), "F32"),
+                    ("vision_model.radio_model.input_conditioner.norm_std", (3, 1, 1), "F32"),
+                    ("vision_model.radio_model.proj.weight", (2, 2), "F32"),
+                    ("vision_model.radio_model.proj.bias", (2,), "F32")])
+    with pytest.raises(KeyError):
+        _naive_load(ck.tensors, dict(m.named_parameters()))
+    plan = build_plan(ck, targets_of_module(m), Rules())
+    assert plan.missing == [] and len(plan.pieces) == 4
