@@ -435,3 +435,13 @@ def test_failure4_nemotron_vl_radio_buffers_are_targets():
         _naive_load(ck.tensors, dict(m.named_parameters()))
     plan = build_plan(ck, targets_of_module(m), Rules())
     assert plan.missing == [] and len(plan.pieces) == 4
+
+
+def test_scale_without_its_weight_is_a_problem():
+    targets = {"a.q_proj.weight": torch.empty(4, 8, dtype=torch.bfloat16)}
+    from pyloader.plan import targets_from_tensors
+
+    ck = synthetic([("a.q_proj.weight_scale_inv", (1, 1), "F32")])  # its FP8 weight is in no file
+    with pytest.raises(PlanError) as e:
+        build_plan(ck, targets_from_tensors(targets), Rules())
+    assert "a.q_proj.weight_scale_inv: a scale with no weight" in str(e.value)
