@@ -10,7 +10,6 @@ Input: a synthetic DeepSeek-V3-shaped FP8 checkpoint in the page cache (warm). D
 """
 
 import argparse
-import json
 import os
 import resource
 import shutil

@@ -31,7 +31,6 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from . import _dtypes
 from .backend import resolve_backend
 from .checkpoint import (DTYPES, INDEX_NAME, CheckpointError, TensorInfo, open_checkpoint, read_safetensors_header,
                          write_safetensors_header)
@@ -203,7 +202,7 @@ def _check_paths(src: Path, dst: Path):
     s, d = src.resolve(), dst.resolve()
     if d == s or s in d.parents:
         raise PyloaderInputError(f"{dst}: DST must not be SRC or inside it (SRC is never modified)")
-    if s in d.parents or d in s.parents:
+    if d in s.parents:
         raise PyloaderInputError(f"{dst}: SRC inside DST is refused (copying other files would recurse)")
 
 

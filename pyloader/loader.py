@@ -209,8 +209,9 @@ def _run_stream(items: Iterator[Tuple[str, torch.Tensor]], specs, rules, tensors
     for its weight); everything else goes straight into its target."""
     chosen = resolve_backend(backend, dev, "load")
     router = Router(rules, specs)
+    fused = {p for p, _, _ in rules.stacked_params_mapping} | {p for p, _, _, _ in rules.expert_params_mapping}
     for name, spec in specs.items():
-        if not spec.shards and not spec.fill_from and _is_stacked(rules, name, router):
+        if not spec.shards and not spec.fill_from and any(p in name for p in fused):
             raise PyloaderInputError(f"target {name} is stacked from several checkpoint tensors: a streamed source "
                                      "needs its layout from a preset (pass config= or preset=)")
     pieces, routes = [], []
@@ -255,8 +256,3 @@ def _run_stream(items: Iterator[Tuple[str, torch.Tensor]], specs, rules, tensors
         raise PlanError(problems)
     report.backend = chosen
     return Plan(specs, pieces, summary, missing)
-
-
-def _is_stacked(rules: Rules, target: str, router: Router) -> bool:
-    params = {p for p, _, _ in rules.stacked_params_mapping} | {p for p, _, _, _ in rules.expert_params_mapping}
-    return any(p in target for p in params)

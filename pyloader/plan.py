@@ -9,7 +9,7 @@ and placed, before any GPU work. Problems are collected and reported all at once
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -64,6 +64,7 @@ class Plan:
     missing: List[str]
     owned_layers: Optional[Tuple[int, int]] = None
     scales: List[TensorInfo] = field(default_factory=list)
+    _sources: Optional[Dict[str, List[str]]] = field(default=None, repr=False)
 
     @property
     def read_bytes(self) -> int:
@@ -80,7 +81,11 @@ class Plan:
         return [(k, groups[k]) for k in order]
 
     def sources_of(self, target: str) -> List[str]:
-        return [p.source.name for p in self.pieces if p.target == target]
+        if self._sources is None:  # one pass over the pieces, not one per target
+            self._sources = {}
+            for p in self.pieces:
+                self._sources.setdefault(p.target, []).append(p.source.name)
+        return list(self._sources.get(target, ()))
 
 
 def targets_from_tensors(tensors: Mapping[str, torch.Tensor], rules: Optional[Rules] = None) -> Dict[str, TargetSpec]:

@@ -444,7 +444,7 @@ def _nemotron_h(b, c, par, layers):
             b.replicated(f"{m}.gate.weight", (E, H), i)
             b.replicated(f"{m}.gate.e_score_correction_bias", (E,), i, dtype=torch.float32)
             # relu2 experts are not gated: w13 holds the up projection only
-            emap = b.experts(f"{m}.experts", i, E, H, c["moe_intermediate_size"], w13=("w1", None))
+            b.experts(f"{m}.experts", i, E, H, c["moe_intermediate_size"], w13=("w1", None))
             Is = c["moe_shared_expert_intermediate_size"]
             b.column(f"{m}.shared_experts.up_proj.weight", (Is, H), i)
             b.row(f"{m}.shared_experts.down_proj.weight", (H, Is), i)

@@ -10,7 +10,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 

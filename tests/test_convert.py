@@ -8,14 +8,13 @@ import os
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pyloader import ops, reference
 from pyloader.cli import main
 from pyloader.convert import convert
 
-from helpers import HAS_GPU, assert_bitwise_equal
+from helpers import assert_bitwise_equal
 
 
 def _fp8(shape, seed, block=(128, 128), sdtype=torch.float32):

@@ -13,7 +13,7 @@ from pyloader import reference
 from pyloader.presets import Parallel, build_preset
 from pyloader.synthetic import allocate_targets, write_checkpoint
 
-from helpers import HAS_GPU, assert_bitwise_equal, poison_
+from helpers import assert_bitwise_equal, poison_
 
 TINY = {
     "llama": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 256, "intermediate_size": 384,

@@ -32,6 +32,35 @@ def fp8_upcast_mode(device: torch.device) -> str:
 
 
 @triton.jit
+def _convert_tile(
+    src, scale_ptr, offs_m, offs_n, mask, r0, c0, block_rows, block_cols, scale_stride_r, scale_stride_c,
+    DST_TY: tl.constexpr, SRC_MODE: tl.constexpr, HAS_SCALE: tl.constexpr, SCALE_E8M0: tl.constexpr,
+    CONVERT: tl.constexpr,
+):
+    # rne(float32(src[i, j]) * float32(scale[(i + r0) // bm, (j + c0) // bn])) as DST_TY (no scale:
+    # the cast alone; no conversion: the bits as loaded)
+    if CONVERT:
+        if SRC_MODE == 1:
+            v = e4m3_bits_to_float32(src)
+        elif SRC_MODE == 2:
+            v = e5m2_bits_to_float32(src)
+        else:
+            v = src.to(tl.float32)
+        if HAS_SCALE:
+            srow = (offs_m + r0) // block_rows
+            scol = (offs_n + c0) // block_cols
+            s_off = srow.to(tl.int64)[:, None] * scale_stride_r + scol.to(tl.int64)[None, :] * scale_stride_c
+            s = tl.load(scale_ptr + s_off, mask=mask, other=1)
+            if SCALE_E8M0:
+                s = e8m0_bits_to_float32(s)
+            else:
+                s = s.to(tl.float32)
+            v = v * s
+        return v.to(DST_TY)
+    return src
+
+
+@triton.jit
 def _transform_2d_kernel(
     src_ptr, scale_ptr, dst_ptr,
     rows, cols,
@@ -50,26 +79,9 @@ def _transform_2d_kernel(
     mask = (offs_m[:, None] < rows) & (offs_n[None, :] < cols)
     m64 = offs_m.to(tl.int64)[:, None]
     src = tl.load(src_ptr + e * src_stride_e + m64 * src_stride_r + offs_n[None, :], mask=mask)
-    if CONVERT:
-        if SRC_MODE == 1:
-            v = e4m3_bits_to_float32(src)
-        elif SRC_MODE == 2:
-            v = e5m2_bits_to_float32(src)
-        else:
-            v = src.to(tl.float32)
-        if HAS_SCALE:
-            srow = (offs_m + r0) // block_rows
-            scol = (offs_n + c0) // block_cols
-            s_off = e * scale_stride_e + srow.to(tl.int64)[:, None] * scale_stride_r + scol[None, :] * scale_stride_c
-            s = tl.load(scale_ptr + s_off, mask=mask, other=1)
-            if SCALE_E8M0:
-                s = e8m0_bits_to_float32(s)
-            else:
-                s = s.to(tl.float32)
-            v = v * s
-        out = v.to(dst_ptr.dtype.element_ty)
-    else:
-        out = src
+    out = _convert_tile(src, scale_ptr + e * scale_stride_e, offs_m, offs_n, mask, r0, c0, block_rows, block_cols,
+                        scale_stride_r, scale_stride_c, dst_ptr.dtype.element_ty, SRC_MODE, HAS_SCALE, SCALE_E8M0,
+                        CONVERT)
     tl.store(dst_ptr + e * dst_stride_e + m64 * dst_stride_r + offs_n[None, :], out, mask=mask)
 
 
@@ -156,27 +168,10 @@ def _multi_tensor_transform_kernel(
         dst_stride = tl.multiple_of(dst_stride, 16)
     m64 = offs_m.to(tl.int64)[:, None]
     src = tl.load(src_ptr + m64 * src_stride + offs_n[None, :], mask=mask)
-    if CONVERT:
-        if SRC_MODE == 1:
-            v = e4m3_bits_to_float32(src)
-        elif SRC_MODE == 2:
-            v = e5m2_bits_to_float32(src)
-        else:
-            v = src.to(tl.float32)
-        if HAS_SCALE:
-            scale_ptr = tl.load(row + 2).to(tl.pointer_type(SCALE_TY))
-            srow = (offs_m + tl.load(row + 11)) // tl.load(row + 9)
-            scol = (offs_n + tl.load(row + 12)) // tl.load(row + 10)
-            s_off = srow.to(tl.int64)[:, None] * tl.load(row + 7) + scol.to(tl.int64)[None, :] * tl.load(row + 8)
-            s = tl.load(scale_ptr + s_off, mask=mask, other=1)
-            if SCALE_E8M0:
-                s = e8m0_bits_to_float32(s)
-            else:
-                s = s.to(tl.float32)
-            v = v * s
-        out = v.to(DST_TY)
-    else:
-        out = src
+    scale_ptr = tl.load(row + 2).to(tl.pointer_type(SCALE_TY))  # null without a scale: never read then
+    out = _convert_tile(src, scale_ptr, offs_m, offs_n, mask, tl.load(row + 11), tl.load(row + 12),
+                        tl.load(row + 9), tl.load(row + 10), tl.load(row + 7), tl.load(row + 8),
+                        DST_TY, SRC_MODE, HAS_SCALE, SCALE_E8M0, CONVERT)
     tl.store(dst_ptr + m64 * dst_stride + offs_n[None, :], out, mask=mask)
 
 
