@@ -53,7 +53,7 @@ def cmd_inspect(args) -> int:
           f"  layers {preset.owned_layers[0]}..{preset.owned_layers[1] - 1} of {preset.num_layers}")
     print(f"routed       {report['routed']} tensors into {len(report['targets'])} targets; reads {_human_bytes(report['read_bytes'])}")
     transforms = {}
-    for p in plan.pieces:
+    for p in {p.source.name: p for p in plan.pieces}.values():  # a segmented source counts once
         transforms[p.transform] = transforms.get(p.transform, 0) + 1
     print(f"transforms   {', '.join(f'{k} {v}' for k, v in sorted(transforms.items()))}")
     for reason, n in report["skipped"].items():

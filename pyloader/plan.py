@@ -85,7 +85,7 @@ class Plan:
             self._sources = {}
             for p in self.pieces:
                 self._sources.setdefault(p.target, []).append(p.source.name)
-        return list(self._sources.get(target, ()))
+        return list(dict.fromkeys(self._sources.get(target, ())))  # a segmented source once
 
 
 def targets_from_tensors(tensors: Mapping[str, torch.Tensor], rules: Optional[Rules] = None) -> Dict[str, TargetSpec]:
@@ -211,8 +211,8 @@ def build_plan(
         if placement is None:  # inferred below from the source shapes
             placement = ShardPlacement(-1, -1, src_shape=src.shape)
         scale_info = checkpoint.tensors[scale_route.name] if scale_route is not None and transform == "dequant" else None
-        piece = Piece(src, target, shard_id, expert_id, slot, placement, transform, scale_info, block_size, r.layer)
-        pieces.append(piece)
+        for pl in placement.segments or (placement,):  # a segmented source: one piece per row range
+            pieces.append(Piece(src, target, shard_id, expert_id, slot, pl, transform, scale_info, block_size, r.layer))
     for key, r in scales.items():
         if key not in used_scales and key in weights:
             continue  # scale of a non-FP8 weight: an FP8 weight with no scale is reported above

@@ -9,7 +9,7 @@ Target names and layouts follow vLLM's for each family:
 | ``mixtral`` | mixtral | ``block_sparse_moe.experts.w13_weight`` / ``w2_weight`` from ``experts.N.w1/w3/w2`` |
 | ``deepseek`` | deepseek_v2, deepseek_v3, kimi_k2 | MLA ``self_attn.fused_qkv_a_proj`` (q_a_proj, kv_a_proj_with_mqa) when ``q_lora_rank``; dense ``mlp.gate_up_proj`` below ``first_k_dense_replace``; experts ``w13``/``w2``; ``mlp.shared_experts.gate_up_proj``; MTP layers ``>= num_hidden_layers`` skipped |
 | ``deepseek_dsa`` | deepseek_v32, glm_moe_dsa (GLM-5) | ``deepseek`` plus the sparse-attention indexer: ``self_attn.indexer.wk_weights_proj`` (wk, weights_proj) ``[index_head_dim + index_n_heads, H]``, ``indexer.wq_b``, ``indexer.k_norm`` |
-| ``nemotron_h`` | nemotron_h (Nemotron-H, Nemotron 3 Nano/Super/Ultra hybrids) | ``backbone.*`` renamed to ``model.*`` (``embeddings`` → ``embed_tokens``, ``norm_f`` → ``norm``); Mamba2 mixers as stored (``in_proj``, ``conv1d``, ``A_log``, ``D``, ``dt_bias``, ``norm``, ``out_proj``; ``A_log`` kept raw for the engine's post-load hook); attention ``mixer.qkv_proj``; relu2 (non-gated) experts ``mixer.experts.w13_weight`` ``[E, I, H]`` (up only) and ``w2_weight``; ``mtp.*`` skipped; tensor parallel not yet for Mamba layers |
+| ``nemotron_h`` | nemotron_h (Nemotron-H, Nemotron 3 Nano/Super/Ultra hybrids) | ``backbone.*`` renamed to ``model.*`` (``embeddings`` → ``embed_tokens``, ``norm_f`` → ``norm``); Mamba2 mixers as stored (``in_proj``, ``conv1d``, ``A_log``, ``D``, ``dt_bias``, ``norm``, ``out_proj``; ``A_log`` kept raw for the engine's post-load hook); attention ``mixer.qkv_proj``; relu2 (non-gated) experts ``mixer.experts.w13_weight`` ``[E, I, H]`` (up only) and ``w2_weight``; LatentMoE (``moe_latent_size``, Nemotron 3 Super/Ultra): ``fc1_latent_proj``/``fc2_latent_proj`` and experts of width ``moe_latent_size``; ``mtp.*`` skipped; tensor parallel as vLLM's MambaMixer2 (in_proj ``[z|x|B|C|dt]`` and conv1d ``[x|B|C]`` split segment by segment: heads, and groups or one replicated group; ``A_log``/``D``/``dt_bias``/``norm`` by heads; ``out_proj`` by columns) |
 | ``nemotron_vl`` | NemotronH_Nano_VL_V2, NemotronH_Nano_Omni_Reasoning_V3 | the ``nemotron_h`` language model under ``language_model.`` (from ``llm_config``/``text_config``); ``vision_model.*`` (RADIO tower and its ``input_conditioner.norm_mean``/``norm_std`` buffers), ``mlp1.*``, ``sound_encoder.*``, ``sound_projection.*`` pass through under their checkpoint names and stored shapes, on the first stage |
 | ``gpt_oss`` | gpt_oss | ``self_attn.qkv_proj`` with bias, ``self_attn.sinks``, ``mlp.router``, MXFP4 experts kept packed: ``mlp.experts.w13_weight`` (uint8 blocks), ``w13_weight_scale`` (E8M0), ``w13_bias``, same for ``w2`` |
 
@@ -87,6 +87,9 @@ class ShardPlacement:
     src_rows: Optional[Range] = None       # range of the source's rows (dim 0) taken; None: all
     src_cols: Optional[Range] = None       # range of the source's columns (dim 1) taken; None: all
     src_shape: Optional[Tuple[int, ...]] = None  # expected shape of the whole source (one expert's)
+    # A source whose rank-local part is several row ranges (the Mamba2 in_proj [z|x|B|C|dt] split
+    # segment by segment): each is its own placement; the plan makes one piece per segment.
+    segments: Optional[Tuple["ShardPlacement", ...]] = None
 
 
 @dataclass
@@ -207,6 +210,16 @@ class _Builder:
         local = (shape[0], r[1] - r[0])
         return self.add(name, local, layer, dtype,
                         shards={None: ShardPlacement(0, shape[0], src_cols=r, src_shape=tuple(shape))})
+
+    def segmented_column(self, name, shape, segments: Sequence[Range], layer=None, dtype=None):
+        """One source whose rank-local part is several row ranges, packed in order (``[out, ...]``)."""
+        parts, off = [], 0
+        for a, z in segments:
+            parts.append(ShardPlacement(off, z - a, src_rows=(a, z), src_shape=tuple(shape)))
+            off += z - a
+        local = (off,) + tuple(shape[1:])
+        return self.add(name, local, layer, dtype, shards={None: ShardPlacement(
+            0, off, src_shape=tuple(shape), segments=tuple(parts))})
 
     def stacked_column(self, name, parts: Sequence[Tuple[Any, Tuple[int, ...], Range]], layer=None, dtype=None):
         """Shards stacked along rows, each taking its own source row range (TP) in order."""
@@ -406,46 +419,66 @@ def _gpt_oss(b, c, par, layers):
                   shards={None: ShardPlacement(0, shape[0], src_shape=shape)})
 
 
+def _nemotron_pattern(c: dict) -> str:
+    """Layer kinds, one letter a layer: ``hybrid_override_pattern`` or the spelled-out ``layers_block_type``."""
+    if c.get("hybrid_override_pattern"):
+        return c["hybrid_override_pattern"]
+    if c.get("layers_block_type"):  # newer configs (Nemotron 3) spell the pattern out
+        kinds = {"mamba": "M", "moe": "E", "attention": "*", "mlp": "-"}
+        try:
+            return "".join(kinds[k] for k in c["layers_block_type"])
+        except KeyError as e:
+            raise PyloaderInputError(f"nemotron_h: unknown layers_block_type {e.args[0]!r}") from None
+    raise PyloaderInputError("nemotron_h: config has neither hybrid_override_pattern nor layers_block_type")
+
+
 def _nemotron_h(b, c, par, layers):
     """Nemotron-H hybrid (``hybrid_override_pattern`` or ``layers_block_type``: M Mamba2, E MoE, * attention, - MLP)."""
     H = c["hidden_size"]
-    if c.get("hybrid_override_pattern"):
-        pattern = c["hybrid_override_pattern"]
-    elif c.get("layers_block_type"):  # newer configs spell the pattern out
-        kinds = {"mamba": "M", "moe": "E", "attention": "*", "mlp": "-"}
-        try:
-            pattern = "".join(kinds[k] for k in c["layers_block_type"])
-        except KeyError as e:
-            raise PyloaderInputError(f"nemotron_h: unknown layers_block_type {e.args[0]!r}") from None
-    else:
-        raise PyloaderInputError("nemotron_h: config has neither hybrid_override_pattern nor layers_block_type")
+    pattern = _nemotron_pattern(c)
     nh, hd_m, ng, ds = c["mamba_num_heads"], c["mamba_head_dim"], c["n_groups"], c["ssm_state_size"]
     d_inner = nh * hd_m
     conv_dim = d_inner + 2 * ng * ds
-    if par.tp_size > 1 and "M" in pattern:
-        raise PyloaderInputError("nemotron_h: tensor-parallel splitting of the Mamba in_proj (z, x, B, C, dt "
-                                 "segments) is not supported yet; use tp_size 1 (pipeline and expert parallel work)")
+    tp = par.tp_size
+    if nh % tp:
+        raise PyloaderInputError(f"nemotron_h: {nh} Mamba heads do not split over tp_size {tp}")
+    if ng % tp and ng != 1:
+        raise PyloaderInputError(f"nemotron_h: {ng} Mamba groups do not split over tp_size {tp} (only 1 group is "
+                                 "replicated)")
+    # vLLM's MambaMixer2 layout on a rank: in_proj [z | x | B | C | dt] and conv1d [x | B | C], each
+    # segment this rank's share: z, x and dt by heads, B and C by groups (one group: replicated).
+    heads = b.tp(nh)
+    inner = (heads[0] * hd_m, heads[1] * hd_m)
+    groups = (0, ng * ds) if ng % tp else b.tp(ng * ds, ds)
+    xbc = [(d_inner + inner[0], d_inner + inner[1]), (2 * d_inner + groups[0], 2 * d_inner + groups[1]),
+           (2 * d_inner + ng * ds + groups[0], 2 * d_inner + ng * ds + groups[1])]
+    in_proj = [inner] + xbc + [(d_inner + conv_dim + heads[0], d_inner + conv_dim + heads[1])]
+    conv = [(a - d_inner, z - d_inner) for a, z in xbc]
     for i in range(*layers):
         p = f"model.layers.{i}"
         m = f"{p}.mixer"
         b.replicated(f"{p}.norm.weight", (H,), i)
         kind = pattern[i]
         if kind == "M":
-            b.replicated(f"{m}.in_proj.weight", (d_inner + conv_dim + nh, H), i)
-            b.replicated(f"{m}.conv1d.weight", (conv_dim, 1, c.get("conv_kernel", 4)), i)
+            b.segmented_column(f"{m}.in_proj.weight", (d_inner + conv_dim + nh, H), in_proj, i)
+            b.segmented_column(f"{m}.conv1d.weight", (conv_dim, 1, c.get("conv_kernel", 4)), conv, i)
             if c.get("use_conv_bias", True):
-                b.replicated(f"{m}.conv1d.bias", (conv_dim,), i)
+                b.segmented_column(f"{m}.conv1d.bias", (conv_dim,), conv, i)
             for name in ("A_log", "D", "dt_bias"):
-                b.replicated(f"{m}.{name}", (nh,), i, dtype=torch.float32 if name == "A_log" else None)
-            b.replicated(f"{m}.norm.weight", (d_inner,), i)
-            b.replicated(f"{m}.out_proj.weight", (H, d_inner), i)
+                b.column(f"{m}.{name}", (nh,), i, dtype=torch.float32 if name == "A_log" else None)
+            b.column(f"{m}.norm.weight", (d_inner,), i, unit=hd_m)  # gated RMSNorm over this rank's heads
+            b.row(f"{m}.out_proj.weight", (H, d_inner), i, unit=hd_m)
         elif kind == "E":
             E = c["n_routed_experts"]
             b.replicated(f"{m}.gate.weight", (E, H), i)
             b.replicated(f"{m}.gate.e_score_correction_bias", (E,), i, dtype=torch.float32)
+            latent = c.get("moe_latent_size")  # LatentMoE (Nemotron 3 Super/Ultra): experts work in a smaller width
+            if latent:
+                b.replicated(f"{m}.fc1_latent_proj.weight", (latent, H), i)
+                b.replicated(f"{m}.fc2_latent_proj.weight", (H, latent), i)
             # relu2 experts are not gated: w13 holds the up projection only
-            b.experts(f"{m}.experts", i, E, H, c["moe_intermediate_size"], w13=("w1", None))
-            Is = c["moe_shared_expert_intermediate_size"]
+            b.experts(f"{m}.experts", i, E, latent or H, c["moe_intermediate_size"], w13=("w1", None))
+            Is = c["moe_shared_expert_intermediate_size"] * (c.get("n_shared_experts") or 1)
             b.column(f"{m}.shared_experts.up_proj.weight", (Is, H), i)
             b.row(f"{m}.shared_experts.down_proj.weight", (H, Is), i)
         elif kind == "*":
@@ -554,8 +587,15 @@ def build_preset(config: Union[str, Path, dict], preset: Optional[str] = None, p
     dtype = dtype or _DTYPES.get(str(c.get("torch_dtype") or c.get("dtype") or "bfloat16"), torch.bfloat16)
     if name == "nemotron_vl":
         return _nemotron_vl(c, parallel, dtype)
+    try:
+        return _build(c, name, parallel, dtype)
+    except KeyError as e:  # a field the family needs is absent: name it, not a traceback
+        raise PyloaderInputError(f"config.json has no {e.args[0]!r}, which the {name} preset needs") from None
+
+
+def _build(c: dict, name: str, parallel: Parallel, dtype: torch.dtype) -> Preset:
     b = _Builder(c, parallel, dtype)
-    n = c["num_hidden_layers"]
+    n = c.get("num_hidden_layers") or (len(_nemotron_pattern(c)) if name == "nemotron_h" else c["num_hidden_layers"])
     layers = _layer_range(c, parallel, n)
     first, last = layers[0] == 0, layers[1] == n
     tied = bool(c.get("tie_word_embeddings"))

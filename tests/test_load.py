@@ -180,3 +180,97 @@ def test_real_runai_streamer_as_a_source(tmp_path):
     assert report.missing == []
     for n in ref:
         assert_bitwise_equal(out[n], ref[n], what=n)
+
+
+NEMOTRON_H_TINY = {"model_type": "nemotron_h", "architectures": ["NemotronHForCausalLM"], "hidden_size": 256,
+                   "hybrid_override_pattern": "M*M-", "mamba_num_heads": 8, "mamba_head_dim": 16, "n_groups": 2,
+                   "ssm_state_size": 16, "conv_kernel": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                   "head_dim": 64, "intermediate_size": 192, "vocab_size": 96, "tie_word_embeddings": False,
+                   "num_hidden_layers": 4, "torch_dtype": "bfloat16"}
+
+
+def nemotron_h_tiny_tensors(c, gen):
+    """A tiny Nemotron-H checkpoint: FP8 (128x128 blocks) in_proj and out_proj of the Mamba
+    layers, BF16 elsewhere; values random so that every misplaced row shows."""
+    H, nh, hd = c["hidden_size"], c["mamba_num_heads"], c["mamba_head_dim"]
+    d_inner, conv = nh * hd, nh * hd + 2 * c["n_groups"] * c["ssm_state_size"]
+    heads, kv, ahd, I = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"], c["intermediate_size"]
+
+    def bf16(*shape):
+        return torch.randn(shape, generator=gen).to(torch.bfloat16)
+
+    def fp8(name, rows, cols):
+        out[name] = torch.randn((rows, cols), generator=gen).to(torch.float8_e4m3fn)
+        out[name + "_scale_inv"] = torch.rand((-(-rows // 128), -(-cols // 128)), generator=gen) + 0.5
+
+    out = {"backbone.embeddings.weight": bf16(c["vocab_size"], H), "backbone.norm_f.weight": bf16(H),
+           "lm_head.weight": bf16(c["vocab_size"], H)}
+    for i, kind in enumerate(c["hybrid_override_pattern"]):
+        p = f"backbone.layers.{i}"
+        out[f"{p}.norm.weight"] = bf16(H)
+        if kind == "M":
+            fp8(f"{p}.mixer.in_proj.weight", d_inner + conv + nh, H)
+            fp8(f"{p}.mixer.out_proj.weight", H, d_inner)
+            out[f"{p}.mixer.conv1d.weight"], out[f"{p}.mixer.conv1d.bias"] = bf16(conv, 1, 4), bf16(conv)
+            out[f"{p}.mixer.A_log"] = torch.randn(nh, generator=gen)
+            out[f"{p}.mixer.D"], out[f"{p}.mixer.dt_bias"], out[f"{p}.mixer.norm.weight"] = bf16(nh), bf16(nh), bf16(d_inner)
+        elif kind == "*":
+            for n, rows in (("q", heads * ahd), ("k", kv * ahd), ("v", kv * ahd)):
+                out[f"{p}.mixer.{n}_proj.weight"] = bf16(rows, H)
+            out[f"{p}.mixer.o_proj.weight"] = bf16(H, heads * ahd)
+        else:
+            out[f"{p}.mixer.up_proj.weight"], out[f"{p}.mixer.down_proj.weight"] = bf16(I, H), bf16(H, I)
+    return out
+
+
+def mamba_rank_slices(c, rank, tp):
+    """vLLM's MambaMixer2 split written out: rank's rows of in_proj [z|x|B|C|dt] and conv1d [x|B|C]."""
+    nh, hd, ng, ds = c["mamba_num_heads"], c["mamba_head_dim"], c["n_groups"], c["ssm_state_size"]
+    d_inner, gss = nh * hd, ng * ds
+    h = slice(rank * nh // tp, (rank + 1) * nh // tp)
+    inner = slice(h.start * hd, h.stop * hd)
+    g = slice(rank * gss // tp, (rank + 1) * gss // tp) if ng % tp == 0 else slice(0, gss)  # 1 group: replicated
+    idx = torch.arange(d_inner + d_inner + 2 * gss + nh)
+    z, x = idx[:d_inner][inner], idx[d_inner:2 * d_inner][inner]
+    B, C, dt = idx[2 * d_inner:2 * d_inner + gss][g], idx[2 * d_inner + gss:2 * d_inner + 2 * gss][g], idx[2 * d_inner + 2 * gss:][h]
+    return torch.cat([z, x, B, C, dt]), torch.cat([x, B, C]) - d_inner, h, inner
+
+
+@pytest.mark.parametrize("tp,groups", [(1, 2), (2, 2), (4, 1)], ids=["tp1", "tp2", "tp4-one-group"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_nemotron_h_mamba_tensor_parallel_matches_hand_built_split(tmp_path, tp, groups, device):
+    from safetensors.torch import save_file
+    c = dict(NEMOTRON_H_TINY, n_groups=groups)
+    raw = nemotron_h_tiny_tensors(c, torch.Generator().manual_seed(7))
+    d = tmp_path / "nh"
+    d.mkdir()
+    names = sorted(raw)
+    save_file({n: raw[n] for n in names[: len(names) // 2]}, str(d / "model-00001-of-00002.safetensors"))
+    save_file({n: raw[n] for n in names[len(names) // 2:]}, str(d / "model-00002-of-00002.safetensors"))
+
+    def full(name):  # the whole tensor in BF16 (FP8 dequantized with the reference)
+        w = raw[name]
+        if w.dtype == torch.float8_e4m3fn:
+            return reference.dequant_blockwise_torch(w, raw[name + "_scale_inv"], torch.empty(w.shape, dtype=torch.bfloat16),
+                                                     (128, 128))
+        return w
+
+    for rank in range(tp):
+        preset = build_preset(c, parallel=Parallel(tp_rank=rank, tp_size=tp))
+        targets = {n: poison_(t) for n, t in allocate_targets(preset.targets, device).items()}
+        small = pyloader.ExecutorConfig(slot_bytes=1 << 15, num_slots=3, read_threads=3, io="pread")
+        report = pyloader.load(targets, d, config=c, tp=(rank, tp), backend=None if device == "cuda" else "torch",
+                               progress=False, executor=small)
+        assert report.missing == [] and report.unexpected == []
+        in_rows, conv_rows, heads, inner = mamba_rank_slices(c, rank, tp)
+        for i in (0, 2):
+            p, m = f"backbone.layers.{i}.mixer", f"model.layers.{i}.mixer"
+            want = {"in_proj.weight": full(f"{p}.in_proj.weight")[in_rows],
+                    "conv1d.weight": raw[f"{p}.conv1d.weight"][conv_rows], "conv1d.bias": raw[f"{p}.conv1d.bias"][conv_rows],
+                    "A_log": raw[f"{p}.A_log"][heads], "D": raw[f"{p}.D"][heads], "dt_bias": raw[f"{p}.dt_bias"][heads],
+                    "norm.weight": raw[f"{p}.norm.weight"][inner], "out_proj.weight": full(f"{p}.out_proj.weight")[:, inner]}
+            for leaf, w in want.items():
+                assert_bitwise_equal(targets[f"{m}.{leaf}"], w.to(device), what=f"tp {rank}/{tp} layer {i} {leaf}")
+        up = raw["backbone.layers.3.mixer.up_proj.weight"]
+        assert_bitwise_equal(targets["model.layers.3.mixer.up_proj.weight"],
+                             up[rank * 192 // tp:(rank + 1) * 192 // tp].to(device), what="mlp up_proj")

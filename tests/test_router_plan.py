@@ -334,13 +334,31 @@ def test_nemotron_h_real_module_list_routes_for_every_pp_size():
             assert plan.summary.unexpected == [] and plan.missing == [], (pp, rank, plan.missing[:3])
             owned.append(set(range(*preset.owned_layers)))
             names += [p.source.name for p in plan.pieces]
-        assert set().union(*owned) == set(range(52)) and len(names) == len(set(names)) == len(ck.tensors) - 1
+        assert set().union(*owned) == set(range(52)) and len(set(names)) == len(ck.tensors) - 1
     preset = build_preset(c, parallel=Parallel(ep_rank=1, ep_size=4))
     plan = build_plan(ck, preset.targets, preset.rules)
     w13 = preset.targets["model.layers.1.mixer.experts.w13_weight"]
     assert w13.shape == (32, 1856, 2688) and sorted(w13.experts)[:2] == [32, 33]  # relu2: up only
-    with pytest.raises(PyloaderInputError, match="Mamba"):
-        build_preset(c, parallel=Parallel(tp_rank=0, tp_size=2))
+    # tensor parallel: every rank covers its targets; the Mamba in_proj rows taken over the ranks
+    # are every source row exactly once (groups split, 8 groups over up to 8 ranks)
+    nh, d_inner = c["mamba_num_heads"], c["mamba_num_heads"] * c["mamba_head_dim"]
+    rows_in = d_inner * 2 + 2 * c["n_groups"] * c["ssm_state_size"] + nh
+    for tp in (2, 4, 8):
+        taken = []
+        for rank in range(tp):
+            preset = build_preset(c, parallel=Parallel(tp_rank=rank, tp_size=tp))
+            plan = build_plan(ck, preset.targets, preset.rules)
+            assert plan.summary.unexpected == [] and plan.missing == [], (tp, rank, plan.missing[:3])
+            in_proj = [p for p in plan.pieces if p.source.name == "backbone.layers.0.mixer.in_proj.weight"]
+            assert len(in_proj) == 5 and preset.targets["model.layers.0.mixer.in_proj.weight"].shape == (rows_in // tp, 2688)
+            taken += [r for p in in_proj for r in range(*p.placement.src_rows)]
+        assert sorted(taken) == list(range(rows_in)), tp
+    for rank in range(4):  # TP and PP together
+        preset = build_preset(c, parallel=Parallel(tp_rank=rank // 2, tp_size=2, pp_rank=rank % 2, pp_size=2))
+        plan = build_plan(ck, preset.targets, preset.rules)
+        assert plan.summary.unexpected == [] and plan.missing == []
+    with pytest.raises(PyloaderInputError, match="Mamba heads"):
+        build_preset(c, parallel=Parallel(tp_rank=0, tp_size=3))
 
 
 def test_failure2_nemotron_h_nvfp4_expert_input_scales():
@@ -394,12 +412,16 @@ def test_nemotron_vl_routes_language_vision_audio_for_every_pp_size():
             assert preset.name == "nemotron_vl"
             plan = build_plan(ck, preset.targets, preset.rules)
             assert plan.summary.unexpected == [] and plan.missing == [], (pp, rank, plan.missing[:3])
-            names += [p.source.name for p in plan.pieces]
+            names += list(dict.fromkeys(p.source.name for p in plan.pieces))  # a segmented source once
             if rank == 0:
                 assert set(tower) <= set(names)  # towers, buffers included, load on the first stage
             else:
                 assert not set(tower) & {p.source.name for p in plan.pieces}
         assert len(names) == len(set(names)) == len(ck.tensors)
+    preset = build_preset(c, parallel=Parallel(tp_rank=1, tp_size=2))  # tensor parallel reaches the inner model
+    preset.add_passthrough(ck.tensors)
+    plan = build_plan(ck, preset.targets, preset.rules)
+    assert plan.missing == [] and preset.targets["language_model.model.layers.0.mixer.A_log"].shape == (32,)
     preset = build_preset(c)
     assert "language_model.model.layers.1.mixer.experts.w13_weight" in preset.targets
     assert "language_model.lm_head.weight" in preset.targets
@@ -445,3 +467,32 @@ def test_scale_without_its_weight_is_a_problem():
     with pytest.raises(PlanError) as e:
         build_plan(ck, targets_from_tensors(targets), Rules())
     assert "a.q_proj.weight_scale_inv: a scale with no weight" in str(e.value)
+
+
+@pytest.mark.parametrize("folder", ["nvidia-nemotron-3-super-120b-a12b-fp8", "nvidia-nemotron-3-ultra-550b-a55b-bf16",
+                                    "nemotron-h-56b-base-8k"])
+def test_nemotron_3_latent_moe_and_mamba_shapes_per_tp_rank(folder):
+    """Nemotron 3 Super/Ultra (LatentMoE: experts in moe_latent_size, fc1/fc2 latent projections;
+    Ultra's config has no num_hidden_layers, only layers_block_type) and Nemotron-H 56B."""
+    c = config_of_folder(folder)
+    H, latent = c["hidden_size"], c.get("moe_latent_size")
+    nh, hd, gss = c["mamba_num_heads"], c["mamba_head_dim"], c["n_groups"] * c["ssm_state_size"]
+    for tp in (1, 2, 8):
+        preset = build_preset(c, parallel=Parallel(tp_rank=tp - 1, tp_size=tp))
+        t = preset.targets
+        m = next(n[: -len(".in_proj.weight")] for n in t if n.endswith(".in_proj.weight"))
+        assert t[f"{m}.in_proj.weight"].shape == ((2 * nh * hd + 2 * gss + nh) // tp, H)
+        assert t[f"{m}.conv1d.weight"].shape == ((nh * hd + 2 * gss) // tp, 1, c["conv_kernel"])
+        assert t[f"{m}.out_proj.weight"].shape == (H, nh * hd // tp) and t[f"{m}.A_log"].shape == (nh // tp,)
+        moe = [n[: -len(".experts.w13_weight")] for n in t if n.endswith(".experts.w13_weight")]
+        if latent:
+            assert t[f"{moe[0]}.experts.w13_weight"].shape == (c["n_routed_experts"], c["moe_intermediate_size"] // tp, latent)
+            assert t[f"{moe[0]}.fc1_latent_proj.weight"].shape == (latent, H)
+            assert t[f"{moe[0]}.fc2_latent_proj.weight"].shape == (H, latent)
+    assert preset.num_layers == len(c.get("layers_block_type") or c.get("hybrid_override_pattern"))
+
+
+def test_config_missing_a_field_names_it():
+    c = {k: v for k, v in config_of_folder("qwen3-32b").items() if k != "intermediate_size"}
+    with pytest.raises(PyloaderInputError, match="'intermediate_size'.*llama"):
+        build_preset(c)
