@@ -46,6 +46,9 @@ class ExecutorConfig:
     # the copies run at the PCIe ceiling, but registering the pages costs more than the copy
     # saves: 21.6 vs 35.3 GB/s warm on the H200, bench/NOTES.md). "auto": pread.
     io: str = "auto"
+    # The reader threads wait for their slot's transform to finish. A spinning wait would hold a
+    # core each (up to read_threads of them) away from the reads; a blocking event sleeps.
+    blocking_wait: bool = True
 
 
 @dataclass
@@ -478,7 +481,7 @@ class StreamingExecutor:
                     t0.record()
                 run_jobs([j for j in jobs if j.src.numel()], self.backend)
                 if cuda:
-                    t1 = torch.cuda.Event(enable_timing=True)
+                    t1 = torch.cuda.Event(enable_timing=True, blocking=cfg.blocking_wait)
                     t1.record()
                     done[slot] = t1
                     timing_events.append((e0, e1, t0, t1))

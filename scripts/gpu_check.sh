@@ -2,7 +2,8 @@
 # The device-machine run: build, GPU tests, compute-sanitizer, benchmarks. Logs and JSON go to
 # $OUT (the device tool brings back at most 8 files, so each stage writes one log).
 #
-#   scripts/gpu_check.sh [build] [test] [sanitize] [bench] [bench-cpu] [e2e] [convert]   (default: all)
+#   scripts/gpu_check.sh [build] [test] [sanitize] [bench] [bench-cpu] [e2e] [executor] [convert]
+#   [variants]   (default: all but executor and variants, the experiments)
 #
 # Environment: PYLOADER_CUDA_ARCHS (default 90 here; release builds use setup.py's default),
 # PYTEST_ARGS (extra pytest arguments), BENCH_ARGS (extra arguments of the bench scripts, e.g. --quick).
@@ -74,6 +75,21 @@ if has e2e; then
   python3 -m pyloader bench --cold --repeats 1 --json "$OUT/bench.json" --tmpdir "${BENCH_TMP:-/tmp}" \
     ${E2E_ARGS:-} >> "$OUT/e2e.log" 2>&1 || status=1
   tail -14 "$OUT/e2e.log"
+fi
+
+if has variants; then
+  note "dequant kernel-shape experiment (bench/kernels/dequant_variants.cu)"
+  nvcc -O3 -std=c++17 -arch=sm_90 -o /tmp/dequant_variants bench/kernels/dequant_variants.cu > "$OUT/variants.log" 2>&1 \
+    && { /tmp/dequant_variants 16384 16384; /tmp/dequant_variants 129280 7168; /tmp/dequant_variants 2048 7168; } \
+    >> "$OUT/variants.log" 2>&1 || status=1
+  cat "$OUT/variants.log"
+fi
+
+if has executor; then
+  note "bench_executor (pread ceiling, pread + H2D, executor settings sweep)"
+  python3 bench/bench_executor.py --json "$OUT/executor.json" --dir "${BENCH_TMP:-/tmp}" ${EXECUTOR_ARGS:-} \
+    > "$OUT/executor.log" 2>&1 || status=1
+  tail -20 "$OUT/executor.log"
 fi
 
 if has convert; then

@@ -1,0 +1,143 @@
+"""Where the warm end-to-end time goes: the pread ceiling of the page cache (reader threads into
+pinned slots, no GPU), pread + H2D without transforms, and pyloader.load over a sweep of executor
+settings (slot size and count, reader threads, chunk size, blocking or spinning slot waits), all
+on one synthetic DeepSeek-V3-shaped FP8 checkpoint in the same run.
+
+    python bench/bench_executor.py --size-gb 16 --json bench/results/executor_<gpu>_<commit>.json
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment  # noqa: E402
+
+import pyloader  # noqa: E402
+from pyloader.bench import _verify, _warm, pinned_h2d_gbps, synthetic_config  # noqa: E402
+from pyloader.checkpoint import open_checkpoint  # noqa: E402
+from pyloader.plan import build_plan  # noqa: E402
+from pyloader.presets import build_preset, load_config  # noqa: E402
+from pyloader.synthetic import allocate_targets, write_checkpoint  # noqa: E402
+
+
+def pread_ceiling(files, threads: int, chunk: int, slots: int, slot_bytes: int, h2d: bool, dev) -> float:
+    """Read every file once with ``threads`` readers into a ring of pinned slots (optionally
+    copying each filled slot to the device): the host side of the pipeline, no transforms."""
+    host = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(slots)]
+    dst = torch.empty(slot_bytes, dtype=torch.uint8, device=dev) if h2d else None
+    work = []  # (path, offset, nbytes) slot-sized pieces
+    for f in files:
+        size = os.path.getsize(f)
+        work += [(f, o, min(slot_bytes, size - o)) for o in range(0, size, slot_bytes)]
+    fds = {f: os.open(f, os.O_RDONLY) for f in files}
+    pool = ThreadPoolExecutor(threads)
+    stream = torch.cuda.Stream(dev)
+    events = [None] * slots
+
+    def read(fd, buf, off, n):
+        pos = 0
+        while pos < n:
+            pos += os.preadv(fd, [buf[pos:n]], off + pos)
+
+    def submit(i):
+        f, off, n = work[i]
+        slot = i % slots
+        if events[slot] is not None:
+            events[slot].synchronize()
+        buf = memoryview(host[slot].numpy()).cast("B")
+        return [pool.submit(read, fds[f], buf[c:], off + c, min(chunk, n - c)) for c in range(0, n, chunk)]
+
+    torch.cuda.synchronize(dev)
+    t = time.perf_counter()
+    pending = [submit(i) for i in range(min(slots, len(work)))]
+    for i in range(len(work)):
+        for fut in pending[i]:
+            fut.result()
+        slot = i % slots
+        if h2d:
+            with torch.cuda.stream(stream):
+                dst[:work[i][2]].copy_(host[slot][:work[i][2]], non_blocking=True)
+                ev = torch.cuda.Event(blocking=True)
+                ev.record()
+                events[slot] = ev
+        if i + slots < len(work):
+            pending.append(submit(i + slots))
+    torch.cuda.synchronize(dev)
+    seconds = time.perf_counter() - t
+    pool.shutdown()
+    for fd in fds.values():
+        os.close(fd)
+    return sum(w[2] for w in work) / seconds / 1e9
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-gb", type=float, default=16.0)
+    ap.add_argument("--dir", default=None, help="where to write the synthetic checkpoint (default: a temp dir)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    env = environment()
+    tmp = tempfile.TemporaryDirectory(prefix="pyloader-exec-", dir=args.dir)
+    cfg = synthetic_config(args.size_gb, dev)
+    ck_dir = write_checkpoint(Path(tmp.name) / "ds", cfg, shard_bytes=4 << 30)
+    ck = open_checkpoint(ck_dir)
+    pre = build_preset(load_config(ck.config_path))
+    plan = build_plan(ck, pre.targets, pre.rules, block_size=pre.block_size)
+    files = [str(f) for f in ck.files]
+    nbytes = plan.read_bytes
+    targets = allocate_targets(pre.targets, dev)
+    ceiling = pinned_h2d_gbps(dev)
+    print(f"{env['gpu']}: {nbytes / 1e9:.2f} GB, pinned H2D {ceiling:.1f} GB/s")
+    rows = []
+
+    def record(kind, gbps, **cfg_):
+        row = dict(env, bench="executor", case=f"deepseek-v3 slice {nbytes / 1e9:.1f} GB warm", provider=kind,
+                   gbps=round(gbps, 2), ceiling_gbps=round(ceiling, 2), fraction=round(gbps / ceiling, 3), **cfg_)
+        rows.append(row)
+        print(f"  {kind:28s} {gbps:6.2f} GB/s ({gbps / ceiling:.0%})  {cfg_}")
+
+    _warm(files)
+    for threads in (8, 16, 24, 32):
+        for h2d in (False, True):
+            best = max(pread_ceiling(files, threads, 16 << 20, 16, 64 << 20, h2d, dev) for _ in range(2))
+            record("pread + H2D" if h2d else "pread only", best, threads=threads, chunk_mib=16, slots=16, slot_mib=64)
+    sweep = [dict(slot_bytes=128 << 20, num_slots=8, read_threads=16, read_chunk_bytes=32 << 20, blocking_wait=False),
+             dict(slot_bytes=128 << 20, num_slots=8, read_threads=16, read_chunk_bytes=32 << 20, blocking_wait=True),
+             dict(slot_bytes=64 << 20, num_slots=16, read_threads=16, read_chunk_bytes=16 << 20, blocking_wait=True),
+             dict(slot_bytes=64 << 20, num_slots=16, read_threads=24, read_chunk_bytes=16 << 20, blocking_wait=True),
+             dict(slot_bytes=32 << 20, num_slots=32, read_threads=16, read_chunk_bytes=8 << 20, blocking_wait=True),
+             dict(slot_bytes=32 << 20, num_slots=32, read_threads=32, read_chunk_bytes=8 << 20, blocking_wait=True),
+             dict(slot_bytes=64 << 20, num_slots=16, read_threads=32, read_chunk_bytes=8 << 20, blocking_wait=True)]
+    for s in sweep:
+        ex = pyloader.ExecutorConfig(io="pread", **s)
+        times = []
+        for _ in range(args.repeats + 1):
+            torch.cuda.synchronize(dev)
+            t = time.perf_counter()
+            report = pyloader.load(targets, ck_dir, progress=False, executor=ex)
+            torch.cuda.synchronize(dev)
+            times.append(time.perf_counter() - t)
+        tm = report.timings
+        record("pyloader.load", nbytes / min(times[1:]) / 1e9, seconds=[round(x, 3) for x in times],
+               slot_mib=s["slot_bytes"] >> 20, slots=s["num_slots"], threads=s["read_threads"],
+               chunk_mib=s["read_chunk_bytes"] >> 20, blocking_wait=s["blocking_wait"], read_thread_s=round(tm.read_s, 3),
+               wait_read_s=round(tm.wait_read_s, 3), h2d_s=round(tm.h2d_s, 3), wall_s=round(tm.wall_s, 3))
+    ok = _verify(targets, plan, dev)
+    print("verified" if ok else "MISMATCH")
+    if args.json:
+        Path(args.json).write_text(json.dumps([dict(r, verified=ok) for r in rows], indent=1) + "\n")
+    tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
