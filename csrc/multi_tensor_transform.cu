@@ -1,6 +1,7 @@
 // Host loop of the multi-tensor transform: validate packed jobs, split, fill tables, launch.
 #include "multi_tensor_transform.cuh"
 
+#include <algorithm>
 #include <limits>
 #include <memory>
 #include <vector>
@@ -31,30 +32,43 @@ class TableLauncher {
  public:
   explicit TableLauncher(cudaStream_t stream) : stream_(stream), table_(new TransformTable()) { reset(); }
 
-  cudaError_t add(const TransformJob& job, uint32_t chunks) {
-    const uint64_t start = table_->chunk_start[table_->num_jobs];
-    if (table_->num_jobs == kMaxJobsPerLaunch || start + chunks > std::numeric_limits<uint32_t>::max()) {
+  cudaError_t add(const TransformJob& job) {
+    const uint32_t upr = job.units_per_row.d;
+    const uint64_t units = uint64_t(job.rows) * upr;
+    // Chunk counts are settled at flush time (they depend on the kernel); bound both geometries here.
+    const uint64_t most = std::max<uint64_t>((units + kChunkUnits - 1) / kChunkUnits, common_chunks(job.rows, upr));
+    if (table_->num_jobs == kMaxJobsPerLaunch || bound_ + most > uint64_t(INT32_MAX)) {
       cudaError_t err = flush();
       if (err != cudaSuccess) return err;
     }
-    const int32_t n = table_->num_jobs;
-    table_->jobs[n] = job;
-    table_->chunk_start[n + 1] = table_->chunk_start[n] + chunks;
-    table_->num_jobs = n + 1;
+    table_->jobs[table_->num_jobs++] = job;
+    bound_ += most;
     common_ = common_ && (job.src_dtype == kByte || (job.src_dtype == kE4M3 && job.dst_dtype == kBF16));
     return cudaSuccess;
   }
 
   cudaError_t flush() {
-    const uint32_t total = table_->chunk_start[table_->num_jobs];
-    if (total > 0) {
-      const uint32_t sms = static_cast<uint32_t>(sm_count());
+    const int32_t n = table_->num_jobs;
+    for (int32_t j = 0; j < n; ++j) {
+      TransformJob& job = table_->jobs[j];
+      const uint32_t upr = job.units_per_row.d;
+      job.flags &= ~kTiled;
+      uint64_t chunks;
       if (common_) {
-        const uint32_t grid = std::min<uint32_t>(total, sms * blocks_per_sm<TablePaths::kCommon>());
-        multi_tensor_transform_kernel<TablePaths::kCommon><<<grid, kThreads, 0, stream_>>>(*table_);
+        if (common_tiled(job.rows, upr)) job.flags |= kTiled;
+        chunks = common_chunks(job.rows, upr);
       } else {
-        const uint32_t grid = std::min<uint32_t>(total, sms * blocks_per_sm<TablePaths::kAll>());
-        multi_tensor_transform_kernel<TablePaths::kAll><<<grid, kThreads, 0, stream_>>>(*table_);
+        chunks = (uint64_t(job.rows) * upr + kChunkUnits - 1) / kChunkUnits;
+      }
+      table_->chunk_start[j + 1] = table_->chunk_start[j] + static_cast<uint32_t>(chunks);
+    }
+    const uint32_t total = table_->chunk_start[n];
+    if (total > 0) {
+      if (common_) {
+        common_transform_kernel<<<total, kThreads, 0, stream_>>>(*table_);  // one block a chunk
+      } else {
+        const uint32_t grid = std::min<uint32_t>(total, static_cast<uint32_t>(sm_count()) * kAllBlocksPerSm);
+        multi_tensor_transform_kernel<<<grid, kThreads, 0, stream_>>>(*table_);
       }
       cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess) return err;
@@ -68,9 +82,11 @@ class TableLauncher {
     table_->num_jobs = 0;
     table_->chunk_start[0] = 0;
     common_ = true;
+    bound_ = 0;
   }
   cudaStream_t stream_;
   bool common_ = true;
+  uint64_t bound_ = 0;
   std::unique_ptr<TransformTable> table_;
 };
 
@@ -137,7 +153,7 @@ cudaError_t launch_multi_tensor_transform(const int64_t* packed_jobs, int64_t nu
     job.src_dtype = static_cast<uint8_t>(src_dtype);
     job.dst_dtype = static_cast<uint8_t>(dst_dtype);
     job.scale_dtype = static_cast<uint8_t>(scale_dtype);
-    job.vec_ok = vec_ok ? 1 : 0;
+    job.flags = vec_ok ? kVecOk : 0;
 
     // Split by rows so that unit indices of one job fit 32 bits; each piece keeps its global
     // block-grid row offset, so scales stay indexed at the right block.
@@ -149,9 +165,7 @@ cudaError_t launch_multi_tensor_transform(const int64_t* packed_jobs, int64_t nu
       part.dst = static_cast<char*>(job.dst) + r * dst_row_bytes;
       part.rows = static_cast<int32_t>(piece);
       part.r0 = static_cast<int32_t>(f[kFieldR0] + r);
-      const uint64_t units = static_cast<uint64_t>(piece) * part.units_per_row.d;
-      const uint32_t chunks = static_cast<uint32_t>((units + kChunkUnits - 1) / kChunkUnits);
-      cudaError_t err = launcher.add(part, chunks);
+      cudaError_t err = launcher.add(part);
       if (err != cudaSuccess) return err;
     }
   }

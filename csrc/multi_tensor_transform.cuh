@@ -10,6 +10,8 @@
 // The table travels as a __grid_constant__ kernel parameter (up to 32 KB since CUDA 12.1).
 #pragma once
 
+#include <type_traits>
+
 #include "common.cuh"
 
 namespace pyloader {
@@ -38,8 +40,11 @@ struct TransformJob {
   uint8_t src_dtype;
   uint8_t dst_dtype;
   uint8_t scale_dtype;
-  uint8_t vec_ok;          // aligned for 16-byte accesses, vectors never straddle a scale block
+  uint8_t flags;           // kVecOk | kTiled
 };
+
+constexpr uint8_t kVecOk = 1;  // aligned for vector accesses, vectors never straddle a scale block
+constexpr uint8_t kTiled = 2;  // common kernel: chunks are 32-row x 16-unit tiles (else flat runs of units)
 
 struct TransformTable {
   TransformJob jobs[kMaxJobsPerLaunch];
@@ -135,10 +140,8 @@ __device__ __forceinline__ float job_scale(const TransformJob& job, uint32_t r, 
                     static_cast<int64_t>(sr) * job.scale_row_stride + static_cast<int64_t>(sc) * job.scale_col_stride);
 }
 
-// One chunk of one job: each thread handles kUnitsPerThread units, kInFlight at a time. A group's
-// loads are all issued before any conversion or store: independent loads in flight a thread are
-// what approach the copy rate (one at a time stalled at 74-82 %, bench/NOTES.md). The loads of a
-// group live in registers, so only the specialized kernel, with few dtype paths, takes kInFlight 4.
+// One chunk of one job in the general kernel: each thread handles kUnitsPerThread units,
+// kInFlight at a time (a group's loads all issued before any store; registers bound kInFlight).
 template <typename Src, typename Dst, int kInFlight>
 __device__ __forceinline__ void transform_chunk(const TransformJob& job, uint32_t first_unit) {
   constexpr int kVec = vec_width<Src, Dst>();
@@ -156,7 +159,7 @@ __device__ __forceinline__ void transform_chunk(const TransformJob& job, uint32_
       const uint32_t u = first_unit + (g + k) * kThreads + threadIdx.x;
       const uint32_t r = job.units_per_row.div(u);
       const uint32_t c = (u - r * job.units_per_row.d) * kVec;
-      if (u < total_units && job.vec_ok && c + kVec <= cols)
+      if (u < total_units && (job.flags & kVecOk) && c + kVec <= cols)
         in[k].vec = *reinterpret_cast<const SrcVec*>(src + r * job.src_row_stride + c);
     }
     // Row and column are recomputed (a multiply-shift) rather than kept: registers are the limit.
@@ -168,7 +171,7 @@ __device__ __forceinline__ void transform_chunk(const TransformJob& job, uint32_
       const uint32_t c = (u - r * job.units_per_row.d) * kVec;
       const Src* in_row = src + r * job.src_row_stride;
       Dst* out_row = dst + r * job.dst_row_stride;
-      if (job.vec_ok && c + kVec <= cols) {
+      if ((job.flags & kVecOk) && c + kVec <= cols) {
         float v[kVec];
         to_float_vec(in[k].elems, v);
         if (has_scale) {
@@ -207,7 +210,7 @@ __device__ __forceinline__ void copy_chunk(const TransformJob& job, uint32_t fir
       const uint32_t u = first_unit + (g + k) * kThreads + threadIdx.x;
       const uint32_t r = job.units_per_row.div(u);
       const uint32_t c = (u - r * job.units_per_row.d) * 16;
-      if (u < total_units && job.vec_ok && c + 16 <= cols)
+      if (u < total_units && (job.flags & kVecOk) && c + 16 <= cols)
         in[k] = *reinterpret_cast<const uint4*>(src + r * job.src_row_stride + c);
     }
 #pragma unroll
@@ -218,7 +221,7 @@ __device__ __forceinline__ void copy_chunk(const TransformJob& job, uint32_t fir
       const uint32_t c = (u - r * job.units_per_row.d) * 16;
       const uint8_t* in_row = src + r * job.src_row_stride;
       uint8_t* out_row = dst + r * job.dst_row_stride;
-      if (job.vec_ok && c + 16 <= cols) {
+      if ((job.flags & kVecOk) && c + 16 <= cols) {
         *reinterpret_cast<uint4*>(out_row + c) = in[k];
       } else {
         for (int i = 0; i < 16 && c + i < cols; ++i) out_row[c + i] = in_row[c + i];
@@ -237,45 +240,140 @@ __device__ __forceinline__ void dispatch_dst(const TransformJob& job, uint32_t f
   }
 }
 
-// Which dtype paths a kernel instantiation carries. kCommon: byte copies and E4M3 -> BF16, the
-// whole of a DeepSeek/Qwen FP8 or BF16 layer; the host picks it when every job of a table is one
-// of those, and the general kernel otherwise.
-enum class TablePaths { kAll, kCommon };
+// The common kernel: byte copies and E4M3 -> BF16, the whole of a DeepSeek/Qwen FP8 or BF16
+// layer; the host picks it when every job of a table is one of those, and the general kernel
+// otherwise. One block a chunk (no persistent loop), two units a thread, and 2-D jobs cut into
+// tiles of 32 rows x 16 units: in a standalone comparison on the H200 this shape reached 95-96 %
+// of the copy ceiling where a persistent grid-stride walk over flat units reached 79-90 %
+// (bench/kernels/dequant_variants.cu, bench/NOTES.md).
+constexpr int kTileRows = 32;
+constexpr int kTileUnits = 16;               // units across a tile row: kThreads / kTileUnits rows a pass
+constexpr int kCommonUnitsPerThread = 2;
+constexpr uint32_t kCommonChunkUnits = kThreads * kCommonUnitsPerThread;  // flat chunks (1-row, narrow jobs)
+static_assert(kThreads / kTileUnits * kCommonUnitsPerThread == kTileRows, "a tile is one pass of units a thread");
 
-// Resident blocks an SM: the common kernel holds 4 loads a thread (64 registers); the general
-// one, with every dtype path inlined, fits 40 registers with one load at a time.
-template <TablePaths kPaths>
-constexpr int blocks_per_sm() { return kPaths == TablePaths::kCommon ? 4 : 6; }
-
-template <TablePaths kPaths>
-__device__ __forceinline__ void run_chunk(const TransformJob& job, uint32_t first_unit) {
-  if constexpr (kPaths == TablePaths::kCommon) {
-    if (job.src_dtype == kByte) copy_chunk<4>(job, first_unit);
-    else transform_chunk<e4m3_t, __nv_bfloat16, 4>(job, first_unit);
+template <bool kCopy>
+__device__ __forceinline__ void common_chunk(const TransformJob& job, uint32_t chunk) {
+  using Src = typename std::conditional<kCopy, uint8_t, e4m3_t>::type;
+  using Dst = typename std::conditional<kCopy, uint8_t, __nv_bfloat16>::type;
+  constexpr int kVec = kCopy ? 16 : vec_width<e4m3_t, __nv_bfloat16>();
+  using SrcVec = typename VecOf<kVec * sizeof(Src)>::type;
+  using DstVec = typename VecOf<kVec * sizeof(Dst)>::type;
+  const Src* __restrict__ src = static_cast<const Src*>(job.src);
+  Dst* __restrict__ dst = static_cast<Dst*>(job.dst);
+  const uint32_t upr = job.units_per_row.d;
+  const uint32_t rows = static_cast<uint32_t>(job.rows);
+  const uint32_t cols = static_cast<uint32_t>(job.cols);
+  const bool vec_ok = job.flags & kVecOk;
+  uint32_t r[kCommonUnitsPerThread], c[kCommonUnitsPerThread];
+  if (job.flags & kTiled) {
+    const uint32_t tiles_per_row = (upr + kTileUnits - 1) / kTileUnits;  // one division a block
+    const uint32_t tr = chunk / tiles_per_row;
+    const uint32_t uc = (chunk - tr * tiles_per_row) * kTileUnits + (threadIdx.x % kTileUnits);
+#pragma unroll
+    for (int k = 0; k < kCommonUnitsPerThread; ++k) {
+      r[k] = tr * kTileRows + threadIdx.x / kTileUnits + k * (kThreads / kTileUnits);
+      c[k] = uc < upr && r[k] < rows ? uc * kVec : cols;  // cols: nothing to do
+    }
   } else {
-    switch (job.src_dtype) {
-      case kByte: copy_chunk<1>(job, first_unit); break;
-      case kE4M3: dispatch_dst<e4m3_t, 1>(job, first_unit); break;
-      case kE5M2: dispatch_dst<e5m2_t, 1>(job, first_unit); break;
-      case kBF16: dispatch_dst<__nv_bfloat16, 1>(job, first_unit); break;
-      case kF16: dispatch_dst<__half, 1>(job, first_unit); break;
-      case kF32: dispatch_dst<float, 1>(job, first_unit); break;
-      default: break;
+#pragma unroll
+    for (int k = 0; k < kCommonUnitsPerThread; ++k) {
+      const uint32_t u = chunk * kCommonChunkUnits + k * kThreads + threadIdx.x;
+      r[k] = job.units_per_row.div(u);
+      c[k] = r[k] < rows ? (u - r[k] * upr) * kVec : cols;
+    }
+  }
+  // Every load before any store: two independent accesses in flight a thread.
+  Packed<Src, kVec> in[kCommonUnitsPerThread];
+#pragma unroll
+  for (int k = 0; k < kCommonUnitsPerThread; ++k) {
+    if (vec_ok && c[k] + kVec <= cols)
+      in[k].vec = *reinterpret_cast<const SrcVec*>(src + r[k] * job.src_row_stride + c[k]);
+  }
+#pragma unroll
+  for (int k = 0; k < kCommonUnitsPerThread; ++k) {
+    if (c[k] >= cols) continue;
+    const Src* in_row = src + r[k] * job.src_row_stride;
+    Dst* out_row = dst + r[k] * job.dst_row_stride;
+    if (vec_ok && c[k] + kVec <= cols) {
+      if constexpr (kCopy) {
+        *reinterpret_cast<DstVec*>(out_row + c[k]) = in[k].vec;
+      } else {
+        float v[kVec];
+        to_float_vec(in[k].elems, v);
+        if (job.scale != nullptr) {
+          const float s = job_scale(job, r[k], c[k]);
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) v[i] *= s;
+        }
+        Packed<Dst, kVec> out;
+        from_float_vec(v, out.elems);
+        *reinterpret_cast<DstVec*>(out_row + c[k]) = out.vec;
+      }
+    } else {  // ragged row tail, or a job whose pointers, strides or scale blocks forbid vectors
+      for (uint32_t i = c[k]; i < c[k] + kVec && i < cols; ++i) {
+        if constexpr (kCopy) {
+          out_row[i] = in_row[i];
+        } else {
+          float v = to_float(in_row[i]);
+          if (job.scale != nullptr) v *= job_scale(job, r[k], i);
+          out_row[i] = from_float<Dst>(v);
+        }
+      }
     }
   }
 }
 
-template <TablePaths kPaths>
-__global__ void __launch_bounds__(kThreads, blocks_per_sm<kPaths>()) multi_tensor_transform_kernel(const __grid_constant__ TransformTable table) {
+// Chunks of a job in the common kernel: tiles for 2-D jobs at least a tile wide and tall.
+__host__ __device__ inline bool common_tiled(int64_t rows, uint32_t units_per_row) {
+  return rows >= kTileRows && units_per_row >= kTileUnits;
+}
+__host__ __device__ inline uint64_t common_chunks(int64_t rows, uint32_t units_per_row) {
+  if (common_tiled(rows, units_per_row))
+    return uint64_t((rows + kTileRows - 1) / kTileRows) * ((units_per_row + kTileUnits - 1) / kTileUnits);
+  return (uint64_t(rows) * units_per_row + kCommonChunkUnits - 1) / kCommonChunkUnits;
+}
+
+__device__ __forceinline__ int find_job(const TransformTable& table, uint32_t chunk) {
+  int lo = 0, hi = table.num_jobs - 1;  // last job whose first chunk is <= chunk
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (table.chunk_start[mid] <= chunk) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+// Resident blocks an SM: 8 for the common kernel (32 registers), 6 for the general one, with
+// every dtype path inlined (40 registers; a 56-byte spill that 4 blocks and 64 registers still leave).
+constexpr int kCommonBlocksPerSm = 8;
+constexpr int kAllBlocksPerSm = 6;
+
+__global__ void __launch_bounds__(kThreads, kCommonBlocksPerSm) common_transform_kernel(const __grid_constant__ TransformTable table) {
+  const uint32_t chunk = blockIdx.x;
+  const int j = find_job(table, chunk);
+  const TransformJob& job = table.jobs[j];
+  if (job.src_dtype == kByte) common_chunk<true>(job, chunk - table.chunk_start[j]);
+  else common_chunk<false>(job, chunk - table.chunk_start[j]);
+}
+
+__device__ __forceinline__ void run_chunk_all(const TransformJob& job, uint32_t first_unit) {
+  switch (job.src_dtype) {
+    case kByte: copy_chunk<1>(job, first_unit); break;
+    case kE4M3: dispatch_dst<e4m3_t, 1>(job, first_unit); break;
+    case kE5M2: dispatch_dst<e5m2_t, 1>(job, first_unit); break;
+    case kBF16: dispatch_dst<__nv_bfloat16, 1>(job, first_unit); break;
+    case kF16: dispatch_dst<__half, 1>(job, first_unit); break;
+    case kF32: dispatch_dst<float, 1>(job, first_unit); break;
+    default: break;
+  }
+}
+
+// The general kernel: a persistent grid walks flat chunks of kChunkUnits.
+__global__ void __launch_bounds__(kThreads, kAllBlocksPerSm) multi_tensor_transform_kernel(const __grid_constant__ TransformTable table) {
   const uint32_t total_chunks = table.chunk_start[table.num_jobs];
   for (uint32_t chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x) {
-    int lo = 0, hi = table.num_jobs - 1;  // last job whose first chunk is <= chunk
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) >> 1;
-      if (table.chunk_start[mid] <= chunk) lo = mid; else hi = mid - 1;
-    }
-    const TransformJob& job = table.jobs[lo];
-    run_chunk<kPaths>(job, (chunk - table.chunk_start[lo]) * kChunkUnits);
+    const int j = find_job(table, chunk);
+    run_chunk_all(table.jobs[j], (chunk - table.chunk_start[j]) * kChunkUnits);
   }
 }
 

@@ -221,3 +221,26 @@ def test_multi_tensor_transform_low_level_and_all_errors():
             fn()
     with pytest.raises(PyloaderInputError, match="job 0: cannot cast"):
         ops.multi_tensor_transform([TransformJob(torch.zeros(2, 2, dtype=torch.int32), torch.empty(2, 2))], backend="torch")
+
+
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_common_table_tiles_ragged_sliced_unaligned_strided(backend_device):
+    """One table of byte copies and E4M3 -> BF16 only (the CUDA common kernel, which cuts 2-D jobs
+    into 32-row x 16-unit tiles): ragged edges, a TP slice starting inside a scale block and off
+    the vector grid, an odd source offset (scalar path inside tiles), a strided destination."""
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(21)
+    w, s = fp8((333, 1000), 22, device=device)                      # ragged in both dimensions
+    b = torch.randn(64, 300, generator=gen).bfloat16().to(device)   # tiled byte copy (600-byte rows)
+    staging = torch.randint(0, 256, (40 * 301 + 7,), dtype=torch.uint8, generator=gen).to(device)
+    odd = staging[7:].view(torch.float8_e4m3fn).view(40, 301)[:, :300]  # odd offset and row stride
+    so = (torch.rand(1, 3, generator=gen) + 0.5).to(device)
+    big = poison_(torch.empty(263 + 64 + 40 + 2, 302, dtype=torch.bfloat16, device=device))
+    out = big[1:-1, 1:301]  # destination: odd offset, row stride 302
+    ops.stack_shards(out, [Shard(w, s, rows=(70, 333), cols=(5, 305)), b, Shard(odd, so, (40, 128))],
+                     backend=backend)
+    expected = torch.cat([whole_dequant(w, s)[70:, 5:305], b, whole_dequant(odd.contiguous(), so, (40, 128))])
+    check(backend, device, out, expected)
+    untouched = big.clone()
+    untouched[1:-1, 1:301] = expected
+    check(backend, device, big, untouched, what="outside the destination view")
