@@ -161,9 +161,10 @@ def main():
                                       (16, 8, 2), (12, 2, 4), (16, 16, 2)):
         best = max(threaded_h2d(files, threads, chunk_mib << 20, depth, dev) for _ in range(2))
         record("threaded pread + H2D", best, threads=threads, chunk_mib=chunk_mib, depth=depth)
-    sweep = [dict(slot_bytes=128 << 20, num_slots=8, read_threads=16, read_chunk_bytes=32 << 20, blocking_wait=False),
-             dict(slot_bytes=128 << 20, num_slots=8, read_threads=16, read_chunk_bytes=32 << 20, blocking_wait=True),
-             dict(slot_bytes=64 << 20, num_slots=16, read_threads=16, read_chunk_bytes=16 << 20, blocking_wait=True)]
+    sweep = [dict(slot_bytes=128 << 20, num_slots=8, read_threads=16, read_chunk_bytes=16 << 20),
+             dict(slot_bytes=128 << 20, num_slots=8, read_threads=16, read_chunk_bytes=8 << 20),
+             dict(slot_bytes=64 << 20, num_slots=16, read_threads=16, read_chunk_bytes=16 << 20),
+             dict(slot_bytes=128 << 20, num_slots=8, read_threads=12, read_chunk_bytes=16 << 20, buffers_per_thread=3)]
     for s in sweep:
         ex = pyloader.ExecutorConfig(io="pread", **s)
         times = []
@@ -176,7 +177,7 @@ def main():
         tm = report.timings
         record("pyloader.load", nbytes / min(times[1:]) / 1e9, seconds=[round(x, 3) for x in times],
                slot_mib=s["slot_bytes"] >> 20, slots=s["num_slots"], threads=s["read_threads"],
-               chunk_mib=s["read_chunk_bytes"] >> 20, blocking_wait=s["blocking_wait"], read_thread_s=round(tm.read_s, 3),
+               chunk_mib=s["read_chunk_bytes"] >> 20, buffers_per_thread=s.get("buffers_per_thread", 2), read_thread_s=round(tm.read_s, 3),
                wait_read_s=round(tm.wait_read_s, 3), h2d_s=round(tm.h2d_s, 3), wall_s=round(tm.wall_s, 3))
     ok = _verify(targets, plan, dev)
     print("verified" if ok else "MISMATCH")

@@ -246,14 +246,18 @@ __device__ __forceinline__ void dispatch_dst(const TransformJob& job, uint32_t f
 // tiles of 32 rows x 16 units: in a standalone comparison on the H200 this shape reached 95-96 %
 // of the copy ceiling where a persistent grid-stride walk over flat units reached 79-90 %
 // (bench/kernels/dequant_variants.cu, bench/NOTES.md).
-constexpr int kTileRows = 32;
-constexpr int kTileUnits = 16;               // units across a tile row: kThreads / kTileUnits rows a pass
-constexpr int kCommonUnitsPerThread = 2;
-constexpr uint32_t kCommonChunkUnits = kThreads * kCommonUnitsPerThread;  // flat chunks (1-row, narrow jobs)
-static_assert(kThreads / kTileUnits * kCommonUnitsPerThread == kTileRows, "a tile is one pass of units a thread");
+constexpr int kTileUnits = 16;  // units across a tile row; kThreads / kTileUnits rows a pass
 
-template <bool kCopy>
+// kUnits units a thread: a tile is kUnits passes of 16 rows (32 or 64 rows).
+template <int kUnits>
+struct CommonShape {
+  static constexpr int kTileRows = kThreads / kTileUnits * kUnits;
+  static constexpr uint32_t kFlatChunkUnits = kThreads * kUnits;  // flat chunks (1-row, narrow jobs)
+};
+
+template <bool kCopy, int kUnits>
 __device__ __forceinline__ void common_chunk(const TransformJob& job, uint32_t chunk) {
+  using Shape = CommonShape<kUnits>;
   using Src = typename std::conditional<kCopy, uint8_t, e4m3_t>::type;
   using Dst = typename std::conditional<kCopy, uint8_t, __nv_bfloat16>::type;
   constexpr int kVec = kCopy ? 16 : vec_width<e4m3_t, __nv_bfloat16>();
@@ -265,33 +269,33 @@ __device__ __forceinline__ void common_chunk(const TransformJob& job, uint32_t c
   const uint32_t rows = static_cast<uint32_t>(job.rows);
   const uint32_t cols = static_cast<uint32_t>(job.cols);
   const bool vec_ok = job.flags & kVecOk;
-  uint32_t r[kCommonUnitsPerThread], c[kCommonUnitsPerThread];
+  uint32_t r[kUnits], c[kUnits];
   if (job.flags & kTiled) {
     const uint32_t tiles_per_row = (upr + kTileUnits - 1) / kTileUnits;  // one division a block
     const uint32_t tr = chunk / tiles_per_row;
     const uint32_t uc = (chunk - tr * tiles_per_row) * kTileUnits + (threadIdx.x % kTileUnits);
 #pragma unroll
-    for (int k = 0; k < kCommonUnitsPerThread; ++k) {
-      r[k] = tr * kTileRows + threadIdx.x / kTileUnits + k * (kThreads / kTileUnits);
+    for (int k = 0; k < kUnits; ++k) {
+      r[k] = tr * Shape::kTileRows + threadIdx.x / kTileUnits + k * (kThreads / kTileUnits);
       c[k] = uc < upr && r[k] < rows ? uc * kVec : cols;  // cols: nothing to do
     }
   } else {
 #pragma unroll
-    for (int k = 0; k < kCommonUnitsPerThread; ++k) {
-      const uint32_t u = chunk * kCommonChunkUnits + k * kThreads + threadIdx.x;
+    for (int k = 0; k < kUnits; ++k) {
+      const uint32_t u = chunk * Shape::kFlatChunkUnits + k * kThreads + threadIdx.x;
       r[k] = job.units_per_row.div(u);
       c[k] = r[k] < rows ? (u - r[k] * upr) * kVec : cols;
     }
   }
-  // Every load before any store: two independent accesses in flight a thread.
-  Packed<Src, kVec> in[kCommonUnitsPerThread];
+  // Every load before any store: kUnits independent accesses in flight a thread.
+  Packed<Src, kVec> in[kUnits];
 #pragma unroll
-  for (int k = 0; k < kCommonUnitsPerThread; ++k) {
+  for (int k = 0; k < kUnits; ++k) {
     if (vec_ok && c[k] + kVec <= cols)
       in[k].vec = *reinterpret_cast<const SrcVec*>(src + r[k] * job.src_row_stride + c[k]);
   }
 #pragma unroll
-  for (int k = 0; k < kCommonUnitsPerThread; ++k) {
+  for (int k = 0; k < kUnits; ++k) {
     if (c[k] >= cols) continue;
     const Src* in_row = src + r[k] * job.src_row_stride;
     Dst* out_row = dst + r[k] * job.dst_row_stride;
@@ -325,13 +329,16 @@ __device__ __forceinline__ void common_chunk(const TransformJob& job, uint32_t c
 }
 
 // Chunks of a job in the common kernel: tiles for 2-D jobs at least a tile wide and tall.
+template <int kUnits>
 __host__ __device__ inline bool common_tiled(int64_t rows, uint32_t units_per_row) {
-  return rows >= kTileRows && units_per_row >= kTileUnits;
+  return rows >= CommonShape<kUnits>::kTileRows && units_per_row >= kTileUnits;
 }
+template <int kUnits>
 __host__ __device__ inline uint64_t common_chunks(int64_t rows, uint32_t units_per_row) {
-  if (common_tiled(rows, units_per_row))
-    return uint64_t((rows + kTileRows - 1) / kTileRows) * ((units_per_row + kTileUnits - 1) / kTileUnits);
-  return (uint64_t(rows) * units_per_row + kCommonChunkUnits - 1) / kCommonChunkUnits;
+  using Shape = CommonShape<kUnits>;
+  if (common_tiled<kUnits>(rows, units_per_row))
+    return uint64_t((rows + Shape::kTileRows - 1) / Shape::kTileRows) * ((units_per_row + kTileUnits - 1) / kTileUnits);
+  return (uint64_t(rows) * units_per_row + Shape::kFlatChunkUnits - 1) / Shape::kFlatChunkUnits;
 }
 
 __device__ __forceinline__ int find_job(const TransformTable& table, uint32_t chunk) {
@@ -343,17 +350,20 @@ __device__ __forceinline__ int find_job(const TransformTable& table, uint32_t ch
   return lo;
 }
 
-// Resident blocks an SM: 8 for the common kernel (32 registers), 6 for the general one, with
-// every dtype path inlined (40 registers; a 56-byte spill that 4 blocks and 64 registers still leave).
-constexpr int kCommonBlocksPerSm = 8;
+// Resident blocks an SM: the common kernel at 2 units a thread fits 32 registers (8 blocks), at
+// 4 units 48 (5 blocks: at 6 it spilled); the general one, with every dtype path inlined, 40 registers (a 56-byte
+// spill that 4 blocks and 64 registers still leave), one load at a time.
+template <int kUnits>
+constexpr int common_blocks_per_sm() { return kUnits == 2 ? 8 : 5; }
 constexpr int kAllBlocksPerSm = 6;
 
-__global__ void __launch_bounds__(kThreads, kCommonBlocksPerSm) common_transform_kernel(const __grid_constant__ TransformTable table) {
+template <int kUnits>
+__global__ void __launch_bounds__(kThreads, common_blocks_per_sm<kUnits>()) common_transform_kernel(const __grid_constant__ TransformTable table) {
   const uint32_t chunk = blockIdx.x;
   const int j = find_job(table, chunk);
   const TransformJob& job = table.jobs[j];
-  if (job.src_dtype == kByte) common_chunk<true>(job, chunk - table.chunk_start[j]);
-  else common_chunk<false>(job, chunk - table.chunk_start[j]);
+  if (job.src_dtype == kByte) common_chunk<true, kUnits>(job, chunk - table.chunk_start[j]);
+  else common_chunk<false, kUnits>(job, chunk - table.chunk_start[j]);
 }
 
 __device__ __forceinline__ void run_chunk_all(const TransformJob& job, uint32_t first_unit) {

@@ -201,7 +201,7 @@ def _bench_pyloader(io, repeats, targets, ck_dir, preset, dev, prepare, plan, re
     tm = report.timings
     record(f"pyloader (io={io})", min(times), f"{'verified' if ok else 'MISMATCH'}; {how}",
            repeats=[round(x, 3) for x in times], peak_device_staging_bytes=peak,
-           pinned_bytes=cfg_ex.slot_bytes * cfg_ex.num_slots if dev.type == "cuda" else 0,
+           pinned_bytes=cfg_ex.read_threads * cfg_ex.buffers_per_thread * cfg_ex.read_chunk_bytes if dev.type == "cuda" else 0,
            read_thread_s=round(tm.read_s, 3), wait_read_s=round(tm.wait_read_s, 3), h2d_s=round(tm.h2d_s, 3),
            transform_s=round(tm.transform_s, 3), backend=report.backend, io_used=report.io)
     if not ok:

@@ -1,15 +1,18 @@
-"""The streaming executor: a plan's byte ranges → pinned host slots → device staging slots → one
-batched transform launch per slot, writing every tensor straight into its final place.
+"""The streaming executor: a plan's byte ranges → pinned host buffers → device staging slots →
+one batched transform launch per slot, writing every tensor straight into its final place.
 
-    reader threads (os.preadv, GIL released) ─► pinned slot k ─► copy stream: H2D into staging slot k
-        ─► compute stream: multi_tensor_transform over every tensor in the slot ─► event k frees slot k
+    reader thread: os.preadv (GIL released) a chunk into a pinned buffer ─► H2D on the thread's own
+        stream into its place in staging slot k (after the slot's previous transform) ─► event
+    orchestrator: once every chunk of slot k has landed ─► compute stream: one multi_tensor_transform
+        over every tensor in the slot ─► event k frees slot k
 
-Scales (small) go to the device first, so a weight never waits for its scale. A tensor larger
-than a slot is split by rows (scale blocks are indexed from each part's global row, so any row
-split is exact). Slots are reused only after the event of the transform that read them has
-completed; memory is ``num_slots x slot_bytes`` pinned plus the same on the device, whatever the
-model size. On a CPU device the same plan runs with the torch backend, reading straight into
-host slots.
+Each reader copies its own chunk as soon as it is read: no chunk waits for the rest of its slot,
+and no thread serializes the copies (a slot-at-a-time pipeline moved 37 GB/s where this one
+moves 46 on the H200, bench/NOTES.md). Scales (small) go to the device first, so a weight never
+waits for its scale. A tensor larger than a slot is split by rows (scale blocks are indexed from
+each part's global row, so any row split is exact). Memory is ``num_slots x slot_bytes`` on the
+device and ``read_threads x buffers_per_thread x read_chunk_bytes`` pinned, whatever the model
+size. On a CPU device the same plan runs with the torch backend, reading straight into host slots.
 """
 
 import logging
@@ -38,24 +41,24 @@ _ALIGN = 256  # every part starts 256-byte aligned in a slot: the kernels' 16-by
 @dataclass
 class ExecutorConfig:
     slot_bytes: int = 128 << 20
-    num_slots: int = 8               # pinned host ≤ num_slots x slot_bytes; device staging the same
+    num_slots: int = 8               # device staging: num_slots x slot_bytes
     read_threads: int = 16
-    read_chunk_bytes: int = 32 << 20  # one preadv call at most this large
+    read_chunk_bytes: int = 16 << 20  # one preadv (and, on a GPU, one H2D copy) at most this large
+    # GPU: pinned host buffers of read_chunk_bytes, this many a reader thread (512 MiB by default);
+    # each reader copies what it read to the device itself, on its own stream
+    buffers_per_thread: int = 2
     # "pread": reader threads into pinned slots. "mmap": files mapped read-only and registered
     # with cudaHostRegister(ReadOnly) in windows, DMA straight from the page cache (no CPU copy;
     # the copies run at the PCIe ceiling, but registering the pages costs more than the copy
     # saves: 21.6 vs 35.3 GB/s warm on the H200, bench/NOTES.md). "auto": pread.
     io: str = "auto"
-    # The reader threads wait for their slot's transform to finish. A spinning wait would hold a
-    # core each (up to read_threads of them) away from the reads; a blocking event sleeps.
-    blocking_wait: bool = True
 
 
 @dataclass
 class Timings:
     read_s: float = 0.0       # summed over reader threads
     wait_read_s: float = 0.0  # orchestrator waiting for reads (the critical path when I/O bound)
-    h2d_s: float = 0.0        # device time of host→device copies (CUDA events)
+    h2d_s: float = 0.0        # device time with at least one host→device copy running (CUDA events)
     transform_s: float = 0.0  # device time of transform launches
     wall_s: float = 0.0
 
@@ -336,6 +339,46 @@ def _view_source(raw: torch.Tensor, info: TensorInfo, rows: int) -> torch.Tensor
     return t.view((rows,) + tuple(shape[1:]))
 
 
+class _PinnedPool:
+    """Pinned host buffers shared by the reader threads. A buffer comes back with the event of the
+    copy that reads it; the next taker waits on that event (sleeping, not spinning) first."""
+
+    def __init__(self, count: int, nbytes: int):
+        import queue
+
+        self.free: "queue.Queue" = queue.Queue()
+        for _ in range(count):
+            b = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            self.free.put((b, memoryview(b.numpy()).cast("B"), None))
+        self.local = threading.local()
+
+    def take(self):
+        buf, view, busy = self.free.get()
+        if busy is not None:
+            busy.synchronize()
+        return buf, view
+
+    def give(self, buf, view, busy) -> None:
+        self.free.put((buf, view, busy))
+
+    def stream(self) -> "torch.cuda.Stream":
+        st = getattr(self.local, "stream", None)
+        if st is None:
+            st = self.local.stream = torch.cuda.Stream()
+        return st
+
+
+def _busy_seconds(spans: List[Tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals (copies on many streams overlap)."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(spans):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
 class StreamingExecutor:
     """Runs a :class:`~pyloader.plan.Plan` into ``tensors`` (target name → tensor on ``device``)."""
 
@@ -359,6 +402,27 @@ class StreamingExecutor:
         for path, file_offset, slot_offset, n in chunks:
             _preadv_into(files.fd(path), buf[slot_offset:slot_offset + n], file_offset, path)
         return time.perf_counter() - t
+
+    def _read_and_copy(self, files: _FileCache, chunk, staging: torch.Tensor, slot_free, pool: "_PinnedPool"):
+        """GPU path of one chunk: preadv into a free pinned buffer, then H2D into the staging slot
+        on this thread's stream once the slot's previous transform is done. Returns the copy's
+        (start, end) events; the buffer goes back to the pool behind the end event."""
+        path, file_offset, slot_offset, n = chunk
+        buf, view = pool.take()
+        t = time.perf_counter()
+        _preadv_into(files.fd(path), view[:n], file_offset, path)
+        read_s = time.perf_counter() - t
+        stream = pool.stream()
+        with torch.cuda.stream(stream):
+            if slot_free is not None:
+                stream.wait_event(slot_free)  # on the GPU: the host never blocks for it
+            e0 = torch.cuda.Event(enable_timing=True)
+            e0.record(stream)
+            staging[slot_offset:slot_offset + n].copy_(buf[:n], non_blocking=True)
+            e1 = torch.cuda.Event(enable_timing=True, blocking=True)
+            e1.record(stream)
+        pool.give(buf, view, e1)
+        return e0, e1, read_s
 
     def _chunks(self, parts: List[_Part]):
         """A batch's reads as (file, file offset, slot offset, bytes) pieces of at most read_chunk_bytes."""
@@ -398,12 +462,16 @@ class StreamingExecutor:
         pieces = [p for _, group in self.plan.by_layer() for p in group]
         batches = split_into_batches(pieces, cfg.slot_bytes)
         nslots = max(1, min(cfg.num_slots, len(batches)))
-        host = [torch.empty(cfg.slot_bytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(nslots)]
-        staging = [torch.empty(cfg.slot_bytes, dtype=torch.uint8, device=dev) for _ in range(nslots)] if cuda else host
+        if cuda:  # readers copy their own chunks from a pool of pinned buffers into device slots
+            host = None
+            staging = [torch.empty(cfg.slot_bytes, dtype=torch.uint8, device=dev) for _ in range(nslots)]
+        else:  # CPU: readers fill the slots the transforms read
+            host = staging = [torch.empty(cfg.slot_bytes, dtype=torch.uint8) for _ in range(nslots)]
         copy_stream = torch.cuda.Stream(dev) if cuda else None
         compute = torch.cuda.current_stream(dev) if cuda else None
         done = [None] * nslots
-        timing_events = []
+        timing_events = []  # (transform start, end) on the compute stream
+        copy_spans = []     # (start, end) events of every H2D copy, on whichever stream it ran
         total = sum(b.nbytes for b in batches)
         bar = _progress(total, self.progress)
         pool = ThreadPoolExecutor(max_workers=cfg.read_threads, thread_name_prefix="pyloader-read")
@@ -424,7 +492,10 @@ class StreamingExecutor:
         else:
             self.io_used = "pread"
         logger.info("pyloader: load reads through %s", self.io_used)
+        pinned = None
         try:
+            if cuda and not all(mapped_batch):
+                pinned = _PinnedPool(cfg.read_threads * cfg.buffers_per_thread, cfg.read_chunk_bytes)
             scales = self._load_scales(files, pool)
             last_batch_of_layer = {}
             for i, b in enumerate(batches):
@@ -437,9 +508,12 @@ class StreamingExecutor:
                 if mapped_batch[j]:
                     pending.append([])  # copied straight from the registered mapping below
                     return
-                # The readers, not this thread, wait for the slot to be free: the orchestrator keeps
-                # enqueuing copies and transforms of batches already read (no GPU bubble per batch).
                 chunks = self._chunks(batches[j].parts)
+                if cuda:  # a task a chunk: read it, copy it (the slot-free wait is on the GPU)
+                    pending.append([pool.submit(self._read_and_copy, files, c, staging[slot], done[slot], pinned)
+                                    for c in chunks])
+                    return
+                # CPU: the readers wait for the slot to be free, so this thread keeps going
                 groups = [chunks[k::cfg.read_threads] for k in range(min(cfg.read_threads, len(chunks)))]
                 pending.append([pool.submit(self._read_chunks, files, g, host[slot], done[slot]) for g in groups])
 
@@ -449,27 +523,29 @@ class StreamingExecutor:
             for i, batch in enumerate(batches):
                 slot = i % nslots
                 t = time.perf_counter()
-                self.timings.read_s += sum(f.result() for f in pending.popleft())
+                results = [f.result() for f in pending.popleft()]
                 self.timings.wait_read_s += time.perf_counter() - t
                 jobs = []
-                if cuda:
+                if cuda and mapped_batch[i]:  # straight from the registered mapping, on the copy stream
                     with torch.cuda.stream(copy_stream):
                         e0 = torch.cuda.Event(enable_timing=True)
                         e1 = torch.cuda.Event(enable_timing=True)
-                        if mapped_batch[i]:
-                            if done[slot] is not None:
-                                copy_stream.wait_event(done[slot])  # the slot's previous transform read it
-                            e0.record()
-                            for part in batch.parts:
-                                registered.copy(staging[slot][part.slot_offset:part.slot_offset + part.nbytes],
-                                                part.piece.source.file, part.file_offset, part.nbytes)
-                        else:
-                            if done[slot] is not None:
-                                copy_stream.wait_event(done[slot])  # the staging slot's previous transform
-                            e0.record()
-                            staging[slot][:batch.nbytes].copy_(host[slot][:batch.nbytes], non_blocking=True)
+                        if done[slot] is not None:
+                            copy_stream.wait_event(done[slot])  # the slot's previous transform read it
+                        e0.record()
+                        for part in batch.parts:
+                            registered.copy(staging[slot][part.slot_offset:part.slot_offset + part.nbytes],
+                                            part.piece.source.file, part.file_offset, part.nbytes)
                         e1.record()
                     compute.wait_event(e1)
+                    copy_spans.append((e0, e1))
+                elif cuda:
+                    for e0, e1, read_s in results:
+                        compute.wait_event(e1)
+                        copy_spans.append((e0, e1))
+                        self.timings.read_s += read_s
+                else:
+                    self.timings.read_s += sum(results)
                 for part in batch.parts:
                     p = part.piece
                     raw = staging[slot][part.slot_offset:part.slot_offset + part.nbytes]
@@ -481,10 +557,10 @@ class StreamingExecutor:
                     t0.record()
                 run_jobs([j for j in jobs if j.src.numel()], self.backend)
                 if cuda:
-                    t1 = torch.cuda.Event(enable_timing=True, blocking=cfg.blocking_wait)
+                    t1 = torch.cuda.Event(enable_timing=True)
                     t1.record()
                     done[slot] = t1
-                    timing_events.append((e0, e1, t0, t1))
+                    timing_events.append((t0, t1))
                 for layer in batch.layers:
                     if last_batch_of_layer[layer] == i and self.hooks is not None:
                         self.hooks(layer)
@@ -495,9 +571,12 @@ class StreamingExecutor:
                     submit(i + nslots)
             if cuda:
                 torch.cuda.synchronize(dev)
-                for e0, e1, t0, t1 in timing_events:
-                    self.timings.h2d_s += e0.elapsed_time(e1) / 1e3
+                for t0, t1 in timing_events:
                     self.timings.transform_s += t0.elapsed_time(t1) / 1e3
+                if copy_spans:  # device time with at least one copy running
+                    ref = copy_spans[0][0]
+                    self.timings.h2d_s = _busy_seconds([(ref.elapsed_time(a) / 1e3, ref.elapsed_time(b) / 1e3)
+                                                        for a, b in copy_spans])
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             files.close()
