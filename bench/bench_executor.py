@@ -157,14 +157,12 @@ def main():
         for h2d in (False, True):
             best = max(pread_ceiling(files, threads, 16 << 20, 16, 64 << 20, h2d, dev) for _ in range(2))
             record("pread + H2D" if h2d else "pread only", best, threads=threads, chunk_mib=16, slots=16, slot_mib=64)
-    for threads, chunk_mib, depth in ((8, 1, 3), (8, 2, 3), (8, 4, 3), (16, 1, 3), (16, 2, 3), (16, 4, 2),
-                                      (16, 8, 2), (12, 2, 4), (16, 16, 2)):
+    for threads, chunk_mib, depth in ((8, 4, 3), (16, 8, 2), (16, 16, 2), (12, 16, 3)):
         best = max(threaded_h2d(files, threads, chunk_mib << 20, depth, dev) for _ in range(2))
         record("threaded pread + H2D", best, threads=threads, chunk_mib=chunk_mib, depth=depth)
     sweep = [dict(slot_bytes=128 << 20, num_slots=8, read_threads=16, read_chunk_bytes=16 << 20),
-             dict(slot_bytes=128 << 20, num_slots=8, read_threads=16, read_chunk_bytes=8 << 20),
-             dict(slot_bytes=64 << 20, num_slots=16, read_threads=16, read_chunk_bytes=16 << 20),
-             dict(slot_bytes=128 << 20, num_slots=8, read_threads=12, read_chunk_bytes=16 << 20, buffers_per_thread=3)]
+             dict(slot_bytes=128 << 20, num_slots=8, read_threads=12, read_chunk_bytes=16 << 20, buffers_per_thread=3),
+             dict(slot_bytes=128 << 20, num_slots=8, read_threads=16, read_chunk_bytes=32 << 20, buffers_per_thread=1)]
     for s in sweep:
         ex = pyloader.ExecutorConfig(io="pread", **s)
         times = []

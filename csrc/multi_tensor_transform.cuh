@@ -287,12 +287,18 @@ __device__ __forceinline__ void common_chunk(const TransformJob& job, uint32_t c
       c[k] = r[k] < rows ? (u - r[k] * upr) * kVec : cols;
     }
   }
-  // Every load before any store: kUnits independent accesses in flight a thread.
+  // Every load before any store: kUnits independent accesses in flight a thread. The scales are
+  // fetched in the same phase, so their latency hides under the data loads' instead of adding
+  // to each block's lifetime.
   Packed<Src, kVec> in[kUnits];
+  float scale[kUnits];
 #pragma unroll
   for (int k = 0; k < kUnits; ++k) {
-    if (vec_ok && c[k] + kVec <= cols)
+    scale[k] = 1.0f;
+    if (vec_ok && c[k] + kVec <= cols) {
       in[k].vec = *reinterpret_cast<const SrcVec*>(src + r[k] * job.src_row_stride + c[k]);
+      if (!kCopy && job.scale != nullptr) scale[k] = job_scale(job, r[k], c[k]);
+    }
   }
 #pragma unroll
   for (int k = 0; k < kUnits; ++k) {
@@ -306,9 +312,8 @@ __device__ __forceinline__ void common_chunk(const TransformJob& job, uint32_t c
         float v[kVec];
         to_float_vec(in[k].elems, v);
         if (job.scale != nullptr) {
-          const float s = job_scale(job, r[k], c[k]);
 #pragma unroll
-          for (int i = 0; i < kVec; ++i) v[i] *= s;
+          for (int i = 0; i < kVec; ++i) v[i] *= scale[k];
         }
         Packed<Dst, kVec> out;
         from_float_vec(v, out.elems);
@@ -341,8 +346,21 @@ __host__ __device__ inline uint64_t common_chunks(int64_t rows, uint32_t units_p
   return (uint64_t(rows) * units_per_row + Shape::kFlatChunkUnits - 1) / Shape::kFlatChunkUnits;
 }
 
+// The job a chunk belongs to: the last job whose first chunk is <= chunk. The first probe is the
+// job a table of equal jobs (the experts of a layer) would give; only when it misses does a binary
+// search follow, over the side it points to. Each probe is a dependent load from the parameter
+// space, on every block's critical path before its first data load.
 __device__ __forceinline__ int find_job(const TransformTable& table, uint32_t chunk) {
-  int lo = 0, hi = table.num_jobs - 1;  // last job whose first chunk is <= chunk
+  const int n = table.num_jobs;
+  const uint32_t total = table.chunk_start[n];
+  int lo = 0, hi = n - 1;
+  const int guess = static_cast<int>((static_cast<uint64_t>(chunk) * n) / total);
+  if (table.chunk_start[guess] <= chunk) {
+    if (guess == n - 1 || table.chunk_start[guess + 1] > chunk) return guess;
+    lo = guess + 1;
+  } else {
+    hi = guess - 1;
+  }
   while (lo < hi) {
     const int mid = (lo + hi + 1) >> 1;
     if (table.chunk_start[mid] <= chunk) lo = mid; else hi = mid - 1;

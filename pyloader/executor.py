@@ -7,8 +7,8 @@ one batched transform launch per slot, writing every tensor straight into its fi
         over every tensor in the slot ─► event k frees slot k
 
 Each reader copies its own chunk as soon as it is read: no chunk waits for the rest of its slot,
-and no thread serializes the copies (a slot-at-a-time pipeline moved 37 GB/s where this one
-moves 46 on the H200, bench/NOTES.md). Scales (small) go to the device first, so a weight never
+and no thread serializes the copies (on the H200 host side alone, pread + H2D a slot at a time
+moved 37.5 GB/s, per-thread copies 44-46; bench/NOTES.md). Scales (small) go to the device first, so a weight never
 waits for its scale. A tensor larger than a slot is split by rows (scale blocks are indexed from
 each part's global row, so any row split is exact). Memory is ``num_slots x slot_bytes`` on the
 device and ``read_threads x buffers_per_thread x read_chunk_bytes`` pinned, whatever the model
@@ -405,17 +405,19 @@ class StreamingExecutor:
 
     def _read_and_copy(self, files: _FileCache, chunk, staging: torch.Tensor, slot_free, pool: "_PinnedPool"):
         """GPU path of one chunk: preadv into a free pinned buffer, then H2D into the staging slot
-        on this thread's stream once the slot's previous transform is done. Returns the copy's
+        on this thread's stream once the slot's previous transform is done (a sleeping wait). Returns the copy's
         (start, end) events; the buffer goes back to the pool behind the end event."""
         path, file_offset, slot_offset, n = chunk
         buf, view = pool.take()
         t = time.perf_counter()
         _preadv_into(files.fd(path), view[:n], file_offset, path)
         read_s = time.perf_counter() - t
+        if slot_free is not None:
+            # Waiting here, not with stream.wait_event: a copy parked on a GPU-side wait blocks
+            # the copies of other streams that share its hardware queue (37 -> 28 GB/s measured).
+            slot_free.synchronize()
         stream = pool.stream()
         with torch.cuda.stream(stream):
-            if slot_free is not None:
-                stream.wait_event(slot_free)  # on the GPU: the host never blocks for it
             e0 = torch.cuda.Event(enable_timing=True)
             e0.record(stream)
             staging[slot_offset:slot_offset + n].copy_(buf[:n], non_blocking=True)
@@ -509,7 +511,7 @@ class StreamingExecutor:
                     pending.append([])  # copied straight from the registered mapping below
                     return
                 chunks = self._chunks(batches[j].parts)
-                if cuda:  # a task a chunk: read it, copy it (the slot-free wait is on the GPU)
+                if cuda:  # a task a chunk: read it, wait for the slot, copy it
                     pending.append([pool.submit(self._read_and_copy, files, c, staging[slot], done[slot], pinned)
                                     for c in chunks])
                     return
@@ -557,7 +559,7 @@ class StreamingExecutor:
                     t0.record()
                 run_jobs([j for j in jobs if j.src.numel()], self.backend)
                 if cuda:
-                    t1 = torch.cuda.Event(enable_timing=True)
+                    t1 = torch.cuda.Event(enable_timing=True, blocking=True)  # readers sleep on it
                     t1.record()
                     done[slot] = t1
                     timing_events.append((t0, t1))
