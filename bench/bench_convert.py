@@ -79,6 +79,28 @@ def baseline(src: Path, dst: Path):
     os.sync()
 
 
+def resident_memory(size_gb: float, work: Path, env: dict, dev) -> dict:
+    """Peak resident memory of ``python -m pyloader convert`` (a child process, so the benchmark's
+    own buffers do not count) on a synthetic checkpoint of about ``size_gb``: it should not grow
+    with the model."""
+    import subprocess
+
+    cfg = synthetic_config(size_gb, dev)
+    src = write_checkpoint(work / "src", cfg, shard_bytes=2 << 30)
+    in_bytes = sum(os.path.getsize(p) for p in src.glob("*.safetensors"))
+    cmd = [sys.executable, "-m", "pyloader", "convert", str(src), str(work / "dst"), "--device", dev.type]
+    t = time.perf_counter()
+    child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)  # this child's own peak, not the largest child's so far
+    seconds = time.perf_counter() - t
+    shutil.rmtree(work, ignore_errors=True)
+    if status != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed (status {status})")
+    return dict(env, bench="convert-rss", case=f"{in_bytes / 1e9:.1f} GB fp8 -> {work.parent}",
+                provider=f"pyloader convert ({dev.type}), child process", checkpoint_bytes=in_bytes,
+                max_rss_kb=usage.ru_maxrss, seconds=round(seconds, 2))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gb", type=float, default=4.0)
@@ -86,6 +108,8 @@ def main():
     ap.add_argument("--work", default="/tmp/pyloader-convert-in")
     ap.add_argument("--cpu", action="store_true", help="also measure the CPU path (torch reference)")
     ap.add_argument("--json")
+    ap.add_argument("--rss-sizes", default="2,6", help="checkpoint sizes (GB) whose conversion's resident memory "
+                    "is measured in a child process")
     args = ap.parse_args()
     env = environment()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -103,7 +127,9 @@ def main():
         out_bytes = 2 * in_bytes  # BF16 output is about twice the FP8 input
         t_write = write_alone(out_root, out_bytes)
         disk_bound = in_bytes / (t_read + t_write)
-        providers = [("pyloader convert (cuda)", lambda d: convert(src, d, device="cuda", progress=False))] if dev.type == "cuda" else []
+        providers = [("pyloader convert (cuda)", lambda d: convert(src, d, device="cuda", progress=False)),
+                     ("pyloader convert (cuda, write(2))",
+                      lambda d: convert(src, d, device="cuda", progress=False, writes="pwrite"))] if dev.type == "cuda" else []
         if args.cpu or dev.type != "cuda":
             providers.append(("pyloader convert (cpu)", lambda d: convert(src, d, device="cpu", progress=False)))
         if dev.type == "cuda":
@@ -127,6 +153,8 @@ def main():
     for r in rows:
         if r["case"] in base:
             r["speedup_vs_common_script"] = round(r["gbps"] / base[r["case"]], 2)
+    for size in [float(x) for x in args.rss_sizes.split(",") if x]:
+        rows.append(resident_memory(size, Path(args.work) / f"rss-{size:g}", env, dev))
     print_table(rows, ["case", "provider", "gbps", "disk_bound_gbps", "fraction_of_disk_bound", "seconds",
                        "speedup_vs_common_script", "max_rss_kb"])
     write_rows(rows, args.json)

@@ -7,7 +7,9 @@ tool loads.
 - Output headers are known before any data (every shape and dtype is), so data is written at
   computed offsets, tensor by tensor, in row chunks: resident memory stays at a few chunks
   whatever the model size. Reads, transforms (GPU with the CUDA/Triton backend, or the CPU torch
-  reference) and writes overlap on a small thread pool.
+  reference) and writes overlap on a small thread pool. Each output file is allocated up front
+  (a full disk is an error before any data) and chunks are copied into mapped windows of it, so
+  the workers write one file side by side (write(2) to one file is serialized by its inode lock).
 - Atomic and resumable: each file is written as ``NAME.tmp``, fsynced, re-validated and renamed;
   ``--resume`` keeps finished files whose headers and sizes check out. The index (new weight map,
   correct ``total_size``, other metadata kept) and ``config.json`` (no ``quantization_config``,
@@ -17,9 +19,11 @@ tool loads.
   rank 0 writes the index and config after a barrier.
 """
 
+import errno
 import json
 import logging
 import math
+import mmap
 import os
 import shutil
 import threading
@@ -29,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from .backend import resolve_backend
@@ -217,9 +222,26 @@ def _file_complete(path: Path, f: OutFile) -> bool:
                for t in f.tensors for n in [t.name]) and len(h.tensors) == len(f.tensors)
 
 
+def _reserve(fd: int, size: int, path: Path) -> bool:
+    """Allocate the whole output file before writing through mappings: a mapped write that finds
+    the disk full would kill the process (SIGBUS) instead of raising. False where the filesystem
+    cannot allocate ahead (write(2) is used then)."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+        return True
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise PyloaderInputError(f"{path}: cannot allocate {size} bytes for the output: {e.strerror}") from None
+        return False
+
+
 class _Converter:
-    def __init__(self, device: torch.device, backend: Optional[str], out_dtype: torch.dtype, workers: int, bar):
+    def __init__(self, device: torch.device, backend: Optional[str], out_dtype: torch.dtype, workers: int, bar,
+                 writes: str = "mmap"):
+        if writes not in ("mmap", "pwrite"):
+            raise PyloaderInputError(f"writes must be 'mmap' or 'pwrite', not {writes!r}")
         self.device, self.out_dtype, self.bar = device, out_dtype, bar
+        self.writes = writes
         self.backend = resolve_backend(backend, device, "convert")
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="pyloader-convert")
         self.inflight = threading.Semaphore(max(2, workers))  # bounds resident chunks
@@ -271,7 +293,33 @@ class _Converter:
                 self.scales[info.name] = raw.view(info.torch_dtype).view(info.shape).to(self.device)
             return self.scales[info.name]
 
-    def chunk(self, fd: int, t: OutTensor, file_offset: int, r0: int, rows: int):
+    @staticmethod
+    def _write(fd: int, file_offset: int, data: torch.Tensor, mapped: bool) -> None:
+        """Write ``data`` (uint8, host) at ``file_offset``. Mapped: through a window of the file
+        mapped for this chunk alone (its pages leave this process's resident set when it is
+        unmapped). Writes to one file through write(2) hold the file's inode lock, so the workers'
+        writes to a file run one at a time; copies into a mapping run side by side."""
+        src = data.numpy()
+        if not mapped:
+            mv = memoryview(src).cast("B")
+            pos = 0
+            while pos < len(mv):
+                pos += os.pwrite(fd, mv[pos:], file_offset + pos)
+            return
+        if src.size == 0:
+            return
+        start = file_offset - file_offset % mmap.ALLOCATIONGRANULARITY
+        lead = file_offset - start
+        window = mmap.mmap(fd, lead + src.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                           offset=start)
+        try:
+            dst = np.frombuffer(window, dtype=np.uint8, count=src.size, offset=lead)
+            dst[:] = src  # numpy releases the GIL for the copy
+            del dst
+        finally:
+            window.close()
+
+    def chunk(self, fd: int, t: OutTensor, file_offset: int, r0: int, rows: int, mapped: bool = False):
         """Convert rows r0..r0+rows of tensor t and write them at their offset."""
         try:
             info = t.source
@@ -299,10 +347,7 @@ class _Converter:
                         stream.synchronize()
                     else:
                         out_bytes = out.view(-1).view(torch.uint8)
-            mv = memoryview(out_bytes.numpy()).cast("B")
-            pos = 0
-            while pos < len(mv):
-                pos += os.pwrite(fd, mv[pos:], file_offset + pos)
+            self._write(fd, file_offset, out_bytes, mapped)
             if self.bar is not None:
                 self.bar.update(rows * in_row)
         finally:
@@ -318,10 +363,11 @@ class _Converter:
 
     def write_file(self, path: Path, f: OutFile):
         tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)  # RDWR: a shared mapping needs it
         futures = []
         try:
             os.ftruncate(fd, f.size)
+            mapped = self.writes == "mmap" and _reserve(fd, f.size, tmp)
             os.pwrite(fd, f.header, 0)
             for t in f.tensors:
                 begin, _ = f.offsets[t.name]
@@ -333,7 +379,7 @@ class _Converter:
                 for r0 in range(0, max(nrows, 1), step):
                     rows = min(step, nrows - r0) if nrows else 0
                     self.inflight.acquire()
-                    futures.append(self.pool.submit(self.chunk, fd, t, base + r0 * out_row, r0, rows))
+                    futures.append(self.pool.submit(self.chunk, fd, t, base + r0 * out_row, r0, rows, mapped))
                 if t.scale is not None:
                     self.report.dequantized += 1
                 else:
@@ -356,8 +402,10 @@ class _Converter:
 
 def convert(src, dst, device: str = "auto", out_dtype: str = "bfloat16", resume: bool = False,
             max_shard_size: Optional[int] = None, workers: int = 8, backend: Optional[str] = None,
-            progress: bool = True, rank: int = 0, world_size: int = 1) -> ConvertReport:
-    """Convert the FP8 checkpoint directory ``src`` into ``dst`` (see the module docstring)."""
+            progress: bool = True, rank: int = 0, world_size: int = 1, writes: str = "mmap") -> ConvertReport:
+    """Convert the FP8 checkpoint directory ``src`` into ``dst`` (see the module docstring).
+    ``writes``: ``"mmap"`` (output preallocated, chunks copied into mapped windows side by side) or
+    ``"pwrite"`` (write(2), which one file's inode lock serializes)."""
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
     _check_paths(src, dst)
@@ -385,7 +433,7 @@ def convert(src, dst, device: str = "auto", out_dtype: str = "bfloat16", resume:
                        unit_divisor=1024, desc=f"pyloader convert{f' rank {rank}' if world_size > 1 else ''}")
         except ImportError:
             pass
-    conv = _Converter(dev, backend, odt, workers, bar)
+    conv = _Converter(dev, backend, odt, workers, bar, writes)
     try:
         for f in todo:
             conv.write_file(dst / f.name, f)

@@ -42,11 +42,13 @@ _ALIGN = 256  # every part starts 256-byte aligned in a slot: the kernels' 16-by
 class ExecutorConfig:
     slot_bytes: int = 128 << 20
     num_slots: int = 8               # device staging: num_slots x slot_bytes
-    read_threads: int = 16
+    # 12 readers, not 16, on the 16-core H200 host: with a reader a core the orchestrator that
+    # launches the transforms and frees the slots is starved (33 vs 39 GB/s, bench/NOTES.md)
+    read_threads: int = 12
     read_chunk_bytes: int = 16 << 20  # one preadv (and, on a GPU, one H2D copy) at most this large
-    # GPU: pinned host buffers of read_chunk_bytes, this many a reader thread (512 MiB by default);
+    # GPU: pinned host buffers of read_chunk_bytes, this many a reader thread (576 MiB by default);
     # each reader copies what it read to the device itself, on its own stream
-    buffers_per_thread: int = 2
+    buffers_per_thread: int = 3
     # "pread": reader threads into pinned slots. "mmap": files mapped read-only and registered
     # with cudaHostRegister(ReadOnly) in windows, DMA straight from the page cache (no CPU copy;
     # the copies run at the PCIe ceiling, but registering the pages costs more than the copy

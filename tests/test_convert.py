@@ -217,3 +217,32 @@ def test_no_write_permission_and_truncated_input_exit_2(src, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "model-00002-of-00002.safetensors" in err and "Traceback" not in err
     assert not (tmp_path / "x").exists()
+
+
+def test_mapped_and_pwrite_outputs_are_byte_identical_in_small_chunks(src, tmp_path, monkeypatch):
+    """Chunks of a few hundred bytes land at offsets inside pages: every mapped window starts
+    off the page grid; both writers must give the same bytes."""
+    import pyloader.convert as conv
+
+    d, expected, copied = src
+    monkeypatch.setattr(conv, "CHUNK_BYTES", 700)
+    convert(d, tmp_path / "mapped", device="cpu", progress=False, writes="mmap")
+    convert(d, tmp_path / "written", device="cpu", progress=False, writes="pwrite")
+    check_output(tmp_path / "mapped", expected, copied)
+    for f in sorted((tmp_path / "written").glob("*.safetensors")):
+        assert (tmp_path / "mapped" / f.name).read_bytes() == f.read_bytes(), f.name
+
+
+def test_disk_full_before_mapped_writes_is_a_clear_error(src, tmp_path, monkeypatch):
+    import errno
+
+    import pyloader.convert as conv
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(conv.os, "posix_fallocate", full)
+    d, _, _ = src
+    with pytest.raises(conv.PyloaderInputError, match="cannot allocate .* No space left"):
+        convert(d, tmp_path / "dst", device="cpu", progress=False)
+    assert not list((tmp_path / "dst").glob("*.safetensors*"))
