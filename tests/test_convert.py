@@ -5,6 +5,7 @@ resumable, bad input refused with exit code 2."""
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -246,3 +247,15 @@ def test_disk_full_before_mapped_writes_is_a_clear_error(src, tmp_path, monkeypa
     with pytest.raises(conv.PyloaderInputError, match="cannot allocate .* No space left"):
         convert(d, tmp_path / "dst", device="cpu", progress=False)
     assert not list((tmp_path / "dst").glob("*.safetensors*"))
+
+
+def test_writer_choice_follows_the_filesystem(tmp_path):
+    from pyloader.convert import _filesystem, _writes_for
+
+    assert _filesystem(tmp_path / "not-yet") == _filesystem(tmp_path) != ""
+    assert _filesystem(Path("/proc/self")) == "proc"
+    assert _writes_for(tmp_path, "pwrite") == "pwrite" and _writes_for(tmp_path, "mmap") == "mmap"
+    if Path("/dev/shm").is_dir() and _filesystem(Path("/dev/shm")) == "tmpfs":
+        assert _writes_for(Path("/dev/shm") / "out", "auto") == "mmap"
+    if _filesystem(tmp_path) not in ("tmpfs", "ramfs"):
+        assert _writes_for(tmp_path, "auto") == "pwrite"
