@@ -245,7 +245,7 @@ def test_disk_full_before_mapped_writes_is_a_clear_error(src, tmp_path, monkeypa
     monkeypatch.setattr(conv.os, "posix_fallocate", full)
     d, _, _ = src
     with pytest.raises(conv.PyloaderInputError, match="cannot allocate .* No space left"):
-        convert(d, tmp_path / "dst", device="cpu", progress=False)
+        convert(d, tmp_path / "dst", device="cpu", progress=False, writes="mmap")
     assert not list((tmp_path / "dst").glob("*.safetensors*"))
 
 
