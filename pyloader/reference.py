@@ -74,18 +74,75 @@ class _Fp8Decoder:
         return 256.0
 
 
+_FP8_LUT = {}
+
+
+def _fp8_values(dtype: torch.dtype) -> torch.Tensor:
+    """float32 value of each of the 256 FP8 bytes (NaN bytes as the decoder writes them)."""
+    if dtype not in _FP8_LUT:
+        b = torch.arange(256, dtype=torch.uint8).view(dtype).view(256, 1)
+        f = torch.empty(256, 1, dtype=torch.float32)
+        k = _Fp8Decoder(dtype, (256, 1), "cpu").decode(b, f)
+        _FP8_LUT[dtype] = (f * k).view(256)  # x * 2^-8 * 2^8: exact
+    return _FP8_LUT[dtype]
+
+
+def _dequant_2d_table_cpu(w, s, out, block_size, block_offset) -> torch.Tensor:
+    """CPU FP8 path by table: for each row of the scale grid, a table of the 256 possible outputs
+    of each block column, ``rne(value[b] * scale)`` (the same float32 product and rounding as every
+    backend), then one index add and one gather an element; the decode-and-scale passes cost
+    about 1.7x more (bench/NOTES.md)."""
+    bm, bn = block_size
+    r0, c0 = block_offset
+    rows, cols = w.shape
+    values = _fp8_values(w.dtype)
+    scale_col = (torch.arange(cols) + c0) // bn
+    first = int(scale_col[0])
+    ncols = int(scale_col[-1]) - first + 1
+    colbase = ((scale_col - first) * 256).to(torch.int32)
+    wu = w.view(torch.uint8)
+    # more threads take larger chunks: each op's parallel split must stay worth its cost
+    chunk_rows = max(1, min(rows, (_CHUNK_ELEMS["cpu"] // 2 * max(1, torch.get_num_threads())) // cols))
+    index = torch.empty(chunk_rows, cols, dtype=torch.int32)
+    staging = None
+    i = 0
+    while i < rows:
+        sr = (i + r0) // bm
+        end = min(rows, (sr + 1) * bm - r0)
+        table = (s[sr, first:first + ncols, None] * values[None, :]).to(out.dtype).reshape(-1)
+        for a in range(i, end, chunk_rows):
+            b = min(end, a + chunk_rows)
+            idx = index[: b - a]
+            torch.add(colbase, wu[a:b], out=idx)
+            dst = out[a:b]
+            if dst.is_contiguous():
+                torch.index_select(table, 0, idx.view(-1), out=dst.view(-1))
+            else:
+                if staging is None:
+                    staging = torch.empty(chunk_rows * cols, dtype=out.dtype)
+                part = staging[: (b - a) * cols]
+                torch.index_select(table, 0, idx.view(-1), out=part)
+                dst.copy_(part.view(b - a, cols))
+        i = end
+    return out
+
+
 def dequant_2d_torch(
     w: torch.Tensor, s: torch.Tensor, out: torch.Tensor, block_size: Tuple[int, int], block_offset: Tuple[int, int] = (0, 0)
 ) -> torch.Tensor:
     """out[i, j] = rne(float32(w[i, j]) * s[(i + r0) // bm, (j + c0) // bn]) for 2-D w, out; s already float32 2-D.
 
-    w may be FP8 (decoded by bit manipulation) or any float dtype.
+    w may be FP8 (decoded by bit manipulation, or on CPUs by table) or any float dtype.
     """
     bm, bn = block_size
     r0, c0 = block_offset
     rows, cols = w.shape
     if rows == 0 or cols == 0:
         return out
+    if (w.device.type == "cpu" and w.dtype in _dtypes.FP8_WEIGHT_DTYPES and out.device.type == "cpu"
+            and s.device.type == "cpu" and min(bm, rows) * cols >= (1 << 14)):
+        # a table a scale row: worth it when a scale row covers many elements
+        return _dequant_2d_table_cpu(w, s, out, block_size, block_offset)
     runs = list(_column_runs(cols, c0, bn))
     chunk_rows = max(1, min(rows, _CHUNK_ELEMS.get(w.device.type, 1 << 20) // cols))
     wf_buf = torch.empty((chunk_rows, cols), dtype=torch.float32, device=w.device)

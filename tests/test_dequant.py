@@ -87,6 +87,32 @@ def test_reference_special_values(wdtype, sdtype):
         assert_equal_within_ulp(out, expected_float64(w, s, (8, 8), out_dtype), ulp=0, what=f"{sdtype} {out_dtype}")
 
 
+@pytest.mark.parametrize("wdtype", W_DTYPES)
+@pytest.mark.parametrize("sdtype", [torch.float32, torch.bfloat16, torch.uint8])
+def test_reference_cpu_table_path_special_values_offsets_strided_out(wdtype, sdtype, monkeypatch):
+    """The CPU table path (taken when a scale row covers >= 16K elements): every byte against
+    special scales, a block offset, and a strided destination, bitwise to the float64 formula."""
+    w = special_fp8_table(wdtype).reshape(1, 256).repeat(96, 5)[:, 3:1203]  # [96, 1200]: every byte, strided
+    if sdtype == torch.uint8:  # grid of rows 40..136 and columns 300..1500 in 64x512 blocks: 3 x 3
+        s = torch.tensor([[0, 1, 127], [254, 255, 126], [3, 200, 128]], dtype=torch.uint8)
+    else:
+        big_scale = 3e38 if sdtype == torch.float32 else 1e4
+        s = torch.tensor([[1.0, 0.0, -2.5], [big_scale, 1e-40, float("inf")], [float("nan"), -0.0, 7.0]]).to(sdtype)
+    calls = []
+    table_path = reference._dequant_2d_table_cpu
+    monkeypatch.setattr(reference, "_dequant_2d_table_cpu", lambda *a: calls.append(1) or table_path(*a))
+    for out_dtype in OUT_DTYPES:
+        big = poison_(torch.empty(100, 1300, dtype=out_dtype))
+        out = big[2:98, 50:1250]
+        reference.dequant_blockwise_torch(w, s, out, (64, 512), block_offset=(40, 300))
+        assert len(calls) == 1 and calls.pop()  # the table path ran
+        assert_equal_within_ulp(out, expected_float64(w, s, (64, 512), out_dtype, (40, 300)), ulp=0,
+                                what=f"{wdtype} {sdtype} {out_dtype}")
+        rest = big.clone()
+        rest[2:98, 50:1250] = out
+        assert_bitwise_equal(big, rest)
+
+
 def test_reference_e8m0_nan_scale_gives_nan():
     w = torch.ones(2, 2).to(torch.float8_e4m3fn)
     s = torch.tensor([[255]], dtype=torch.uint8)
