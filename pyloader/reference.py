@@ -116,38 +116,15 @@ def _dequant_2d_table_cpu(w, s, out, block_size, block_offset) -> torch.Tensor:
             torch.add(colbase, wu[a:b], out=idx)
             dst = out[a:b]
             if dst.is_contiguous():
-                _gather(table, idx.view(-1), dst.view(-1))
+                torch.index_select(table, 0, idx.view(-1), out=dst.view(-1))
             else:
                 if staging is None:
                     staging = torch.empty(chunk_rows * cols, dtype=out.dtype)
                 part = staging[: (b - a) * cols]
-                _gather(table, idx.view(-1), part)
+                torch.index_select(table, 0, idx.view(-1), out=part)
                 dst.copy_(part.view(b - a, cols))
         i = end
     return out
-
-
-_GATHER_POOL = None
-
-
-def _gather(table: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> None:
-    """out = table[index]. torch's CPU index_select runs on one thread (the gathers that do split
-    over threads are 3-4x slower a thread): split it over torch's thread count ourselves; each
-    part releases the GIL."""
-    global _GATHER_POOL
-    threads = torch.get_num_threads()
-    n = index.numel()
-    parts = min(threads, n // (1 << 15))
-    if threads < 4 or parts <= 1:  # on 2 cores a split measured no faster
-        torch.index_select(table, 0, index, out=out)
-        return
-    if _GATHER_POOL is None or _GATHER_POOL._max_workers < parts:
-        from concurrent.futures import ThreadPoolExecutor
-
-        _GATHER_POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pyloader-gather")
-    step = -(-n // parts)
-    spans = [(k, min(n, k + step)) for k in range(0, n, step)]
-    list(_GATHER_POOL.map(lambda ab: torch.index_select(table, 0, index[ab[0]:ab[1]], out=out[ab[0]:ab[1]]), spans))
 
 
 def dequant_2d_torch(
