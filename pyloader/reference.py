@@ -75,6 +75,7 @@ class _Fp8Decoder:
 
 
 _FP8_LUT = {}
+_TAKE_MIN_THREADS = 8
 
 
 def _fp8_values(dtype: torch.dtype) -> torch.Tensor:
@@ -99,11 +100,21 @@ def _dequant_2d_table_cpu(w, s, out, block_size, block_offset) -> torch.Tensor:
     scale_col = (torch.arange(cols) + c0) // bn
     first = int(scale_col[0])
     ncols = int(scale_col[-1]) - first + 1
-    colbase = ((scale_col - first) * 256).to(torch.int32)
+    # torch's index_select (int32 indices) runs on one thread; take (int64) splits over threads but
+    # is 3-4x slower a thread: index_select on small machines, take on large ones
+    many_threads = torch.get_num_threads() >= _TAKE_MIN_THREADS
+    colbase = ((scale_col - first) * 256).to(torch.int64 if many_threads else torch.int32)
     wu = w.view(torch.uint8)
     # more threads take larger chunks: each op's parallel split must stay worth its cost
     chunk_rows = max(1, min(rows, (_CHUNK_ELEMS["cpu"] // 2 * max(1, torch.get_num_threads())) // cols))
-    index = torch.empty(chunk_rows, cols, dtype=torch.int32)
+    index = torch.empty(chunk_rows, cols, dtype=colbase.dtype)
+
+    def gather(idx, dst):
+        if many_threads:
+            torch.take(table, idx, out=dst)
+        else:
+            torch.index_select(table, 0, idx, out=dst)
+
     staging = None
     i = 0
     while i < rows:
@@ -116,12 +127,12 @@ def _dequant_2d_table_cpu(w, s, out, block_size, block_offset) -> torch.Tensor:
             torch.add(colbase, wu[a:b], out=idx)
             dst = out[a:b]
             if dst.is_contiguous():
-                torch.index_select(table, 0, idx.view(-1), out=dst.view(-1))
+                gather(idx.view(-1), dst.view(-1))
             else:
                 if staging is None:
                     staging = torch.empty(chunk_rows * cols, dtype=out.dtype)
                 part = staging[: (b - a) * cols]
-                torch.index_select(table, 0, idx.view(-1), out=part)
+                gather(idx.view(-1), part)
                 dst.copy_(part.view(b - a, cols))
         i = end
     return out

@@ -87,9 +87,10 @@ def test_reference_special_values(wdtype, sdtype):
         assert_equal_within_ulp(out, expected_float64(w, s, (8, 8), out_dtype), ulp=0, what=f"{sdtype} {out_dtype}")
 
 
+@pytest.mark.parametrize("gather", ["index_select", "take"])
 @pytest.mark.parametrize("wdtype", W_DTYPES)
 @pytest.mark.parametrize("sdtype", [torch.float32, torch.bfloat16, torch.uint8])
-def test_reference_cpu_table_path_special_values_offsets_strided_out(wdtype, sdtype, monkeypatch):
+def test_reference_cpu_table_path_special_values_offsets_strided_out(wdtype, sdtype, gather, monkeypatch):
     """The CPU table path (taken when a scale row covers >= 16K elements): every byte against
     special scales, a block offset, and a strided destination, bitwise to the float64 formula."""
     w = special_fp8_table(wdtype).reshape(1, 256).repeat(96, 5)[:, 3:1203]  # [96, 1200]: every byte, strided
@@ -98,6 +99,7 @@ def test_reference_cpu_table_path_special_values_offsets_strided_out(wdtype, sdt
     else:
         big_scale = 3e38 if sdtype == torch.float32 else 1e4
         s = torch.tensor([[1.0, 0.0, -2.5], [big_scale, 1e-40, float("inf")], [float("nan"), -0.0, 7.0]]).to(sdtype)
+    monkeypatch.setattr(reference, "_TAKE_MIN_THREADS", 1 if gather == "take" else 1 << 20)
     calls = []
     table_path = reference._dequant_2d_table_cpu
     monkeypatch.setattr(reference, "_dequant_2d_table_cpu", lambda *a: calls.append(1) or table_path(*a))
