@@ -89,10 +89,9 @@ def _fp8_values(dtype: torch.dtype) -> torch.Tensor:
 
 
 def _dequant_2d_table_cpu(w, s, out, block_size, block_offset) -> torch.Tensor:
-    """CPU FP8 path by table: for each row of the scale grid, a table of the 256 possible outputs
-    of each block column, ``rne(value[b] * scale)`` (the same float32 product and rounding as every
-    backend), then one index add and one gather an element: 1.6-1.8x faster than the decode-and-
-    scale passes on a 2-core CI machine (bench/NOTES.md)."""
+    """CPU FP8 path by table: for each block, a table of its 256 possible outputs,
+    ``rne(value[b] * scale)`` (the same float32 product and rounding as every backend), then one
+    index add and one gather an element, over chunks of whole scale rows (bench/NOTES.md)."""
     bm, bn = block_size
     r0, c0 = block_offset
     rows, cols = w.shape
@@ -116,24 +115,35 @@ def _dequant_2d_table_cpu(w, s, out, block_size, block_offset) -> torch.Tensor:
             torch.index_select(table, 0, idx, out=dst)
 
     staging = None
+    bases = {}  # (row within its block, rows) -> per-element offset of its (scale row, block column) table
     i = 0
     while i < rows:
         sr = (i + r0) // bm
-        end = min(rows, (sr + 1) * bm - r0)
-        table = (s[sr, first:first + ncols, None] * values[None, :]).to(out.dtype).reshape(-1)
-        for a in range(i, end, chunk_rows):
-            b = min(end, a + chunk_rows)
-            idx = index[: b - a]
-            torch.add(colbase, wu[a:b], out=idx)
-            dst = out[a:b]
+        # One op covers whole scale rows when a chunk holds several (small blocks or narrow
+        # tensors would otherwise split one thread's worth of work over every thread).
+        end = min(rows, (sr + max(1, chunk_rows // bm)) * bm - r0)
+        nsr = (end - 1 + r0) // bm - sr + 1
+        table = (s[sr:sr + nsr, first:first + ncols, None] * values[None, None, :]).to(out.dtype).reshape(-1)
+        for a0 in range(i, end, chunk_rows):
+            b0 = min(end, a0 + chunk_rows)
+            n = b0 - a0
+            key = ((a0 + r0) - sr * bm, n)
+            if key not in bases:
+                rel = (torch.arange(a0, b0) + r0) // bm - sr
+                bases[key] = (rel * (ncols * 256)).to(colbase.dtype)[:, None] + colbase[None, :]
+                if len(bases) > 4:
+                    bases.pop(next(iter(bases)))
+            idx = index[:n]
+            torch.add(bases[key], wu[a0:b0], out=idx)
+            dst = out[a0:b0]
             if dst.is_contiguous():
                 gather(idx.view(-1), dst.view(-1))
             else:
                 if staging is None:
                     staging = torch.empty(chunk_rows * cols, dtype=out.dtype)
-                part = staging[: (b - a) * cols]
+                part = staging[: n * cols]
                 gather(idx.view(-1), part)
-                dst.copy_(part.view(b - a, cols))
+                dst.copy_(part.view(n, cols))
         i = end
     return out
 
@@ -151,8 +161,8 @@ def dequant_2d_torch(
     if rows == 0 or cols == 0:
         return out
     if (w.device.type == "cpu" and w.dtype in _dtypes.FP8_WEIGHT_DTYPES and out.device.type == "cpu"
-            and s.device.type == "cpu" and min(bm, rows) * cols >= (1 << 14)):
-        # a table a scale row: worth it when a scale row covers many elements
+            and s.device.type == "cpu" and min(bm, rows) * cols >= (1 << 14) and min(bm, rows) * min(bn, cols) >= 1024):
+        # tables of 256 entries a block: worth it when a block holds many more elements
         return _dequant_2d_table_cpu(w, s, out, block_size, block_offset)
     runs = list(_column_runs(cols, c0, bn))
     chunk_rows = max(1, min(rows, _CHUNK_ELEMS.get(w.device.type, 1 << 20) // cols))

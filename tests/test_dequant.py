@@ -115,6 +115,20 @@ def test_reference_cpu_table_path_special_values_offsets_strided_out(wdtype, sdt
         assert_bitwise_equal(big, rest)
 
 
+@pytest.mark.parametrize("gather", ["index_select", "take"])
+@pytest.mark.parametrize("shape,block,offset", [((3000, 1536), (128, 128), (5, 7)), ((500, 2048), (16, 256), (3, 0)),
+                                                ((70, 20000), (1, 20000), (0, 0))])
+def test_reference_cpu_table_path_groups_of_scale_rows(shape, block, offset, gather, monkeypatch):
+    """Chunks that span several scale rows (narrow tensors, small blocks), starting inside a block."""
+    monkeypatch.setattr(reference, "_TAKE_MIN_THREADS", 1 if gather == "take" else 1 << 20)
+    gen = torch.Generator().manual_seed(5)
+    w = random_fp8(shape, torch.float8_e4m3fn, gen, all_bytes=True)
+    s = random_scale((-(-(shape[0] + offset[0]) // block[0]), -(-(shape[1] + offset[1]) // block[1])), torch.float32, gen)
+    out = poison_(torch.empty(shape, dtype=torch.bfloat16))
+    reference.dequant_blockwise_torch(w, s, out, block, block_offset=offset)
+    assert_equal_within_ulp(out, expected_float64(w, s, block, torch.bfloat16, offset), ulp=0)
+
+
 def test_reference_e8m0_nan_scale_gives_nan():
     w = torch.ones(2, 2).to(torch.float8_e4m3fn)
     s = torch.tensor([[255]], dtype=torch.uint8)
