@@ -411,20 +411,24 @@ class StreamingExecutor:
         (start, end) events; the buffer goes back to the pool behind the end event."""
         path, file_offset, slot_offset, n = chunk
         buf, view = pool.take()
-        t = time.perf_counter()
-        _preadv_into(files.fd(path), view[:n], file_offset, path)
-        read_s = time.perf_counter() - t
-        if slot_free is not None:
-            # Waiting here, not with stream.wait_event: a copy parked on a GPU-side wait blocks
-            # the copies of other streams that share its hardware queue (37 -> 28 GB/s measured).
-            slot_free.synchronize()
-        stream = pool.stream()
-        with torch.cuda.stream(stream):
-            e0 = torch.cuda.Event(enable_timing=True)
-            e0.record(stream)
-            staging[slot_offset:slot_offset + n].copy_(buf[:n], non_blocking=True)
-            e1 = torch.cuda.Event(enable_timing=True, blocking=True)
-            e1.record(stream)
+        try:
+            t = time.perf_counter()
+            _preadv_into(files.fd(path), view[:n], file_offset, path)
+            read_s = time.perf_counter() - t
+            if slot_free is not None:
+                # Waiting here, not with stream.wait_event: a copy parked on a GPU-side wait blocks
+                # the copies of other streams that share its hardware queue (37 -> 28 GB/s measured).
+                slot_free.synchronize()
+            stream = pool.stream()
+            with torch.cuda.stream(stream):
+                e0 = torch.cuda.Event(enable_timing=True)
+                e0.record(stream)
+                staging[slot_offset:slot_offset + n].copy_(buf[:n], non_blocking=True)
+                e1 = torch.cuda.Event(enable_timing=True, blocking=True)
+                e1.record(stream)
+        except BaseException:
+            pool.give(buf, view, None)  # a failed read must not strand the buffer: other readers wait on the pool
+            raise
         pool.give(buf, view, e1)
         return e0, e1, read_s
 

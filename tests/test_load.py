@@ -274,3 +274,31 @@ def test_nemotron_h_mamba_tensor_parallel_matches_hand_built_split(tmp_path, tp,
         up = raw["backbone.layers.3.mixer.up_proj.weight"]
         assert_bitwise_equal(targets["model.layers.3.mixer.up_proj.weight"],
                              up[rank * 192 // tp:(rank + 1) * 192 // tp].to(device), what="mlp up_proj")
+
+
+def test_a_failed_read_returns_its_pinned_buffer(tmp_path):
+    """GPU reader path: a chunk whose read fails (file truncated underneath) gives its buffer back
+    to the shared pool, so the other readers, waiting on the pool, cannot hang the load."""
+    from pyloader.executor import StreamingExecutor, _FileCache
+
+    f = tmp_path / "short.bin"
+    f.write_bytes(b"x" * 100)
+
+    class Pool:
+        def __init__(self):
+            self.free = [(torch.empty(64, dtype=torch.uint8), None)]
+
+        def take(self):
+            buf, _ = self.free.pop()
+            return buf, memoryview(buf.numpy()).cast("B")
+
+        def give(self, buf, view, busy):
+            self.free.append((buf, busy))
+
+    pool, files = Pool(), _FileCache()
+    try:
+        with pytest.raises(pyloader.PyloaderInputError, match="file ended"):
+            StreamingExecutor._read_and_copy(None, files, (f, 80, 0, 64), None, None, pool)
+    finally:
+        files.close()
+    assert len(pool.free) == 1
