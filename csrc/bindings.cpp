@@ -13,7 +13,7 @@ using namespace pyloader;
 namespace {
 
 void check(cudaError_t err, const char* op) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string(op) + ": " + cudaGetErrorString(err));
+  if (err != cudaSuccess) throw std::runtime_error(std::string(op) + ": CUDA error: " + cudaGetErrorString(err));
 }
 
 int device_count() {
