@@ -1,7 +1,8 @@
 """Where the warm end-to-end time goes: the pread ceiling of the page cache (reader threads into
-pinned slots, no GPU), pread + H2D without transforms, and pyloader.load over a sweep of executor
-settings (slot size and count, reader threads, chunk size, blocking or spinning slot waits), all
-on one synthetic DeepSeek-V3-shaped FP8 checkpoint in the same run.
+pinned slots, no GPU), pread + H2D without transforms (a slot at a time, and each reader copying
+its own chunks), and pyloader.load over a sweep of executor settings (reader threads, chunk
+size, pinned buffers a reader), all on one synthetic DeepSeek-V3-shaped FP8 checkpoint in the
+same run.
 
     python bench/bench_executor.py --size-gb 16 --json bench/results/executor_<gpu>_<commit>.json
 """
