@@ -302,3 +302,31 @@ def test_a_failed_read_returns_its_pinned_buffer(tmp_path):
     finally:
         files.close()
     assert len(pool.free) == 1
+
+
+def test_nemotron_h_modelopt_per_tensor_fp8_tensor_parallel(tmp_path):
+    """Nemotron 3 Super FP8 is ModelOpt FP8: a scalar ``weight_scale`` and an ``input_scale`` per
+    Linear. Into BF16 targets, split for TP: the per-tensor scale applies to every segment, the
+    input scales are skipped with their reason."""
+    from safetensors.torch import save_file
+    c = dict(NEMOTRON_H_TINY)
+    raw = nemotron_h_tiny_tensors(c, torch.Generator().manual_seed(1))
+    for n in [k for k in raw if k.endswith("_scale_inv")]:
+        w = n[: -len("_scale_inv")]
+        del raw[n]
+        raw[w + "_scale"] = torch.tensor(0.75)
+        raw[w[: -len(".weight")] + ".input_scale"] = torch.tensor(1.5)
+    save_file(raw, str(tmp_path / "model.safetensors"))
+    for rank in range(2):
+        preset = build_preset(c, parallel=Parallel(tp_rank=rank, tp_size=2))
+        targets = {n: poison_(t) for n, t in allocate_targets(preset.targets, "cpu").items()}
+        report = pyloader.load(targets, tmp_path, config=c, tp=(rank, 2), backend="torch", progress=False)
+        assert report.missing == [] and report.unexpected == []
+        assert sum("input scale" in why for why in report.skipped.values()) == 4
+        in_rows, _, _, inner = mamba_rank_slices(c, rank, 2)
+        for i in (0, 2):
+            p, m = f"backbone.layers.{i}.mixer", f"model.layers.{i}.mixer"
+            in_proj = (raw[f"{p}.in_proj.weight"].float() * 0.75).bfloat16()
+            out_proj = (raw[f"{p}.out_proj.weight"].float() * 0.75).bfloat16()
+            assert_bitwise_equal(targets[f"{m}.in_proj.weight"], in_proj[in_rows], what=f"{rank} {i} in_proj")
+            assert_bitwise_equal(targets[f"{m}.out_proj.weight"], out_proj[:, inner], what=f"{rank} {i} out_proj")
