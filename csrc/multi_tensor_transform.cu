@@ -62,13 +62,11 @@ class TableLauncher {
       TransformJob& job = table_->jobs[j];
       const uint32_t upr = job.units_per_row.d;
       job.flags &= ~kTiled;
-      uint64_t chunks;
+      uint64_t chunks = (uint64_t(job.rows) * upr + kChunkUnits - 1) / kChunkUnits;  // general kernel
       if (common_) {
-        const bool tiled = units_ == 4 ? common_tiled<4>(job.rows, upr) : common_tiled<2>(job.rows, upr);
-        if (tiled) job.flags |= kTiled;
-        chunks = units_ == 4 ? common_chunks<4>(job.rows, upr) : common_chunks<2>(job.rows, upr);
-      } else {
-        chunks = (uint64_t(job.rows) * upr + kChunkUnits - 1) / kChunkUnits;
+        const bool four = units_ == 4;
+        if (four ? common_tiled<4>(job.rows, upr) : common_tiled<2>(job.rows, upr)) job.flags |= kTiled;
+        chunks = four ? common_chunks<4>(job.rows, upr) : common_chunks<2>(job.rows, upr);
       }
       table_->chunk_start[j + 1] = table_->chunk_start[j] + static_cast<uint32_t>(chunks);
     }

@@ -4,10 +4,12 @@
 //   dst[r, c] = round_to_nearest_even(float32(src[r, c]) * float32(scale[(r + r0) / bm, (c + c0) / bn]))
 //
 // (no scale: the product is skipped and the cast is exact or rounds once). Design after
-// multi_tensor_apply: every job is cut into chunks of kChunkUnits "units" (one unit = the
-// elements one 16-byte access covers); a persistent grid walks the chunks, finds its job by a
-// binary search over the table's chunk prefix, and runs the body for that job's dtype pair.
-// The table travels as a __grid_constant__ kernel parameter (up to 32 KB since CUDA 12.1).
+// multi_tensor_apply: every job is cut into chunks of "units" (one unit = the elements one
+// 16-byte access covers); a block finds its chunk's job from the table's chunk prefix and runs
+// the body for that job's dtype pair. Two kernels: the common one (byte copies and E4M3 -> BF16)
+// runs one block a chunk, 2-D jobs cut into tiles; the general one (every dtype pair) walks flat
+// chunks of kChunkUnits with a persistent grid. The table travels as a __grid_constant__ kernel
+// parameter (up to 32 KB since CUDA 12.1).
 #pragma once
 
 #include <type_traits>
@@ -17,7 +19,7 @@
 namespace pyloader {
 
 constexpr int kThreads = 256;
-constexpr int kUnitsPerThread = 4;  // units a thread per chunk
+constexpr int kUnitsPerThread = 4;  // units a thread per chunk of the general kernel
 constexpr int kChunkUnits = kThreads * kUnitsPerThread;
 
 struct TransformJob {
@@ -44,7 +46,7 @@ struct TransformJob {
 };
 
 constexpr uint8_t kVecOk = 1;  // aligned for vector accesses, vectors never straddle a scale block
-constexpr uint8_t kTiled = 2;  // common kernel: chunks are 32-row x 16-unit tiles (else flat runs of units)
+constexpr uint8_t kTiled = 2;  // common kernel: chunks are tiles of 16-unit rows (else flat runs of units)
 
 struct TransformTable {
   TransformJob jobs[kMaxJobsPerLaunch];
@@ -140,9 +142,9 @@ __device__ __forceinline__ float job_scale(const TransformJob& job, uint32_t r, 
                     static_cast<int64_t>(sr) * job.scale_row_stride + static_cast<int64_t>(sc) * job.scale_col_stride);
 }
 
-// One chunk of one job in the general kernel: each thread handles kUnitsPerThread units,
-// kInFlight at a time (a group's loads all issued before any store; registers bound kInFlight).
-template <typename Src, typename Dst, int kInFlight>
+// One chunk of one job in the general kernel: each thread handles kUnitsPerThread units, one at a
+// time (with every dtype pair inlined, registers allow no more in flight).
+template <typename Src, typename Dst>
 __device__ __forceinline__ void transform_chunk(const TransformJob& job, uint32_t first_unit) {
   constexpr int kVec = vec_width<Src, Dst>();
   using SrcVec = typename VecOf<kVec * sizeof(Src)>::type;
@@ -152,90 +154,66 @@ __device__ __forceinline__ void transform_chunk(const TransformJob& job, uint32_
   const uint32_t cols = static_cast<uint32_t>(job.cols);
   const bool has_scale = job.scale != nullptr;
 #pragma unroll 1
-  for (int g = 0; g < kUnitsPerThread; g += kInFlight) {
-    Packed<Src, kVec> in[kInFlight];
+  for (int g = 0; g < kUnitsPerThread; ++g) {
+    const uint32_t u = first_unit + g * kThreads + threadIdx.x;
+    if (u >= total_units) return;
+    const uint32_t r = job.units_per_row.div(u);
+    const uint32_t c = (u - r * job.units_per_row.d) * kVec;
+    const Src* in_row = src + r * job.src_row_stride;
+    Dst* out_row = dst + r * job.dst_row_stride;
+    if ((job.flags & kVecOk) && c + kVec <= cols) {
+      Packed<Src, kVec> in;
+      in.vec = *reinterpret_cast<const SrcVec*>(in_row + c);
+      float v[kVec];
+      to_float_vec(in.elems, v);
+      if (has_scale) {
+        const float s = job_scale(job, r, c);
 #pragma unroll
-    for (int k = 0; k < kInFlight; ++k) {
-      const uint32_t u = first_unit + (g + k) * kThreads + threadIdx.x;
-      const uint32_t r = job.units_per_row.div(u);
-      const uint32_t c = (u - r * job.units_per_row.d) * kVec;
-      if (u < total_units && (job.flags & kVecOk) && c + kVec <= cols)
-        in[k].vec = *reinterpret_cast<const SrcVec*>(src + r * job.src_row_stride + c);
-    }
-    // Row and column are recomputed (a multiply-shift) rather than kept: registers are the limit.
-#pragma unroll
-    for (int k = 0; k < kInFlight; ++k) {
-      const uint32_t u = first_unit + (g + k) * kThreads + threadIdx.x;
-      if (u >= total_units) return;
-      const uint32_t r = job.units_per_row.div(u);
-      const uint32_t c = (u - r * job.units_per_row.d) * kVec;
-      const Src* in_row = src + r * job.src_row_stride;
-      Dst* out_row = dst + r * job.dst_row_stride;
-      if ((job.flags & kVecOk) && c + kVec <= cols) {
-        float v[kVec];
-        to_float_vec(in[k].elems, v);
-        if (has_scale) {
-          const float s = job_scale(job, r, c);
-#pragma unroll
-          for (int i = 0; i < kVec; ++i) v[i] *= s;
-        }
-        Packed<Dst, kVec> out;
-        from_float_vec(v, out.elems);
-        *reinterpret_cast<typename VecOf<kVec * sizeof(Dst)>::type*>(out_row + c) = out.vec;
-      } else {
-        // Scalar path: ragged row tails and jobs whose pointers, strides or scale blocks do not
-        // allow vector accesses.
-        for (int i = 0; i < kVec && c + i < cols; ++i) {
-          float v = to_float(in_row[c + i]);
-          if (has_scale) v *= job_scale(job, r, c + i);
-          out_row[c + i] = from_float<Dst>(v);
-        }
+        for (int i = 0; i < kVec; ++i) v[i] *= s;
+      }
+      Packed<Dst, kVec> out;
+      from_float_vec(v, out.elems);
+      *reinterpret_cast<typename VecOf<kVec * sizeof(Dst)>::type*>(out_row + c) = out.vec;
+    } else {
+      // Scalar path: ragged row tails and jobs whose pointers, strides or scale blocks do not
+      // allow vector accesses.
+      for (int i = 0; i < kVec && c + i < cols; ++i) {
+        float v = to_float(in_row[c + i]);
+        if (has_scale) v *= job_scale(job, r, c + i);
+        out_row[c + i] = from_float<Dst>(v);
       }
     }
   }
 }
 
 // Same-dtype copies move bytes; no conversion, no scale.
-template <int kInFlight>
 __device__ __forceinline__ void copy_chunk(const TransformJob& job, uint32_t first_unit) {
   const uint8_t* __restrict__ src = static_cast<const uint8_t*>(job.src);
   uint8_t* __restrict__ dst = static_cast<uint8_t*>(job.dst);
   const uint32_t total_units = static_cast<uint32_t>(job.rows) * job.units_per_row.d;
   const uint32_t cols = static_cast<uint32_t>(job.cols);
 #pragma unroll 1
-  for (int g = 0; g < kUnitsPerThread; g += kInFlight) {
-    uint4 in[kInFlight];
-#pragma unroll
-    for (int k = 0; k < kInFlight; ++k) {
-      const uint32_t u = first_unit + (g + k) * kThreads + threadIdx.x;
-      const uint32_t r = job.units_per_row.div(u);
-      const uint32_t c = (u - r * job.units_per_row.d) * 16;
-      if (u < total_units && (job.flags & kVecOk) && c + 16 <= cols)
-        in[k] = *reinterpret_cast<const uint4*>(src + r * job.src_row_stride + c);
-    }
-#pragma unroll
-    for (int k = 0; k < kInFlight; ++k) {
-      const uint32_t u = first_unit + (g + k) * kThreads + threadIdx.x;
-      if (u >= total_units) return;
-      const uint32_t r = job.units_per_row.div(u);
-      const uint32_t c = (u - r * job.units_per_row.d) * 16;
-      const uint8_t* in_row = src + r * job.src_row_stride;
-      uint8_t* out_row = dst + r * job.dst_row_stride;
-      if ((job.flags & kVecOk) && c + 16 <= cols) {
-        *reinterpret_cast<uint4*>(out_row + c) = in[k];
-      } else {
-        for (int i = 0; i < 16 && c + i < cols; ++i) out_row[c + i] = in_row[c + i];
-      }
+  for (int g = 0; g < kUnitsPerThread; ++g) {
+    const uint32_t u = first_unit + g * kThreads + threadIdx.x;
+    if (u >= total_units) return;
+    const uint32_t r = job.units_per_row.div(u);
+    const uint32_t c = (u - r * job.units_per_row.d) * 16;
+    const uint8_t* in_row = src + r * job.src_row_stride;
+    uint8_t* out_row = dst + r * job.dst_row_stride;
+    if ((job.flags & kVecOk) && c + 16 <= cols) {
+      *reinterpret_cast<uint4*>(out_row + c) = *reinterpret_cast<const uint4*>(in_row + c);
+    } else {
+      for (int i = 0; i < 16 && c + i < cols; ++i) out_row[c + i] = in_row[c + i];
     }
   }
 }
 
-template <typename Src, int kInFlight>
+template <typename Src>
 __device__ __forceinline__ void dispatch_dst(const TransformJob& job, uint32_t first_unit) {
   switch (job.dst_dtype) {
-    case kBF16: transform_chunk<Src, __nv_bfloat16, kInFlight>(job, first_unit); break;
-    case kF16: transform_chunk<Src, __half, kInFlight>(job, first_unit); break;
-    case kF32: transform_chunk<Src, float, kInFlight>(job, first_unit); break;
+    case kBF16: transform_chunk<Src, __nv_bfloat16>(job, first_unit); break;
+    case kF16: transform_chunk<Src, __half>(job, first_unit); break;
+    case kF32: transform_chunk<Src, float>(job, first_unit); break;
     default: break;  // rejected by the launcher
   }
 }
@@ -369,8 +347,8 @@ __device__ __forceinline__ int find_job(const TransformTable& table, uint32_t ch
 }
 
 // Resident blocks an SM: the common kernel at 2 units a thread fits 32 registers (8 blocks), at
-// 4 units 48 (5 blocks: at 6 it spilled); the general one, with every dtype path inlined, 40 registers (a 56-byte
-// spill that 4 blocks and 64 registers still leave), one load at a time.
+// 4 units 48 (5 blocks: at 6 it spilled); the general one, with every dtype path inlined and one
+// load at a time, 40 registers (6 blocks).
 template <int kUnits>
 constexpr int common_blocks_per_sm() { return kUnits == 2 ? 8 : 5; }
 constexpr int kAllBlocksPerSm = 6;
@@ -386,12 +364,12 @@ __global__ void __launch_bounds__(kThreads, common_blocks_per_sm<kUnits>()) comm
 
 __device__ __forceinline__ void run_chunk_all(const TransformJob& job, uint32_t first_unit) {
   switch (job.src_dtype) {
-    case kByte: copy_chunk<1>(job, first_unit); break;
-    case kE4M3: dispatch_dst<e4m3_t, 1>(job, first_unit); break;
-    case kE5M2: dispatch_dst<e5m2_t, 1>(job, first_unit); break;
-    case kBF16: dispatch_dst<__nv_bfloat16, 1>(job, first_unit); break;
-    case kF16: dispatch_dst<__half, 1>(job, first_unit); break;
-    case kF32: dispatch_dst<float, 1>(job, first_unit); break;
+    case kByte: copy_chunk(job, first_unit); break;
+    case kE4M3: dispatch_dst<e4m3_t>(job, first_unit); break;
+    case kE5M2: dispatch_dst<e5m2_t>(job, first_unit); break;
+    case kBF16: dispatch_dst<__nv_bfloat16>(job, first_unit); break;
+    case kF16: dispatch_dst<__half>(job, first_unit); break;
+    case kF32: dispatch_dst<float>(job, first_unit); break;
     default: break;
   }
 }

@@ -264,7 +264,7 @@ def _reserve(fd: int, size: int, path: Path) -> bool:
 
 class _Converter:
     def __init__(self, device: torch.device, backend: Optional[str], out_dtype: torch.dtype, workers: int, bar,
-                 writes: str = "mmap"):
+                 writes: str):
         if writes not in ("mmap", "pwrite"):
             raise PyloaderInputError(f"writes must be 'auto', 'mmap' or 'pwrite', not {writes!r}")
         self.device, self.out_dtype, self.bar = device, out_dtype, bar

@@ -49,7 +49,7 @@ class ExecutorConfig:
     # GPU: pinned host buffers of read_chunk_bytes, this many a reader thread (576 MiB by default);
     # each reader copies what it read to the device itself, on its own stream
     buffers_per_thread: int = 3
-    # "pread": reader threads into pinned slots. "mmap": files mapped read-only and registered
+    # "pread": reader threads into pinned buffers, each copying its own chunks. "mmap": files mapped read-only and registered
     # with cudaHostRegister(ReadOnly) in windows, DMA straight from the page cache (no CPU copy;
     # the copies run at the PCIe ceiling, but registering the pages costs more than the copy
     # saves: 21.6 vs 35.3 GB/s warm on the H200, bench/NOTES.md). "auto": pread.
@@ -475,7 +475,7 @@ class StreamingExecutor:
             staging = [torch.empty(cfg.slot_bytes, dtype=torch.uint8, device=dev) for _ in range(nslots)]
         else:  # CPU: readers fill the slots the transforms read
             host = staging = [torch.empty(cfg.slot_bytes, dtype=torch.uint8) for _ in range(nslots)]
-        copy_stream = torch.cuda.Stream(dev) if cuda else None
+        copy_stream = torch.cuda.Stream(dev) if cuda else None  # copies from registered mappings (io="mmap")
         compute = torch.cuda.current_stream(dev) if cuda else None
         done = [None] * nslots
         timing_events = []  # (transform start, end) on the compute stream
