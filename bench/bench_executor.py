@@ -161,9 +161,11 @@ def main():
     for threads, chunk_mib, depth in ((8, 4, 3), (16, 8, 2), (16, 16, 2), (12, 16, 3)):
         best = max(threaded_h2d(files, threads, chunk_mib << 20, depth, dev) for _ in range(2))
         record("threaded pread + H2D", best, threads=threads, chunk_mib=chunk_mib, depth=depth)
-    sweep = [dict(slot_bytes=128 << 20, num_slots=8, read_threads=16, read_chunk_bytes=16 << 20),
-             dict(slot_bytes=128 << 20, num_slots=8, read_threads=12, read_chunk_bytes=16 << 20, buffers_per_thread=3),
-             dict(slot_bytes=128 << 20, num_slots=8, read_threads=16, read_chunk_bytes=32 << 20, buffers_per_thread=1)]
+    sweep = [dict(slot_bytes=128 << 20, num_slots=8, read_threads=12, read_chunk_bytes=16 << 20, buffers_per_thread=3),
+             dict(slot_bytes=128 << 20, num_slots=8, read_threads=14, read_chunk_bytes=16 << 20, buffers_per_thread=3),
+             dict(slot_bytes=128 << 20, num_slots=8, read_threads=10, read_chunk_bytes=16 << 20, buffers_per_thread=4),
+             dict(slot_bytes=128 << 20, num_slots=8, read_threads=12, read_chunk_bytes=32 << 20, buffers_per_thread=2),
+             dict(slot_bytes=64 << 20, num_slots=16, read_threads=12, read_chunk_bytes=8 << 20, buffers_per_thread=4)]
     for s in sweep:
         ex = pyloader.ExecutorConfig(io="pread", **s)
         times = []
@@ -177,7 +179,9 @@ def main():
         record("pyloader.load", nbytes / min(times[1:]) / 1e9, seconds=[round(x, 3) for x in times],
                slot_mib=s["slot_bytes"] >> 20, slots=s["num_slots"], threads=s["read_threads"],
                chunk_mib=s["read_chunk_bytes"] >> 20, buffers_per_thread=s.get("buffers_per_thread", 2), read_thread_s=round(tm.read_s, 3),
-               wait_read_s=round(tm.wait_read_s, 3), h2d_s=round(tm.h2d_s, 3), wall_s=round(tm.wall_s, 3))
+               wait_read_s=round(tm.wait_read_s, 3), h2d_s=round(tm.h2d_s, 3), wall_s=round(tm.wall_s, 3),
+               setup_s=round(tm.setup_s, 3), drain_s=round(tm.drain_s, 3),
+               outside_executor_s=round(times[-1] - tm.wall_s, 3))
     ok = _verify(targets, plan, dev)
     print("verified" if ok else "MISMATCH")
     if args.json:

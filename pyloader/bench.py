@@ -169,6 +169,9 @@ def run_bench(checkpoint: Optional[str] = None, size_gb: Optional[float] = None,
 
     for io in (("auto", "mmap", "pread") if dev.type == "cuda" else ("auto",)):
         _bench_pyloader(io, repeats, targets, ck_dir, preset, dev, prepare, plan, record)
+    if cold and dev.type == "cuda":  # each way of reading cold files (auto is one of them)
+        for how_cold in ("direct", "willneed", "buffered"):
+            _bench_pyloader("pread", repeats, targets, ck_dir, preset, dev, prepare, plan, record, how_cold)
     if peers and dev.type == "cuda":
         _peers(files, plan, targets, dev, prepare, record)
     if json_path:
@@ -180,11 +183,11 @@ def run_bench(checkpoint: Optional[str] = None, size_gb: Optional[float] = None,
     return rows
 
 
-def _bench_pyloader(io, repeats, targets, ck_dir, preset, dev, prepare, plan, record):
+def _bench_pyloader(io, repeats, targets, ck_dir, preset, dev, prepare, plan, record, cold_reads="auto"):
     from .loader import load
 
     times, how = [], ""
-    cfg_ex = ExecutorConfig(io=io)
+    cfg_ex = ExecutorConfig(io=io, cold_reads=cold_reads)
     for t in targets.values():  # poison: an unwritten element fails the verification below
         t.view(torch.uint8).fill_(0x5A)
     for _ in range(repeats):
@@ -199,11 +202,14 @@ def _bench_pyloader(io, repeats, targets, ck_dir, preset, dev, prepare, plan, re
     ok = _verify(targets, plan, dev)
     peak = (torch.cuda.max_memory_allocated(dev) - base) if dev.type == "cuda" else None
     tm = report.timings
-    record(f"pyloader (io={io})", min(times), f"{'verified' if ok else 'MISMATCH'}; {how}",
+    label = f"pyloader (io={io})" if cold_reads == "auto" else f"pyloader (io={io}, cold_reads={cold_reads})"
+    record(label, min(times), f"{'verified' if ok else 'MISMATCH'}; {how}",
            repeats=[round(x, 3) for x in times], peak_device_staging_bytes=peak,
            pinned_bytes=cfg_ex.read_threads * cfg_ex.buffers_per_thread * cfg_ex.read_chunk_bytes if dev.type == "cuda" else 0,
            read_thread_s=round(tm.read_s, 3), wait_read_s=round(tm.wait_read_s, 3), h2d_s=round(tm.h2d_s, 3),
-           transform_s=round(tm.transform_s, 3), backend=report.backend, io_used=report.io)
+           transform_s=round(tm.transform_s, 3), backend=report.backend, io_used=report.io,
+           executor_wall_s=round(tm.wall_s, 3), executor_setup_s=round(tm.setup_s, 3), drain_s=round(tm.drain_s, 3),
+           outside_executor_s=round(times[-1] - tm.wall_s, 3), cold_files=tm.cold_files)
     if not ok:
         raise SystemExit("pyloader result differs from the reference: not a valid measurement")
 

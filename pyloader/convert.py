@@ -29,10 +29,11 @@ import os
 import shutil
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -49,6 +50,9 @@ OUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": t
 _SAFETENSORS_NAME = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 FP8 = ("F8_E4M3", "F8_E5M2")
 CHUNK_BYTES = 128 << 20  # output bytes a chunk: a tensor larger than this is converted in row chunks
+FILES_AHEAD = 1  # files whose chunks are queued while an earlier file finishes
+# Mapped writes: fault a chunk's window in with one MAP_POPULATE call instead of a fault a page
+POPULATE_WINDOWS = False
 
 
 @dataclass
@@ -93,6 +97,9 @@ class ConvertReport:
     nonfinite: Dict[str, Tuple[int, int]] = field(default_factory=dict)  # tensor → (NaN count, Inf count)
     device: str = ""
     backend: str = ""
+    read_s: float = 0.0       # summed over workers: reading input chunks
+    transform_s: float = 0.0  # summed over workers: to the device, transform, census, back to pinned host memory
+    write_s: float = 0.0      # summed over workers: writing output chunks
 
 
 def _scale_for(weight: str, names) -> Optional[str]:
@@ -337,8 +344,8 @@ class _Converter:
             return
         start = file_offset - file_offset % mmap.ALLOCATIONGRANULARITY
         lead = file_offset - start
-        window = mmap.mmap(fd, lead + src.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE,
-                           offset=start)
+        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if POPULATE_WINDOWS else 0)
+        window = mmap.mmap(fd, lead + src.size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
         try:
             dst = np.frombuffer(window, dtype=np.uint8, count=src.size, offset=lead)
             dst[:] = src  # numpy releases the GIL for the copy
@@ -354,7 +361,9 @@ class _Converter:
             cols = math.prod(shape[1:]) if len(shape) >= 2 else (shape[0] if shape else 1)
             nrows = shape[0] if len(shape) >= 2 else 1
             in_row = info.nbytes // max(1, nrows)
+            t_read = time.perf_counter()
             raw = self.read(info, info.start + r0 * in_row, rows * in_row)
+            t_transform = time.perf_counter()
             if t.scale is None:
                 out_bytes = raw
                 if info.dtype in ("BF16", "F16", "F32") and raw.numel():
@@ -374,7 +383,13 @@ class _Converter:
                         stream.synchronize()
                     else:
                         out_bytes = out.view(-1).view(torch.uint8)
+            t_write = time.perf_counter()
             self._write(fd, file_offset, out_bytes, mapped)
+            t_end = time.perf_counter()
+            with self.lock:
+                self.report.read_s += t_transform - t_read
+                self.report.transform_s += t_write - t_transform
+                self.report.write_s += t_end - t_write
             if self.bar is not None:
                 self.bar.update(rows * in_row)
         finally:
@@ -388,10 +403,12 @@ class _Converter:
                 a, b = self.report.nonfinite.get(name, (0, 0))
                 self.report.nonfinite[name] = (a + nan, b + inf)
 
-    def write_file(self, path: Path, f: OutFile):
+    def start_file(self, path: Path, f: OutFile) -> "_OpenFile":
+        """Create ``NAME.tmp``, write its header and queue every chunk of it (blocking while too
+        many chunks are resident)."""
         tmp = path.with_name(path.name + ".tmp")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)  # RDWR: a shared mapping needs it
-        futures = []
+        h = _OpenFile(path, tmp, f, fd)
         try:
             os.ftruncate(fd, f.size)
             mapped = self.writes == "mmap" and _reserve(fd, f.size, tmp)
@@ -406,25 +423,75 @@ class _Converter:
                 for r0 in range(0, max(nrows, 1), step):
                     rows = min(step, nrows - r0) if nrows else 0
                     self.inflight.acquire()
-                    futures.append(self.pool.submit(self.chunk, fd, t, base + r0 * out_row, r0, rows, mapped))
+                    h.futures.append(self.pool.submit(self.chunk, fd, t, base + r0 * out_row, r0, rows, mapped))
                 if t.scale is not None:
                     self.report.dequantized += 1
                 else:
                     self.report.copied += 1
-            for fut in futures:
-                fut.result()
-            os.fsync(fd)
         except BaseException:
-            for fut in futures:
-                fut.cancel()
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
+            h.abort()
             raise
-        os.close(fd)
-        if not _file_complete(tmp, f):
-            tmp.unlink(missing_ok=True)
-            raise PyloaderInputError(f"{tmp}: the written file does not validate (disk full or changed underneath?)")
-        os.replace(tmp, path)
+        return h
+
+    def finish_file(self, h: "_OpenFile") -> None:
+        """Wait for the file's chunks, fsync, re-validate and rename it into place."""
+        try:
+            for fut in h.futures:
+                fut.result()
+            os.fsync(h.fd)
+        except BaseException:
+            h.abort()
+            raise
+        os.close(h.fd)
+        h.fd = -1
+        if not _file_complete(h.tmp, h.f):
+            h.tmp.unlink(missing_ok=True)
+            raise PyloaderInputError(f"{h.tmp}: the written file does not validate (disk full or changed underneath?)")
+        os.replace(h.tmp, h.path)
+
+    def write_files(self, items: List[Tuple[Path, OutFile]], done: Callable[[str], None]) -> None:
+        """Every file through one pipeline: the next file's chunks are queued while the previous
+        one finishes, so the workers never drain at a file boundary (FILES_AHEAD files open)."""
+        open_files: deque = deque()
+        try:
+            for path, f in items:
+                open_files.append(self.start_file(path, f))
+                while len(open_files) > FILES_AHEAD:
+                    h = open_files.popleft()
+                    self.finish_file(h)
+                    done(h.f.name)
+            while open_files:
+                h = open_files.popleft()
+                self.finish_file(h)
+                done(h.f.name)
+        except BaseException:
+            for h in open_files:
+                h.abort()
+            raise
+
+
+@dataclass
+class _OpenFile:
+    path: Path
+    tmp: Path
+    f: OutFile
+    fd: int
+    futures: list = field(default_factory=list)
+
+    def abort(self) -> None:
+        """Cancel what has not started, wait for what has (it writes through fd), remove the file."""
+        for fut in self.futures:
+            fut.cancel()
+        for fut in self.futures:
+            if not fut.cancelled():
+                try:
+                    fut.result()
+                except BaseException:
+                    pass  # the first error is the one being raised
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self.tmp.unlink(missing_ok=True)
 
 
 def convert(src, dst, device: str = "auto", out_dtype: str = "bfloat16", resume: bool = False,
@@ -464,9 +531,7 @@ def convert(src, dst, device: str = "auto", out_dtype: str = "bfloat16", resume:
     conv = _Converter(dev, backend, odt, workers, bar, _writes_for(dst, writes))
     logger.info("pyloader convert: %s writes into %s", conv.writes, dst)
     try:
-        for f in todo:
-            conv.write_file(dst / f.name, f)
-            conv.report.files_written.append(f.name)
+        conv.write_files([(dst / f.name, f) for f in todo], conv.report.files_written.append)
     finally:
         conv.pool.shutdown(wait=True)
         conv.close()

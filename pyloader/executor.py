@@ -54,6 +54,12 @@ class ExecutorConfig:
     # the copies run at the PCIe ceiling, but registering the pages costs more than the copy
     # saves: 21.6 vs 35.3 GB/s warm on the H200, bench/NOTES.md). "auto": pread.
     io: str = "auto"
+    # Reads of files not in the page cache (sampled with mincore at the start). "direct": O_DIRECT
+    # reads, each chunk one deep request straight from the disk into the pinned buffer; "willneed":
+    # buffered reads with posix_fadvise(WILLNEED) issued a window of slots ahead; "buffered": plain
+    # reads (the kernel's readahead only). "auto": direct (bench/NOTES.md). Files in the page
+    # cache are always read buffered.
+    cold_reads: str = "auto"
 
 
 @dataclass
@@ -63,6 +69,9 @@ class Timings:
     h2d_s: float = 0.0        # device time with at least one host→device copy running (CUDA events)
     transform_s: float = 0.0  # device time of transform launches
     wall_s: float = 0.0
+    setup_s: float = 0.0      # executor start until the first batch's reads are queued (buffers, scales)
+    drain_s: float = 0.0      # last transform enqueued until the device is done
+    cold_files: int = 0       # files read as cold (see ExecutorConfig.cold_reads)
 
 
 @dataclass
@@ -132,22 +141,26 @@ def _preadv_into(fd: int, buf: memoryview, offset: int, path) -> None:
 
 
 class _FileCache:
-    """One read-only descriptor per file, shared by the reader threads."""
+    """One read-only descriptor per file (and one O_DIRECT descriptor for cold files), shared by
+    the reader threads."""
 
     def __init__(self):
-        self.fds: Dict[str, int] = {}
+        self.fds: Dict[Tuple[str, bool], int] = {}
         self.lock = threading.Lock()
+        self.direct: set = set()  # files read with O_DIRECT
 
-    def fd(self, path) -> int:
-        key = str(path)
+    def fd(self, path, direct: bool = False) -> int:
+        key = (str(path), direct)
         fd = self.fds.get(key)
         if fd is None:
             with self.lock:
                 if key not in self.fds:
+                    flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
                     try:
-                        self.fds[key] = os.open(key, os.O_RDONLY)
+                        self.fds[key] = os.open(key[0], flags)
                     except OSError as e:
-                        raise PyloaderInputError(f"{path}: cannot open: {e.strerror}") from None
+                        what = " with O_DIRECT" if direct else ""
+                        raise PyloaderInputError(f"{path}: cannot open{what}: {e.strerror}") from None
                 fd = self.fds[key]
         return fd
 
@@ -155,6 +168,52 @@ class _FileCache:
         for fd in self.fds.values():
             os.close(fd)
         self.fds.clear()
+
+
+_DIRECT_ALIGN = 4096  # O_DIRECT: file offset, length and buffer address aligned to the logical block (4 KiB covers all)
+
+
+def _pread_direct(fd: int, view: memoryview, base_addr: int, offset: int, n: int, path) -> int:
+    """O_DIRECT read of file[offset:offset + n] into ``view`` (a pinned buffer whose first byte is at
+    ``base_addr``); returns where in ``view`` the data starts. The read is widened to aligned
+    bounds; the end may pass the end of the file (the read stops there)."""
+    lead_buf = (-base_addr) % _DIRECT_ALIGN
+    a = offset - offset % _DIRECT_ALIGN
+    b = -(-(offset + n) // _DIRECT_ALIGN) * _DIRECT_ALIGN
+    need = offset + n - a
+    if lead_buf + (b - a) > len(view):
+        raise PyloaderInputError(f"{path}: O_DIRECT read of {b - a} bytes does not fit a {len(view)}-byte buffer")
+    got = 0
+    while got < need:
+        try:
+            r = os.preadv(fd, [view[lead_buf + got:lead_buf + b - a]], a + got)
+        except OSError as e:
+            raise PyloaderInputError(f"{path}: O_DIRECT read at byte {a + got} failed: {e.strerror}") from None
+        got += max(r, 0)
+        if got < need and (r <= 0 or got % _DIRECT_ALIGN):  # a direct read stops short only at the end
+            raise PyloaderInputError(f"{path}: file ended at byte {a + got} while reading (truncated or changed?)")
+    return lead_buf + (offset - a)
+
+
+def _file_resident(path) -> float:
+    """Sampled share of a file's pages in the page cache (mincore on a read-only mapping)."""
+    import mmap
+    import warnings
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return 1.0
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # read-only mapping: only its address is used
+            t = torch.frombuffer(mm, dtype=torch.uint8)
+        frac = _resident_fraction(t.data_ptr(), size)
+        del t
+        return frac
+    finally:
+        mm.close()
 
 
 _CUDA_HOST_REGISTER_READ_ONLY = 0x08
@@ -395,6 +454,7 @@ class StreamingExecutor:
         self.timings = Timings()
         self.bytes_read = 0
         self.io_used = ""
+        self.willneed: set = set()  # cold files read with WILLNEED ahead
 
     def _read_chunks(self, files: _FileCache, chunks, host: torch.Tensor, slot_free=None) -> float:
         if slot_free is not None:
@@ -413,7 +473,11 @@ class StreamingExecutor:
         buf, view = pool.take()
         try:
             t = time.perf_counter()
-            _preadv_into(files.fd(path), view[:n], file_offset, path)
+            if str(path) in files.direct:
+                at = _pread_direct(files.fd(path, True), view, buf.data_ptr(), file_offset, n, path)
+            else:
+                at = 0
+                _preadv_into(files.fd(path), view[:n], file_offset, path)
             read_s = time.perf_counter() - t
             if slot_free is not None:
                 # Waiting here, not with stream.wait_event: a copy parked on a GPU-side wait blocks
@@ -423,7 +487,7 @@ class StreamingExecutor:
             with torch.cuda.stream(stream):
                 e0 = torch.cuda.Event(enable_timing=True)
                 e0.record(stream)
-                staging[slot_offset:slot_offset + n].copy_(buf[:n], non_blocking=True)
+                staging[slot_offset:slot_offset + n].copy_(buf[at:at + n], non_blocking=True)
                 e1 = torch.cuda.Event(enable_timing=True, blocking=True)
                 e1.record(stream)
         except BaseException:
@@ -431,6 +495,37 @@ class StreamingExecutor:
             raise
         pool.give(buf, view, e1)
         return e0, e1, read_s
+
+    def _choose_cold_reads(self, files: _FileCache, pieces: List[Piece]) -> None:
+        """Mark the files not in the page cache for O_DIRECT (or WILLNEED) reads."""
+        mode = self.cfg.cold_reads
+        self.willneed = set()
+        if mode == "buffered":
+            return
+        cold = [f for f in dict.fromkeys(str(p.source.file) for p in pieces) if _file_resident(f) < 0.5]
+        self.timings.cold_files = len(cold)
+        for f in cold:
+            if mode == "willneed":
+                self.willneed.add(f)
+                continue
+            try:
+                files.fd(f, direct=True)
+            except PyloaderInputError as e:
+                if mode == "direct":
+                    raise
+                logger.info("pyloader: %s; reading it buffered", e)  # e.g. a filesystem without O_DIRECT
+                continue
+            files.direct.add(f)
+        if cold:
+            logger.info("pyloader: %d of the checkpoint's files are not in the page cache: %s reads", len(cold),
+                        "WILLNEED-ahead" if mode == "willneed" else "O_DIRECT")
+
+    def _advise(self, files: _FileCache, parts: List[_Part]) -> None:
+        """posix_fadvise(WILLNEED) the byte ranges of a batch: the kernel queues their reads now."""
+        for part in parts:
+            f = str(part.piece.source.file)
+            if f in self.willneed:
+                os.posix_fadvise(files.fd(f), part.file_offset, part.nbytes, os.POSIX_FADV_WILLNEED)
 
     def _chunks(self, parts: List[_Part]):
         """A batch's reads as (file, file offset, slot offset, bytes) pieces of at most read_chunk_bytes."""
@@ -465,6 +560,10 @@ class StreamingExecutor:
     def run(self) -> Timings:
         cfg, dev = self.cfg, self.device
         t_start = time.perf_counter()
+        if cfg.io not in ("auto", "mmap", "pread"):
+            raise PyloaderInputError(f"io must be 'auto', 'mmap' or 'pread', not {cfg.io!r}")
+        if cfg.cold_reads not in ("auto", "direct", "willneed", "buffered"):
+            raise PyloaderInputError(f"cold_reads must be 'auto', 'direct', 'willneed' or 'buffered', not {cfg.cold_reads!r}")
         files = _FileCache()
         cuda = dev.type == "cuda"
         pieces = [p for _, group in self.plan.by_layer() for p in group]
@@ -483,8 +582,6 @@ class StreamingExecutor:
         total = sum(b.nbytes for b in batches)
         bar = _progress(total, self.progress)
         pool = ThreadPoolExecutor(max_workers=cfg.read_threads, thread_name_prefix="pyloader-read")
-        if cfg.io not in ("auto", "mmap", "pread"):
-            raise PyloaderInputError(f"io must be 'auto', 'mmap' or 'pread', not {cfg.io!r}")
         registered = _RegisteredFiles() if (cuda and cfg.io == "mmap") else None
         mapped_batch = [False] * len(batches)
         if registered is not None:
@@ -500,10 +597,12 @@ class StreamingExecutor:
         else:
             self.io_used = "pread"
         logger.info("pyloader: load reads through %s", self.io_used)
-        pinned = None
+        pinned = advise = None
         try:
             if cuda and not all(mapped_batch):
-                pinned = _PinnedPool(cfg.read_threads * cfg.buffers_per_thread, cfg.read_chunk_bytes)
+                self._choose_cold_reads(files, pieces)
+                slack = 2 * _DIRECT_ALIGN if files.direct else 0  # an O_DIRECT read is widened to aligned bounds
+                pinned = _PinnedPool(cfg.read_threads * cfg.buffers_per_thread, cfg.read_chunk_bytes + slack)
             scales = self._load_scales(files, pool)
             last_batch_of_layer = {}
             for i, b in enumerate(batches):
@@ -517,6 +616,8 @@ class StreamingExecutor:
                     pending.append([])  # copied straight from the registered mapping below
                     return
                 chunks = self._chunks(batches[j].parts)
+                if self.willneed and j >= nslots and j + nslots < len(batches):  # one window of slots ahead
+                    advise.submit(self._advise, files, batches[j + nslots].parts)
                 if cuda:  # a task a chunk: read it, wait for the slot, copy it
                     pending.append([pool.submit(self._read_and_copy, files, c, staging[slot], done[slot], pinned)
                                     for c in chunks])
@@ -525,9 +626,14 @@ class StreamingExecutor:
                 groups = [chunks[k::cfg.read_threads] for k in range(min(cfg.read_threads, len(chunks)))]
                 pending.append([pool.submit(self._read_chunks, files, g, host[slot], done[slot]) for g in groups])
 
+            if self.willneed:
+                advise = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyloader-advise")
+                for k in range(min(2 * nslots, len(batches))):
+                    advise.submit(self._advise, files, batches[k].parts)
             for j in range(nslots):
                 if j < len(batches):
                     submit(j)
+            self.timings.setup_s = time.perf_counter() - t_start
             for i, batch in enumerate(batches):
                 slot = i % nslots
                 t = time.perf_counter()
@@ -577,8 +683,10 @@ class StreamingExecutor:
                     bar.update(batch.nbytes)
                 if i + nslots < len(batches):
                     submit(i + nslots)
+            t_drain = time.perf_counter()
             if cuda:
                 torch.cuda.synchronize(dev)
+                self.timings.drain_s = time.perf_counter() - t_drain
                 for t0, t1 in timing_events:
                     self.timings.transform_s += t0.elapsed_time(t1) / 1e3
                 if copy_spans:  # device time with at least one copy running
@@ -587,6 +695,8 @@ class StreamingExecutor:
                                                         for a, b in copy_spans])
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            if advise is not None:
+                advise.shutdown(wait=True, cancel_futures=True)
             files.close()
             if registered is not None:
                 if cuda:

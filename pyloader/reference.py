@@ -115,11 +115,10 @@ def _dequant_2d_table_cpu(w, s, out, block_size, block_offset) -> torch.Tensor:
             torch.index_select(table, 0, idx, out=dst)
 
     staging = None
-    bases = {}  # (row within its block, rows) -> per-element offset of its (scale row, block column) table
     i = 0
     while i < rows:
         sr = (i + r0) // bm
-        # One op covers whole scale rows when a chunk holds several (small blocks or narrow
+        # One gather covers whole scale rows when a chunk holds several (small blocks or narrow
         # tensors would otherwise split one thread's worth of work over every thread).
         end = min(rows, (sr + max(1, chunk_rows // bm)) * bm - r0)
         nsr = (end - 1 + r0) // bm - sr + 1
@@ -127,14 +126,15 @@ def _dequant_2d_table_cpu(w, s, out, block_size, block_offset) -> torch.Tensor:
         for a0 in range(i, end, chunk_rows):
             b0 = min(end, a0 + chunk_rows)
             n = b0 - a0
-            key = ((a0 + r0) - sr * bm, n)
-            if key not in bases:
-                rel = (torch.arange(a0, b0) + r0) // bm - sr
-                bases[key] = (rel * (ncols * 256)).to(colbase.dtype)[:, None] + colbase[None, :]
-                if len(bases) > 4:
-                    bases.pop(next(iter(bases)))
             idx = index[:n]
-            torch.add(bases[key], wu[a0:b0], out=idx)
+            # index = byte + offset of its block's table: a [cols] offset row broadcast over each
+            # scale row's rows (no per-element offset tensor: fresh large temporaries fault pages)
+            a = a0
+            while a < b0:
+                rel = (a + r0) // bm - sr
+                b = min(b0, (sr + rel + 1) * bm - r0)
+                torch.add(wu[a:b], colbase + rel * (ncols * 256), out=idx[a - a0:b - a0])
+                a = b
             dst = out[a0:b0]
             if dst.is_contiguous():
                 gather(idx.view(-1), dst.view(-1))

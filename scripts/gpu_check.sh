@@ -94,7 +94,7 @@ fi
 
 if has convert; then
   note "bench_convert (GPU and CPU paths, disk and tmpfs output, common-script baseline)"
-  python3 bench/bench_convert.py --cpu --json "$OUT/bench.json" ${CONVERT_ARGS:-} > "$OUT/convert.log" 2>&1 || status=1
+  python3 bench/bench_convert.py --json "$OUT/bench.json" ${CONVERT_ARGS---cpu} > "$OUT/convert.log" 2>&1 || status=1
   tail -12 "$OUT/convert.log"
 fi
 

@@ -105,20 +105,21 @@ def test_convert_repacks_and_resumes(src, tmp_path, monkeypatch):
 
     monkeypatch.setattr(conv, "CHUNK_BYTES", 4096)  # many row chunks per tensor
     calls = {"n": 0}
-    real = conv._Converter.write_file
+    real = conv._Converter.start_file
 
     def interrupted(self, path, f):
         calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt  # the run dies while writing the second file
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # the run dies starting the third file, the second still being written
         return real(self, path, f)
 
-    monkeypatch.setattr(conv._Converter, "write_file", interrupted)
+    monkeypatch.setattr(conv._Converter, "start_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert(d, dst, device="cpu", max_shard_size=60_000, progress=False)
     finished = sorted(p.name for p in dst.glob("*.safetensors"))
     assert len(finished) == 1 and not (dst / "model.safetensors.index.json").exists()  # index is written last
-    monkeypatch.setattr(conv._Converter, "write_file", real)
+    monkeypatch.setattr(conv._Converter, "start_file", real)
+    assert not list(dst.glob("*.tmp"))  # the interrupted file was removed
     # a truncated "finished" file must be redone, not trusted
     second = finished[0].replace("00001-of", "00002-of")
     (dst / second).write_bytes(b"\0" * 100)

@@ -330,3 +330,75 @@ def test_nemotron_h_modelopt_per_tensor_fp8_tensor_parallel(tmp_path):
             out_proj = (raw[f"{p}.out_proj.weight"].float() * 0.75).bfloat16()
             assert_bitwise_equal(targets[f"{m}.in_proj.weight"], in_proj[in_rows], what=f"{rank} {i} in_proj")
             assert_bitwise_equal(targets[f"{m}.out_proj.weight"], out_proj[:, inner], what=f"{rank} {i} out_proj")
+
+
+def _direct_supported(path) -> bool:
+    import os
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
+
+
+def test_direct_read_widens_to_aligned_bounds_and_keeps_the_bytes(tmp_path):
+    """O_DIRECT reads of cold files: any offset and length (unaligned starts, ends past the end
+    of the file) land exactly, whatever the buffer's alignment."""
+    import os
+    from pyloader.executor import _DIRECT_ALIGN, _pread_direct
+
+    f = tmp_path / "data.bin"
+    data = torch.randint(0, 256, (3 * _DIRECT_ALIGN + 1234,), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    f.write_bytes(data.numpy().tobytes())
+    if not _direct_supported(f):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    buf = torch.empty(8 * _DIRECT_ALIGN, dtype=torch.uint8)
+    fd = os.open(f, os.O_RDONLY | os.O_DIRECT)
+    try:
+        for shift in (0, 64, 100):  # buffer start not page aligned: the read moves inside the buffer
+            view = memoryview(buf[shift:].numpy()).cast("B")
+            addr = buf.data_ptr() + shift
+            for offset, n in [(0, 1), (1, 4095), (4095, 2), (4096, 4096), (5000, 3 * _DIRECT_ALIGN + 1234 - 5000),
+                              (len(data) - 1, 1), (0, len(data))]:
+                buf.fill_(0xA5)
+                at = _pread_direct(fd, view, addr, offset, n, f)
+                assert (addr + at - offset) % _DIRECT_ALIGN == 0
+                assert torch.equal(buf[shift + at:shift + at + n], data[offset:offset + n]), (shift, offset, n)
+        with pytest.raises(pyloader.PyloaderInputError, match="file ended"):
+            _pread_direct(fd, view, addr, len(data) - 10, 20, f)
+        with pytest.raises(pyloader.PyloaderInputError, match="does not fit"):
+            _pread_direct(fd, memoryview(buf[:4096].numpy()).cast("B"), buf.data_ptr(), 10, 4096, f)
+    finally:
+        os.close(fd)
+
+
+def test_unknown_cold_reads_mode_is_refused(tmp_path):
+    c = dict(TINY["llama"])
+    d = write_checkpoint(tmp_path / "m", c, fp8=False)
+    targets = allocate_targets(build_preset(c).targets, "cpu")
+    with pytest.raises(pyloader.PyloaderInputError, match="cold_reads"):
+        pyloader.load(targets, d, backend="torch", progress=False, executor=pyloader.ExecutorConfig(cold_reads="fast"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["auto", "direct", "willneed", "buffered"])
+def test_cold_file_reads_match_the_reference(tmp_path, monkeypatch, mode):
+    """Every way of reading files taken as cold (O_DIRECT with widened reads, WILLNEED ahead,
+    buffered) loads the same bytes; chunks of an odd size make reads start and end off the 4 KiB
+    grid. Residency is forced to 'cold' (the files were just written, so they are cached)."""
+    from pyloader import executor
+
+    c = dict(TINY["deepseek_v3"], quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
+    d = write_checkpoint(tmp_path / "m", c, fp8=True, shard_bytes=150_001)
+    if mode in ("auto", "direct") and not _direct_supported(next(d.glob("*.safetensors"))):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    monkeypatch.setattr(executor, "_file_resident", lambda path: 0.0)
+    preset = build_preset(c)
+    targets = {n: poison_(t) for n, t in allocate_targets(preset.targets, "cuda").items()}
+    cfg = pyloader.ExecutorConfig(slot_bytes=1 << 16, num_slots=3, read_threads=3, read_chunk_bytes=12_289,
+                                  buffers_per_thread=2, io="pread", cold_reads=mode)
+    report = pyloader.load(targets, d, progress=False, executor=cfg)
+    assert report.timings.cold_files == (0 if mode == "buffered" else len(list(d.glob("*.safetensors"))))
+    raw = {k: v.cuda() for k, v in raw_tensors(d).items()}
+    for name, t in targets.items():
+        assert_bitwise_equal(t, expected_tensor(name, raw, c, t.dtype), what=f"{mode} {name}")
