@@ -162,10 +162,10 @@ def main():
         best = max(threaded_h2d(files, threads, chunk_mib << 20, depth, dev) for _ in range(2))
         record("threaded pread + H2D", best, threads=threads, chunk_mib=chunk_mib, depth=depth)
     sweep = [dict(slot_bytes=128 << 20, num_slots=8, read_threads=12, read_chunk_bytes=16 << 20, buffers_per_thread=3),
-             dict(slot_bytes=128 << 20, num_slots=8, read_threads=14, read_chunk_bytes=16 << 20, buffers_per_thread=3),
-             dict(slot_bytes=128 << 20, num_slots=8, read_threads=10, read_chunk_bytes=16 << 20, buffers_per_thread=4),
              dict(slot_bytes=128 << 20, num_slots=8, read_threads=12, read_chunk_bytes=32 << 20, buffers_per_thread=2),
-             dict(slot_bytes=64 << 20, num_slots=16, read_threads=12, read_chunk_bytes=8 << 20, buffers_per_thread=4)]
+             dict(slot_bytes=128 << 20, num_slots=8, read_threads=14, read_chunk_bytes=32 << 20, buffers_per_thread=2),
+             dict(slot_bytes=128 << 20, num_slots=8, read_threads=16, read_chunk_bytes=32 << 20, buffers_per_thread=2),
+             dict(slot_bytes=128 << 20, num_slots=8, read_threads=12, read_chunk_bytes=64 << 20, buffers_per_thread=1)]
     for s in sweep:
         ex = pyloader.ExecutorConfig(io="pread", **s)
         times = []

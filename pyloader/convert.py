@@ -7,10 +7,11 @@ tool loads.
 - Output headers are known before any data (every shape and dtype is), so data is written at
   computed offsets, tensor by tensor, in row chunks: resident memory stays at a few chunks
   whatever the model size. Reads, transforms (GPU with the CUDA/Triton backend, or the CPU torch
-  reference) and writes overlap on a small thread pool. On tmpfs each output file is allocated
-  up front (a full disk is an error before any data) and chunks are copied into mapped windows of
-  it, so the workers write one file side by side (write(2) to one file is serialized by its inode
-  lock); on disks write(2) measured faster and is used.
+  reference) and writes overlap on a small thread pool, across file boundaries. On tmpfs each
+  output file is allocated ahead of the writes, in steps on its own thread (a full disk is an
+  error, never a SIGBUS), and chunks are copied into mapped windows of it, so the workers write
+  one file side by side (write(2) to one file is serialized by its inode lock); on disks write(2)
+  measured faster and is used.
 - Atomic and resumable: each file is written as ``NAME.tmp``, fsynced, re-validated and renamed;
   ``--resume`` keeps finished files whose headers and sizes check out. The index (new weight map,
   correct ``total_size``, other metadata kept) and ``config.json`` (no ``quantization_config``,
@@ -256,17 +257,57 @@ def _writes_for(dst: Path, writes: str) -> str:
     return "mmap" if _filesystem(dst) in ("tmpfs", "ramfs", "hugetlbfs") else "pwrite"
 
 
-def _reserve(fd: int, size: int, path: Path) -> bool:
-    """Allocate the whole output file before writing through mappings: a mapped write that finds
-    the disk full would kill the process (SIGBUS) instead of raising. False where the filesystem
-    cannot allocate ahead (write(2) is used then)."""
-    try:
-        os.posix_fallocate(fd, 0, size)
-        return True
-    except OSError as e:
+class _Reservation:
+    """Allocates an output file ahead of mapped writes, in steps, on its own thread: a mapped
+    write that finds the disk full would kill the process (SIGBUS) instead of raising, so no chunk
+    is written before its bytes are allocated. Steps let the first chunks go while the rest is
+    allocated (tmpfs allocates a page at a time: 4 GB took longer than converting 1 GB)."""
+
+    STEP = 256 << 20
+
+    def __init__(self, fd: int, size: int, path: Path):
+        self.fd, self.size, self.path = fd, size, path
+        self.reserved = 0
+        self.cancelled = False
+        self.error: Optional[OSError] = None
+        self.cv = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name="pyloader-reserve", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        pos = 0
+        try:
+            while pos < self.size and not self.cancelled:
+                n = min(self.STEP, self.size - pos)
+                os.posix_fallocate(self.fd, pos, n)
+                pos += n
+                with self.cv:
+                    self.reserved = pos
+                    self.cv.notify_all()
+        except OSError as e:
+            with self.cv:
+                self.error = e
+                self.cv.notify_all()
+
+    def supported(self) -> bool:
+        """Whether the filesystem allocates ahead (write(2) is used where it cannot)."""
+        self.wait(min(self.size, self.STEP), first=True)
+        return self.error is None or self.reserved > 0
+
+    def wait(self, end: int, first: bool = False) -> None:
+        with self.cv:
+            while self.reserved < end and self.error is None:
+                self.cv.wait()
+        e = self.error
+        if self.reserved >= end or e is None:
+            return
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise PyloaderInputError(f"{path}: cannot allocate {size} bytes for the output: {e.strerror}") from None
-        return False
+            raise PyloaderInputError(f"{self.path}: cannot allocate {self.size} bytes for the output: {e.strerror}")
+        if not (first and self.reserved == 0):
+            raise PyloaderInputError(f"{self.path}: allocating the output failed: {e.strerror}")
+
+    def join(self) -> None:
+        self.thread.join()
 
 
 class _Converter:
@@ -403,16 +444,31 @@ class _Converter:
                 a, b = self.report.nonfinite.get(name, (0, 0))
                 self.report.nonfinite[name] = (a + nan, b + inf)
 
-    def start_file(self, path: Path, f: OutFile) -> "_OpenFile":
-        """Create ``NAME.tmp``, write its header and queue every chunk of it (blocking while too
-        many chunks are resident)."""
+    def open_file(self, path: Path, f: OutFile) -> "_OpenFile":
+        """Create ``NAME.tmp`` with its header; mapped writes start allocating it (see _Reservation)."""
         tmp = path.with_name(path.name + ".tmp")
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)  # RDWR: a shared mapping needs it
         h = _OpenFile(path, tmp, f, fd)
         try:
             os.ftruncate(fd, f.size)
-            mapped = self.writes == "mmap" and _reserve(fd, f.size, tmp)
             os.pwrite(fd, f.header, 0)
+            if self.writes == "mmap":
+                free = _free_bytes(tmp)
+                if free is not None and free < f.size:
+                    raise PyloaderInputError(f"{tmp}: cannot allocate {f.size} bytes for the output: "
+                                             f"{free} bytes free on its filesystem")
+                h.reservation = _Reservation(fd, f.size, tmp)
+        except BaseException:
+            h.abort()
+            raise
+        return h
+
+    def start_file(self, h: "_OpenFile") -> None:
+        """Queue every chunk of an opened file (blocking while too many chunks are resident, and,
+        mapped, until the chunk's bytes are allocated)."""
+        f, fd = h.f, h.fd
+        try:
+            mapped = h.reservation is not None and h.reservation.supported()
             for t in f.tensors:
                 begin, _ = f.offsets[t.name]
                 base = len(f.header) + begin
@@ -422,6 +478,8 @@ class _Converter:
                 step = max(1, CHUNK_BYTES // max(1, out_row))  # any row split is exact: (r0 % bm) offsets the grid
                 for r0 in range(0, max(nrows, 1), step):
                     rows = min(step, nrows - r0) if nrows else 0
+                    if mapped:
+                        h.reservation.wait(base + (r0 + rows) * out_row)
                     self.inflight.acquire()
                     h.futures.append(self.pool.submit(self.chunk, fd, t, base + r0 * out_row, r0, rows, mapped))
                 if t.scale is not None:
@@ -431,13 +489,14 @@ class _Converter:
         except BaseException:
             h.abort()
             raise
-        return h
 
     def finish_file(self, h: "_OpenFile") -> None:
         """Wait for the file's chunks, fsync, re-validate and rename it into place."""
         try:
             for fut in h.futures:
                 fut.result()
+            if h.reservation is not None:
+                h.reservation.join()
             os.fsync(h.fd)
         except BaseException:
             h.abort()
@@ -453,9 +512,14 @@ class _Converter:
         """Every file through one pipeline: the next file's chunks are queued while the previous
         one finishes, so the workers never drain at a file boundary (FILES_AHEAD files open)."""
         open_files: deque = deque()
+        opened: Dict[int, _OpenFile] = {}  # the next file, opened (and allocating) before it starts
         try:
-            for path, f in items:
-                open_files.append(self.start_file(path, f))
+            for i, (path, f) in enumerate(items):
+                h = opened.pop(i, None) or self.open_file(path, f)
+                if i + 1 < len(items):
+                    opened[i + 1] = self.open_file(*items[i + 1])
+                open_files.append(h)
+                self.start_file(h)
                 while len(open_files) > FILES_AHEAD:
                     h = open_files.popleft()
                     self.finish_file(h)
@@ -465,9 +529,17 @@ class _Converter:
                 self.finish_file(h)
                 done(h.f.name)
         except BaseException:
-            for h in open_files:
+            for h in list(open_files) + list(opened.values()):
                 h.abort()
             raise
+
+
+def _free_bytes(path: Path) -> Optional[int]:
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 @dataclass
@@ -477,6 +549,7 @@ class _OpenFile:
     f: OutFile
     fd: int
     futures: list = field(default_factory=list)
+    reservation: Optional[_Reservation] = None
 
     def abort(self) -> None:
         """Cancel what has not started, wait for what has (it writes through fd), remove the file."""
@@ -488,6 +561,9 @@ class _OpenFile:
                     fut.result()
                 except BaseException:
                     pass  # the first error is the one being raised
+        if self.reservation is not None:
+            self.reservation.cancelled = True
+            self.reservation.join()  # it allocates through fd
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -45,10 +45,13 @@ class ExecutorConfig:
     # 12 readers, not 16, on the 16-core H200 host: with a reader a core the orchestrator that
     # launches the transforms and frees the slots is starved (33 vs 39 GB/s, bench/NOTES.md)
     read_threads: int = 12
-    read_chunk_bytes: int = 16 << 20  # one preadv (and, on a GPU, one H2D copy) at most this large
-    # GPU: pinned host buffers of read_chunk_bytes, this many a reader thread (576 MiB by default);
+    # one preadv (and, on a GPU, one H2D copy) at most this large: 32 MiB x 2 buffers a reader
+    # moved 43.5 GB/s warm where 16 MiB x 3 moved 40.4 (same run, bench/NOTES.md): fewer Python
+    # steps a byte, and deeper O_DIRECT requests on cold files
+    read_chunk_bytes: int = 32 << 20
+    # GPU: pinned host buffers of read_chunk_bytes, this many a reader thread (768 MiB by default);
     # each reader copies what it read to the device itself, on its own stream
-    buffers_per_thread: int = 3
+    buffers_per_thread: int = 2
     # "pread": reader threads into pinned buffers, each copying its own chunks. "mmap": files mapped read-only and registered
     # with cudaHostRegister(ReadOnly) in windows, DMA straight from the page cache (no CPU copy;
     # the copies run at the PCIe ceiling, but registering the pages costs more than the copy
@@ -536,23 +539,29 @@ class StreamingExecutor:
                             min(step, part.nbytes - off)))
         return out
 
-    def _load_scales(self, files: _FileCache, pool: ThreadPoolExecutor) -> Dict[str, torch.Tensor]:
-        """Every scale tensor (small) read into one pinned buffer by the reader threads and moved
-        to the device in one copy: no per-scale synchronous transfer."""
+    def _start_scales(self, files: _FileCache, pool: ThreadPoolExecutor):
+        """Queue the reads of every scale tensor (small) into one pinned buffer, ahead of the first
+        batches' reads: they overlap those reads instead of delaying them."""
         infos = list({s.name: s for s in self.plan.scales}.values())
         if not infos:
-            return {}
+            return None
         offsets, pos = [], 0
         for info in infos:
             offsets.append(pos)
             pos += -(-info.nbytes // 16) * 16
-        cuda = self.device.type == "cuda"
-        host = torch.empty(pos, dtype=torch.uint8, pin_memory=cuda)
+        host = torch.empty(pos, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         chunks = [(info.file, info.start, off, info.nbytes) for info, off in zip(infos, offsets)]
         groups = [chunks[k::self.cfg.read_threads] for k in range(min(self.cfg.read_threads, len(chunks)))]
-        for f in [pool.submit(self._read_chunks, files, g, host) for g in groups]:
+        return infos, offsets, host, [pool.submit(self._read_chunks, files, g, host) for g in groups]
+
+    def _finish_scales(self, started) -> Dict[str, torch.Tensor]:
+        """Wait for the scale reads and move them to the device in one copy (no per-scale transfer)."""
+        if started is None:
+            return {}
+        infos, offsets, host, futures = started
+        for f in futures:
             f.result()
-        dev = host.to(self.device, non_blocking=True) if cuda else host
+        dev = host.to(self.device, non_blocking=True) if self.device.type == "cuda" else host
         self.bytes_read += sum(info.nbytes for info in infos)
         return {info.name: dev[off:off + info.nbytes].view(info.torch_dtype).view(info.shape)
                 for info, off in zip(infos, offsets)}
@@ -603,7 +612,7 @@ class StreamingExecutor:
                 self._choose_cold_reads(files, pieces)
                 slack = 2 * _DIRECT_ALIGN if files.direct else 0  # an O_DIRECT read is widened to aligned bounds
                 pinned = _PinnedPool(cfg.read_threads * cfg.buffers_per_thread, cfg.read_chunk_bytes + slack)
-            scales = self._load_scales(files, pool)
+            scales_started = self._start_scales(files, pool)
             last_batch_of_layer = {}
             for i, b in enumerate(batches):
                 for layer in b.layers:
@@ -634,6 +643,7 @@ class StreamingExecutor:
                 if j < len(batches):
                     submit(j)
             self.timings.setup_s = time.perf_counter() - t_start
+            scales = self._finish_scales(scales_started)
             for i, batch in enumerate(batches):
                 slot = i % nslots
                 t = time.perf_counter()

@@ -107,11 +107,11 @@ def test_convert_repacks_and_resumes(src, tmp_path, monkeypatch):
     calls = {"n": 0}
     real = conv._Converter.start_file
 
-    def interrupted(self, path, f):
+    def interrupted(self, h):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt  # the run dies starting the third file, the second still being written
-        return real(self, path, f)
+        return real(self, h)
 
     monkeypatch.setattr(conv._Converter, "start_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -248,6 +248,50 @@ def test_disk_full_before_mapped_writes_is_a_clear_error(src, tmp_path, monkeypa
     with pytest.raises(conv.PyloaderInputError, match="cannot allocate .* No space left"):
         convert(d, tmp_path / "dst", device="cpu", progress=False, writes="mmap")
     assert not list((tmp_path / "dst").glob("*.safetensors*"))
+
+
+def test_too_little_free_space_for_mapped_writes_is_a_clear_error(src, tmp_path, monkeypatch):
+    import pyloader.convert as conv
+
+    monkeypatch.setattr(conv, "_free_bytes", lambda path: 1000)
+    d, _, _ = src
+    with pytest.raises(conv.PyloaderInputError, match="cannot allocate .* 1000 bytes free"):
+        convert(d, tmp_path / "dst", device="cpu", progress=False, writes="mmap")
+    assert not list((tmp_path / "dst").glob("*.safetensors*"))
+
+
+def test_mapped_writes_wait_for_their_bytes_to_be_allocated(src, tmp_path, monkeypatch):
+    """Allocation runs ahead in small steps on its own thread; a chunk is written only once its
+    bytes are allocated, and a disk that fills up part way is a clear error with no file left."""
+    import errno
+
+    import pyloader.convert as conv
+
+    real = conv.os.posix_fallocate
+    allocated = {}
+
+    def slow_then_full(fd, offset, size):
+        if offset >= 150_000:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, offset, size)
+        allocated[fd] = max(allocated.get(fd, 0), offset + size)
+
+    written = []
+    real_write = conv._Converter._write
+
+    def checked_write(fd, file_offset, data, mapped):
+        assert mapped and file_offset + data.numel() <= allocated[fd]  # never past what is allocated
+        written.append(file_offset)
+        return real_write(fd, file_offset, data, mapped)
+
+    monkeypatch.setattr(conv._Reservation, "STEP", 4096)
+    monkeypatch.setattr(conv, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(conv._Converter, "_write", staticmethod(checked_write))
+    monkeypatch.setattr(conv.os, "posix_fallocate", slow_then_full)
+    d, _, _ = src
+    with pytest.raises(conv.PyloaderInputError, match="cannot allocate .* No space left"):
+        convert(d, tmp_path / "dst", device="cpu", progress=False, writes="mmap")
+    assert written and not list((tmp_path / "dst").glob("*.safetensors*"))
 
 
 def test_writer_choice_follows_the_filesystem(tmp_path):

@@ -115,12 +115,15 @@ def test_reference_cpu_table_path_special_values_offsets_strided_out(wdtype, sdt
         assert_bitwise_equal(big, rest)
 
 
+@pytest.mark.parametrize("offsets", ["per_element", "per_scale_row"])
 @pytest.mark.parametrize("gather", ["index_select", "take"])
 @pytest.mark.parametrize("shape,block,offset", [((3000, 1536), (128, 128), (5, 7)), ((500, 2048), (16, 256), (3, 0)),
                                                 ((70, 20000), (1, 20000), (0, 0))])
-def test_reference_cpu_table_path_groups_of_scale_rows(shape, block, offset, gather, monkeypatch):
-    """Chunks that span several scale rows (narrow tensors, small blocks), starting inside a block."""
+def test_reference_cpu_table_path_groups_of_scale_rows(shape, block, offset, gather, offsets, monkeypatch):
+    """Chunks that span several scale rows (narrow tensors, small blocks), starting inside a block,
+    with the index offsets built either way."""
     monkeypatch.setattr(reference, "_TAKE_MIN_THREADS", 1 if gather == "take" else 1 << 20)
+    monkeypatch.setattr(reference, "_PER_SCALE_ROW_MIN", 0 if offsets == "per_scale_row" else 1 << 62)
     gen = torch.Generator().manual_seed(5)
     w = random_fp8(shape, torch.float8_e4m3fn, gen, all_bytes=True)
     s = random_scale((-(-(shape[0] + offset[0]) // block[0]), -(-(shape[1] + offset[1]) // block[1])), torch.float32, gen)
