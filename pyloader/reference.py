@@ -8,6 +8,7 @@ The dequant never materializes a full-size expanded scale: rows are processed in
 inside a chunk each run of columns that shares a scale column is scaled through a broadcast view.
 """
 
+import threading
 from typing import Optional, Tuple
 
 import torch
@@ -89,6 +90,21 @@ def _fp8_values(dtype: torch.dtype) -> torch.Tensor:
     return _FP8_LUT[dtype]
 
 
+_SCRATCH = threading.local()
+_SCRATCH_MAX_BYTES = 64 << 20
+
+
+def _scratch(n: int, dtype: torch.dtype) -> torch.Tensor:
+    """An index buffer reused call after call by this thread (a fresh one of tens of MB costs its
+    page faults on every call: most of a small tensor's time); larger ones are not kept."""
+    buf = getattr(_SCRATCH, "index", None)
+    if buf is None or buf.dtype != dtype or buf.numel() < n:
+        buf = torch.empty(n, dtype=dtype)
+        if n * buf.element_size() <= _SCRATCH_MAX_BYTES:
+            _SCRATCH.index = buf
+    return buf[:n]
+
+
 def _dequant_2d_table_cpu(w, s, out, block_size, block_offset) -> torch.Tensor:
     """CPU FP8 path by table: for each block, a table of its 256 possible outputs,
     ``rne(value[b] * scale)`` (the same float32 product and rounding as every backend), then one
@@ -105,9 +121,12 @@ def _dequant_2d_table_cpu(w, s, out, block_size, block_offset) -> torch.Tensor:
     many_threads = torch.get_num_threads() >= _TAKE_MIN_THREADS
     colbase = ((scale_col - first) * 256).to(torch.int64 if many_threads else torch.int32)
     wu = w.view(torch.uint8)
-    # more threads take larger chunks: each op's parallel split must stay worth its cost
-    chunk_rows = max(1, min(rows, (_CHUNK_ELEMS["cpu"] // 2 * max(1, torch.get_num_threads())) // cols))
-    index = torch.empty(chunk_rows, cols, dtype=colbase.dtype)
+    # more threads take larger chunks (each op's parallel split must stay worth its cost): 128K
+    # elements a thread, 256K where take splits the gather (16 threads: 4M, so a [576, 7168]
+    # tensor is one chunk)
+    per_thread = _CHUNK_ELEMS["cpu"] if many_threads else _CHUNK_ELEMS["cpu"] // 2
+    chunk_rows = max(1, min(rows, per_thread * max(1, torch.get_num_threads()) // cols))
+    index = _scratch(chunk_rows * cols, colbase.dtype).view(chunk_rows, cols)
 
     def gather(idx, dst):
         if many_threads:
