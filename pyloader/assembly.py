@@ -89,6 +89,13 @@ class Shard:
         (a, b), (c, d) = self._span(m, n)
         return b - a, d - c
 
+    def _resolved(self):
+        """(2-D weight, row range, column range): computed once a job (host time is most of an
+        eager call's time for a layer of hundreds of small experts)."""
+        w = self._matrix()
+        rows, cols = self._span(*w.shape)
+        return w, rows, cols
+
     def _span(self, m: int, n: int) -> Tuple[Range, Range]:
         rows = self.rows if self.rows is not None else (0, m)
         cols = self.cols if self.cols is not None else (0, n)
@@ -99,11 +106,11 @@ class Shard:
                 raise PyloaderInputError(f"{what} range {(a, b)} is outside the shard's {size} {what}")
         return rows, cols
 
-    def job(self, dst: torch.Tensor) -> TransformJob:
+    def job(self, dst: torch.Tensor, resolved=None) -> TransformJob:
         """The transform job that writes this shard's part into the 2-D view ``dst``."""
-        w = self._matrix()
-        (a, b), (c, d) = self._span(*w.shape)
-        src = w[a:b, c:d]
+        w, (a, b), (c, d) = resolved or self._resolved()
+        m, n = w.shape
+        src = w if (a, b, c, d) == (0, m, 0, n) else w[a:b, c:d]
         if self.scale is None:
             return TransformJob(src, dst)
         if w.dtype not in _dtypes.FP8_WEIGHT_DTYPES:
@@ -123,7 +130,9 @@ class Shard:
                 f"expected {grid} (ceil(M/bm), ceil(N/bn))"
             )
         # Index the scale from the slice's first block; the offset inside that block goes to (r0, c0).
-        return TransformJob(src, dst, s[a // bm:, c // bn:], (bm, bn), (a % bm, c % bn))
+        if a >= bm or c >= bn:
+            s = s[a // bm:, c // bn:]
+        return TransformJob(src, dst, s, (bm, bn), (a % bm, c % bn))
 
 
 ShardLike = Union[torch.Tensor, Shard]
@@ -179,7 +188,9 @@ def stack_jobs(out: torch.Tensor, shards: Sequence[ShardLike], dim: int = 0) -> 
         shard = _as_shard(x)
         if one_d and shard.weight.dim() != 1:
             raise PyloaderInputError(f"shard {i}: a 1-D destination takes 1-D shards, got shape {tuple(shard.weight.shape)}")
-        m, n = shard.shape
+        resolved = shard._resolved()
+        _, (a, b), (c, d) = resolved
+        m, n = b - a, d - c
         along, across = (m, n) if dim == 0 else (n, m)
         if across != dst.shape[1 - dim]:
             raise PyloaderInputError(
@@ -191,8 +202,11 @@ def stack_jobs(out: torch.Tensor, shards: Sequence[ShardLike], dim: int = 0) -> 
                 f"shards overflow destination {tuple(out.shape)} along dim {dim} at shard {i} "
                 f"({offset} + {along} > {dst.shape[dim]})"
             )
-        view = dst[offset:offset + along] if dim == 0 else dst[:, offset:offset + along]
-        jobs.append(shard.job(view))
+        if offset == 0 and along == dst.shape[dim]:
+            view = dst
+        else:
+            view = dst[offset:offset + along] if dim == 0 else dst[:, offset:offset + along]
+        jobs.append(shard.job(view, resolved))
         offset += along
     if offset != dst.shape[dim]:
         raise PyloaderInputError(

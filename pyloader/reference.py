@@ -121,10 +121,15 @@ def _dequant_2d_table_cpu(w, s, out, block_size, block_offset) -> torch.Tensor:
     many_threads = torch.get_num_threads() >= _TAKE_MIN_THREADS
     colbase = ((scale_col - first) * 256).to(torch.int64 if many_threads else torch.int32)
     wu = w.view(torch.uint8)
+    # index offsets: a [cols] row per scale row, broadcast over its rows, when a scale row is large
+    # enough to split over threads; otherwise a per-element offset tensor reused by every chunk
+    # (narrow tensors: [24576, 1536] did 3.1-3.5x with it, 2.4x without; bench/NOTES.md)
+    per_scale_row = bm * cols >= _PER_SCALE_ROW_MIN
     # more threads take larger chunks (each op's parallel split must stay worth its cost): 128K
-    # elements a thread, 256K where take splits the gather (16 threads: 4M, so a [576, 7168]
-    # tensor is one chunk)
-    per_thread = _CHUNK_ELEMS["cpu"] if many_threads else _CHUNK_ELEMS["cpu"] // 2
+    # elements a thread; 256K where take splits the gather and offsets are broadcast rows (16
+    # threads: 4M, so a [576, 7168] tensor is one chunk; a larger per-element offset tensor
+    # would be allocated, and fault its pages, on every call)
+    per_thread = _CHUNK_ELEMS["cpu"] if (many_threads and per_scale_row) else _CHUNK_ELEMS["cpu"] // 2
     chunk_rows = max(1, min(rows, per_thread * max(1, torch.get_num_threads()) // cols))
     index = _scratch(chunk_rows * cols, colbase.dtype).view(chunk_rows, cols)
 
@@ -135,10 +140,6 @@ def _dequant_2d_table_cpu(w, s, out, block_size, block_offset) -> torch.Tensor:
             torch.index_select(table, 0, idx, out=dst)
 
     staging = None
-    # index offsets: a [cols] row per scale row, broadcast over its rows, when a scale row is large
-    # enough to split over threads; otherwise a per-element offset tensor reused by every chunk
-    # (narrow tensors: [24576, 1536] did 3.5x with it, 2.4x without; bench/NOTES.md)
-    per_scale_row = bm * cols >= _PER_SCALE_ROW_MIN
     bases = {}  # (row within its block, rows) -> per-element offsets of the chunk's tables
     i = 0
     while i < rows:

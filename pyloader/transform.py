@@ -73,7 +73,6 @@ def _require_unit_column_stride(t: torch.Tensor, what: str, index: int) -> None:
 
 def pack_jobs(jobs: Sequence[TransformJob]) -> torch.Tensor:
     """Pack jobs into the int64 [n, 16] table csrc/pyloader.h describes (JobField order)."""
-    table = torch.zeros((len(jobs), JOB_FIELDS), dtype=torch.int64)
     rows_out: List[List[int]] = []
     for i, job in enumerate(jobs):
         src, dst = job.src, job.dst
@@ -98,9 +97,9 @@ def pack_jobs(jobs: Sequence[TransformJob]) -> torch.Tensor:
             row[F_R0], row[F_C0] = job.block_offset
             row[F_SCALE_DTYPE] = _dtypes.scale_code(s.dtype)
         rows_out.append(row)
-    if rows_out:
-        table.copy_(torch.tensor(rows_out, dtype=torch.int64))
-    return table
+    if not rows_out:
+        return torch.zeros((0, JOB_FIELDS), dtype=torch.int64)
+    return torch.tensor(rows_out, dtype=torch.int64)
 
 
 def run_jobs_cuda(jobs: Sequence[TransformJob]) -> None:
