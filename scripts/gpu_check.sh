@@ -6,7 +6,8 @@
 #   [variants]   (default: all but executor and variants, the experiments)
 #
 # Environment: PYLOADER_CUDA_ARCHS (default 90 here; release builds use setup.py's default),
-# PYTEST_ARGS (extra pytest arguments), BENCH_ARGS (extra arguments of the bench scripts, e.g. --quick).
+# PYTEST_ARGS (extra pytest arguments), BENCH_ARGS (extra arguments of the bench scripts, e.g. --quick),
+# E2E_ARGS, EXECUTOR_ARGS, CONVERT_ARGS (default --cpu), PYLOADER_COMMIT (the commit recorded in logs and JSON).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -24,7 +25,7 @@ if ls .whl/*.whl > /dev/null 2>&1; then
 fi
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv; nvcc --version | tail -1;
-  python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; git log -1 --oneline 2>/dev/null; } \
+  python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'; echo "commit ${PYLOADER_COMMIT:-unknown: set PYLOADER_COMMIT, this copy of the tree can carry a stale .git}"; } \
   > "$OUT/summary.txt" 2>&1
 
 if has build; then
