@@ -107,16 +107,6 @@ def resident_memory(size_gb: float, work: Path, env: dict, dev) -> dict:
                 max_rss_kb=hwm, seconds=round(seconds, 2))
 
 
-def _populated(src, d):
-    import pyloader.convert as conv
-
-    conv.POPULATE_WINDOWS = True
-    try:
-        return convert(src, d, device="cuda", progress=False, writes="mmap")
-    finally:
-        conv.POPULATE_WINDOWS = False
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gb", type=float, default=4.0)
@@ -145,7 +135,6 @@ def main():
         disk_bound = in_bytes / (t_read + t_write)
         providers = [("pyloader convert (cuda, mapped writes)",
                       lambda d: convert(src, d, device="cuda", progress=False, writes="mmap")),
-                     ("pyloader convert (cuda, mapped writes, MAP_POPULATE)", lambda d: _populated(src, d)),
                      ("pyloader convert (cuda, write(2))",
                       lambda d: convert(src, d, device="cuda", progress=False, writes="pwrite"))] if dev.type == "cuda" else []
         if args.cpu or dev.type != "cuda":
