@@ -170,7 +170,7 @@ def run_bench(checkpoint: Optional[str] = None, size_gb: Optional[float] = None,
     for io in (("auto", "mmap", "pread") if dev.type == "cuda" else ("auto",)):
         _bench_pyloader(io, repeats, targets, ck_dir, preset, dev, prepare, plan, record)
     if cold and dev.type == "cuda":  # each way of reading cold files (auto is one of them)
-        for how_cold in ("direct", "willneed", "buffered"):
+        for how_cold in ("direct", "buffered"):
             _bench_pyloader("pread", repeats, targets, ck_dir, preset, dev, prepare, plan, record, how_cold)
     if peers and dev.type == "cuda":
         _peers(files, plan, targets, dev, prepare, record)

@@ -57,11 +57,11 @@ class ExecutorConfig:
     # the copies run at the PCIe ceiling, but registering the pages costs more than the copy
     # saves: 21.6 vs 35.3 GB/s warm on the H200, bench/NOTES.md). "auto": pread.
     io: str = "auto"
-    # Reads of files not in the page cache (sampled with mincore at the start). "direct": O_DIRECT
-    # reads, each chunk one deep request straight from the disk into the pinned buffer; "willneed":
-    # buffered reads with posix_fadvise(WILLNEED) issued a window of slots ahead; "buffered": plain
-    # reads (the kernel's readahead only). "auto": direct (bench/NOTES.md). Files in the page
-    # cache are always read buffered.
+    # GPU loads, files not in the page cache (sampled with mincore at the start): "direct" reads
+    # them with O_DIRECT, each chunk one deep request from the disk into a pinned buffer (3.4-3.9
+    # vs 2.3-2.5 GB/s buffered; posix_fadvise(WILLNEED) ahead did no better than buffered,
+    # bench/NOTES.md); "buffered": plain reads, the kernel's readahead only. "auto": direct where
+    # the filesystem allows it (logged), else buffered. Files in the page cache are read buffered.
     cold_reads: str = "auto"
 
 
@@ -196,6 +196,15 @@ def _pread_direct(fd: int, view: memoryview, base_addr: int, offset: int, n: int
         if got < need and (r <= 0 or got % _DIRECT_ALIGN):  # a direct read stops short only at the end
             raise PyloaderInputError(f"{path}: file ended at byte {a + got} while reading (truncated or changed?)")
     return lead_buf + (offset - a)
+
+
+def _direct_read_sizes(read_chunk_bytes: int) -> Tuple[int, int]:
+    """(bytes a read, bytes a buffer) with O_DIRECT reads: a read is widened to aligned bounds
+    (up to 2 blocks more) and may start up to a block into an unaligned buffer, so chunks shrink
+    by 3 blocks and buffers keep their size (torch rounds pinned blocks up to a power of two:
+    larger buffers would nearly double the pinned memory)."""
+    step = max(_DIRECT_ALIGN, read_chunk_bytes - 3 * _DIRECT_ALIGN)
+    return step, step + 3 * _DIRECT_ALIGN
 
 
 def _file_resident(path) -> float:
@@ -457,7 +466,7 @@ class StreamingExecutor:
         self.timings = Timings()
         self.bytes_read = 0
         self.io_used = ""
-        self.willneed: set = set()  # cold files read with WILLNEED ahead
+        self._read_step = config.read_chunk_bytes  # bytes a read (smaller with O_DIRECT reads, see run)
 
     def _read_chunks(self, files: _FileCache, chunks, host: torch.Tensor, slot_free=None) -> float:
         if slot_free is not None:
@@ -500,17 +509,13 @@ class StreamingExecutor:
         return e0, e1, read_s
 
     def _choose_cold_reads(self, files: _FileCache, pieces: List[Piece]) -> None:
-        """Mark the files not in the page cache for O_DIRECT (or WILLNEED) reads."""
+        """Mark the files not in the page cache for O_DIRECT reads."""
         mode = self.cfg.cold_reads
-        self.willneed = set()
         if mode == "buffered":
             return
         cold = [f for f in dict.fromkeys(str(p.source.file) for p in pieces) if _file_resident(f) < 0.5]
         self.timings.cold_files = len(cold)
         for f in cold:
-            if mode == "willneed":
-                self.willneed.add(f)
-                continue
             try:
                 files.fd(f, direct=True)
             except PyloaderInputError as e:
@@ -520,19 +525,12 @@ class StreamingExecutor:
                 continue
             files.direct.add(f)
         if cold:
-            logger.info("pyloader: %d of the checkpoint's files are not in the page cache: %s reads", len(cold),
-                        "WILLNEED-ahead" if mode == "willneed" else "O_DIRECT")
-
-    def _advise(self, files: _FileCache, parts: List[_Part]) -> None:
-        """posix_fadvise(WILLNEED) the byte ranges of a batch: the kernel queues their reads now."""
-        for part in parts:
-            f = str(part.piece.source.file)
-            if f in self.willneed:
-                os.posix_fadvise(files.fd(f), part.file_offset, part.nbytes, os.POSIX_FADV_WILLNEED)
+            logger.info("pyloader: %d of the checkpoint's %d files are not in the page cache: %d read with O_DIRECT",
+                        len(cold), len(set(str(p.source.file) for p in pieces)), len(files.direct))
 
     def _chunks(self, parts: List[_Part]):
         """A batch's reads as (file, file offset, slot offset, bytes) pieces of at most read_chunk_bytes."""
-        out, step = [], self.cfg.read_chunk_bytes
+        out, step = [], self._read_step
         for part in parts:
             for off in range(0, part.nbytes, step):
                 out.append((part.piece.source.file, part.file_offset + off, part.slot_offset + off,
@@ -571,8 +569,8 @@ class StreamingExecutor:
         t_start = time.perf_counter()
         if cfg.io not in ("auto", "mmap", "pread"):
             raise PyloaderInputError(f"io must be 'auto', 'mmap' or 'pread', not {cfg.io!r}")
-        if cfg.cold_reads not in ("auto", "direct", "willneed", "buffered"):
-            raise PyloaderInputError(f"cold_reads must be 'auto', 'direct', 'willneed' or 'buffered', not {cfg.cold_reads!r}")
+        if cfg.cold_reads not in ("auto", "direct", "buffered"):
+            raise PyloaderInputError(f"cold_reads must be 'auto', 'direct' or 'buffered', not {cfg.cold_reads!r}")
         files = _FileCache()
         cuda = dev.type == "cuda"
         pieces = [p for _, group in self.plan.by_layer() for p in group]
@@ -606,12 +604,14 @@ class StreamingExecutor:
         else:
             self.io_used = "pread"
         logger.info("pyloader: load reads through %s", self.io_used)
-        pinned = advise = None
+        pinned = None
         try:
             if cuda and not all(mapped_batch):
                 self._choose_cold_reads(files, pieces)
-                slack = 2 * _DIRECT_ALIGN if files.direct else 0  # an O_DIRECT read is widened to aligned bounds
-                pinned = _PinnedPool(cfg.read_threads * cfg.buffers_per_thread, cfg.read_chunk_bytes + slack)
+                buffer_bytes = cfg.read_chunk_bytes
+                if files.direct:
+                    self._read_step, buffer_bytes = _direct_read_sizes(cfg.read_chunk_bytes)
+                pinned = _PinnedPool(cfg.read_threads * cfg.buffers_per_thread, buffer_bytes)
             scales_started = self._start_scales(files, pool)
             last_batch_of_layer = {}
             for i, b in enumerate(batches):
@@ -625,8 +625,6 @@ class StreamingExecutor:
                     pending.append([])  # copied straight from the registered mapping below
                     return
                 chunks = self._chunks(batches[j].parts)
-                if self.willneed and j >= nslots and j + nslots < len(batches):  # one window of slots ahead
-                    advise.submit(self._advise, files, batches[j + nslots].parts)
                 if cuda:  # a task a chunk: read it, wait for the slot, copy it
                     pending.append([pool.submit(self._read_and_copy, files, c, staging[slot], done[slot], pinned)
                                     for c in chunks])
@@ -635,10 +633,6 @@ class StreamingExecutor:
                 groups = [chunks[k::cfg.read_threads] for k in range(min(cfg.read_threads, len(chunks)))]
                 pending.append([pool.submit(self._read_chunks, files, g, host[slot], done[slot]) for g in groups])
 
-            if self.willneed:
-                advise = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyloader-advise")
-                for k in range(min(2 * nslots, len(batches))):
-                    advise.submit(self._advise, files, batches[k].parts)
             for j in range(nslots):
                 if j < len(batches):
                     submit(j)
@@ -705,8 +699,6 @@ class StreamingExecutor:
                                                         for a, b in copy_spans])
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
-            if advise is not None:
-                advise.shutdown(wait=True, cancel_futures=True)
             files.close()
             if registered is not None:
                 if cuda:
