@@ -207,25 +207,30 @@ def _direct_read_sizes(read_chunk_bytes: int) -> Tuple[int, int]:
     return step, step + 3 * _DIRECT_ALIGN
 
 
-def _file_resident(path) -> float:
-    """Sampled share of a file's pages in the page cache (mincore on a read-only mapping)."""
+def _map_read_only(path):
+    """(mapping, uint8 tensor over it) of a whole file, or None for an empty file."""
     import mmap
     import warnings
 
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return 1.0
+        if os.fstat(f.fileno()).st_size == 0:
+            return None
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # read-only mapping: only its address is used
-            t = torch.frombuffer(mm, dtype=torch.uint8)
-        frac = _resident_fraction(t.data_ptr(), size)
-        del t
-        return frac
-    finally:
-        mm.close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # frombuffer warns that the mapping is read-only; it is only read
+        return mm, torch.frombuffer(mm, dtype=torch.uint8)
+
+
+def _file_resident(path) -> float:
+    """Sampled share of a file's pages in the page cache (mincore on a read-only mapping)."""
+    mapped = _map_read_only(path)
+    if mapped is None:
+        return 1.0
+    mm, t = mapped
+    frac = _resident_fraction(t.data_ptr(), t.numel())
+    del t, mapped
+    mm.close()
+    return frac
 
 
 _CUDA_HOST_REGISTER_READ_ONLY = 0x08
@@ -279,29 +284,18 @@ class _RegisteredFiles:
         self.registered: List[int] = []
         self.lock = threading.Lock()
 
-    def map(self, path, require_resident: float = 0.0) -> Optional[torch.Tensor]:
-        import mmap
-        import warnings
-
+    def map(self, path) -> Optional[torch.Tensor]:
         key = str(path)
         if key in self.maps:
             return self.maps[key][1]
         if key in self.refused:
             return None
-        with open(key, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                self.refused[key] = "empty file"
-                return None
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # frombuffer warns that the mapping is read-only; it is only read
-            t = torch.frombuffer(mm, dtype=torch.uint8)
-        if require_resident and _resident_fraction(t.data_ptr(), size) < require_resident:
-            self.refused[key] = "not in the page cache (cold): registering would fault it in serially"
-            del t
-            mm.close()
+        mapped = _map_read_only(key)
+        if mapped is None:
+            self.refused[key] = "empty file"
             return None
+        mm, t = mapped
+        size = t.numel()
         self.maps[key] = (mm, t)
         for k, off in enumerate(range(0, size, self.window)):
             self.futures[(key, k)] = self.pool.submit(self._register, t.data_ptr() + off, min(self.window, size - off))
@@ -508,12 +502,12 @@ class StreamingExecutor:
         pool.give(buf, view, e1)
         return e0, e1, read_s
 
-    def _choose_cold_reads(self, files: _FileCache, pieces: List[Piece]) -> None:
+    def _choose_cold_reads(self, files: _FileCache, file_names: List[str]) -> None:
         """Mark the files not in the page cache for O_DIRECT reads."""
         mode = self.cfg.cold_reads
         if mode == "buffered":
             return
-        cold = [f for f in dict.fromkeys(str(p.source.file) for p in pieces) if _file_resident(f) < 0.5]
+        cold = [f for f in file_names if _file_resident(f) < 0.5]
         self.timings.cold_files = len(cold)
         for f in cold:
             try:
@@ -526,7 +520,7 @@ class StreamingExecutor:
             files.direct.add(f)
         if cold:
             logger.info("pyloader: %d of the checkpoint's %d files are not in the page cache: %d read with O_DIRECT",
-                        len(cold), len(set(str(p.source.file) for p in pieces)), len(files.direct))
+                        len(cold), len(file_names), len(files.direct))
 
     def _chunks(self, parts: List[_Part]):
         """A batch's reads as (file, file offset, slot offset, bytes) pieces of at most read_chunk_bytes."""
@@ -574,6 +568,7 @@ class StreamingExecutor:
         files = _FileCache()
         cuda = dev.type == "cuda"
         pieces = [p for _, group in self.plan.by_layer() for p in group]
+        file_names = list(dict.fromkeys(str(p.source.file) for p in pieces))
         batches = split_into_batches(pieces, cfg.slot_bytes)
         nslots = max(1, min(cfg.num_slots, len(batches)))
         if cuda:  # readers copy their own chunks from a pool of pinned buffers into device slots
@@ -592,10 +587,8 @@ class StreamingExecutor:
         registered = _RegisteredFiles() if (cuda and cfg.io == "mmap") else None
         mapped_batch = [False] * len(batches)
         if registered is not None:
-            need = 0.0  # io="mmap" registers cold files too (faulted in during registration)
-            usable = {}
-            for f in dict.fromkeys(str(p.source.file) for p in pieces):
-                usable[f] = registered.map(f, need) is not None and registered.first_window_ok(f)
+            # cold files too: their pages are faulted in during registration
+            usable = {f: registered.map(f) is not None and registered.first_window_ok(f) for f in file_names}
             for i, b in enumerate(batches):
                 mapped_batch[i] = all(usable[str(part.piece.source.file)] for part in b.parts)
             if cfg.io == "mmap" and registered.refused:
@@ -607,7 +600,7 @@ class StreamingExecutor:
         pinned = None
         try:
             if cuda and not all(mapped_batch):
-                self._choose_cold_reads(files, pieces)
+                self._choose_cold_reads(files, file_names)
                 buffer_bytes = cfg.read_chunk_bytes
                 if files.direct:
                     self._read_step, buffer_bytes = _direct_read_sizes(cfg.read_chunk_bytes)

@@ -459,16 +459,16 @@ def test_cold_files_without_o_direct_are_read_buffered_and_logged_or_refused(tmp
         return real_fd(self, path, direct)
 
     monkeypatch.setattr(_FileCache, "fd", no_direct)
-    pieces = [types.SimpleNamespace(source=types.SimpleNamespace(file=f)) for f in (cold, warm)]
+    names = [str(cold), str(warm)]
     ex = types.SimpleNamespace(cfg=ExecutorConfig(cold_reads=mode), timings=Timings())
     files = _FileCache()
     caplog.set_level(logging.INFO, logger="pyloader")
     try:
         if mode == "direct":
             with pytest.raises(pyloader.PyloaderInputError, match="cold.safetensors: cannot open with O_DIRECT"):
-                StreamingExecutor._choose_cold_reads(ex, files, pieces)
+                StreamingExecutor._choose_cold_reads(ex, files, names)
         else:
-            StreamingExecutor._choose_cold_reads(ex, files, pieces)
+            StreamingExecutor._choose_cold_reads(ex, files, names)
             assert files.direct == set()
             assert ex.timings.cold_files == (1 if mode == "auto" else 0)
             if mode == "auto":
@@ -489,11 +489,11 @@ def test_only_cold_files_are_marked_for_o_direct(tmp_path, monkeypatch):
     if not _direct_supported(cold):
         pytest.skip("this filesystem refuses O_DIRECT")
     monkeypatch.setattr(executor, "_file_resident", lambda path: 0.0 if str(path) == str(cold) else 1.0)
-    pieces = [types.SimpleNamespace(source=types.SimpleNamespace(file=f)) for f in (cold, warm, cold)]
+    names = [str(cold), str(warm)]
     ex = types.SimpleNamespace(cfg=ExecutorConfig(), timings=Timings())
     files = _FileCache()
     try:
-        StreamingExecutor._choose_cold_reads(ex, files, pieces)
+        StreamingExecutor._choose_cold_reads(ex, files, names)
         assert files.direct == {str(cold)} and ex.timings.cold_files == 1
     finally:
         files.close()
