@@ -21,6 +21,7 @@ tool loads.
   rank 0 writes the index and config after a barrier.
 """
 
+import contextlib
 import errno
 import json
 import logging
@@ -189,14 +190,6 @@ def plan_conversion(ck, config: dict, out_dtype: torch.dtype, max_shard_size: Op
     for f in files:
         f.header, f.offsets = write_safetensors_header([(t.name, t.dtype, t.shape) for t in f.tensors], {"format": "pt"})
     return files
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -412,7 +405,7 @@ class _Converter:
             else:
                 grid = self.scale(t.scale).reshape(t.grid)
                 stream = self.stream()
-                with torch.cuda.stream(stream) if stream is not None else _nullcontext():
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
                     w = raw.view(info.torch_dtype).view(rows, cols).to(self.device, non_blocking=True)
                     out = torch.empty(rows, cols, dtype=self.out_dtype, device=self.device)
                     bm, bn = t.block
@@ -512,13 +505,13 @@ class _Converter:
         """Every file through one pipeline: the next file's chunks are queued while the previous
         one finishes, so the workers never drain at a file boundary (FILES_AHEAD files open)."""
         open_files: deque = deque()
-        opened: Dict[int, _OpenFile] = {}  # the next file, opened (and allocating) before it starts
+        upcoming: Optional[_OpenFile] = None  # the next file, opened (and allocating) before it starts
         try:
             for i, (path, f) in enumerate(items):
-                h = opened.pop(i, None) or self.open_file(path, f)
+                h, upcoming = upcoming or self.open_file(path, f), None
+                open_files.append(h)  # before the next open, which may fail: an error must abort h too
                 if i + 1 < len(items):
-                    opened[i + 1] = self.open_file(*items[i + 1])
-                open_files.append(h)
+                    upcoming = self.open_file(*items[i + 1])
                 self.start_file(h)
                 while len(open_files) > FILES_AHEAD:
                     h = open_files.popleft()
@@ -529,7 +522,7 @@ class _Converter:
                 self.finish_file(h)
                 done(h.f.name)
         except BaseException:
-            for h in list(open_files) + list(opened.values()):
+            for h in list(open_files) + ([upcoming] if upcoming is not None else []):
                 h.abort()
             raise
 

@@ -304,3 +304,24 @@ def test_writer_choice_follows_the_filesystem(tmp_path):
         assert _writes_for(Path("/dev/shm") / "out", "auto") == "mmap"
     if _filesystem(tmp_path) not in ("tmpfs", "ramfs"):
         assert _writes_for(tmp_path, "auto") == "pwrite"
+
+
+def test_failure_opening_the_next_file_leaves_no_temporary_files(src, tmp_path, monkeypatch):
+    """The next file is opened while one is being written: if that open fails, the file already
+    started is removed too (nothing half-written, no descriptor left)."""
+    import pyloader.convert as conv
+
+    d, _, _ = src
+    real = conv._Converter.open_file
+    calls = {"n": 0}
+
+    def failing(self, path, f):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise conv.PyloaderInputError(f"{path}: cannot create")
+        return real(self, path, f)
+
+    monkeypatch.setattr(conv._Converter, "open_file", failing)
+    with pytest.raises(conv.PyloaderInputError, match="cannot create"):
+        convert(d, tmp_path / "dst", device="cpu", max_shard_size=60_000, progress=False)
+    assert not list((tmp_path / "dst").glob("*.safetensors*"))
