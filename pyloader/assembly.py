@@ -85,8 +85,7 @@ class Shard:
     @property
     def shape(self) -> Tuple[int, int]:
         """Shape of the part taken, as 2-D (a 1-D weight is one row)."""
-        m, n = self._matrix().shape
-        (a, b), (c, d) = self._span(m, n)
+        _, (a, b), (c, d) = self._resolved()
         return b - a, d - c
 
     def _resolved(self):
