@@ -93,6 +93,12 @@ if has executor; then
   tail -20 "$OUT/executor.log"
 fi
 
+if has register; then
+  note "probe_register (cudaHostRegister of page-cache mappings: rates, overlap with copies and readers)"
+  python3 bench/probe_register.py --json "$OUT/register.json" ${REGISTER_ARGS:-} > "$OUT/register.log" 2>&1 || status=1
+  tail -24 "$OUT/register.log"
+fi
+
 if has convert; then
   note "bench_convert (GPU and CPU paths, disk and tmpfs output, common-script baseline)"
   python3 bench/bench_convert.py --json "$OUT/bench.json" ${CONVERT_ARGS---cpu} > "$OUT/convert.log" 2>&1 || status=1
