@@ -108,7 +108,8 @@ def copy_registered(m: Mapped, dst: torch.Tensor, win: int):
     return sum(w[2] for w in ws) / s / 1e9
 
 
-def hybrid(m: Mapped, paths, dst: torch.Tensor, win: int, readers: int, registrars: int, chunk: int = 32 * MiB):
+def hybrid(m: Mapped, paths, dst: torch.Tensor, win: int, readers: int, registrars: int, chunk: int = 32 * MiB,
+           buffers: int = 2):
     """Windows from one queue, in file order; a reader preads a window in ``chunk`` pieces into its
     two pinned buffers and copies each; a registrar registers a window, copies it on its own stream
     and hands (event, pointer) to an unregister thread. Returns (GB/s, share of bytes registered)."""
@@ -130,11 +131,14 @@ def hybrid(m: Mapped, paths, dst: torch.Tensor, win: int, readers: int, registra
             counter[0] += 1
         return dst[k * win:k * win + n]
 
-    def reader():
-        bufs = [torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    pinned = [[torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(buffers)] for _ in range(readers)]
+    streams = [torch.cuda.Stream() for _ in range(readers + registrars)]
+
+    def reader(r):
+        bufs = pinned[r]
         views = [memoryview(b.numpy()).cast("B") for b in bufs]
-        events = [None, None]
-        stream = torch.cuda.Stream()
+        events = [None] * buffers
+        stream = streams[r]
         k = 0
         while True:
             try:
@@ -154,11 +158,11 @@ def hybrid(m: Mapped, paths, dst: torch.Tensor, win: int, readers: int, registra
                     ev = torch.cuda.Event(blocking=True)
                     ev.record()
                 events[k] = ev
-                k ^= 1
+                k = (k + 1) % buffers
         stream.synchronize()
 
-    def registrar():
-        stream = torch.cuda.Stream()
+    def registrar(r):
+        stream = streams[readers + r]
         while True:
             try:
                 i, o, n = work.get_nowait()
@@ -188,8 +192,8 @@ def hybrid(m: Mapped, paths, dst: torch.Tensor, win: int, readers: int, registra
     t = time.perf_counter()
     un = threading.Thread(target=unregisterer)
     un.start()
-    threads = [threading.Thread(target=reader) for _ in range(readers)]
-    threads += [threading.Thread(target=registrar) for _ in range(registrars)]
+    threads = [threading.Thread(target=reader, args=(r,)) for r in range(readers)]
+    threads += [threading.Thread(target=registrar, args=(r,)) for r in range(registrars)]
     for th in threads:
         th.start()
     for th in threads:
@@ -241,6 +245,14 @@ def main():
             gbps, share = hybrid(m, paths, dst, win, readers, registrars)
             row(f"hybrid window {win // MiB} MiB, {readers} readers + {registrars} registrars", gbps,
                 registered_share=round(share, 3))
+        # Readers only: does a small chunk, copied while it is still in the last-level cache, cost
+        # less memory bandwidth than 32 MiB ones (page cache -> pinned -> DMA reads each byte back)?
+        for rnd in range(2):
+            for chunk, buffers, readers in [(32 * MiB, 2, 12), (16 * MiB, 2, 12), (8 * MiB, 2, 12), (4 * MiB, 2, 12),
+                                            (2 * MiB, 2, 12), (1 * MiB, 4, 12), (4 * MiB, 4, 12), (8 * MiB, 2, 16),
+                                            (4 * MiB, 2, 16), (2 * MiB, 4, 16), (4 * MiB, 2, 8), (8 * MiB, 2, 8)]:
+                gbps, _ = hybrid(m, paths, dst, 64 * MiB, readers, 0, chunk, buffers)
+                row(f"readers {readers} x {buffers} x {chunk // MiB} MiB (round {rnd})", gbps)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
 

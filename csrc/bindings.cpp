@@ -1,10 +1,12 @@
 // The only file that knows pybind11. Arguments are plain integers (pointers, strides, dtype
 // codes, a cudaStream_t handle), so one build serves any torch version.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <stdexcept>
 #include <string>
 
+#include "host_reader.h"
 #include "pyloader.h"
 
 namespace py = pybind11;
@@ -70,4 +72,29 @@ PYBIND11_MODULE(_C, m) {
         check(launch_quantize_blockwise(a, x_dtype, q_dtype, reinterpret_cast<cudaStream_t>(stream)),
               "quantize_blockwise");
       });
+  py::class_<HostReader>(m, "HostReader",
+                         "A reader thread's ring of pinned buffers: file byte ranges to the device, a buffer at a time.")
+      .def(py::init<int, std::vector<uintptr_t>, int64_t>(), py::arg("device"), py::arg("buffers"),
+           py::arg("buffer_bytes"), "buffers: addresses of pinned, page-aligned host buffers of buffer_bytes each")
+      .def(
+          "read_to_device",
+          [](HostReader& r, int fd, int64_t offset, int64_t nbytes, uintptr_t dst, uintptr_t stream,
+             uintptr_t wait_before_copy, bool direct) {
+            py::gil_scoped_release release;
+            r.read_to_device(fd, offset, nbytes, reinterpret_cast<void*>(dst), reinterpret_cast<cudaStream_t>(stream),
+                             reinterpret_cast<cudaEvent_t>(wait_before_copy), direct);
+          },
+          py::arg("fd"), py::arg("offset"), py::arg("nbytes"), py::arg("dst"), py::arg("stream"),
+          py::arg("wait_before_copy"), py::arg("direct"),
+          "Copy file[offset:offset + nbytes] (descriptor fd) to the device pointer dst on the stream; "
+          "ValueError for a failed or short read, RuntimeError for a CUDA error.")
+      .def(
+          "synchronize",
+          [](HostReader& r) {
+            py::gil_scoped_release release;
+            r.synchronize();
+          },
+          "Wait until no copy reads the buffers.")
+      .def_property_readonly("buffers", &HostReader::buffers)
+      .def_property_readonly("buffer_bytes", &HostReader::buffer_bytes);
 }

@@ -25,3 +25,8 @@ def multi_tensor_transform(packed_jobs, num_jobs, stream):
 
 def quantize_blockwise(*args, **kwargs):
     raise RuntimeError(_WHY)
+
+
+class HostReader:
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError(_WHY)

@@ -49,9 +49,18 @@ class ExecutorConfig:
     # moved 43.5 GB/s warm where 16 MiB x 3 moved 40.4 (same run, bench/NOTES.md): fewer Python
     # steps a byte, and deeper O_DIRECT requests on cold files
     read_chunk_bytes: int = 32 << 20
-    # GPU: pinned host buffers of read_chunk_bytes, this many a reader thread (768 MiB by default);
-    # each reader copies what it read to the device itself, on its own stream
+    # GPU: pinned host buffers, this many a reader thread; each reader copies what it read to the
+    # device itself, on its own stream
     buffers_per_thread: int = 2
+    # GPU, native readers: the pinned buffer size. A chunk is read and copied a buffer at a time
+    # (C++, no Python a buffer), so buffers stay small: 12 x 2 x 8 MiB = 192 MiB pinned, which the
+    # last-level cache can hold between the page-cache copy and the DMA that reads it back
+    # (bench/NOTES.md, session 5). The Python readers use buffers of read_chunk_bytes.
+    pinned_buffer_bytes: int = 8 << 20
+    # GPU: "native": the extension's HostReader (pread/O_DIRECT and the H2D copies in C++, the GIL
+    # released); "python": preadv and torch copies from a pool of read_chunk_bytes pinned buffers;
+    # "auto": native where the CUDA extension is built, else python (logged).
+    readers: str = "auto"
     # "pread": reader threads into pinned buffers, each copying its own chunks. "mmap": files mapped read-only and registered
     # with cudaHostRegister(ReadOnly) in windows, DMA straight from the page cache (no CPU copy;
     # the copies run at the PCIe ceiling, but registering the pages costs more than the copy
@@ -69,7 +78,9 @@ class ExecutorConfig:
 class Timings:
     read_s: float = 0.0       # summed over reader threads
     wait_read_s: float = 0.0  # orchestrator waiting for reads (the critical path when I/O bound)
-    h2d_s: float = 0.0        # device time with at least one host→device copy running (CUDA events)
+    # device time with at least one host→device copy running (CUDA events; with native readers a
+    # chunk's span also covers the read of its first buffer, so this is an upper bound)
+    h2d_s: float = 0.0
     transform_s: float = 0.0  # device time of transform launches
     wall_s: float = 0.0
     setup_s: float = 0.0      # executor start until the first batch's reads are queued (buffers, scales)
@@ -406,6 +417,39 @@ def _view_source(raw: torch.Tensor, info: TensorInfo, rows: int) -> torch.Tensor
     return t.view((rows,) + tuple(shape[1:]))
 
 
+class _NativeReaders:
+    """One ``_C.HostReader`` and one stream a reader thread. The pinned buffers come from torch's
+    caching host allocator (reused by the next load), page aligned for O_DIRECT."""
+
+    def __init__(self, device: torch.device, threads: int, buffers: int, nbytes: int):
+        import queue
+
+        from . import _C
+
+        if nbytes % 4096 or nbytes < 16384:
+            raise PyloaderInputError(f"pinned_buffer_bytes must be a multiple of 4096, at least 16384, not {nbytes}")
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        self.buffers = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(threads * buffers)]
+        self.free: "queue.Queue" = queue.Queue()
+        for k in range(threads):
+            ptrs = [b.data_ptr() for b in self.buffers[k * buffers:(k + 1) * buffers]]
+            self.free.put((_C.HostReader(index, ptrs, nbytes), torch.cuda.Stream(device)))
+        self.taken: list = []
+        self.local = threading.local()
+
+    def get(self):
+        r = getattr(self.local, "reader", None)
+        if r is None:  # a thread's first chunk: at most read_threads threads ever ask
+            r = self.local.reader = self.free.get_nowait()
+            self.taken.append(r)
+        return r
+
+    def close(self) -> None:
+        """Wait for every copy from the buffers: after this they may be freed or reused."""
+        for reader, _ in self.taken:
+            reader.synchronize()
+
+
 class _PinnedPool:
     """Pinned host buffers shared by the reader threads. A buffer comes back with the event of the
     copy that reads it; the next taker waits on that event (sleeping, not spinning) first."""
@@ -460,6 +504,7 @@ class StreamingExecutor:
         self.timings = Timings()
         self.bytes_read = 0
         self.io_used = ""
+        self.readers_used = ""  # "native" or "python" (GPU pinned-buffer path), see ExecutorConfig.readers
         self._read_step = config.read_chunk_bytes  # bytes a read (smaller with O_DIRECT reads, see run)
 
     def _read_chunks(self, files: _FileCache, chunks, host: torch.Tensor, slot_free=None) -> float:
@@ -501,6 +546,40 @@ class StreamingExecutor:
             raise
         pool.give(buf, view, e1)
         return e0, e1, read_s
+
+    def _read_and_copy_native(self, files: _FileCache, chunk, staging: torch.Tensor, slot_free,
+                              readers: _NativeReaders):
+        """GPU path of one chunk with the native reader: read and copied a pinned buffer at a time,
+        in C++; the copies wait (on the host) for the slot's previous transform. Returns events
+        around the chunk's copies (the first one also spans the first buffer's read)."""
+        path, file_offset, slot_offset, n = chunk
+        reader, stream = readers.get()
+        direct = str(path) in files.direct
+        fd = files.fd(path, direct)
+        e0 = torch.cuda.Event(enable_timing=True)
+        e0.record(stream)
+        t = time.perf_counter()
+        try:
+            reader.read_to_device(fd, file_offset, n, staging.data_ptr() + slot_offset, stream.cuda_stream,
+                                  slot_free.cuda_event if slot_free is not None else 0, direct)
+        except ValueError as e:  # the read failed or ended early (CUDA errors are RuntimeErrors: not input errors)
+            raise PyloaderInputError(f"{path}: {e}") from None
+        read_s = time.perf_counter() - t
+        e1 = torch.cuda.Event(enable_timing=True, blocking=True)
+        e1.record(stream)
+        return e0, e1, read_s
+
+    def _choose_readers(self) -> str:
+        from . import _C
+
+        mode = self.cfg.readers
+        built = getattr(_C, "cuda_built", False) and hasattr(_C, "HostReader")
+        if mode == "native" and not built:
+            raise PyloaderInputError("readers='native' needs the CUDA extension (pyloader._C), which is not built")
+        chosen = "native" if (mode == "native" or (mode == "auto" and built)) else "python"
+        if mode == "auto" and not built:
+            logger.info("pyloader: the CUDA extension is not built: reading through Python readers (slower)")
+        return chosen
 
     def _choose_cold_reads(self, files: _FileCache, file_names: List[str]) -> None:
         """Mark the files not in the page cache for O_DIRECT reads."""
@@ -563,6 +642,8 @@ class StreamingExecutor:
         t_start = time.perf_counter()
         if cfg.io not in ("auto", "mmap", "pread"):
             raise PyloaderInputError(f"io must be 'auto', 'mmap' or 'pread', not {cfg.io!r}")
+        if cfg.readers not in ("auto", "native", "python"):
+            raise PyloaderInputError(f"readers must be 'auto', 'native' or 'python', not {cfg.readers!r}")
         if cfg.cold_reads not in ("auto", "direct", "buffered"):
             raise PyloaderInputError(f"cold_reads must be 'auto', 'direct' or 'buffered', not {cfg.cold_reads!r}")
         files = _FileCache()
@@ -597,14 +678,18 @@ class StreamingExecutor:
         else:
             self.io_used = "pread"
         logger.info("pyloader: load reads through %s", self.io_used)
-        pinned = None
+        pinned = native = None
         try:
             if cuda and not all(mapped_batch):
                 self._choose_cold_reads(files, file_names)
-                buffer_bytes = cfg.read_chunk_bytes
-                if files.direct:
-                    self._read_step, buffer_bytes = _direct_read_sizes(cfg.read_chunk_bytes)
-                pinned = _PinnedPool(cfg.read_threads * cfg.buffers_per_thread, buffer_bytes)
+                self.readers_used = self._choose_readers()
+                if self.readers_used == "native":  # chunks of any size: the reader splits them into its buffers
+                    native = _NativeReaders(dev, cfg.read_threads, cfg.buffers_per_thread, cfg.pinned_buffer_bytes)
+                else:
+                    buffer_bytes = cfg.read_chunk_bytes
+                    if files.direct:
+                        self._read_step, buffer_bytes = _direct_read_sizes(cfg.read_chunk_bytes)
+                    pinned = _PinnedPool(cfg.read_threads * cfg.buffers_per_thread, buffer_bytes)
             scales_started = self._start_scales(files, pool)
             last_batch_of_layer = {}
             for i, b in enumerate(batches):
@@ -618,7 +703,11 @@ class StreamingExecutor:
                     pending.append([])  # copied straight from the registered mapping below
                     return
                 chunks = self._chunks(batches[j].parts)
-                if cuda:  # a task a chunk: read it, wait for the slot, copy it
+                if native is not None:  # a task a chunk: read it, wait for the slot, copy it
+                    pending.append([pool.submit(self._read_and_copy_native, files, c, staging[slot], done[slot], native)
+                                    for c in chunks])
+                    return
+                if cuda:
                     pending.append([pool.submit(self._read_and_copy, files, c, staging[slot], done[slot], pinned)
                                     for c in chunks])
                     return
@@ -692,6 +781,8 @@ class StreamingExecutor:
                                                         for a, b in copy_spans])
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+            if native is not None:
+                native.close()  # no copy may still read a pinned buffer when torch reuses it
             files.close()
             if registered is not None:
                 if cuda:

@@ -45,6 +45,7 @@ class LoadReport:
     backend: str = ""
     preset: Optional[str] = None
     io: str = ""                                                # "mmap", "pread", "mixed", "memory", "stream"
+    readers: str = ""                                           # GPU reads: "native" (C++) or "python" readers
 
     @property
     def gbps(self) -> float:
@@ -142,6 +143,7 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
         ex = StreamingExecutor(plan, tensors, dev, backend, executor or ExecutorConfig(), progress, hooks)
         report.timings = ex.run()
         report.bytes_read, report.backend, report.io = ex.bytes_read, ex.backend, ex.io_used
+        report.readers = ex.readers_used
     elif isinstance(source, Mapping):
         plan = _run_memory(source, specs, rules, tensors, dev, backend, unexpected, block, hooks, report)
     else:

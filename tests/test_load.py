@@ -276,6 +276,30 @@ def test_nemotron_h_mamba_tensor_parallel_matches_hand_built_split(tmp_path, tp,
                              up[rank * 192 // tp:(rank + 1) * 192 // tp].to(device), what="mlp up_proj")
 
 
+def test_reader_choice_is_explicit(tmp_path, monkeypatch, caplog):
+    """readers="native" without the extension is an error, "auto" says (logged) that it reads
+    through Python; an unknown name is refused before any read."""
+    import logging
+    import types
+
+    from pyloader import _C
+    from pyloader.executor import ExecutorConfig, StreamingExecutor
+
+    fake = types.SimpleNamespace
+    monkeypatch.setattr(_C, "cuda_built", False, raising=False)
+    with pytest.raises(pyloader.PyloaderInputError, match="not built"):
+        StreamingExecutor._choose_readers(fake(cfg=ExecutorConfig(readers="native")))
+    with caplog.at_level(logging.INFO, logger="pyloader"):
+        assert StreamingExecutor._choose_readers(fake(cfg=ExecutorConfig(readers="auto"))) == "python"
+    assert "not built" in caplog.text
+    assert StreamingExecutor._choose_readers(fake(cfg=ExecutorConfig(readers="python"))) == "python"
+    c = dict(TINY["llama"])
+    targets = allocate_targets(build_preset(c).targets, "cpu")
+    with pytest.raises(pyloader.PyloaderInputError, match="readers"):
+        pyloader.load(targets, write_checkpoint(tmp_path / "m", c, fp8=False), backend="torch", progress=False,
+                      executor=ExecutorConfig(readers="fast"))
+
+
 def test_a_failed_read_returns_its_pinned_buffer(tmp_path):
     """GPU reader path: a chunk whose read fails (file truncated underneath) gives its buffer back
     to the shared pool, so the other readers, waiting on the pool, cannot hang the load."""
@@ -413,11 +437,13 @@ def test_unknown_cold_reads_mode_is_refused(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("readers", ["native", "python"])
 @pytest.mark.parametrize("mode", ["auto", "direct", "buffered"])
-def test_cold_file_reads_match_the_reference(tmp_path, monkeypatch, mode):
+def test_cold_file_reads_match_the_reference(tmp_path, monkeypatch, mode, readers):
     """Both ways of reading files taken as cold (O_DIRECT with widened reads, buffered) load the
-    same bytes; chunks of an odd size make reads start and end off the 4 KiB grid. Residency is
-    forced to 'cold' (the files were just written, so they are cached)."""
+    same bytes, with either reader; chunks of an odd size make reads start and end off the 4 KiB
+    grid, and the native reader's 16 KiB buffers split every chunk into several copies through a
+    ring of two. Residency is forced to 'cold' (the files were just written, so they are cached)."""
     from pyloader import executor
 
     c = dict(TINY["deepseek_v3"], quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
@@ -428,8 +454,10 @@ def test_cold_file_reads_match_the_reference(tmp_path, monkeypatch, mode):
     preset = build_preset(c)
     targets = {n: poison_(t) for n, t in allocate_targets(preset.targets, "cuda").items()}
     cfg = pyloader.ExecutorConfig(slot_bytes=1 << 16, num_slots=3, read_threads=3, read_chunk_bytes=40_961,
-                                  buffers_per_thread=2, io="pread", cold_reads=mode)
+                                  buffers_per_thread=2, io="pread", cold_reads=mode, readers=readers,
+                                  pinned_buffer_bytes=16384)
     report = pyloader.load(targets, d, progress=False, executor=cfg)
+    assert report.readers == readers
     assert report.timings.cold_files == (0 if mode == "buffered" else len(list(d.glob("*.safetensors"))))
     raw = {k: v.cuda() for k, v in raw_tensors(d).items()}
     for name, t in targets.items():

@@ -1,0 +1,109 @@
+#include "host_reader.h"
+
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+namespace pyloader {
+namespace {
+
+constexpr int64_t kDirectAlign = 4096;  // O_DIRECT: offset, length and address on the logical block (4 KiB covers all)
+
+void check(cudaError_t err, const char* op) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string("HostReader: ") + op + ": " + cudaGetErrorString(err));
+}
+
+// Reads at least `need` bytes of [offset, offset + len) into buf; `len` may pass the end of the
+// file (aligned O_DIRECT reads), `need` may not.
+void pread_at_least(int fd, uint8_t* buf, int64_t offset, int64_t len, int64_t need, bool direct) {
+  int64_t got = 0;
+  while (got < need) {
+    ssize_t r = ::pread(fd, buf + got, static_cast<size_t>(len - got), offset + got);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      throw std::range_error(std::string(direct ? "O_DIRECT read" : "read") + " at byte " + std::to_string(offset + got) +
+                             " failed: " + std::strerror(errno));
+    }
+    if (r == 0 || (direct && got + r < need && (got + r) % kDirectAlign)) {  // a direct read stops short only at the end
+      throw std::range_error("file ended at byte " + std::to_string(offset + got + r) + " while reading (truncated or changed?)");
+    }
+    got += r;
+  }
+}
+
+}  // namespace
+
+HostReader::HostReader(int device, std::vector<uintptr_t> buffers, int64_t buffer_bytes)
+    : device_(device), buffer_bytes_(buffer_bytes) {
+  if (buffers.empty() || buffer_bytes < 4 * kDirectAlign || buffer_bytes % kDirectAlign) {
+    throw std::invalid_argument("HostReader: needs at least one buffer of a multiple of 4096 bytes, at least 16 KiB");
+  }
+  for (uintptr_t p : buffers) {
+    if (p == 0 || p % kDirectAlign) throw std::invalid_argument("HostReader: buffers must be page aligned (O_DIRECT)");
+  }
+  check(cudaSetDevice(device), "cudaSetDevice");
+  for (uintptr_t p : buffers) {
+    cudaEvent_t e = nullptr;
+    cudaError_t err = cudaEventCreateWithFlags(&e, cudaEventDisableTiming | cudaEventBlockingSync);
+    if (err != cudaSuccess) {
+      for (auto made : copied_) cudaEventDestroy(made);
+      check(err, "cudaEventCreate");
+    }
+    host_.push_back(reinterpret_cast<uint8_t*>(p));
+    copied_.push_back(e);
+    in_use_.push_back(false);
+  }
+}
+
+HostReader::~HostReader() {
+  for (size_t k = 0; k < host_.size(); ++k) {
+    if (in_use_[k]) cudaEventSynchronize(copied_[k]);  // the caller may free the buffer next
+    cudaEventDestroy(copied_[k]);
+  }
+}
+
+void HostReader::read_to_device(int fd, int64_t offset, int64_t nbytes, void* dst, cudaStream_t stream,
+                                cudaEvent_t wait_before_copy, bool direct) {
+  if (offset < 0 || nbytes < 0) throw std::invalid_argument("HostReader: negative offset or length");
+  check(cudaSetDevice(device_), "cudaSetDevice");
+  // O_DIRECT: a piece's read is widened by up to a block on each side, within one buffer
+  const int64_t step = direct ? buffer_bytes_ - 2 * kDirectAlign : buffer_bytes_;
+  bool waited = wait_before_copy == nullptr;
+  for (int64_t pos = 0; pos < nbytes; pos += step) {
+    const int64_t len = nbytes - pos < step ? nbytes - pos : step;
+    const size_t k = next_;
+    next_ = (next_ + 1) % host_.size();
+    if (in_use_[k]) check(cudaEventSynchronize(copied_[k]), "waiting for a pinned buffer's copy");
+    in_use_[k] = false;
+    int64_t lead = 0;
+    if (direct) {
+      const int64_t a = (offset + pos) / kDirectAlign * kDirectAlign;
+      const int64_t b = (offset + pos + len + kDirectAlign - 1) / kDirectAlign * kDirectAlign;
+      lead = offset + pos - a;
+      pread_at_least(fd, host_[k], a, b - a, lead + len, true);
+    } else {
+      pread_at_least(fd, host_[k], offset + pos, len, len, false);
+    }
+    if (!waited) {
+      check(cudaEventSynchronize(wait_before_copy), "waiting for the destination to be free");
+      waited = true;
+    }
+    check(cudaMemcpyAsync(static_cast<uint8_t*>(dst) + pos, host_[k] + lead, static_cast<size_t>(len),
+                          cudaMemcpyHostToDevice, stream),
+          "cudaMemcpyAsync");
+    check(cudaEventRecord(copied_[k], stream), "cudaEventRecord");
+    in_use_[k] = true;
+  }
+}
+
+void HostReader::synchronize() {
+  for (size_t k = 0; k < host_.size(); ++k) {
+    if (in_use_[k]) check(cudaEventSynchronize(copied_[k]), "cudaEventSynchronize");
+    in_use_[k] = false;
+  }
+}
+
+}  // namespace pyloader

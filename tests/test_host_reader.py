@@ -1,0 +1,126 @@
+"""The native reader (pyloader._C.HostReader): file byte ranges → a ring of pinned buffers →
+device, a buffer at a time. Bytes compared exactly; destinations poisoned; reads that fail or end
+early are errors, and the reader keeps working after one."""
+
+import os
+
+import pytest
+import torch
+
+import pyloader._C as C
+
+from helpers import HAS_GPU
+
+needs_extension = pytest.mark.skipif(not C.cuda_built, reason="the CUDA extension is not built")
+BUF = 16384  # the smallest buffer: ranges of a few KiB already span several buffers
+
+
+@needs_extension
+def test_buffers_must_be_page_aligned_and_a_multiple_of_4096():
+    """Checked before any CUDA call (so it runs without a GPU): O_DIRECT reads need both."""
+    backing = torch.empty(3 * BUF, dtype=torch.uint8)
+    aligned = backing.data_ptr() + (-backing.data_ptr()) % 4096
+    with pytest.raises(ValueError, match="page aligned"):
+        C.HostReader(0, [aligned + 1], BUF)
+    with pytest.raises(ValueError, match="multiple of 4096"):
+        C.HostReader(0, [aligned], BUF + 1)
+    with pytest.raises(ValueError, match="at least one buffer"):
+        C.HostReader(0, [], BUF)
+
+
+def _data(tmp_path, n, seed=0):
+    data = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    f = tmp_path / "data.bin"
+    f.write_bytes(data.numpy().tobytes())
+    return f, data
+
+
+def _reader(buffers=2):
+    pinned = [torch.empty(BUF, dtype=torch.uint8, pin_memory=True) for _ in range(buffers)]
+    return C.HostReader(torch.cuda.current_device(), [b.data_ptr() for b in pinned], BUF), pinned
+
+
+def _direct_ok(path) -> bool:
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
+@needs_extension
+@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "o_direct"])
+@pytest.mark.parametrize("buffers", [1, 2, 3])
+def test_ranges_reach_the_device_exactly(tmp_path, direct, buffers):
+    f, data = _data(tmp_path, 5 * BUF + 4097)
+    if direct and not _direct_ok(f):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    reader, pinned = _reader(buffers)
+    stream = torch.cuda.Stream()
+    fd = os.open(f, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    try:
+        # offsets and lengths off the 4 KiB grid, a range longer than the whole ring, one to the last byte
+        for offset, n, at in [(0, 1, 0), (1, 4095, 3), (4095, 3 * BUF + 7, 17), (7, 4 * BUF, 0),
+                              (len(data) - 12345, 12345, 5), (len(data) - 1, 1, 1), (100, 0, 0)]:
+            dst = torch.full((n + at + 9,), 0x5A, dtype=torch.uint8, device="cuda")
+            reader.read_to_device(fd, offset, n, dst.data_ptr() + at, stream.cuda_stream, 0, direct)
+            stream.synchronize()
+            want = torch.full_like(dst, 0x5A).cpu()
+            want[at:at + n] = data[offset:offset + n]
+            assert torch.equal(dst.cpu(), want), (offset, n, at)
+    finally:
+        os.close(fd)
+    reader.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
+@needs_extension
+def test_copies_wait_for_the_given_event(tmp_path):
+    """wait_before_copy: the copy lands after the work the event marks (a kernel that writes the
+    destination late): what remains is the file's bytes, not the kernel's."""
+    f, data = _data(tmp_path, 3 * BUF)
+    reader, pinned = _reader()
+    other = torch.cuda.Stream()
+    dst = torch.zeros(3 * BUF, dtype=torch.uint8, device="cuda")
+    with torch.cuda.stream(other):
+        torch.cuda._sleep(50_000_000)  # ~tens of ms of GPU time before the fill
+        dst.fill_(7)
+        ev = torch.cuda.Event(blocking=True)
+        ev.record()
+    stream = torch.cuda.Stream()
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        reader.read_to_device(fd, 0, 3 * BUF, dst.data_ptr(), stream.cuda_stream, ev.cuda_event, False)
+    finally:
+        os.close(fd)
+    torch.cuda.synchronize()
+    assert torch.equal(dst.cpu(), data)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
+@needs_extension
+@pytest.mark.parametrize("direct", [False, True], ids=["buffered", "o_direct"])
+def test_a_read_past_the_end_is_an_error_and_the_reader_goes_on(tmp_path, direct):
+    f, data = _data(tmp_path, 2 * BUF + 100)
+    if direct and not _direct_ok(f):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    reader, pinned = _reader()
+    stream = torch.cuda.Stream()
+    dst = torch.zeros(4 * BUF, dtype=torch.uint8, device="cuda")
+    fd = os.open(f, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    try:
+        with pytest.raises(ValueError, match="file ended at byte"):
+            reader.read_to_device(fd, BUF, 2 * BUF, dst.data_ptr(), stream.cuda_stream, 0, direct)
+        bad = os.open(f, os.O_RDONLY)
+        os.close(bad)
+        with pytest.raises(ValueError, match="failed"):  # a closed descriptor: the errno text
+            reader.read_to_device(bad, 0, 10, dst.data_ptr(), stream.cuda_stream, 0, False)
+        reader.read_to_device(fd, 0, 2 * BUF + 100, dst.data_ptr(), stream.cuda_stream, 0, direct)
+        stream.synchronize()
+        assert torch.equal(dst[:2 * BUF + 100].cpu(), data)
+    finally:
+        os.close(fd)
