@@ -75,7 +75,7 @@ PYBIND11_MODULE(_C, m) {
   py::class_<HostReader>(m, "HostReader",
                          "A reader thread's ring of pinned buffers: file byte ranges to the device, a buffer at a time.")
       .def(py::init<int, std::vector<uintptr_t>, int64_t>(), py::arg("device"), py::arg("buffers"),
-           py::arg("buffer_bytes"), "buffers: addresses of pinned, page-aligned host buffers of buffer_bytes each")
+           py::arg("buffer_bytes"), "buffers: addresses of pinned host buffers of buffer_bytes (at least 16 KiB) each")
       .def(
           "read_to_device",
           [](HostReader& r, int fd, int64_t offset, int64_t nbytes, uintptr_t dst, uintptr_t stream,

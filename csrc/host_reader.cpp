@@ -38,11 +38,11 @@ void pread_at_least(int fd, uint8_t* buf, int64_t offset, int64_t len, int64_t n
 
 HostReader::HostReader(int device, std::vector<uintptr_t> buffers, int64_t buffer_bytes)
     : device_(device), buffer_bytes_(buffer_bytes) {
-  if (buffers.empty() || buffer_bytes < 4 * kDirectAlign || buffer_bytes % kDirectAlign) {
-    throw std::invalid_argument("HostReader: needs at least one buffer of a multiple of 4096 bytes, at least 16 KiB");
+  if (buffers.empty() || buffer_bytes < 4 * kDirectAlign) {
+    throw std::invalid_argument("HostReader: needs at least one buffer of at least 16 KiB");
   }
   for (uintptr_t p : buffers) {
-    if (p == 0 || p % kDirectAlign) throw std::invalid_argument("HostReader: buffers must be page aligned (O_DIRECT)");
+    if (p == 0) throw std::invalid_argument("HostReader: null buffer");
   }
   check(cudaSetDevice(device), "cudaSetDevice");
   for (uintptr_t p : buffers) {
@@ -69,8 +69,9 @@ void HostReader::read_to_device(int fd, int64_t offset, int64_t nbytes, void* ds
                                 cudaEvent_t wait_before_copy, bool direct) {
   if (offset < 0 || nbytes < 0) throw std::invalid_argument("HostReader: negative offset or length");
   check(cudaSetDevice(device_), "cudaSetDevice");
-  // O_DIRECT: a piece's read is widened by up to a block on each side, within one buffer
-  const int64_t step = direct ? buffer_bytes_ - 2 * kDirectAlign : buffer_bytes_;
+  // O_DIRECT: a piece's read is widened by up to a block on each side and starts at the buffer's
+  // first aligned byte (up to a block in)
+  const int64_t step = direct ? buffer_bytes_ - 3 * kDirectAlign : buffer_bytes_;
   bool waited = wait_before_copy == nullptr;
   for (int64_t pos = 0; pos < nbytes; pos += step) {
     const int64_t len = nbytes - pos < step ? nbytes - pos : step;
@@ -82,8 +83,9 @@ void HostReader::read_to_device(int fd, int64_t offset, int64_t nbytes, void* ds
     if (direct) {
       const int64_t a = (offset + pos) / kDirectAlign * kDirectAlign;
       const int64_t b = (offset + pos + len + kDirectAlign - 1) / kDirectAlign * kDirectAlign;
-      lead = offset + pos - a;
-      pread_at_least(fd, host_[k], a, b - a, lead + len, true);
+      const int64_t aligned = static_cast<int64_t>((kDirectAlign - reinterpret_cast<uintptr_t>(host_[k]) % kDirectAlign) % kDirectAlign);
+      pread_at_least(fd, host_[k] + aligned, a, b - a, offset + pos - a + len, true);
+      lead = aligned + offset + pos - a;
     } else {
       pread_at_least(fd, host_[k], offset + pos, len, len, false);
     }

@@ -14,7 +14,7 @@ namespace pyloader {
 // as soon as it is read, then reuses the buffer once its copy's event has completed (a sleeping
 // wait). Buffers a few MiB large keep what the copy engine reads back in the last-level cache,
 // and the loop runs without Python: a chunk costs one call, not one call a buffer.
-// The buffers are the caller's (pinned, page aligned, alive until synchronize() returns); the
+// The buffers are the caller's (pinned, any alignment, alive until synchronize() returns); the
 // reader only knows which of its copies still read them. Not thread safe: one reader a thread.
 class HostReader {
  public:
@@ -26,7 +26,8 @@ class HostReader {
   // Copies file[offset, offset + nbytes) of descriptor fd to the device pointer dst on stream.
   // wait_before_copy (a cudaEvent_t, or null) is waited for on the host before the first copy
   // (the destination's previous reader is done with it). direct: fd was opened with O_DIRECT;
-  // reads are widened to 4 KiB bounds. Returns once every copy is enqueued.
+  // reads are widened to 4 KiB bounds and land on the buffer's first 4 KiB-aligned byte (a
+  // buffer then holds 12 KiB less). Returns once every copy is enqueued.
   // Throws std::range_error for a read that fails or ends early (errno text or "file ended at
   // byte N"), std::runtime_error for a CUDA error.
   void read_to_device(int fd, int64_t offset, int64_t nbytes, void* dst, cudaStream_t stream,

@@ -419,15 +419,16 @@ def _view_source(raw: torch.Tensor, info: TensorInfo, rows: int) -> torch.Tensor
 
 class _NativeReaders:
     """One ``_C.HostReader`` and one stream a reader thread. The pinned buffers come from torch's
-    caching host allocator (reused by the next load), page aligned for O_DIRECT."""
+    caching host allocator (reused by the next load; small ones are not page aligned, which the
+    reader's O_DIRECT path allows for)."""
 
     def __init__(self, device: torch.device, threads: int, buffers: int, nbytes: int):
         import queue
 
         from . import _C
 
-        if nbytes % 4096 or nbytes < 16384:
-            raise PyloaderInputError(f"pinned_buffer_bytes must be a multiple of 4096, at least 16384, not {nbytes}")
+        if nbytes < 16384:
+            raise PyloaderInputError(f"pinned_buffer_bytes must be at least 16384, not {nbytes}")
         index = device.index if device.index is not None else torch.cuda.current_device()
         self.buffers = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(threads * buffers)]
         self.free: "queue.Queue" = queue.Queue()

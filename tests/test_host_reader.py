@@ -16,16 +16,15 @@ BUF = 16384  # the smallest buffer: ranges of a few KiB already span several buf
 
 
 @needs_extension
-def test_buffers_must_be_page_aligned_and_a_multiple_of_4096():
-    """Checked before any CUDA call (so it runs without a GPU): O_DIRECT reads need both."""
-    backing = torch.empty(3 * BUF, dtype=torch.uint8)
-    aligned = backing.data_ptr() + (-backing.data_ptr()) % 4096
-    with pytest.raises(ValueError, match="page aligned"):
-        C.HostReader(0, [aligned + 1], BUF)
-    with pytest.raises(ValueError, match="multiple of 4096"):
-        C.HostReader(0, [aligned], BUF + 1)
+def test_buffers_are_checked_before_any_cuda_call():
+    """Runs without a GPU: the checks come before any CUDA call."""
+    backing = torch.empty(BUF, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="at least 16 KiB"):
+        C.HostReader(0, [backing.data_ptr()], BUF - 1)
     with pytest.raises(ValueError, match="at least one buffer"):
         C.HostReader(0, [], BUF)
+    with pytest.raises(ValueError, match="null"):
+        C.HostReader(0, [0], BUF)
 
 
 def _data(tmp_path, n, seed=0):
@@ -35,9 +34,15 @@ def _data(tmp_path, n, seed=0):
     return f, data
 
 
-def _reader(buffers=2):
-    pinned = [torch.empty(BUF, dtype=torch.uint8, pin_memory=True) for _ in range(buffers)]
-    return C.HostReader(torch.cuda.current_device(), [b.data_ptr() for b in pinned], BUF), pinned
+def _reader(buffers=2, shifts=(0,)):
+    """A reader over ``buffers`` pinned buffers, the k-th starting shifts[k % len] bytes past a
+    page boundary (O_DIRECT reads must then start further in)."""
+    pinned = [torch.empty(BUF + 8192, dtype=torch.uint8, pin_memory=True) for _ in range(buffers)]
+    ptrs = []
+    for k, b in enumerate(pinned):
+        base = b.data_ptr() + (-b.data_ptr()) % 4096
+        ptrs.append(base + shifts[k % len(shifts)])
+    return C.HostReader(torch.cuda.current_device(), ptrs, BUF), pinned
 
 
 def _direct_ok(path) -> bool:
@@ -57,7 +62,7 @@ def test_ranges_reach_the_device_exactly(tmp_path, direct, buffers):
     f, data = _data(tmp_path, 5 * BUF + 4097)
     if direct and not _direct_ok(f):
         pytest.skip("this filesystem refuses O_DIRECT")
-    reader, pinned = _reader(buffers)
+    reader, pinned = _reader(buffers, shifts=(0, 1, 4095))
     stream = torch.cuda.Stream()
     fd = os.open(f, os.O_RDONLY | (os.O_DIRECT if direct else 0))
     try:
