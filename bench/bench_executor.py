@@ -168,6 +168,81 @@ def interleaved(args, targets, ck_dir, files, nbytes, dev, record) -> None:
         record(k, nbytes / min(ts[1:]) / 1e9, seconds=[round(x, 3) for x in ts], interleaved=True)
 
 
+def cold_direct_reads(files, threads: int, chunk: int, spread: bool) -> float:
+    """O_DIRECT reads of every (just evicted) file into pinned buffers, no GPU: ``threads`` readers
+    with one ``chunk`` request each in flight, taking chunks in file order (all readers in one
+    region of one file, as the executor's plan order does) or spread over the files (chunk k of
+    every file before chunk k + 1 of any)."""
+    sizes = [os.path.getsize(f) for f in files]
+    per_file = [[(i, o, min(chunk, size - o)) for o in range(0, size, chunk)] for i, size in enumerate(sizes)]
+    if spread:
+        work = [w for k in range(max(map(len, per_file))) for ws in per_file if k < len(ws) for w in [ws[k]]]
+    else:
+        work = [w for ws in per_file for w in ws]
+    fds = [os.open(f, os.O_RDONLY | os.O_DIRECT) for f in files]
+    lock, nxt = __import__("threading").Lock(), [0]
+
+    def run():
+        buf = torch.empty(chunk + 8192, dtype=torch.uint8, pin_memory=True)
+        view = memoryview(buf.numpy()).cast("B")
+        lead = (-buf.data_ptr()) % 4096
+        while True:
+            with lock:
+                k = nxt[0]
+                nxt[0] += 1
+            if k >= len(work):
+                return
+            i, o, n = work[k]
+            n = -(-n // 4096) * 4096
+            os.preadv(fds[i], [view[lead:lead + n]], o)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        for f in [pool.submit(run) for _ in range(threads)]:
+            f.result()
+    seconds = time.perf_counter() - t0
+    for fd in fds:
+        os.close(fd)
+    return sum(sizes) / seconds / 1e9
+
+
+def cold(args, targets, ck_dir, files, nbytes, dev, record) -> None:
+    """Cold page cache (dropped before each run): the disk's O_DIRECT rate by readers and order,
+    pyloader.load by cold_read_threads, and fastsafetensors (the best cold peer) in the same run."""
+    from pyloader.bench import _drop_cache
+
+    for threads, chunk_mib, spread in ((12, 8, False), (24, 8, False), (32, 8, False), (24, 8, True), (12, 32, True)):
+        how = _drop_cache(files)
+        record("O_DIRECT reads only", cold_direct_reads(files, threads, chunk_mib << 20, spread), threads=threads,
+               chunk_mib=chunk_mib, order="spread over files" if spread else "file order", cache=how)
+    for threads in (12, 24, 32):
+        ex = pyloader.ExecutorConfig(io="pread", cold_read_threads=threads)
+        how = _drop_cache(files)
+        t = time.perf_counter()
+        report = pyloader.load(targets, ck_dir, progress=False, executor=ex)
+        torch.cuda.synchronize(dev)
+        seconds = time.perf_counter() - t
+        record("pyloader.load cold", nbytes / seconds / 1e9, cold_read_threads=threads, cache=how,
+               cold_files=report.timings.cold_files, pinned_bytes=report.timings.pinned_bytes)
+    try:
+        from fastsafetensors import SafeTensorsFileLoader
+    except ImportError:
+        print("  fastsafetensors not installed: not measured")
+        return
+    how = _drop_cache(files)
+    t = time.perf_counter()
+    loader = SafeTensorsFileLoader(None, f"cuda:{dev.index or 0}", nogds=True, max_threads=16)
+    loader.add_filenames({0: files})
+    fb = loader.copy_files_to_device()
+    for k in loader.get_keys():
+        fb.get_tensor(k)
+    torch.cuda.synchronize(dev)
+    seconds = time.perf_counter() - t
+    fb.close()
+    loader.close()
+    record("fastsafetensors 0.5 nogds raw", nbytes / seconds / 1e9, cache=how)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-gb", type=float, default=16.0)
@@ -177,6 +252,9 @@ def main():
     ap.add_argument("--quick", action="store_true",
                     help="no host-side probes; the default against other reader settings and InstantTensor (buffered), "
                          "interleaved load by load (an A/B on one machine)")
+    ap.add_argument("--cold", action="store_true",
+                    help="cold page cache: O_DIRECT read rates by readers and order, pyloader by cold_read_threads, "
+                         "fastsafetensors")
     args = ap.parse_args()
     dev = torch.device("cuda")
     env = environment()
@@ -199,6 +277,14 @@ def main():
         rows.append(row)
         print(f"  {kind:28s} {gbps:6.2f} GB/s ({gbps / ceiling:.0%})  {cfg_}")
 
+    if args.cold:
+        cold(args, targets, ck_dir, files, nbytes, dev, record)
+        ok = _verify(targets, plan, dev)
+        print("verified" if ok else "MISMATCH")
+        if args.json:
+            Path(args.json).write_text(json.dumps([dict(r, verified=ok) for r in rows], indent=1) + "\n")
+        tmp.cleanup()
+        return
     _warm(files)
     if args.quick:
         interleaved(args, targets, ck_dir, files, nbytes, dev, record)

@@ -75,12 +75,6 @@ def _warm(paths):
                 pass
 
 
-def executor_pinned_bytes(cfg, readers: str) -> int:
-    """Pinned host memory a GPU load holds for its readers (scales aside)."""
-    each = cfg.pinned_buffer_bytes if readers == "native" else cfg.read_chunk_bytes
-    return cfg.read_threads * cfg.buffers_per_thread * each
-
-
 def pinned_h2d_gbps(device, nbytes=1 << 30) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
@@ -215,7 +209,7 @@ def _bench_pyloader(io, repeats, targets, ck_dir, preset, dev, prepare, plan, re
         + (f", readers={readers}" if readers != "auto" else "") + ")"
     record(label, min(times), f"{'verified' if ok else 'MISMATCH'}; {how}",
            repeats=[round(x, 3) for x in times], peak_device_staging_bytes=peak,
-           pinned_bytes=executor_pinned_bytes(cfg_ex, report.readers) if dev.type == "cuda" else 0, readers=report.readers,
+           pinned_bytes=report.timings.pinned_bytes, readers=report.readers, read_threads=report.timings.read_threads,
            read_thread_s=round(tm.read_s, 3), wait_read_s=round(tm.wait_read_s, 3), h2d_s=round(tm.h2d_s, 3),
            transform_s=round(tm.transform_s, 3), backend=report.backend, io_used=report.io,
            executor_wall_s=round(tm.wall_s, 3), executor_setup_s=round(tm.setup_s, 3), drain_s=round(tm.drain_s, 3),

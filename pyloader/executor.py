@@ -72,6 +72,9 @@ class ExecutorConfig:
     # bench/NOTES.md); "buffered": plain reads, the kernel's readahead only. "auto": direct where
     # the filesystem allows it (logged), else buffered. Files in the page cache are read buffered.
     cold_reads: str = "auto"
+    # reader threads when some file is read with O_DIRECT: the disk, not the CPU, is then the
+    # limit, and each reader keeps one request in flight (bench/NOTES.md, session 5)
+    cold_read_threads: int = 24
 
 
 @dataclass
@@ -86,6 +89,8 @@ class Timings:
     setup_s: float = 0.0      # executor start until the first batch's reads are queued (buffers, scales)
     drain_s: float = 0.0      # last transform enqueued until the device is done
     cold_files: int = 0       # files read as cold (see ExecutorConfig.cold_reads)
+    read_threads: int = 0     # reader threads used (ExecutorConfig.cold_read_threads where files are cold)
+    pinned_bytes: int = 0     # pinned host buffers of the readers (scales aside)
 
 
 @dataclass
@@ -611,7 +616,7 @@ class StreamingExecutor:
                             min(step, part.nbytes - off)))
         return out
 
-    def _start_scales(self, files: _FileCache, pool: ThreadPoolExecutor):
+    def _start_scales(self, files: _FileCache, pool: ThreadPoolExecutor, threads: int):
         """Queue the reads of every scale tensor (small) into one pinned buffer, ahead of the first
         batches' reads: they overlap those reads instead of delaying them."""
         infos = list({s.name: s for s in self.plan.scales}.values())
@@ -623,7 +628,7 @@ class StreamingExecutor:
             pos += -(-info.nbytes // 16) * 16
         host = torch.empty(pos, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         chunks = [(info.file, info.start, off, info.nbytes) for info, off in zip(infos, offsets)]
-        groups = [chunks[k::self.cfg.read_threads] for k in range(min(self.cfg.read_threads, len(chunks)))]
+        groups = [chunks[k::threads] for k in range(min(threads, len(chunks)))]
         return infos, offsets, host, [pool.submit(self._read_chunks, files, g, host) for g in groups]
 
     def _finish_scales(self, started) -> Dict[str, torch.Tensor]:
@@ -665,7 +670,6 @@ class StreamingExecutor:
         copy_spans = []     # (start, end) events of every H2D copy, on whichever stream it ran
         total = sum(b.nbytes for b in batches)
         bar = _progress(total, self.progress)
-        pool = ThreadPoolExecutor(max_workers=cfg.read_threads, thread_name_prefix="pyloader-read")
         registered = _RegisteredFiles() if (cuda and cfg.io == "mmap") else None
         mapped_batch = [False] * len(batches)
         if registered is not None:
@@ -679,19 +683,28 @@ class StreamingExecutor:
         else:
             self.io_used = "pread"
         logger.info("pyloader: load reads through %s", self.io_used)
-        pinned = native = None
+        pinned = native = pool = None
+        threads = cfg.read_threads
         try:
             if cuda and not all(mapped_batch):
                 self._choose_cold_reads(files, file_names)
+                if files.direct:
+                    threads = max(1, cfg.cold_read_threads)
                 self.readers_used = self._choose_readers()
                 if self.readers_used == "native":  # chunks of any size: the reader splits them into its buffers
-                    native = _NativeReaders(dev, cfg.read_threads, cfg.buffers_per_thread, cfg.pinned_buffer_bytes)
+                    native = _NativeReaders(dev, threads, cfg.buffers_per_thread, cfg.pinned_buffer_bytes)
                 else:
                     buffer_bytes = cfg.read_chunk_bytes
                     if files.direct:
                         self._read_step, buffer_bytes = _direct_read_sizes(cfg.read_chunk_bytes)
-                    pinned = _PinnedPool(cfg.read_threads * cfg.buffers_per_thread, buffer_bytes)
-            scales_started = self._start_scales(files, pool)
+                    pinned = _PinnedPool(threads * cfg.buffers_per_thread, buffer_bytes)
+            pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pyloader-read")
+            self.timings.read_threads = threads
+            if native is not None:
+                self.timings.pinned_bytes = threads * cfg.buffers_per_thread * cfg.pinned_buffer_bytes
+            elif pinned is not None:
+                self.timings.pinned_bytes = threads * cfg.buffers_per_thread * buffer_bytes
+            scales_started = self._start_scales(files, pool, threads)
             last_batch_of_layer = {}
             for i, b in enumerate(batches):
                 for layer in b.layers:
@@ -713,7 +726,7 @@ class StreamingExecutor:
                                     for c in chunks])
                     return
                 # CPU: the readers wait for the slot to be free, so this thread keeps going
-                groups = [chunks[k::cfg.read_threads] for k in range(min(cfg.read_threads, len(chunks)))]
+                groups = [chunks[k::threads] for k in range(min(threads, len(chunks)))]
                 pending.append([pool.submit(self._read_chunks, files, g, host[slot], done[slot]) for g in groups])
 
             for j in range(nslots):
@@ -781,7 +794,8 @@ class StreamingExecutor:
                     self.timings.h2d_s = _busy_seconds([(ref.elapsed_time(a) / 1e3, ref.elapsed_time(b) / 1e3)
                                                         for a, b in copy_spans])
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
             if native is not None:
                 native.close()  # no copy may still read a pinned buffer when torch reuses it
             files.close()
