@@ -272,22 +272,16 @@ def main():
     rows = []
 
     def record(kind, gbps, **cfg_):
-        row = dict(env, bench="executor", case=f"deepseek-v3 slice {nbytes / 1e9:.1f} GB warm", provider=kind,
+        row = dict(env, bench="executor", case=f"deepseek-v3 slice {nbytes / 1e9:.1f} GB {'cold' if args.cold else 'warm'}",
+                   provider=kind,
                    gbps=round(gbps, 2), ceiling_gbps=round(ceiling, 2), fraction=round(gbps / ceiling, 3), **cfg_)
         rows.append(row)
         print(f"  {kind:28s} {gbps:6.2f} GB/s ({gbps / ceiling:.0%})  {cfg_}")
 
-    if args.cold:
-        cold(args, targets, ck_dir, files, nbytes, dev, record)
-        ok = _verify(targets, plan, dev)
-        print("verified" if ok else "MISMATCH")
-        if args.json:
-            Path(args.json).write_text(json.dumps([dict(r, verified=ok) for r in rows], indent=1) + "\n")
-        tmp.cleanup()
-        return
-    _warm(files)
-    if args.quick:
-        interleaved(args, targets, ck_dir, files, nbytes, dev, record)
+    if not args.cold:
+        _warm(files)
+    if args.cold or args.quick:  # the experiments: verified by the targets' last pyloader load
+        (cold if args.cold else interleaved)(args, targets, ck_dir, files, nbytes, dev, record)
         ok = _verify(targets, plan, dev)
         print("verified" if ok else "MISMATCH")
         if args.json:
