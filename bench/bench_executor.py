@@ -168,40 +168,72 @@ def interleaved(args, targets, ck_dir, files, nbytes, dev, record) -> None:
         record(k, nbytes / min(ts[1:]) / 1e9, seconds=[round(x, 3) for x in ts], interleaved=True)
 
 
-def cold_direct_reads(files, threads: int, chunk: int, spread: bool) -> float:
-    """O_DIRECT reads of every (just evicted) file into pinned buffers, no GPU: ``threads`` readers
-    with one ``chunk`` request each in flight, taking chunks in file order (all readers in one
-    region of one file, as the executor's plan order does) or spread over the files (chunk k of
-    every file before chunk k + 1 of any)."""
+def cold_reads_only(files, threads: int, chunk: int, how: str) -> float:
+    """Reads of every (just evicted) file into pinned buffers, no GPU, ``threads`` readers with one
+    ``chunk`` request each in flight. ``how``: "direct" (O_DIRECT, chunks in file order: all readers
+    in one region, as the executor's plan order does), "direct-spread" (chunk k of every file before
+    chunk k + 1 of any), "direct-regions" / "buffered-regions" / "buffered-regions-seq" (each reader
+    its own descriptor and one contiguous region of the bytes, read front to back; -seq adds
+    POSIX_FADV_SEQUENTIAL), "mmap-regions" (each reader copies its region out of a mapping)."""
+    import mmap as mmap_mod
+    import threading
+
     sizes = [os.path.getsize(f) for f in files]
+    direct = how.startswith("direct")
     per_file = [[(i, o, min(chunk, size - o)) for o in range(0, size, chunk)] for i, size in enumerate(sizes)]
-    if spread:
+    if how == "direct-spread":
         work = [w for k in range(max(map(len, per_file))) for ws in per_file if k < len(ws) for w in [ws[k]]]
     else:
         work = [w for ws in per_file for w in ws]
-    fds = [os.open(f, os.O_RDONLY | os.O_DIRECT) for f in files]
-    lock, nxt = __import__("threading").Lock(), [0]
+    regions = how.endswith("regions") or how.endswith("regions-seq")
+    queues = [work[len(work) * t // threads:len(work) * (t + 1) // threads] for t in range(threads)] if regions else None
+    shared = [os.open(f, os.O_RDONLY | (os.O_DIRECT if direct else 0)) for f in files]
+    lock, nxt = threading.Lock(), [0]
 
-    def run():
+    def run(t):
         buf = torch.empty(chunk + 8192, dtype=torch.uint8, pin_memory=True)
         view = memoryview(buf.numpy()).cast("B")
         lead = (-buf.data_ptr()) % 4096
+        fds, maps = shared, None
+        if regions:
+            fds = [os.open(f, os.O_RDONLY | (os.O_DIRECT if direct else 0)) for f in files]
+            if how.endswith("-seq"):
+                for fd in fds:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+            if how.startswith("mmap"):
+                mapped = [mmap_mod.mmap(fd, 0, access=mmap_mod.ACCESS_READ) for fd in fds]
+                maps = [memoryview(m) for m in mapped]
+        mine = iter(queues[t]) if regions else None
         while True:
-            with lock:
-                k = nxt[0]
-                nxt[0] += 1
-            if k >= len(work):
-                return
-            i, o, n = work[k]
-            n = -(-n // 4096) * 4096
-            os.preadv(fds[i], [view[lead:lead + n]], o)
+            if regions:
+                item = next(mine, None)
+            else:
+                with lock:
+                    k = nxt[0]
+                    nxt[0] += 1
+                item = work[k] if k < len(work) else None
+            if item is None:
+                break
+            i, o, n = item
+            if maps is not None:
+                view[lead:lead + n] = maps[i][o:o + n]
+            else:
+                n = -(-n // 4096) * 4096 if direct else n
+                os.preadv(fds[i], [view[lead:lead + n]], o)
+        if regions:
+            for m in maps or []:
+                m.release()
+            for m in (mapped if maps is not None else []):
+                m.close()
+            for fd in fds:
+                os.close(fd)
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
-        for f in [pool.submit(run) for _ in range(threads)]:
+        for f in [pool.submit(run, t) for t in range(threads)]:
             f.result()
     seconds = time.perf_counter() - t0
-    for fd in fds:
+    for fd in shared:
         os.close(fd)
     return sum(sizes) / seconds / 1e9
 
@@ -211,11 +243,13 @@ def cold(args, targets, ck_dir, files, nbytes, dev, record) -> None:
     pyloader.load by cold_read_threads, and fastsafetensors (the best cold peer) in the same run."""
     from pyloader.bench import _drop_cache
 
-    for threads, chunk_mib, spread in ((12, 8, False), (24, 8, False), (32, 8, False), (24, 8, True), (12, 32, True)):
+    for threads, chunk_mib, how_read in ((24, 8, "direct"), (16, 8, "direct-regions"), (16, 8, "buffered-regions"),
+                                         (32, 8, "buffered-regions"), (16, 8, "buffered-regions-seq"),
+                                         (16, 8, "mmap-regions"), (16, 8, "buffered")):
         how = _drop_cache(files)
-        record("O_DIRECT reads only", cold_direct_reads(files, threads, chunk_mib << 20, spread), threads=threads,
-               chunk_mib=chunk_mib, order="spread over files" if spread else "file order", cache=how)
-    for threads in (12, 24, 32):
+        record(f"reads only: {how_read}", cold_reads_only(files, threads, chunk_mib << 20, how_read), threads=threads,
+               chunk_mib=chunk_mib, cache=how)
+    for threads in (24,):
         ex = pyloader.ExecutorConfig(io="pread", cold_read_threads=threads)
         how = _drop_cache(files)
         t = time.perf_counter()
