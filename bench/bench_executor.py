@@ -243,21 +243,25 @@ def cold(args, targets, ck_dir, files, nbytes, dev, record) -> None:
     pyloader.load by cold_read_threads, and fastsafetensors (the best cold peer) in the same run."""
     from pyloader.bench import _drop_cache
 
-    for threads, chunk_mib, how_read in ((24, 8, "direct"), (16, 8, "direct-regions"), (16, 8, "buffered-regions"),
-                                         (32, 8, "buffered-regions"), (16, 8, "buffered-regions-seq"),
-                                         (16, 8, "mmap-regions"), (16, 8, "buffered")):
+    # session 5, first run: direct 3.42 (24 x 8 MiB), direct-regions 3.48, buffered-regions 2.46-2.78,
+    # buffered-regions-seq 3.51, mmap-regions 2.18, buffered 2.12; fastsafetensors 4.62: now larger requests
+    for threads, chunk_mib, how_read in ((16, 32, "direct-regions"), (16, 64, "direct-regions"),
+                                         (8, 128, "direct-regions"), (16, 64, "direct"),
+                                         (16, 64, "buffered-regions-seq"), (32, 8, "buffered-regions-seq")):
         how = _drop_cache(files)
         record(f"reads only: {how_read}", cold_reads_only(files, threads, chunk_mib << 20, how_read), threads=threads,
                chunk_mib=chunk_mib, cache=how)
-    for threads in (24,):
-        ex = pyloader.ExecutorConfig(io="pread", cold_read_threads=threads)
+    for threads, buffer_mib, chunk_mib in ((24, 8, 32), (16, 32, 64), (8, 64, 128)):
+        ex = pyloader.ExecutorConfig(io="pread", cold_read_threads=threads, pinned_buffer_bytes=buffer_mib << 20,
+                                     read_chunk_bytes=chunk_mib << 20)
         how = _drop_cache(files)
         t = time.perf_counter()
         report = pyloader.load(targets, ck_dir, progress=False, executor=ex)
         torch.cuda.synchronize(dev)
         seconds = time.perf_counter() - t
-        record("pyloader.load cold", nbytes / seconds / 1e9, cold_read_threads=threads, cache=how,
-               cold_files=report.timings.cold_files, pinned_bytes=report.timings.pinned_bytes)
+        record("pyloader.load cold", nbytes / seconds / 1e9, cold_read_threads=threads, buffer_mib=buffer_mib,
+               chunk_mib=chunk_mib, cache=how, cold_files=report.timings.cold_files,
+               pinned_bytes=report.timings.pinned_bytes)
     try:
         from fastsafetensors import SafeTensorsFileLoader
     except ImportError:
