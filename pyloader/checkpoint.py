@@ -88,8 +88,20 @@ def _no_duplicates(pairs):
     return seen
 
 
-def _as_int(v) -> Optional[int]:
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
+def _refuse_constant(c):
+    raise ValueError(f"non-finite number {c}")
+
+
+def _keys_counted_once(obj, text: str) -> bool:
+    """Whether the plain parse kept every key: json.loads keeps the last of repeated keys silently,
+    and the hook that sees every pair costs a Python call per object. Outside strings a colon only
+    ever follows a key, so ``text.count(":")`` is the keys written plus colons inside strings; it
+    equals the keys parsed only when nothing was dropped and no string holds a colon. Otherwise
+    the caller parses again with the hook, which tells which. Objects deeper than the entries are
+    not counted: a valid header has none, and an invalid one is refused whatever they hold."""
+    if type(obj) is not dict:
+        return True
+    return text.count(":") == len(obj) + sum(len(v) for v in obj.values() if type(v) is dict)
 
 
 def parse_header(path: Union[str, Path], head: bytes, file_size: int) -> SafetensorsFile:
@@ -112,8 +124,9 @@ def parse_header(path: Union[str, Path], head: bytes, file_size: int) -> Safeten
     if not text.startswith("{"):
         raise CheckpointError(path, "header does not start with '{' (not a safetensors file?)")
     try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicates,
-                         parse_constant=lambda c: (_ for _ in ()).throw(ValueError(f"non-finite number {c}")))
+        obj = json.loads(text, parse_constant=_refuse_constant)
+        if not _keys_counted_once(obj, text):  # a key may be repeated: parse again, keeping every pair
+            obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_refuse_constant)
     except ValueError as e:  # JSONDecodeError is a ValueError
         raise CheckpointError(path, f"header is not well-formed JSON: {e}") from None
     if not isinstance(obj, dict):
@@ -125,16 +138,17 @@ def parse_header(path: Union[str, Path], head: bytes, file_size: int) -> Safeten
     data_len = file_size - data_start
     tensors: Dict[str, TensorInfo] = {}
     spans = []
-    for name, entry in obj.items():
-        if not isinstance(entry, dict) or set(entry) - {"dtype", "shape", "data_offsets"} or len(entry) != 3:
+    for name, entry in obj.items():  # type() is, not isinstance: bool is an int subclass, and this loop runs per tensor
+        if type(entry) is not dict or len(entry) != 3 or not ("dtype" in entry and "shape" in entry
+                                                              and "data_offsets" in entry):
             raise CheckpointError(path, "entry must have exactly dtype, shape and data_offsets", name)
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if not isinstance(dtype, str) or dtype not in DTYPES:
+        if type(dtype) is not str or dtype not in DTYPES:
             raise CheckpointError(path, f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})", name)
-        if not isinstance(shape, list) or any(_as_int(d) is None or d < 0 for d in shape):
+        if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
             raise CheckpointError(path, f"shape {shape!r} must be a list of non-negative integers", name)
-        if (not isinstance(offsets, list) or len(offsets) != 2 or any(_as_int(o) is None or o < 0 for o in offsets)
-                or offsets[0] > offsets[1]):
+        if (type(offsets) is not list or len(offsets) != 2 or type(offsets[0]) is not int
+                or type(offsets[1]) is not int or not 0 <= offsets[0] <= offsets[1]):
             raise CheckpointError(path, f"data_offsets {offsets!r} must be [begin, end] with 0 <= begin <= end", name)
         bits = DTYPES[dtype][0]
         numel = math.prod(shape)

@@ -84,7 +84,19 @@ MALFORMED = {
                                   "b": {"dtype": "U8", "shape": [4], "data_offsets": [6, 10]}}, b"\0" * 10), "gap"),
     "duplicate name": (lambda tp: _file(tp, raw_header=b'{"t": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}, '
                                                        b'"t": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}'), "duplicate"),
+    "duplicate field": (lambda tp: _file(tp, raw_header=b'{"t": {"dtype": "U8", "dtype": "U8", "shape": [1], '
+                                                        b'"data_offsets": [0, 1]}}', data=b"\0"), "duplicate"),
+    "duplicate metadata key": (lambda tp: _file(tp, raw_header=b'{"__metadata__": {"a": "1", "a": "2"}, '
+                                                               b'"t": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}',
+                                                data=b"\0"), "duplicate"),
+    "duplicate name with colons in strings": (lambda tp: _file(tp, raw_header=b'{"__metadata__": {"when": "12:00"}, '
+                                                                              b'"a:b": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}, '
+                                                                              b'"a:b": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}',
+                                                               data=b"\0"), "duplicate"),
+    "bool in shape": (lambda tp: _file(tp, {"t": {"dtype": "U8", "shape": [True], "data_offsets": [0, 1]}}, b"\0"),
+                      "non-negative"),
     "missing field": (lambda tp: _file(tp, {"t": {"dtype": "U8", "shape": [1]}}, b"\0"), "exactly dtype"),
+    "wrong field": (lambda tp: _file(tp, {"t": {"dtype": "U8", "shape": [1], "offsets": [0, 1]}}, b"\0"), "exactly dtype"),
     "reversed offsets": (lambda tp: _file(tp, {"t": {"dtype": "U8", "shape": [0], "data_offsets": [1, 0]}}, b"\0"), "begin <= end"),
     "bad metadata": (lambda tp: _file(tp, {"__metadata__": {"a": 1}}), "__metadata__"),
     "pickle file": (lambda tp: _raw(tp, b"\x80\x04", "pytorch_model.bin"), "pickle"),
@@ -98,6 +110,14 @@ def test_malformed_files_are_clear_errors(tmp_path, case):
     with pytest.raises(CheckpointError) as e:
         read_safetensors_header(path)
     assert str(path) in str(e.value) and needle in str(e.value), str(e.value)
+
+
+def test_colons_in_names_and_metadata_are_read(tmp_path):
+    """A colon inside a string sends the header through the pair-by-pair parse: same result."""
+    p = _file(tmp_path, {"__metadata__": {"when": "12:00"}, "a:b": {"dtype": "U8", "shape": [2], "data_offsets": [0, 2]}},
+              b"\0\0")
+    f = read_safetensors_header(p)
+    assert set(f.tensors) == {"a:b"} and f.metadata == {"when": "12:00"} and f.tensors["a:b"].shape == (2,)
 
 
 def test_error_names_the_tensor(tmp_path):
