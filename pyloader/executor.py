@@ -78,8 +78,8 @@ class ExecutorConfig:
     # bench/NOTES.md); "buffered": plain reads, the kernel's readahead only. "auto": direct where
     # the filesystem allows it (logged), else buffered. Files in the page cache are read buffered.
     cold_reads: str = "auto"
-    # reader threads when some file is read with O_DIRECT: the disk, not the CPU, is then the
-    # limit, and each reader keeps one request in flight (bench/NOTES.md, session 5)
+    # native reader threads when some file is read with O_DIRECT: the disk, not the CPU, is then
+    # the limit, and each reader keeps one request in flight (bench/NOTES.md, session 5)
     cold_read_threads: int = 24
 
 
@@ -694,9 +694,9 @@ class StreamingExecutor:
         try:
             if cuda and not all(mapped_batch):
                 self._choose_cold_reads(files, file_names)
-                if files.direct:
-                    threads = max(1, cfg.cold_read_threads)
                 self.readers_used = self._choose_readers()
+                if files.direct and self.readers_used == "native":  # Python readers: 32 MiB buffers, 12 keep 768 MiB
+                    threads = max(1, cfg.cold_read_threads)
                 if self.readers_used == "native":  # chunks of any size: the reader splits them into its buffers
                     native = _NativeReaders(dev, threads, cfg.buffers_per_thread, cfg.pinned_buffer_bytes)
                 else:

@@ -459,6 +459,9 @@ def test_cold_file_reads_match_the_reference(tmp_path, monkeypatch, mode, reader
     report = pyloader.load(targets, d, progress=False, executor=cfg)
     assert report.readers == readers
     assert report.timings.cold_files == (0 if mode == "buffered" else len(list(d.glob("*.safetensors"))))
+    # more readers only for native O_DIRECT reads: the Python readers' buffers would pass the pinned bound
+    assert report.timings.read_threads == (cfg.cold_read_threads if readers == "native" and mode != "buffered" else 3)
+    assert report.timings.pinned_bytes == report.timings.read_threads * 2 * (16384 if readers == "native" else 40_961)
     raw = {k: v.cuda() for k, v in raw_tensors(d).items()}
     for name, t in targets.items():
         assert_bitwise_equal(t, expected_tensor(name, raw, c, t.dtype), what=f"{mode} {name}")
