@@ -93,6 +93,8 @@ class Timings:
     transform_s: float = 0.0  # device time of transform launches
     wall_s: float = 0.0
     setup_s: float = 0.0      # executor start until the first batch's reads are queued (buffers, scales)
+    # setup_s by step (seconds): batches, staging, cold_check, readers, scales_queued, reads_queued
+    setup_parts: Dict[str, float] = field(default_factory=dict)
     drain_s: float = 0.0      # last transform enqueued until the device is done
     cold_files: int = 0       # files read as cold (see ExecutorConfig.cold_reads)
     read_threads: int = 0     # reader threads used (ExecutorConfig.cold_read_threads where files are cold)
@@ -663,12 +665,14 @@ class StreamingExecutor:
         pieces = [p for _, group in self.plan.by_layer() for p in group]
         file_names = list(dict.fromkeys(str(p.source.file) for p in pieces))
         batches = split_into_batches(pieces, cfg.slot_bytes)
+        marks = [("start", t_start), ("batches", time.perf_counter())]
         nslots = max(1, min(cfg.num_slots, len(batches)))
         if cuda:  # readers copy their own chunks from a pool of pinned buffers into device slots
             host = None
             staging = [torch.empty(cfg.slot_bytes, dtype=torch.uint8, device=dev) for _ in range(nslots)]
         else:  # CPU: readers fill the slots the transforms read
             host = staging = [torch.empty(cfg.slot_bytes, dtype=torch.uint8) for _ in range(nslots)]
+        marks.append(("staging", time.perf_counter()))
         copy_stream = torch.cuda.Stream(dev) if cuda else None  # copies from registered mappings (io="mmap")
         compute = torch.cuda.current_stream(dev) if cuda else None
         done = [None] * nslots
@@ -694,6 +698,7 @@ class StreamingExecutor:
         try:
             if cuda and not all(mapped_batch):
                 self._choose_cold_reads(files, file_names)
+                marks.append(("cold_check", time.perf_counter()))
                 self.readers_used = self._choose_readers()
                 if files.direct and self.readers_used == "native":  # Python readers: 32 MiB buffers, 12 keep 768 MiB
                     threads = max(1, cfg.cold_read_threads)
@@ -705,12 +710,14 @@ class StreamingExecutor:
                         self._read_step, buffer_bytes = _direct_read_sizes(cfg.read_chunk_bytes)
                     pinned = _PinnedPool(threads * cfg.buffers_per_thread, buffer_bytes)
             pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pyloader-read")
+            marks.append(("readers", time.perf_counter()))
             self.timings.read_threads = threads
             if native is not None:
                 self.timings.pinned_bytes = threads * cfg.buffers_per_thread * cfg.pinned_buffer_bytes
             elif pinned is not None:
                 self.timings.pinned_bytes = threads * cfg.buffers_per_thread * buffer_bytes
             scales_started = self._start_scales(files, pool, threads)
+            marks.append(("scales_queued", time.perf_counter()))
             last_batch_of_layer = {}
             for i, b in enumerate(batches):
                 for layer in b.layers:
@@ -738,7 +745,9 @@ class StreamingExecutor:
             for j in range(nslots):
                 if j < len(batches):
                     submit(j)
-            self.timings.setup_s = time.perf_counter() - t_start
+            marks.append(("reads_queued", time.perf_counter()))
+            self.timings.setup_s = marks[-1][1] - t_start
+            self.timings.setup_parts = {label: round(t - marks[k][1], 6) for k, (label, t) in enumerate(marks[1:])}
             scales = self._finish_scales(scales_started)
             for i, batch in enumerate(batches):
                 slot = i % nslots
