@@ -168,6 +168,44 @@ def interleaved(args, targets, ck_dir, files, nbytes, dev, record) -> None:
         record(k, nbytes / min(ts[1:]) / 1e9, seconds=[round(x, 3) for x in ts], interleaved=True)
 
 
+def cold_block_reads(files, threads: int, chunk: int, block: int, direct: bool) -> float:
+    """Readers take ``block``-sized pieces of the files in file order from one queue and read each
+    front to back in ``chunk`` preads through one descriptor a file (buffered or O_DIRECT): with
+    block = a whole file and a reader a file, a few long sequential streams, as fastsafetensors 0.5
+    (nogds) reads (a thread a request, 16 MiB buffered preads, synchronous copies)."""
+    import queue
+
+    sizes = [os.path.getsize(f) for f in files]
+    units: "queue.Queue" = queue.Queue()
+    for i, size in enumerate(sizes):
+        for o in range(0, size, block):
+            units.put((i, o, min(block, size - o)))
+    fds = [os.open(f, os.O_RDONLY | (os.O_DIRECT if direct else 0)) for f in files]
+
+    def run():
+        buf = torch.empty(chunk + 8192, dtype=torch.uint8, pin_memory=True)
+        view = memoryview(buf.numpy()).cast("B")
+        lead = (-buf.data_ptr()) % 4096
+        while True:
+            try:
+                i, o, n = units.get_nowait()
+            except queue.Empty:
+                return
+            for c in range(0, n, chunk):
+                m = min(chunk, n - c)
+                m = -(-m // 4096) * 4096 if direct else m
+                os.preadv(fds[i], [view[lead:lead + m]], o + c)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        for f in [pool.submit(run) for _ in range(threads)]:
+            f.result()
+    seconds = time.perf_counter() - t0
+    for fd in fds:
+        os.close(fd)
+    return sum(sizes) / seconds / 1e9
+
+
 def cold_reads_only(files, threads: int, chunk: int, how: str) -> float:
     """Reads of every (just evicted) file into pinned buffers, no GPU, ``threads`` readers with one
     ``chunk`` request each in flight. ``how``: "direct" (O_DIRECT, chunks in file order: all readers
@@ -274,6 +312,14 @@ def cold(args, targets, ck_dir, files, nbytes, dev, record) -> None:
     except ImportError:
         print("  fastsafetensors not installed: not measured")
     raw("first")
+    # Next hypothesis (session 5 notes): a few long sequential streams beat many interleaved readers
+    # on this virtio disk. A reader a whole file, 256 MiB blocks, buffered and O_DIRECT:
+    big = max(os.path.getsize(f) for f in files)
+    for threads, block, direct in ((len(files), big, False), (16, 256 << 20, False), (len(files), big, True),
+                                   (16, 256 << 20, True)):
+        how = _drop_cache(files)
+        record(f"reads only: {'direct' if direct else 'buffered'} blocks", cold_block_reads(files, threads, 16 << 20,
+               block, direct), threads=threads, block_mib=block >> 20, chunk_mib=16, cache=how)
     for rnd in range(args.repeats):
         order = list(providers.items())
         if rnd % 2:
