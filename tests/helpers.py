@@ -1,6 +1,7 @@
 """Comparison and data helpers shared by the tests."""
 
 import importlib.util
+import os
 
 import torch
 
@@ -75,3 +76,12 @@ def random_scale(shape, dtype, gen: torch.Generator) -> torch.Tensor:
 def special_fp8_table(dtype) -> torch.Tensor:
     """All 256 byte values of an FP8 dtype as a [16, 16] tensor (NaN, ±0, subnormals, max)."""
     return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(16, 16).view(dtype)
+
+
+def direct_io_supported(path) -> bool:
+    """Whether the filesystem holding ``path`` lets it be opened with O_DIRECT (tmpfs does not)."""
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+        return True
+    except OSError:
+        return False

@@ -9,7 +9,7 @@ import torch
 
 import pyloader._C as C
 
-from helpers import HAS_GPU
+from helpers import HAS_GPU, direct_io_supported
 
 needs_extension = pytest.mark.skipif(not C.cuda_built, reason="the CUDA extension is not built")
 BUF = 16384  # the smallest buffer: ranges of a few KiB already span several buffers
@@ -45,14 +45,6 @@ def _reader(buffers=2, shifts=(0,)):
     return C.HostReader(torch.cuda.current_device(), ptrs, BUF), pinned
 
 
-def _direct_ok(path) -> bool:
-    try:
-        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
-        return True
-    except OSError:
-        return False
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
 @needs_extension
@@ -60,7 +52,7 @@ def _direct_ok(path) -> bool:
 @pytest.mark.parametrize("buffers", [1, 2, 3])
 def test_ranges_reach_the_device_exactly(tmp_path, direct, buffers):
     f, data = _data(tmp_path, 5 * BUF + 4097)
-    if direct and not _direct_ok(f):
+    if direct and not direct_io_supported(f):
         pytest.skip("this filesystem refuses O_DIRECT")
     reader, pinned = _reader(buffers, shifts=(0, 1, 4095))
     stream = torch.cuda.Stream()
@@ -111,7 +103,7 @@ def test_copies_wait_for_the_given_event(tmp_path):
 @pytest.mark.parametrize("direct", [False, True], ids=["buffered", "o_direct"])
 def test_a_read_past_the_end_is_an_error_and_the_reader_goes_on(tmp_path, direct):
     f, data = _data(tmp_path, 2 * BUF + 100)
-    if direct and not _direct_ok(f):
+    if direct and not direct_io_supported(f):
         pytest.skip("this filesystem refuses O_DIRECT")
     reader, pinned = _reader()
     stream = torch.cuda.Stream()

@@ -13,7 +13,7 @@ from pyloader import reference
 from pyloader.presets import Parallel, build_preset
 from pyloader.synthetic import allocate_targets, write_checkpoint
 
-from helpers import assert_bitwise_equal, poison_
+from helpers import assert_bitwise_equal, direct_io_supported, poison_
 
 TINY = {
     "llama": {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 256, "intermediate_size": 384,
@@ -356,15 +356,6 @@ def test_nemotron_h_modelopt_per_tensor_fp8_tensor_parallel(tmp_path):
             assert_bitwise_equal(targets[f"{m}.out_proj.weight"], out_proj[:, inner], what=f"{rank} {i} out_proj")
 
 
-def _direct_supported(path) -> bool:
-    import os
-    try:
-        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
-        return True
-    except OSError:
-        return False
-
-
 def test_direct_read_widens_to_aligned_bounds_and_keeps_the_bytes(tmp_path):
     """O_DIRECT reads of cold files: any offset and length (unaligned starts, ends past the end
     of the file) land exactly, whatever the buffer's alignment."""
@@ -374,7 +365,7 @@ def test_direct_read_widens_to_aligned_bounds_and_keeps_the_bytes(tmp_path):
     f = tmp_path / "data.bin"
     data = torch.randint(0, 256, (3 * _DIRECT_ALIGN + 1234,), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     f.write_bytes(data.numpy().tobytes())
-    if not _direct_supported(f):
+    if not direct_io_supported(f):
         pytest.skip("this filesystem refuses O_DIRECT")
     buf = torch.empty(8 * _DIRECT_ALIGN, dtype=torch.uint8)
     fd = os.open(f, os.O_RDONLY | os.O_DIRECT)
@@ -413,7 +404,7 @@ def test_direct_read_sizes_fit_every_chunk_in_its_buffer(tmp_path, chunk):
     data = torch.randint(0, 256, (4 * step + 3 * _DIRECT_ALIGN + 77,), dtype=torch.uint8,
                          generator=torch.Generator().manual_seed(1))
     f.write_bytes(data.numpy().tobytes())
-    if not _direct_supported(f):
+    if not direct_io_supported(f):
         pytest.skip("this filesystem refuses O_DIRECT")
     backing = torch.empty(buffer_bytes + _DIRECT_ALIGN, dtype=torch.uint8)
     fd = os.open(f, os.O_RDONLY | os.O_DIRECT)
@@ -448,7 +439,7 @@ def test_cold_file_reads_match_the_reference(tmp_path, monkeypatch, mode, reader
 
     c = dict(TINY["deepseek_v3"], quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
     d = write_checkpoint(tmp_path / "m", c, fp8=True, shard_bytes=150_001)
-    if mode in ("auto", "direct") and not _direct_supported(next(d.glob("*.safetensors"))):
+    if mode in ("auto", "direct") and not direct_io_supported(next(d.glob("*.safetensors"))):
         pytest.skip("this filesystem refuses O_DIRECT")
     monkeypatch.setattr(executor, "_file_resident", lambda path: 0.0)
     preset = build_preset(c)
@@ -517,7 +508,7 @@ def test_only_cold_files_are_marked_for_o_direct(tmp_path, monkeypatch):
     cold, warm = tmp_path / "cold.safetensors", tmp_path / "warm.safetensors"
     cold.write_bytes(b"c" * 10)
     warm.write_bytes(b"w" * 10)
-    if not _direct_supported(cold):
+    if not direct_io_supported(cold):
         pytest.skip("this filesystem refuses O_DIRECT")
     monkeypatch.setattr(executor, "_file_resident", lambda path: 0.0 if str(path) == str(cold) else 1.0)
     names = [str(cold), str(warm)]
