@@ -14,10 +14,6 @@ using namespace pyloader;
 
 namespace {
 
-void check(cudaError_t err, const char* op) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string(op) + ": CUDA error: " + cudaGetErrorString(err));
-}
-
 int device_count() {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess) {
@@ -47,7 +43,7 @@ PYBIND11_MODULE(_C, m) {
           py::gil_scoped_release release;
           err = launch_multi_tensor_transform(jobs, num_jobs, reinterpret_cast<cudaStream_t>(stream));
         }
-        check(err, "multi_tensor_transform");
+        check_cuda(err, "multi_tensor_transform");
       },
       py::arg("packed_jobs"), py::arg("num_jobs"), py::arg("stream"),
       "Run num_jobs packed int64 job rows (job_fields values each) on the stream.");
@@ -69,7 +65,7 @@ PYBIND11_MODULE(_C, m) {
         a.block_cols = block_cols;
         a.grid_rows = block_rows > 0 ? (rows + block_rows - 1) / block_rows : 0;
         a.grid_cols = block_cols > 0 ? (cols + block_cols - 1) / block_cols : 0;
-        check(launch_quantize_blockwise(a, x_dtype, q_dtype, reinterpret_cast<cudaStream_t>(stream)),
+        check_cuda(launch_quantize_blockwise(a, x_dtype, q_dtype, reinterpret_cast<cudaStream_t>(stream)),
               "quantize_blockwise");
       });
   py::class_<HostReader>(m, "HostReader",

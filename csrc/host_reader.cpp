@@ -1,5 +1,7 @@
 #include "host_reader.h"
 
+#include "pyloader.h"
+
 #include <unistd.h>
 
 #include <cerrno>
@@ -11,10 +13,6 @@ namespace pyloader {
 namespace {
 
 constexpr int64_t kDirectAlign = 4096;  // O_DIRECT: offset, length and address on the logical block (4 KiB covers all)
-
-void check(cudaError_t err, const char* op) {
-  if (err != cudaSuccess) throw std::runtime_error(std::string("HostReader: ") + op + ": " + cudaGetErrorString(err));
-}
 
 // Reads at least `need` bytes of [offset, offset + len) into buf; `len` may pass the end of the
 // file (aligned O_DIRECT reads), `need` may not.
@@ -44,13 +42,13 @@ HostReader::HostReader(int device, std::vector<uintptr_t> buffers, int64_t buffe
   for (uintptr_t p : buffers) {
     if (p == 0) throw std::invalid_argument("HostReader: null buffer");
   }
-  check(cudaSetDevice(device), "cudaSetDevice");
+  check_cuda(cudaSetDevice(device), "HostReader: cudaSetDevice");
   for (uintptr_t p : buffers) {
     cudaEvent_t e = nullptr;
     cudaError_t err = cudaEventCreateWithFlags(&e, cudaEventDisableTiming | cudaEventBlockingSync);
     if (err != cudaSuccess) {
       for (auto made : copied_) cudaEventDestroy(made);
-      check(err, "cudaEventCreate");
+      check_cuda(err, "HostReader: cudaEventCreate");
     }
     host_.push_back(reinterpret_cast<uint8_t*>(p));
     copied_.push_back(e);
@@ -68,7 +66,7 @@ HostReader::~HostReader() {
 void HostReader::read_to_device(int fd, int64_t offset, int64_t nbytes, void* dst, cudaStream_t stream,
                                 cudaEvent_t wait_before_copy, bool direct) {
   if (offset < 0 || nbytes < 0) throw std::invalid_argument("HostReader: negative offset or length");
-  check(cudaSetDevice(device_), "cudaSetDevice");
+  check_cuda(cudaSetDevice(device_), "HostReader: cudaSetDevice");
   // O_DIRECT: a piece's read is widened by up to a block on each side and starts at the buffer's
   // first aligned byte (up to a block in)
   const int64_t step = direct ? buffer_bytes_ - 3 * kDirectAlign : buffer_bytes_;
@@ -77,7 +75,7 @@ void HostReader::read_to_device(int fd, int64_t offset, int64_t nbytes, void* ds
     const int64_t len = nbytes - pos < step ? nbytes - pos : step;
     const size_t k = next_;
     next_ = (next_ + 1) % host_.size();
-    if (in_use_[k]) check(cudaEventSynchronize(copied_[k]), "waiting for a pinned buffer's copy");
+    if (in_use_[k]) check_cuda(cudaEventSynchronize(copied_[k]), "HostReader: waiting for a pinned buffer's copy");
     in_use_[k] = false;
     int64_t lead = 0;
     if (direct) {
@@ -90,20 +88,20 @@ void HostReader::read_to_device(int fd, int64_t offset, int64_t nbytes, void* ds
       pread_at_least(fd, host_[k], offset + pos, len, len, false);
     }
     if (!waited) {
-      check(cudaEventSynchronize(wait_before_copy), "waiting for the destination to be free");
+      check_cuda(cudaEventSynchronize(wait_before_copy), "HostReader: waiting for the destination to be free");
       waited = true;
     }
-    check(cudaMemcpyAsync(static_cast<uint8_t*>(dst) + pos, host_[k] + lead, static_cast<size_t>(len),
-                          cudaMemcpyHostToDevice, stream),
-          "cudaMemcpyAsync");
-    check(cudaEventRecord(copied_[k], stream), "cudaEventRecord");
+    check_cuda(cudaMemcpyAsync(static_cast<uint8_t*>(dst) + pos, host_[k] + lead, static_cast<size_t>(len),
+                               cudaMemcpyHostToDevice, stream),
+               "HostReader: cudaMemcpyAsync");
+    check_cuda(cudaEventRecord(copied_[k], stream), "HostReader: cudaEventRecord");
     in_use_[k] = true;
   }
 }
 
 void HostReader::synchronize() {
   for (size_t k = 0; k < host_.size(); ++k) {
-    if (in_use_[k]) check(cudaEventSynchronize(copied_[k]), "cudaEventSynchronize");
+    if (in_use_[k]) check_cuda(cudaEventSynchronize(copied_[k]), "HostReader: cudaEventSynchronize");
     in_use_[k] = false;
   }
 }

@@ -5,8 +5,15 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 
 namespace pyloader {
+
+// Host-side CUDA calls of the bindings and the reader: an error becomes a RuntimeError in Python.
+inline void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": CUDA error: " + cudaGetErrorString(err));
+}
 
 // Dtype codes shared with Python (pyloader/_dtypes.py keeps the same numbers).
 enum DType : int32_t {

@@ -472,8 +472,8 @@ class _PinnedPool:
         import queue
 
         self.free: "queue.Queue" = queue.Queue()
-        for _ in range(count):
-            b = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        self.buffers = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(count)]
+        for b in self.buffers:
             self.free.put((b, memoryview(b.numpy()).cast("B"), None))
         self.local = threading.local()
 
@@ -712,10 +712,8 @@ class StreamingExecutor:
             pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pyloader-read")
             marks.append(("readers", time.perf_counter()))
             self.timings.read_threads = threads
-            if native is not None:
-                self.timings.pinned_bytes = threads * cfg.buffers_per_thread * cfg.pinned_buffer_bytes
-            elif pinned is not None:
-                self.timings.pinned_bytes = threads * cfg.buffers_per_thread * buffer_bytes
+            held = native.buffers if native is not None else (pinned.buffers if pinned is not None else [])
+            self.timings.pinned_bytes = sum(b.numel() for b in held)
             scales_started = self._start_scales(files, pool, threads)
             marks.append(("scales_queued", time.perf_counter()))
             last_batch_of_layer = {}
