@@ -8,6 +8,7 @@ same run.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment  # noqa: E402
 
 import pyloader  # noqa: E402
-from pyloader.bench import _verify, _warm, pinned_h2d_gbps, synthetic_config  # noqa: E402
+from pyloader.bench import _verify, _warm, fastsafetensors_load_raw, pinned_h2d_gbps, synthetic_config  # noqa: E402
 from pyloader.checkpoint import open_checkpoint  # noqa: E402
 from pyloader.plan import build_plan  # noqa: E402
 from pyloader.presets import build_preset, load_config  # noqa: E402
@@ -172,7 +173,9 @@ def cold_block_reads(files, threads: int, chunk: int, block: int, direct: bool) 
     """Readers take ``block``-sized pieces of the files in file order from one queue and read each
     front to back in ``chunk`` preads through one descriptor a file (buffered or O_DIRECT): with
     block = a whole file and a reader a file, a few long sequential streams, as fastsafetensors 0.5
-    (nogds) reads (a thread a request, 16 MiB buffered preads, synchronous copies)."""
+    (nogds) reads (a thread a request, 16 MiB buffered preads, synchronous copies); with block =
+    chunk, many readers interleaved in file order. (The per-reader regions, spread and mmap probes
+    of session 5 are in bench_executor.py at f0fc549.)"""
     import queue
 
     sizes = [os.path.getsize(f) for f in files]
@@ -206,76 +209,6 @@ def cold_block_reads(files, threads: int, chunk: int, block: int, direct: bool) 
     return sum(sizes) / seconds / 1e9
 
 
-def cold_reads_only(files, threads: int, chunk: int, how: str) -> float:
-    """Reads of every (just evicted) file into pinned buffers, no GPU, ``threads`` readers with one
-    ``chunk`` request each in flight. ``how``: "direct" (O_DIRECT, chunks in file order: all readers
-    in one region, as the executor's plan order does), "direct-spread" (chunk k of every file before
-    chunk k + 1 of any), "direct-regions" / "buffered-regions" / "buffered-regions-seq" (each reader
-    its own descriptor and one contiguous region of the bytes, read front to back; -seq adds
-    POSIX_FADV_SEQUENTIAL), "mmap-regions" (each reader copies its region out of a mapping)."""
-    import mmap as mmap_mod
-    import threading
-
-    sizes = [os.path.getsize(f) for f in files]
-    direct = how.startswith("direct")
-    per_file = [[(i, o, min(chunk, size - o)) for o in range(0, size, chunk)] for i, size in enumerate(sizes)]
-    if how == "direct-spread":
-        work = [w for k in range(max(map(len, per_file))) for ws in per_file if k < len(ws) for w in [ws[k]]]
-    else:
-        work = [w for ws in per_file for w in ws]
-    regions = how.endswith("regions") or how.endswith("regions-seq")
-    queues = [work[len(work) * t // threads:len(work) * (t + 1) // threads] for t in range(threads)] if regions else None
-    shared = [os.open(f, os.O_RDONLY | (os.O_DIRECT if direct else 0)) for f in files]
-    lock, nxt = threading.Lock(), [0]
-
-    def run(t):
-        buf = torch.empty(chunk + 8192, dtype=torch.uint8, pin_memory=True)
-        view = memoryview(buf.numpy()).cast("B")
-        lead = (-buf.data_ptr()) % 4096
-        fds, maps = shared, None
-        if regions:
-            fds = [os.open(f, os.O_RDONLY | (os.O_DIRECT if direct else 0)) for f in files]
-            if how.endswith("-seq"):
-                for fd in fds:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            if how.startswith("mmap"):
-                mapped = [mmap_mod.mmap(fd, 0, access=mmap_mod.ACCESS_READ) for fd in fds]
-                maps = [memoryview(m) for m in mapped]
-        mine = iter(queues[t]) if regions else None
-        while True:
-            if regions:
-                item = next(mine, None)
-            else:
-                with lock:
-                    k = nxt[0]
-                    nxt[0] += 1
-                item = work[k] if k < len(work) else None
-            if item is None:
-                break
-            i, o, n = item
-            if maps is not None:
-                view[lead:lead + n] = maps[i][o:o + n]
-            else:
-                n = -(-n // 4096) * 4096 if direct else n
-                os.preadv(fds[i], [view[lead:lead + n]], o)
-        if regions:
-            for m in maps or []:
-                m.release()
-            for m in (mapped if maps is not None else []):
-                m.close()
-            for fd in fds:
-                os.close(fd)
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(threads) as pool:
-        for f in [pool.submit(run, t) for t in range(threads)]:
-            f.result()
-    seconds = time.perf_counter() - t0
-    for fd in shared:
-        os.close(fd)
-    return sum(sizes) / seconds / 1e9
-
-
 def cold(args, targets, ck_dir, files, nbytes, dev, record) -> None:
     """Cold page cache (dropped before each load): pyloader.load and fastsafetensors (the best cold
     peer) alternated round by round, with the disk's raw O_DIRECT rate before and after: on a
@@ -285,7 +218,8 @@ def cold(args, targets, ck_dir, files, nbytes, dev, record) -> None:
 
     def raw(label):
         how = _drop_cache(files)
-        record(f"reads only: direct ({label})", cold_reads_only(files, 16, 64 << 20, "direct"), threads=16,
+        # 64 MiB blocks of 64 MiB reads: the readers take the chunks in file order from one queue
+        record(f"reads only: direct ({label})", cold_block_reads(files, 16, 64 << 20, 64 << 20, True), threads=16,
                chunk_mib=64, cache=how)
 
     def pyloader_cold():
@@ -294,22 +228,13 @@ def cold(args, targets, ck_dir, files, nbytes, dev, record) -> None:
                     read_threads=report.timings.read_threads)
 
     providers = {"pyloader.load cold (default)": pyloader_cold}
-    try:
-        from fastsafetensors import SafeTensorsFileLoader
+    def fastsafetensors_cold():
+        fastsafetensors_load_raw(files, dev)
+        return {}
 
-        def fastsafetensors_cold():
-            loader = SafeTensorsFileLoader(None, f"cuda:{dev.index or 0}", nogds=True, max_threads=16)
-            loader.add_filenames({0: files})
-            fb = loader.copy_files_to_device()
-            for k in loader.get_keys():
-                fb.get_tensor(k)
-            torch.cuda.synchronize(dev)
-            fb.close()
-            loader.close()
-            return {}
-
+    if importlib.util.find_spec("fastsafetensors") is not None:
         providers["fastsafetensors 0.5 nogds raw"] = fastsafetensors_cold
-    except ImportError:
+    else:
         print("  fastsafetensors not installed: not measured")
     raw("first")
     # Next hypothesis (session 5 notes): a few long sequential streams beat many interleaved readers
@@ -346,8 +271,8 @@ def main():
                     help="no host-side probes; the default against other reader settings and InstantTensor (buffered), "
                          "interleaved load by load (an A/B on one machine)")
     ap.add_argument("--cold", action="store_true",
-                    help="cold page cache: O_DIRECT read rates by readers and order, pyloader by cold_read_threads, "
-                         "fastsafetensors")
+                    help="cold page cache: raw read rates by read shape (whole-file and 256 MiB streams, "
+                         "interleaved O_DIRECT), then pyloader and fastsafetensors alternated")
     args = ap.parse_args()
     dev = torch.device("cuda")
     env = environment()

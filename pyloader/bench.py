@@ -221,6 +221,20 @@ def _bench_pyloader(io, repeats, targets, ck_dir, preset, dev, prepare, plan, re
         raise SystemExit("pyloader result differs from the reference: not a valid measurement")
 
 
+def fastsafetensors_load_raw(files, dev) -> None:
+    """fastsafetensors 0.5 without GDS (16 threads): every file to the device, every tensor made."""
+    from fastsafetensors import SafeTensorsFileLoader
+
+    loader = SafeTensorsFileLoader(None, f"cuda:{dev.index or 0}", nogds=True, max_threads=16)
+    loader.add_filenames({0: files})
+    fb = loader.copy_files_to_device()
+    for k in loader.get_keys():
+        fb.get_tensor(k)
+    _sync(dev)
+    fb.close()
+    loader.close()
+
+
 def _peers(files, plan, targets, dev, prepare, record, repeats: int = 1):
     """Each peer as often as pyloader (best of ``repeats``, the page cache prepared before each)."""
     from safetensors import safe_open
@@ -270,16 +284,7 @@ def _peers(files, plan, targets, dev, prepare, record, repeats: int = 1):
         d.copy_(t)  # the peer may reuse its buffer: copy before advancing
 
     def fastsafetensors_raw():
-        from fastsafetensors import SafeTensorsFileLoader
-
-        loader = SafeTensorsFileLoader(None, str(dev) if dev.index is not None else "cuda:0", nogds=True, max_threads=16)
-        loader.add_filenames({0: files})
-        fb = loader.copy_files_to_device()
-        for k in loader.get_keys():
-            fb.get_tensor(k)
-        _sync(dev)
-        fb.close()
-        loader.close()
+        fastsafetensors_load_raw(files, dev)
 
     def runai_raw():
         from runai_model_streamer import SafetensorsStreamer
