@@ -85,6 +85,17 @@ PYBIND11_MODULE(_C, m) {
           "Copy file[offset:offset + nbytes] (descriptor fd) to the device pointer dst on the stream; "
           "ValueError for a failed or short read, RuntimeError for a CUDA error.")
       .def(
+          "read_ranges_to_device",
+          [](HostReader& r, std::vector<int> fds, std::vector<int64_t> offsets, std::vector<int64_t> sizes,
+             std::vector<int64_t> dst_offsets, uintptr_t dst, uintptr_t stream) {
+            py::gil_scoped_release release;
+            r.read_ranges_to_device(fds, offsets, sizes, dst_offsets, reinterpret_cast<void*>(dst),
+                                    reinterpret_cast<cudaStream_t>(stream));
+          },
+          py::arg("fds"), py::arg("offsets"), py::arg("sizes"), py::arg("dst_offsets"), py::arg("dst"), py::arg("stream"),
+          "Copy many small ranges (fds[i], offsets[i], sizes[i]) to dst + dst_offsets[i] (ascending) on the stream, "
+          "packed into few copies; the bytes between destinations are overwritten. ValueError for a failed or short read.")
+      .def(
           "synchronize",
           [](HostReader& r) {
             py::gil_scoped_release release;

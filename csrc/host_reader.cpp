@@ -63,6 +63,68 @@ HostReader::~HostReader() {
   }
 }
 
+size_t HostReader::take_buffer() {
+  const size_t k = next_;
+  next_ = (next_ + 1) % host_.size();
+  if (in_use_[k]) check_cuda(cudaEventSynchronize(copied_[k]), "HostReader: waiting for a pinned buffer's copy");
+  in_use_[k] = false;
+  return k;
+}
+
+void HostReader::copy_buffer(size_t k, int64_t lead, int64_t nbytes, void* dst, cudaStream_t stream) {
+  check_cuda(cudaMemcpyAsync(dst, host_[k] + lead, static_cast<size_t>(nbytes), cudaMemcpyHostToDevice, stream),
+             "HostReader: cudaMemcpyAsync");
+  check_cuda(cudaEventRecord(copied_[k], stream), "HostReader: cudaEventRecord");
+  in_use_[k] = true;
+}
+
+void HostReader::read_ranges_to_device(const std::vector<int>& fds, const std::vector<int64_t>& offsets,
+                                       const std::vector<int64_t>& sizes, const std::vector<int64_t>& dst_offsets,
+                                       void* dst, cudaStream_t stream) {
+  const size_t n = fds.size();
+  if (offsets.size() != n || sizes.size() != n || dst_offsets.size() != n) {
+    throw std::invalid_argument("HostReader: fds, offsets, sizes and dst_offsets differ in length");
+  }
+  check_cuda(cudaSetDevice(device_), "HostReader: cudaSetDevice");
+  constexpr int64_t kMaxGap = 4096;  // wider gaps between destinations start a new copy
+  auto* out = static_cast<uint8_t*>(dst);
+  size_t k = 0;
+  bool open = false;
+  int64_t start = 0, fill = 0;  // the open buffer holds dst[start, start + fill)
+  auto flush = [&]() {
+    if (open && fill > 0) copy_buffer(k, 0, fill, out + start, stream);
+    open = false;
+  };
+  int64_t prev_end = 0;
+  for (size_t i = 0; i < n; ++i) {
+    if (offsets[i] < 0 || sizes[i] < 0 || dst_offsets[i] < prev_end) {
+      throw std::invalid_argument("HostReader: range " + std::to_string(i) +
+                                  ": negative offset or size, or destinations not ascending");
+    }
+    prev_end = dst_offsets[i] + sizes[i];
+    for (int64_t pos = 0; pos < sizes[i];) {
+      const int64_t at = dst_offsets[i] + pos;
+      if (open && (at - (start + fill) > kMaxGap || at >= start + buffer_bytes_)) flush();
+      if (!open) {
+        k = take_buffer();
+        open = true;
+        start = at;
+        fill = 0;
+      }
+      const int64_t room = start + buffer_bytes_ - at;
+      const int64_t len = sizes[i] - pos < room ? sizes[i] - pos : room;
+      try {
+        pread_at_least(fds[i], host_[k] + (at - start), offsets[i] + pos, len, len, false);
+      } catch (const std::range_error& e) {
+        throw std::range_error("range " + std::to_string(i) + ": " + e.what());
+      }
+      fill = at + len - start;
+      pos += len;
+    }
+  }
+  flush();
+}
+
 void HostReader::read_to_device(int fd, int64_t offset, int64_t nbytes, void* dst, cudaStream_t stream,
                                 cudaEvent_t wait_before_copy, bool direct) {
   if (offset < 0 || nbytes < 0) throw std::invalid_argument("HostReader: negative offset or length");
@@ -73,10 +135,7 @@ void HostReader::read_to_device(int fd, int64_t offset, int64_t nbytes, void* ds
   bool waited = wait_before_copy == nullptr;
   for (int64_t pos = 0; pos < nbytes; pos += step) {
     const int64_t len = nbytes - pos < step ? nbytes - pos : step;
-    const size_t k = next_;
-    next_ = (next_ + 1) % host_.size();
-    if (in_use_[k]) check_cuda(cudaEventSynchronize(copied_[k]), "HostReader: waiting for a pinned buffer's copy");
-    in_use_[k] = false;
+    const size_t k = take_buffer();
     int64_t lead = 0;
     if (direct) {
       const int64_t a = (offset + pos) / kDirectAlign * kDirectAlign;
@@ -91,11 +150,7 @@ void HostReader::read_to_device(int fd, int64_t offset, int64_t nbytes, void* ds
       check_cuda(cudaEventSynchronize(wait_before_copy), "HostReader: waiting for the destination to be free");
       waited = true;
     }
-    check_cuda(cudaMemcpyAsync(static_cast<uint8_t*>(dst) + pos, host_[k] + lead, static_cast<size_t>(len),
-                               cudaMemcpyHostToDevice, stream),
-               "HostReader: cudaMemcpyAsync");
-    check_cuda(cudaEventRecord(copied_[k], stream), "HostReader: cudaEventRecord");
-    in_use_[k] = true;
+    copy_buffer(k, lead, len, static_cast<uint8_t*>(dst) + pos, stream);
   }
 }
 

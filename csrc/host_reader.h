@@ -33,6 +33,16 @@ class HostReader {
   void read_to_device(int fd, int64_t offset, int64_t nbytes, void* dst, cudaStream_t stream,
                       cudaEvent_t wait_before_copy, bool direct);
 
+  // Copies many small byte ranges (file fds[i] at offsets[i], sizes[i] bytes) to dst + dst_offsets[i]
+  // (ascending, not overlapping) on stream: consecutive ranges are read side by side into one
+  // buffer at their relative destination offsets and copied together, so a thousand scale
+  // tensors cost a few copies and no Python a range. The bytes between ranges (their padding)
+  // are copied too: the destination's gaps must be free to overwrite. Buffered reads only.
+  // Errors as read_to_device (the message names the range's index).
+  void read_ranges_to_device(const std::vector<int>& fds, const std::vector<int64_t>& offsets,
+                             const std::vector<int64_t>& sizes, const std::vector<int64_t>& dst_offsets, void* dst,
+                             cudaStream_t stream);
+
   // Waits until no copy reads any of the buffers.
   void synchronize();
 
@@ -46,6 +56,10 @@ class HostReader {
   std::vector<cudaEvent_t> copied_;
   std::vector<bool> in_use_;
   size_t next_ = 0;
+
+  // The next buffer of the ring, once no copy reads it.
+  size_t take_buffer();
+  void copy_buffer(size_t k, int64_t lead, int64_t nbytes, void* dst, cudaStream_t stream);
 };
 
 }  // namespace pyloader

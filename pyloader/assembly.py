@@ -22,6 +22,7 @@ only read. The destination is written exactly once per element; unwritten elemen
 before any launch.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -30,7 +31,7 @@ import torch
 from . import _dtypes
 from .backend import resolve_backend
 from .errors import PyloaderInputError
-from .transform import TransformJob, run_jobs
+from .transform import JOB_FIELDS, TransformJob, append_job_row, launch_table, run_jobs
 
 Range = Tuple[int, int]
 
@@ -91,7 +92,12 @@ class Shard:
     def _resolved(self):
         """(2-D weight, row range, column range): computed once a job (host time is most of an
         eager call's time for a layer of hundreds of small experts)."""
-        w = self._matrix()
+        w = self.weight
+        if w.dim() != 2:
+            w = self._matrix()
+        elif self.rows is None and self.cols is None:  # the common case: the whole 2-D tensor
+            m, n = w.shape
+            return w, (0, m), (0, n)
         rows, cols = self._span(*w.shape)
         return w, rows, cols
 
@@ -105,33 +111,70 @@ class Shard:
                 raise PyloaderInputError(f"{what} range {(a, b)} is outside the shard's {size} {what}")
         return rows, cols
 
-    def job(self, dst: torch.Tensor, resolved=None) -> TransformJob:
-        """The transform job that writes this shard's part into the 2-D view ``dst``."""
-        w, (a, b), (c, d) = resolved or self._resolved()
-        m, n = w.shape
-        src = w if (a, b, c, d) == (0, m, 0, n) else w[a:b, c:d]
+    def _scale_grid(self, w: torch.Tensor, a: int, c: int):
+        """``(2-D scale grid, first block row, first block column, (bm, bn), (r0, c0))`` for the part of
+        the 2-D weight ``w`` that starts at row ``a``, column ``c``; None without a scale."""
         if self.scale is None:
-            return TransformJob(src, dst)
+            return None
         if w.dtype not in _dtypes.FP8_WEIGHT_DTYPES:
             raise PyloaderInputError(f"a scale was given for a {w.dtype} weight; only FP8 weights are dequantized")
         s = self.scale
-        if s.numel() == 1:  # per-tensor: one block covers the whole weight
-            return TransformJob(src, dst, s.reshape(1, 1), (max(1, w.shape[0]), max(1, w.shape[1])))
-        bm, bn = (int(x) for x in self.block_size)
+        m, n = w.shape
+        shape = s.shape
+        if math.prod(shape) == 1:  # per-tensor: one block covers the whole weight
+            return s.reshape(1, 1), 0, 0, (max(1, m), max(1, n)), (0, 0)
+        bm, bn = self.block_size
+        if type(bm) is not int or type(bn) is not int:
+            bm, bn = int(bm), int(bn)
         if bm <= 0 or bn <= 0:
             raise PyloaderInputError(f"block_size must be positive, got {self.block_size}")
-        if s.dim() == 1 and self.weight.dim() == 1:
+        if len(shape) == 1 and self.weight.dim() == 1:
             s = s.unsqueeze(0)
-        grid = (-(-w.shape[0] // bm), -(-w.shape[1] // bn))
-        if tuple(s.shape) != grid:
+            shape = s.shape
+        grid = (-(-m // bm), -(-n // bn))
+        if shape != grid:
             raise PyloaderInputError(
                 f"scale shape {tuple(s.shape)} does not match weight {tuple(w.shape)} with blocks {(bm, bn)}: "
                 f"expected {grid} (ceil(M/bm), ceil(N/bn))"
             )
         # Index the scale from the slice's first block; the offset inside that block goes to (r0, c0).
-        if a >= bm or c >= bn:
-            s = s[a // bm:, c // bn:]
-        return TransformJob(src, dst, s, (bm, bn), (a % bm, c % bn))
+        return s, a // bm, c // bn, (bm, bn), (a % bm, c % bn)
+
+    def job(self, dst: torch.Tensor, resolved=None) -> TransformJob:
+        """The transform job that writes this shard's part into the 2-D view ``dst``."""
+        w, (a, b), (c, d) = resolved or self._resolved()
+        m, n = w.shape
+        src = w if (a, b, c, d) == (0, m, 0, n) else w[a:b, c:d]
+        grid = self._scale_grid(w, a, c)
+        if grid is None:
+            return TransformJob(src, dst)
+        s, bi, bj, block, offset = grid
+        if bi or bj:
+            s = s[bi:, bj:]
+        return TransformJob(src, dst, s, block, offset)
+
+    def append_row(self, table: List[int], index: int, resolved, dst: int, dst_dtype: torch.dtype, dst_strides,
+                   device: torch.device) -> None:
+        """Append the job-table row of this shard's part written at address ``dst`` (no tensor views)."""
+        w, (a, b), (c, d) = resolved
+        if w.device != device:
+            raise PyloaderInputError(f"job {index}: source on {w.device}, destination on {device}")
+        ws = w.stride()
+        src = w.data_ptr()
+        if a or c:
+            src += (a * ws[0] + c * ws[1]) * w.element_size()
+        grid = self._scale_grid(w, a, c)
+        scale = None
+        if grid is not None:
+            s, bi, bj, (bm, bn), (r0, c0) = grid
+            if s.device != device:
+                raise PyloaderInputError(f"job {index}: scale on {s.device}, weight on {device}")
+            ss = s.stride()
+            s_ptr = s.data_ptr()
+            if bi or bj:
+                s_ptr += (bi * ss[0] + bj * ss[1]) * s.element_size()
+            scale = (s_ptr, s.dtype, ss[0], ss[1], bm, bn, r0, c0)
+        append_job_row(table, index, src, w.dtype, ws, dst, dst_dtype, dst_strides, b - a, d - c, scale)
 
 
 ShardLike = Union[torch.Tensor, Shard]
@@ -172,17 +215,21 @@ def _matrix_view(out: torch.Tensor, what: str) -> torch.Tensor:
     return out
 
 
-def stack_jobs(out: torch.Tensor, shards: Sequence[ShardLike], dim: int = 0) -> List[TransformJob]:
-    """Jobs that write ``shards`` one after another along ``dim`` of ``out`` (2-D, or 1-D for biases)."""
-    dst = _matrix_view(out, "stack_shards destination")
-    one_d = out.dim() == 1
-    if one_d:
-        dim = 1
-    elif dim < 0:
+def _stack_dim(ndim: int, dim: int) -> int:
+    if ndim == 1:
+        return 1
+    if dim < 0:
         dim += 2
     if dim not in (0, 1):
         raise PyloaderInputError(f"dim must be 0 or 1 for a 2-D destination, got {dim}")
-    jobs, offset = [], 0
+    return dim
+
+
+def _layout(dst_shape: Tuple[int, int], out_shape, one_d: bool, shards: Sequence[ShardLike], dim: int):
+    """``(shard, resolved, offset)`` of each shard written along ``dim`` of a 2-D destination of
+    ``dst_shape`` (``out_shape``: the destination as the caller sees it, for messages); raises unless
+    they fill it exactly."""
+    placed, offset = [], 0
     for i, x in enumerate(shards):
         shard = _as_shard(x)
         if one_d and shard.weight.dim() != 1:
@@ -191,37 +238,67 @@ def stack_jobs(out: torch.Tensor, shards: Sequence[ShardLike], dim: int = 0) -> 
         _, (a, b), (c, d) = resolved
         m, n = b - a, d - c
         along, across = (m, n) if dim == 0 else (n, m)
-        if across != dst.shape[1 - dim]:
+        if across != dst_shape[1 - dim]:
             raise PyloaderInputError(
-                f"shard {i} of shape {(m, n)} does not fit destination {tuple(out.shape)}: "
-                f"size {across} along dim {1 - dim}, destination has {dst.shape[1 - dim]}"
+                f"shard {i} of shape {(m, n)} does not fit destination {tuple(out_shape)}: "
+                f"size {across} along dim {1 - dim}, destination has {dst_shape[1 - dim]}"
             )
-        if offset + along > dst.shape[dim]:
+        if offset + along > dst_shape[dim]:
             raise PyloaderInputError(
-                f"shards overflow destination {tuple(out.shape)} along dim {dim} at shard {i} "
-                f"({offset} + {along} > {dst.shape[dim]})"
+                f"shards overflow destination {tuple(out_shape)} along dim {dim} at shard {i} "
+                f"({offset} + {along} > {dst_shape[dim]})"
             )
+        placed.append((shard, resolved, offset))
+        offset += along
+    if offset != dst_shape[dim]:
+        raise PyloaderInputError(
+            f"shards fill {offset} of {dst_shape[dim]} along dim {dim} of destination {tuple(out_shape)}: "
+            f"the rest would be left unwritten"
+        )
+    return placed
+
+
+def stack_jobs(out: torch.Tensor, shards: Sequence[ShardLike], dim: int = 0) -> List[TransformJob]:
+    """Jobs that write ``shards`` one after another along ``dim`` of ``out`` (2-D, or 1-D for biases)."""
+    dst = _matrix_view(out, "stack_shards destination")
+    dim = _stack_dim(out.dim(), dim)
+    jobs = []
+    for shard, resolved, offset in _layout(tuple(dst.shape), out.shape, out.dim() == 1, shards, dim):
+        _, (a, b), (c, d) = resolved
+        along = (b - a) if dim == 0 else (d - c)
         if offset == 0 and along == dst.shape[dim]:
             view = dst
         else:
             view = dst[offset:offset + along] if dim == 0 else dst[:, offset:offset + along]
         jobs.append(shard.job(view, resolved))
-        offset += along
-    if offset != dst.shape[dim]:
-        raise PyloaderInputError(
-            f"shards fill {offset} of {dst.shape[dim]} along dim {dim} of destination {tuple(out.shape)}: "
-            f"the rest would be left unwritten"
-        )
     return jobs
 
 
-def expert_jobs(
-    out: torch.Tensor,
-    experts: Union[ShardLike, Mapping[int, Union[ShardLike, Sequence[ShardLike]]]],
-    expert_map: Optional[Mapping[int, int]] = None,
-    dim: int = 0,
-) -> List[TransformJob]:
-    """Jobs that fill ``out[E_local, M, N]`` from experts keyed by global id (see :func:`assemble_experts`)."""
+def _stack_rows(table: List[int], out: torch.Tensor, dst: int, dst_shape, dst_strides, shards, dim: int,
+                one_d: bool = False) -> None:
+    """The job-table rows of :func:`stack_jobs` for a 2-D destination plane of ``out`` at address
+    ``dst`` (cuda path: no tensor views)."""
+    step = (dst_strides[0] if dim == 0 else dst_strides[1]) * out.element_size()
+    for shard, resolved, offset in _layout(dst_shape, dst_shape if not one_d else out.shape, one_d, shards, dim):
+        _, (a, b), (c, d) = resolved
+        if b > a and d > c:  # empty parts launch nothing
+            shard.append_row(table, len(table) // JOB_FIELDS, resolved, dst + offset * step, out.dtype, dst_strides,
+                             out.device)
+
+
+def stack_table(out: torch.Tensor, shards: Sequence[ShardLike], dim: int = 0) -> List[int]:
+    """The job table (flat int64 fields, 16 a job) of :func:`stack_jobs`, from addresses and strides:
+    what the cuda backend launches, without making a tensor view per job."""
+    dst = _matrix_view(out, "stack_shards destination")
+    table: List[int] = []
+    _stack_rows(table, out, dst.data_ptr(), tuple(dst.shape), dst.stride(), shards, _stack_dim(out.dim(), dim),
+                out.dim() == 1)
+    return table
+
+
+def _expert_planes(out: torch.Tensor, experts, expert_map: Optional[Mapping[int, int]]):
+    """``(global id, local slot, shards)`` of each expert this rank owns; raises unless every local
+    slot is written exactly once."""
     if out.dim() != 3:
         raise PyloaderInputError(f"expert destination must be 3-D [E_local, M, N], got shape {tuple(out.shape)}")
     if isinstance(experts, (torch.Tensor, Shard)):
@@ -232,7 +309,7 @@ def expert_jobs(
     if expert_map is None:
         expert_map = {g: g for g in range(E_local)}
     written: Dict[int, int] = {}
-    jobs: List[TransformJob] = []
+    planes = []
     for g in sorted(experts):
         if g not in expert_map:
             continue  # another rank's expert
@@ -243,20 +320,46 @@ def expert_jobs(
             raise PyloaderInputError(f"experts {written[slot]} and {g} both map to local slot {slot}")
         written[slot] = g
         parts = experts[g]
-        if isinstance(parts, (torch.Tensor, Shard)):
-            parts = [parts]
-        try:
-            jobs += stack_jobs(out[slot], parts, dim)
-        except PyloaderInputError as e:
-            raise PyloaderInputError(f"expert {g} (local slot {slot}): {e}") from None
-    missing = sorted(set(range(E_local)) - set(written))
-    if missing:
+        planes.append((g, slot, [parts] if isinstance(parts, (torch.Tensor, Shard)) else parts))
+    if len(written) != E_local:
+        missing = sorted(set(range(E_local)) - set(written))
         owners = {s: g for g, s in expert_map.items()}
         raise PyloaderInputError(
             f"{len(missing)} of {E_local} local expert slots would be left unwritten: slots {missing[:16]}"
             f"{' …' if len(missing) > 16 else ''} (global experts {[owners.get(s) for s in missing[:16]]} not given)"
         )
+    return planes
+
+
+def expert_jobs(
+    out: torch.Tensor,
+    experts: Union[ShardLike, Mapping[int, Union[ShardLike, Sequence[ShardLike]]]],
+    expert_map: Optional[Mapping[int, int]] = None,
+    dim: int = 0,
+) -> List[TransformJob]:
+    """Jobs that fill ``out[E_local, M, N]`` from experts keyed by global id (see :func:`assemble_experts`)."""
+    jobs: List[TransformJob] = []
+    for g, slot, parts in _expert_planes(out, experts, expert_map):
+        try:
+            jobs += stack_jobs(out[slot], parts, dim)
+        except PyloaderInputError as e:
+            raise PyloaderInputError(f"expert {g} (local slot {slot}): {e}") from None
     return jobs
+
+
+def expert_table(out: torch.Tensor, experts, expert_map: Optional[Mapping[int, int]] = None, dim: int = 0) -> List[int]:
+    """The job table of :func:`expert_jobs`, from addresses and strides (see :func:`stack_table`)."""
+    planes = _expert_planes(out, experts, expert_map)
+    dim = _stack_dim(2, dim)
+    base, (s0, s1, s2) = out.data_ptr(), out.stride()
+    plane_bytes, shape = s0 * out.element_size(), (out.shape[1], out.shape[2])
+    table: List[int] = []
+    for g, slot, parts in planes:
+        try:
+            _stack_rows(table, out, base + slot * plane_bytes, shape, (s1, s2), parts, dim)
+        except PyloaderInputError as e:
+            raise PyloaderInputError(f"expert {g} (local slot {slot}): {e}") from None
+    return table
 
 
 def multi_tensor_transform(jobs: Sequence[TransformJob], backend: Optional[str] = None) -> None:
@@ -266,6 +369,12 @@ def multi_tensor_transform(jobs: Sequence[TransformJob], backend: Optional[str] 
     ``triton``: one launch per distinct (source, destination, scale) dtype signature; ``torch``: job by job.
     """
     jobs = [j for j in jobs if j.src.numel() > 0]
+    if jobs:
+        _run_checked(jobs, resolve_backend(backend, jobs[0].dst.device, "multi_tensor_transform"))
+
+
+def _run_checked(jobs: Sequence[TransformJob], chosen: str) -> None:
+    jobs = [j for j in jobs if j.src.numel() > 0]
     if not jobs:
         return
     device = jobs[0].dst.device
@@ -273,7 +382,7 @@ def multi_tensor_transform(jobs: Sequence[TransformJob], backend: Optional[str] 
         job.validate(i)
         if job.dst.device != device:
             raise PyloaderInputError(f"job {i} is on {job.dst.device}, job 0 on {device}: one call runs on one device")
-    run_jobs(jobs, resolve_backend(backend, device, "multi_tensor_transform"))
+    run_jobs(jobs, chosen)
 
 
 def stack_shards(out: torch.Tensor, shards: Sequence[ShardLike], dim: int = 0,
@@ -288,7 +397,11 @@ def stack_shards(out: torch.Tensor, shards: Sequence[ShardLike], dim: int = 0,
         stack_shards(layer.qkv_proj.weight, [q, k, v])            # bf16 checkpoint
         stack_shards(layer.gate_up_proj.weight, [Shard(g, g_s), Shard(u, u_s)])   # FP8 → bf16
     """
-    multi_tensor_transform(stack_jobs(out, shards, dim), backend)
+    chosen = resolve_backend(backend, out.device, "stack_shards")
+    if chosen == "cuda":
+        launch_table(stack_table(out, shards, dim), out.device)
+    else:
+        _run_checked(stack_jobs(out, shards, dim), chosen)
     return out
 
 
@@ -308,5 +421,11 @@ def assemble_experts(
     ranges, or any explicit dict); experts not in it belong to other ranks and are skipped. Default:
     identity over ``E_local``. Every local slot must be written exactly once.
     """
-    multi_tensor_transform(expert_jobs(out, experts, expert_map, dim), backend)
+    chosen = resolve_backend(backend, out.device, "assemble_experts")
+    if chosen == "cuda":
+        # The job table straight from addresses: host time is most of an eager call for a layer of
+        # hundreds of small experts (a tensor view costs ~2 µs).
+        launch_table(expert_table(out, experts, expert_map, dim), out.device)
+    else:
+        _run_checked(expert_jobs(out, experts, expert_map, dim), chosen)
     return out

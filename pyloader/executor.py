@@ -99,6 +99,9 @@ class Timings:
     cold_files: int = 0       # files read as cold (see ExecutorConfig.cold_reads)
     read_threads: int = 0     # reader threads used (ExecutorConfig.cold_read_threads where files are cold)
     pinned_bytes: int = 0     # pinned host buffers of the readers (scales aside)
+    # pyloader.load before the executor (seconds): headers (read and checked), preset (rules and
+    # target layout), plan (routing, pairing, shape and coverage checks)
+    prepare_parts: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -624,9 +627,13 @@ class StreamingExecutor:
                             min(step, part.nbytes - off)))
         return out
 
-    def _start_scales(self, files: _FileCache, pool: ThreadPoolExecutor, threads: int):
-        """Queue the reads of every scale tensor (small) into one pinned buffer, ahead of the first
-        batches' reads: they overlap those reads instead of delaying them."""
+    def _start_scales(self, files: _FileCache, pool: ThreadPoolExecutor, threads: int,
+                      native: Optional["_NativeReaders"] = None):
+        """Queue the reads of every scale tensor (small) ahead of the first batches' reads: they
+        overlap those reads instead of delaying them. Native readers read them straight into one
+        device buffer, a contiguous group of scales a thread in one call (a DeepSeek-V3 slice has
+        ~1000 scales of a few KiB: a Python read each held the GIL the orchestrator needs);
+        otherwise into one pinned buffer, moved in one copy by _finish_scales."""
         infos = list({s.name: s for s in self.plan.scales}.values())
         if not infos:
             return None
@@ -634,19 +641,49 @@ class StreamingExecutor:
         for info in infos:
             offsets.append(pos)
             pos += -(-info.nbytes // 16) * 16
+        if native is not None:
+            dev = torch.empty(max(pos, 1), dtype=torch.uint8, device=self.device)
+            per = -(-len(infos) // threads)
+            groups = [range(k, min(len(infos), k + per)) for k in range(0, len(infos), per)]
+            return infos, offsets, dev, [pool.submit(self._read_scales_native, files, native, infos, offsets, g, dev)
+                                         for g in groups]
         host = torch.empty(pos, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         chunks = [(info.file, info.start, off, info.nbytes) for info, off in zip(infos, offsets)]
         groups = [chunks[k::threads] for k in range(min(threads, len(chunks)))]
         return infos, offsets, host, [pool.submit(self._read_chunks, files, g, host) for g in groups]
 
+    @staticmethod
+    def _read_scales_native(files: _FileCache, native: "_NativeReaders", infos, offsets, group: range,
+                            dev: torch.Tensor):
+        reader, stream = native.get()
+        picked = [infos[i] for i in group]
+        try:
+            reader.read_ranges_to_device([files.fd(info.file) for info in picked], [info.start for info in picked],
+                                         [info.nbytes for info in picked], [offsets[i] for i in group],
+                                         dev.data_ptr(), stream.cuda_stream)
+        except ValueError as e:  # "range K: what happened": name the file and the tensor
+            text = str(e)
+            k = int(text.split(":", 1)[0].split()[-1]) if text.startswith("range ") else None
+            if k is not None and 0 <= k < len(picked):
+                raise PyloaderInputError(f"{picked[k].file}: tensor {picked[k].name}: {text.split(': ', 1)[-1]}") from None
+            raise PyloaderInputError(f"reading scale tensors: {text}") from None
+        done = torch.cuda.Event()
+        done.record(stream)
+        return done
+
     def _finish_scales(self, started) -> Dict[str, torch.Tensor]:
-        """Wait for the scale reads and move them to the device in one copy (no per-scale transfer)."""
+        """Wait for the scale reads (and, from pinned memory, move them to the device in one copy)."""
         if started is None:
             return {}
-        infos, offsets, host, futures = started
-        for f in futures:
-            f.result()
-        dev = host.to(self.device, non_blocking=True) if self.device.type == "cuda" else host
+        infos, offsets, buf, futures = started
+        results = [f.result() for f in futures]
+        if buf.device.type == "cuda" and results and isinstance(results[0], torch.cuda.Event):
+            current = torch.cuda.current_stream(self.device)
+            for done in results:  # read straight to the device on the readers' streams
+                current.wait_event(done)
+            dev = buf
+        else:
+            dev = buf.to(self.device, non_blocking=True) if self.device.type == "cuda" else buf
         self.bytes_read += sum(info.nbytes for info in infos)
         return {info.name: dev[off:off + info.nbytes].view(info.torch_dtype).view(info.shape)
                 for info, off in zip(infos, offsets)}
@@ -714,7 +751,7 @@ class StreamingExecutor:
             self.timings.read_threads = threads
             held = native.buffers if native is not None else (pinned.buffers if pinned is not None else [])
             self.timings.pinned_bytes = sum(b.numel() for b in held)
-            scales_started = self._start_scales(files, pool, threads)
+            scales_started = self._start_scales(files, pool, threads, native)
             marks.append(("scales_queued", time.perf_counter()))
             last_batch_of_layer = {}
             for i, b in enumerate(batches):

@@ -122,6 +122,7 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
     is_files = isinstance(source, (str, Path)) or (isinstance(source, (list, tuple)) and source and
                                                      isinstance(source[0], (str, Path)))
     checkpoint = open_checkpoint(source) if is_files else None
+    t_headers = time.perf_counter()
     if config is None and checkpoint is not None and checkpoint.config_path is not None:
         config = checkpoint.config_path
     preset_name, block = None, (128, 128)
@@ -139,9 +140,13 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
     specs = _specs(tensors, preset_targets, rules)
     report = LoadReport(preset=preset_name)
     if checkpoint is not None:
+        t_preset = time.perf_counter()
         plan = build_plan(checkpoint, specs, rules, unexpected=unexpected, block_size=block)
+        t_plan = time.perf_counter()
         ex = StreamingExecutor(plan, tensors, dev, backend, executor or ExecutorConfig(), progress, hooks)
         report.timings = ex.run()
+        report.timings.prepare_parts = {"headers": round(t_headers - t0, 6), "preset": round(t_preset - t_headers, 6),
+                                        "plan": round(t_plan - t_preset, 6)}
         report.bytes_read, report.backend, report.io = ex.bytes_read, ex.backend, ex.io_used
         report.readers = ex.readers_used
     elif isinstance(source, Mapping):

@@ -5,8 +5,9 @@ scale grid: copy (same dtype), cast, or blockwise dequant into the destination. 
 whole list in one launch per 256 jobs; ``triton`` and ``torch`` run the same list job by job.
 """
 
+from array import array
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -37,14 +38,9 @@ class TransformJob:
             raise PyloaderInputError(f"{where}: source shape {tuple(src.shape)} != destination shape {tuple(dst.shape)}")
         if src.device != dst.device:
             raise PyloaderInputError(f"{where}: source on {src.device}, destination on {dst.device}")
-        same = src.dtype == dst.dtype
+        job_codes(src.dtype, dst.dtype, None if self.scale is None else self.scale.dtype, index)
         if self.scale is None:
-            if not same and (src.dtype not in _dtypes._VALUE_CODES or dst.dtype not in _dtypes.FLOAT_OUT_DTYPES):
-                raise PyloaderInputError(f"{where}: cannot cast {src.dtype} to {dst.dtype}")
             return
-        if src.dtype not in _dtypes._VALUE_CODES or dst.dtype not in _dtypes.FLOAT_OUT_DTYPES:
-            raise PyloaderInputError(f"{where}: cannot dequantize {src.dtype} into {dst.dtype}")
-        _dtypes.scale_code(self.scale.dtype)
         if self.scale.dim() != 2:
             raise PyloaderInputError(f"{where}: scale must be a 2-D grid, got shape {tuple(self.scale.shape)}")
         if self.scale.device != src.device:
@@ -63,43 +59,95 @@ class TransformJob:
                 )
 
 
-def _require_unit_column_stride(t: torch.Tensor, what: str, index: int) -> None:
-    if t.shape[1] > 1 and t.stride(1) != 1:
+def _require_unit_column_stride(cols: int, col_stride: int, what: str, index: int, strides) -> None:
+    if cols > 1 and col_stride != 1:
         raise PyloaderInputError(
             f"job {index}: {what} must have unit stride along its last dimension for this backend "
-            f"(got strides {t.stride()}); pass .contiguous() or use backend='torch'"
+            f"(got strides {tuple(strides)}); pass .contiguous() or use backend='torch'"
         )
+
+
+_CODES: Dict[Tuple[torch.dtype, torch.dtype, Optional[torch.dtype]], Tuple[int, int, int]] = {}
+
+
+def job_codes(src_dtype: torch.dtype, dst_dtype: torch.dtype, scale_dtype: Optional[torch.dtype],
+              index: int = 0) -> Tuple[int, int, int]:
+    """Table dtype codes (source, destination, scale) of a job, checked once per dtype combination:
+    a same-dtype copy without scale moves bytes (BYTE, BYTE, NONE)."""
+    key = (src_dtype, dst_dtype, scale_dtype)
+    codes = _CODES.get(key)
+    if codes is not None:
+        return codes
+    where = f"job {index}"
+    if scale_dtype is None:
+        if src_dtype == dst_dtype:
+            codes = (_dtypes.BYTE, _dtypes.BYTE, _dtypes.NONE)
+        elif src_dtype in _dtypes._VALUE_CODES and dst_dtype in _dtypes.FLOAT_OUT_DTYPES:
+            codes = (_dtypes.value_code(src_dtype), _dtypes.value_code(dst_dtype), _dtypes.NONE)
+        else:
+            raise PyloaderInputError(f"{where}: cannot cast {src_dtype} to {dst_dtype}")
+    else:
+        if src_dtype not in _dtypes._VALUE_CODES or dst_dtype not in _dtypes.FLOAT_OUT_DTYPES:
+            raise PyloaderInputError(f"{where}: cannot dequantize {src_dtype} into {dst_dtype}")
+        try:
+            scale = _dtypes.scale_code(scale_dtype)
+        except ValueError as e:
+            raise PyloaderInputError(f"{where}: {e}") from None
+        codes = (_dtypes.value_code(src_dtype), _dtypes.value_code(dst_dtype), scale)
+    _CODES[key] = codes
+    return codes
+
+
+def append_job_row(table: List[int], index: int, src: int, src_dtype: torch.dtype, src_strides, dst: int,
+                   dst_dtype: torch.dtype, dst_strides, rows: int, cols: int, scale=None) -> None:
+    """Append one job's 16 fields (csrc/pyloader.h JobField order) to ``table``.
+
+    ``src``/``dst``: addresses of element (0, 0); strides in elements. ``scale``: ``(address of the
+    job's first scale block, dtype, row stride, col stride, bm, bn, r0, c0)`` or None. Callers that
+    hold base tensors compute addresses directly: a tensor view costs ~2 µs of host time, and a
+    layer of 384 experts made 768 of them."""
+    if cols > 1 and (src_strides[1] != 1 or dst_strides[1] != 1):
+        _require_unit_column_stride(cols, src_strides[1], "source", index, src_strides)
+        _require_unit_column_stride(cols, dst_strides[1], "destination", index, dst_strides)
+    if scale is None:
+        sc, dc, _ = job_codes(src_dtype, dst_dtype, None, index)
+        if sc == _dtypes.BYTE:  # same-dtype copy: move bytes
+            size = src_dtype.itemsize
+            table += (src, dst, 0, rows, cols * size, src_strides[0] * size, dst_strides[0] * size, 0, 0, 0, 0, 0, 0,
+                      sc, dc, _dtypes.NONE)
+            return
+        table += (src, dst, 0, rows, cols, src_strides[0], dst_strides[0], 0, 0, 0, 0, 0, 0, sc, dc, _dtypes.NONE)
+        return
+    s_ptr, s_dtype, s_rs, s_cs, bm, bn, r0, c0 = scale
+    sc, dc, scc = job_codes(src_dtype, dst_dtype, s_dtype, index)
+    table += (src, dst, s_ptr, rows, cols, src_strides[0], dst_strides[0], s_rs, s_cs, bm, bn, r0, c0, sc, dc, scc)
 
 
 def pack_jobs(jobs: Sequence[TransformJob]) -> torch.Tensor:
     """Pack jobs into the int64 [n, 16] table csrc/pyloader.h describes (JobField order)."""
-    rows_out: List[List[int]] = []
+    table: List[int] = []
     for i, job in enumerate(jobs):
-        src, dst = job.src, job.dst
-        _require_unit_column_stride(src, "source", i)
-        _require_unit_column_stride(dst, "destination", i)
+        src, dst, s = job.src, job.dst, job.scale
         rows, cols = src.shape
-        row = [0] * JOB_FIELDS
-        row[F_SRC], row[F_DST] = src.data_ptr(), dst.data_ptr()
-        row[F_ROWS], row[F_COLS] = rows, cols
-        row[F_SRC_STRIDE], row[F_DST_STRIDE] = src.stride(0), dst.stride(0)
-        if job.scale is None and src.dtype == dst.dtype:
-            size = src.element_size()  # same-dtype copy: move bytes
-            row[F_COLS], row[F_SRC_STRIDE], row[F_DST_STRIDE] = cols * size, src.stride(0) * size, dst.stride(0) * size
-            row[F_SRC_DTYPE] = row[F_DST_DTYPE] = _dtypes.BYTE
-        else:
-            row[F_SRC_DTYPE], row[F_DST_DTYPE] = _dtypes.value_code(src.dtype), _dtypes.value_code(dst.dtype)
-        if job.scale is not None:
-            s = job.scale
-            row[F_SCALE] = s.data_ptr()
-            row[F_SCALE_ROW_STRIDE], row[F_SCALE_COL_STRIDE] = s.stride(0), s.stride(1)
-            row[F_BM], row[F_BN] = job.block_size
-            row[F_R0], row[F_C0] = job.block_offset
-            row[F_SCALE_DTYPE] = _dtypes.scale_code(s.dtype)
-        rows_out.append(row)
-    if not rows_out:
-        return torch.zeros((0, JOB_FIELDS), dtype=torch.int64)
-    return torch.tensor(rows_out, dtype=torch.int64)
+        scale = None
+        if s is not None:
+            scale = (s.data_ptr(), s.dtype, s.stride(0), s.stride(1)) + tuple(job.block_size) + tuple(job.block_offset)
+        append_job_row(table, i, src.data_ptr(), src.dtype, src.stride(), dst.data_ptr(), dst.dtype, dst.stride(),
+                       rows, cols, scale)
+    return torch.tensor(table, dtype=torch.int64).view(-1, JOB_FIELDS)
+
+
+def launch_table(table: List[int], device: torch.device) -> None:
+    """Run packed job rows on ``device``'s current stream (one launch per 256 jobs, in the extension)."""
+    from . import _C
+
+    n = len(table) // JOB_FIELDS
+    if not n:
+        return
+    packed = array("q", table)  # read on the host during the call: the launches copy it into kernel parameters
+    with torch.cuda.device(device):
+        stream = torch.cuda.current_stream(device).cuda_stream
+        _C.multi_tensor_transform(packed.buffer_info()[0], n, stream)
 
 
 def run_jobs_cuda(jobs: Sequence[TransformJob]) -> None:

@@ -3,7 +3,8 @@
 # $OUT (the device tool brings back at most 8 files, so each stage writes one log).
 #
 #   scripts/gpu_check.sh [build] [test] [sanitize] [bench] [bench-cpu] [e2e] [executor] [convert]
-#   [variants]   (default: all but executor and variants, the experiments)
+#   [variants] [register] [assembly] [e2e-warm]   (default: all but executor, variants and register, the
+#   experiments; assembly and e2e-warm are parts of bench and e2e)
 #
 # Environment: PYLOADER_CUDA_ARCHS (default 90 here; release builds use setup.py's default),
 # PYTEST_ARGS (extra pytest arguments), BENCH_ARGS (extra arguments of the bench scripts, e.g. --quick),
@@ -69,10 +70,20 @@ if has bench; then
   tail -60 "$OUT/bench.log"
 fi
 
-if has e2e; then
-  note "pyloader bench (end to end, warm then cold page cache)"
+if has assembly; then
+  note "bench_assembly (GPU)"
+  python3 bench/bench_assembly.py --json "$OUT/bench.json" ${BENCH_ARGS:-} >> "$OUT/bench.log" 2>&1 || status=1
+  tail -24 "$OUT/bench.log"
+fi
+
+if has e2e || has e2e-warm; then
+  note "pyloader bench (end to end, warm page cache)"
   python3 -m pyloader bench --json "$OUT/bench.json" --plot "$OUT/e2e_warm.png" --tmpdir "${BENCH_TMP:-/tmp}" \
     ${E2E_ARGS:-} > "$OUT/e2e.log" 2>&1 || status=1
+  tail -10 "$OUT/e2e.log"
+fi
+if has e2e; then
+  note "pyloader bench (end to end, cold page cache)"
   python3 -m pyloader bench --cold --repeats 1 --json "$OUT/bench.json" --tmpdir "${BENCH_TMP:-/tmp}" \
     ${E2E_ARGS:-} >> "$OUT/e2e.log" 2>&1 || status=1
   tail -14 "$OUT/e2e.log"

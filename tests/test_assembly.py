@@ -244,3 +244,91 @@ def test_common_table_tiles_ragged_sliced_unaligned_strided(backend_device):
     untouched = big.clone()
     untouched[1:-1, 1:301] = expected
     check(backend, device, big, untouched, what="outside the destination view")
+
+
+def _table_of_jobs(jobs):
+    from pyloader.transform import pack_jobs
+
+    return pack_jobs([j for j in jobs if j.src.numel()]).view(-1).tolist()
+
+
+def test_cuda_tables_from_addresses_equal_the_tables_of_views():
+    """The cuda backend packs its job table from addresses and strides (no tensor views, for host
+    time); it must be the table that packing the tensor views of the same call gives, field by field
+    (TP slices inside blocks, EP maps, per-tensor / 1-D / E8M0 scales, strided and offset
+    destinations, empty parts, casts and byte copies)."""
+    from pyloader.assembly import expert_jobs, expert_table, stack_jobs, stack_table
+
+    q, qs = fp8((333, 200), 3)
+    k, ks = fp8((131, 200), 4, sdtype=torch.float16)
+    o, os_ = fp8((96, 333), 5, block=(32, 48))
+    big = torch.empty(100, 47, dtype=torch.bfloat16)
+    staging = torch.zeros(1 << 14, dtype=torch.uint8)
+    a = staging[3:3 + 37 * 45].view(torch.float8_e4m3fn).view(37, 45)
+    c = staging[9001:9001 + 19 * 64].view(torch.float8_e4m3fn).view(19, 64)[:, 1:46]
+    stacks = [
+        (torch.empty(515, 200, dtype=torch.bfloat16),
+         [Shard(q, qs), Shard(k, ks), torch.randn(50, 200), torch.randn(1, 200).bfloat16()], 0),
+        (torch.empty(111 + 43, 200, dtype=torch.bfloat16),
+         [Shard(q, qs, rows=ops.tp_range(333, 1, 3)), Shard(k, ks, rows=ops.tp_range(131, 2, 3))], 0),
+        (torch.empty(96, 111, dtype=torch.bfloat16), [Shard(o, os_, (32, 48), cols=ops.tp_range(333, 2, 3))], 0),
+        (big[1:97, 1:46], [Shard(a, torch.rand(1, 1) + 0.5), torch.randn(40, 45).bfloat16(),
+                           Shard(c, (torch.rand(1, 2) + 0.5).bfloat16(), (19, 32))], 0),
+        (torch.empty(9, dtype=torch.bfloat16), [Shard(torch.randn(12), rows=(6, 12)), Shard(torch.randn(5), rows=(2, 5))], 0),
+        (torch.empty(8, 7), [torch.randn(8, 3), torch.randn(8, 4)], 1),
+        (torch.empty(10, 9, dtype=torch.bfloat16), [Shard(random_fp8(s, torch.float8_e5m2, torch.Generator()), torch.full((1, 1), 2.0))
+                                                    for s in ((0, 9), (1, 9), (0, 9), (9, 9))], 0),
+    ]
+    for i, (out, shards, dim) in enumerate(stacks):
+        assert stack_table(out, shards, dim) == _table_of_jobs(stack_jobs(out, shards, dim)), f"stack case {i}"
+    E, I, H = 10, 96, 160
+    w1, s1 = fp8((E, I, H), 6)
+    w3, s3 = fp8((E, I, H), 7)
+    w2, s2 = fp8((E, H, I), 8, sdtype=E8M0)
+    stacked, ss = fp8((6, 80, 72), 9, block=(32, 32))
+    mixed = ops.unstack_experts(Shard(stacked, ss, (32, 32)))
+    mixed.update({6: torch.randn(80, 72).bfloat16(), 7: torch.randn(80, 72).bfloat16()})
+    wide = torch.empty(3, I, H + 8, dtype=torch.bfloat16)[:, :, 4:4 + H]  # strided expert planes
+    experts = [
+        (torch.empty(3, 2 * I, H, dtype=torch.bfloat16), {e: [Shard(w1[e], s1[e]), Shard(w3[e], s3[e])] for e in range(E)},
+         ops.ep_expert_map(E, 1, 3), 0),
+        (torch.empty(3, H, I, dtype=torch.float32), {e: Shard(w2[e], s2[e]) for e in range(E)}, ops.ep_expert_map(E, 2, 3), 0),
+        (torch.empty(3, 80, 72, dtype=torch.bfloat16), mixed, {7: 0, 2: 1, 5: 2}, 0),
+        (torch.empty(6, 80, 72, dtype=torch.bfloat16), Shard(stacked, ss, (32, 32)), None, 0),
+        (wide, {e: [Shard(w1[e], s1[e])] for e in range(3)}, None, 0),
+        (torch.empty(2, I, 2 * H, dtype=torch.bfloat16), {e: [Shard(w1[e], s1[e]), Shard(w3[e], s3[e])] for e in range(2)},
+         None, 1),
+    ]
+    for i, (out, ex, emap, dim) in enumerate(experts):
+        assert expert_table(out, ex, emap, dim) == _table_of_jobs(expert_jobs(out, ex, emap, dim)), f"expert case {i}"
+
+
+def test_cuda_tables_refuse_what_the_job_path_refuses():
+    from pyloader.assembly import expert_table, stack_table
+
+    q, s = fp8((64, 64), 13)
+    out = torch.empty(128, 64, dtype=torch.bfloat16)
+    cases = [
+        (lambda: stack_table(out, [Shard(q, s)]), "left unwritten"),
+        (lambda: stack_table(out, [Shard(q, s)] * 3), "overflow"),
+        (lambda: stack_table(out, [torch.randn(64, 65)] * 2), "does not fit destination \\(128, 64\\)"),
+        (lambda: stack_table(out, [Shard(q, s[:, :0])] * 2), "scale shape"),
+        (lambda: stack_table(out, [Shard(q, s, rows=(0, 65))] * 2), "outside"),
+        (lambda: stack_table(out, [Shard(torch.randn(64, 64), s)] * 2), "only FP8"),
+        (lambda: stack_table(out, [torch.zeros(64, 64, dtype=torch.int32)] * 2), "job 0: cannot cast"),
+        (lambda: stack_table(out, [Shard(q, s.to(torch.int16))] * 2), "job 0: unsupported scale dtype"),
+        (lambda: stack_table(out, [q.float().t()] * 2), "job 0: source must have unit stride"),
+        (lambda: stack_table(torch.empty(64, 128, dtype=torch.bfloat16).t(), [q.float()] * 2),
+         "job 0: destination must have unit stride"),
+        (lambda: stack_table(out, [Shard(q, s.to("meta"))] * 2), "job 0: scale on meta"),
+        (lambda: stack_table(out, [q.float().to("meta")] * 2), "job 0: source on meta"),
+        (lambda: expert_table(torch.empty(2, 64, 64), {0: q.float()}), "slots \\[1\\]"),
+        (lambda: expert_table(torch.empty(2, 64, 64), {0: q.float(), 1: torch.randn(64, 3)}),
+         "expert 1 \\(local slot 1\\): shard 0 of shape \\(64, 3\\) does not fit destination \\(64, 64\\)"),
+        (lambda: expert_table(torch.empty(2, 64, 64), {0: q.float(), 1: q.float()}, {0: 0, 1: 0}), "both map"),
+        (lambda: expert_table(torch.empty(2, 64, 64), {0: q.float()}, {0: 5}), "outside"),
+        (lambda: expert_table(torch.empty(64, 64), {0: q.float()}), "must be 3-D"),
+    ]
+    for fn, needle in cases:
+        with pytest.raises(PyloaderInputError, match=needle):
+            fn()

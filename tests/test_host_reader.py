@@ -121,3 +121,47 @@ def test_a_read_past_the_end_is_an_error_and_the_reader_goes_on(tmp_path, direct
         assert torch.equal(dst[:2 * BUF + 100].cpu(), data)
     finally:
         os.close(fd)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a GPU")
+@needs_extension
+@pytest.mark.parametrize("buffers", [1, 2])
+def test_many_small_ranges_reach_their_destinations(tmp_path, buffers):
+    """Scale reads: ranges of two files (every size from 0 bytes to more than a buffer) packed side
+    by side, destinations 16-byte aligned with gaps, a gap wider than a copy spans, ranges that
+    straddle buffer ends. Each range's bytes land at its offset; the padding may change, nothing
+    past the last range does."""
+    f1, d1 = _data(tmp_path, 4 * BUF, seed=1)
+    f2 = tmp_path / "second.bin"
+    d2 = torch.randint(0, 256, (3 * BUF,), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    f2.write_bytes(d2.numpy().tobytes())
+    fd1, fd2 = os.open(f1, os.O_RDONLY), os.open(f2, os.O_RDONLY)
+    gen = torch.Generator().manual_seed(3)
+    ranges, pos = [], 5
+    for i in range(300):
+        n = [0, 1, 15, 16, 17, 3500, BUF - 3, BUF + 5][i % 8] if i % 37 else 2 * BUF + 11
+        fd, data = (fd1, d1) if i % 3 else (fd2, d2)
+        off = int(torch.randint(0, data.numel() - n + 1, (1,), generator=gen))
+        ranges.append((fd, data, off, n, pos))
+        pos += -(-n // 16) * 16 + (9000 if i % 50 == 49 else 0)  # a wide gap now and then
+    reader, pinned = _reader(buffers)
+    stream = torch.cuda.Stream()
+    dst = torch.full((pos + 64,), 0x5A, dtype=torch.uint8, device="cuda")
+    try:
+        reader.read_ranges_to_device([r[0] for r in ranges], [r[2] for r in ranges], [r[3] for r in ranges],
+                                     [r[4] for r in ranges], dst.data_ptr(), stream.cuda_stream)
+        stream.synchronize()
+        got = dst.cpu()
+        for k, (_, data, off, n, at) in enumerate(ranges):
+            assert torch.equal(got[at:at + n], data[off:off + n]), k
+        assert bool((got[pos:] == 0x5A).all()), "bytes past the last range were written"
+        with pytest.raises(ValueError, match="range 1: file ended at byte"):
+            reader.read_ranges_to_device([fd1, fd2], [0, 3 * BUF - 10], [10, 20], [0, 16], dst.data_ptr(),
+                                         stream.cuda_stream)
+        with pytest.raises(ValueError, match="ascending"):
+            reader.read_ranges_to_device([fd1, fd1], [0, 0], [10, 10], [32, 0], dst.data_ptr(), stream.cuda_stream)
+    finally:
+        os.close(fd1)
+        os.close(fd2)
+    reader.synchronize()

@@ -328,6 +328,34 @@ def test_a_failed_read_returns_its_pinned_buffer(tmp_path):
     assert len(pool.free) == 1
 
 
+def test_a_failed_scale_read_names_the_file_and_tensor(tmp_path):
+    """Native readers read a group of scales in one call; its error says which range failed, and
+    the load error names that range's file and tensor."""
+    from types import SimpleNamespace
+
+    from pyloader.checkpoint import TensorInfo
+    from pyloader.executor import StreamingExecutor, _FileCache
+
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(b"x" * 100)
+    infos = [TensorInfo(f"layers.{k}.weight_scale_inv", "F32", (2,), f, 8 * k, 8 * k + 8) for k in range(4)]
+
+    class Reader:
+        def read_ranges_to_device(self, fds, offsets, sizes, dst_offsets, dst, stream):
+            assert offsets == [8, 16, 24] and dst_offsets == [16, 32, 48]
+            raise ValueError("range 1: file ended at byte 20 while reading (truncated or changed?)")
+
+    native = SimpleNamespace(get=lambda: (Reader(), SimpleNamespace(cuda_stream=0)))
+    files = _FileCache()
+    try:
+        with pytest.raises(pyloader.PyloaderInputError, match=r"model.safetensors: tensor layers.2.weight_scale_inv: "
+                                                              r"file ended at byte 20"):
+            StreamingExecutor._read_scales_native(files, native, infos, [0, 16, 32, 48], range(1, 4),
+                                                  torch.empty(64, dtype=torch.uint8))
+    finally:
+        files.close()
+
+
 def test_nemotron_h_modelopt_per_tensor_fp8_tensor_parallel(tmp_path):
     """Nemotron 3 Super FP8 is ModelOpt FP8: a scalar ``weight_scale`` and an ``input_scale`` per
     Linear. Into BF16 targets, split for TP: the per-tensor scale applies to every segment, the
