@@ -298,6 +298,8 @@ def test_cuda_tables_from_addresses_equal_the_tables_of_views():
         (wide, {e: [Shard(w1[e], s1[e])] for e in range(3)}, None, 0),
         (torch.empty(2, I, 2 * H, dtype=torch.bfloat16), {e: [Shard(w1[e], s1[e]), Shard(w3[e], s3[e])] for e in range(2)},
          None, 1),
+        # ranges given as lists (not hashable: every expert is checked on its own), slices inside blocks
+        (torch.empty(3, 50, H, dtype=torch.bfloat16), {e: Shard(w1[e], s1[e], rows=[30, 80]) for e in range(3)}, None, 0),
     ]
     for i, (out, ex, emap, dim) in enumerate(experts):
         assert expert_table(out, ex, emap, dim) == _table_of_jobs(expert_jobs(out, ex, emap, dim)), f"expert case {i}"
