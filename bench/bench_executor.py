@@ -169,13 +169,8 @@ def interleaved(args, targets, ck_dir, files, nbytes, dev, record) -> None:
         record(k, nbytes / min(ts[1:]) / 1e9, seconds=[round(x, 3) for x in ts], interleaved=True)
 
 
-def cold_block_reads(files, threads: int, chunk: int, block: int, direct: bool) -> float:
-    """Readers take ``block``-sized pieces of the files in file order from one queue and read each
-    front to back in ``chunk`` preads through one descriptor a file (buffered or O_DIRECT): with
-    block = a whole file and a reader a file, a few long sequential streams, as fastsafetensors 0.5
-    (nogds) reads (a thread a request, 16 MiB buffered preads, synchronous copies); with block =
-    chunk, many readers interleaved in file order. (The per-reader regions, spread and mmap probes
-    of session 5 are in bench_executor.py at f0fc549.)"""
+def _block_units(files, block: int):
+    """The files' sizes and a queue of their (file index, offset, bytes) pieces of ``block`` bytes, in file order."""
     import queue
 
     sizes = [os.path.getsize(f) for f in files]
@@ -183,22 +178,25 @@ def cold_block_reads(files, threads: int, chunk: int, block: int, direct: bool) 
     for i, size in enumerate(sizes):
         for o in range(0, size, block):
             units.put((i, o, min(block, size - o)))
-    fds = [os.open(f, os.O_RDONLY | (os.O_DIRECT if direct else 0)) for f in files]
+    return sizes, units
 
-    def run():
-        buf = torch.empty(chunk + 8192, dtype=torch.uint8, pin_memory=True)
-        view = memoryview(buf.numpy()).cast("B")
-        lead = (-buf.data_ptr()) % 4096
-        while True:
-            try:
-                i, o, n = units.get_nowait()
-            except queue.Empty:
-                return
-            for c in range(0, n, chunk):
-                m = min(chunk, n - c)
-                m = -(-m // 4096) * 4096 if direct else m
-                os.preadv(fds[i], [view[lead:lead + m]], o + c)
 
+def _chunks_of(units, chunk: int):
+    """(file index, offset, bytes) reads of at most ``chunk`` bytes, a unit at a time from the
+    shared queue until it is empty (each reader reads its unit front to back)."""
+    import queue
+
+    while True:
+        try:
+            i, o, n = units.get_nowait()
+        except queue.Empty:
+            return
+        for c in range(0, n, chunk):
+            yield i, o + c, min(chunk, n - c)
+
+
+def _rate_of_readers(threads: int, run, fds, nbytes: int) -> float:
+    """GB/s of ``threads`` threads each running ``run`` until the queue is empty; closes ``fds``."""
     t0 = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
         for f in [pool.submit(run) for _ in range(threads)]:
@@ -206,7 +204,54 @@ def cold_block_reads(files, threads: int, chunk: int, block: int, direct: bool) 
     seconds = time.perf_counter() - t0
     for fd in fds:
         os.close(fd)
-    return sum(sizes) / seconds / 1e9
+    return nbytes / seconds / 1e9
+
+
+def cold_block_reads(files, threads: int, chunk: int, block: int, direct: bool) -> float:
+    """Readers take ``block``-sized pieces of the files in file order from one queue and read each
+    front to back in ``chunk`` preads through one descriptor a file (buffered or O_DIRECT): with
+    block = a whole file and a reader a file, a few long sequential streams, as fastsafetensors 0.5
+    (nogds) reads (a thread a request, 16 MiB preads, O_DIRECT by default, synchronous copies);
+    with block = chunk, many readers interleaved in file order. (The per-reader regions, spread and
+    mmap probes of session 5 are in bench_executor.py at f0fc549.)"""
+    sizes, units = _block_units(files, block)
+    fds = [os.open(f, os.O_RDONLY | (os.O_DIRECT if direct else 0)) for f in files]
+
+    def run():
+        buf = torch.empty(chunk + 8192, dtype=torch.uint8, pin_memory=True)
+        view = memoryview(buf.numpy()).cast("B")
+        lead = (-buf.data_ptr()) % 4096
+        for i, o, m in _chunks_of(units, chunk):
+            m = -(-m // 4096) * 4096 if direct else m
+            os.preadv(fds[i], [view[lead:lead + m]], o)
+
+    return _rate_of_readers(threads, run, fds, sum(sizes))
+
+
+def native_block_reads(files, threads: int, buffer_bytes: int, block: int, dev, sync_each: bool = False) -> float:
+    """cold_block_reads through the extension's HostReader (O_DIRECT, 2 pinned buffers a reader,
+    each read copied to the device as it lands, no Python a buffer): readers take ``block``-sized
+    pieces in file order. ``sync_each``: wait for each buffer's copy before the next read, as a
+    synchronous cudaMemcpy would (fastsafetensors 0.5 nogds: a thread a file, 16 MiB reads)."""
+    from pyloader import _C
+
+    sizes, units = _block_units(files, block)
+    fds = [os.open(f, os.O_RDONLY | os.O_DIRECT) for f in files]
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+
+    def run():
+        bufs = [torch.empty(buffer_bytes + 16384, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        reader = _C.HostReader(index, [b.data_ptr() for b in bufs], buffer_bytes + 16384)
+        stream = torch.cuda.Stream(dev)
+        scratch = torch.empty(buffer_bytes, dtype=torch.uint8, device=dev)
+        for i, o, m in _chunks_of(units, buffer_bytes):
+            reader.read_to_device(fds[i], o, m, scratch.data_ptr(), stream.cuda_stream, 0, True)
+            if sync_each:
+                reader.synchronize()
+        reader.synchronize()
+
+    torch.cuda.synchronize(dev)
+    return _rate_of_readers(threads, run, fds, sum(sizes))
 
 
 def cold(args, targets, ck_dir, files, nbytes, dev, record) -> None:
@@ -237,14 +282,16 @@ def cold(args, targets, ck_dir, files, nbytes, dev, record) -> None:
     else:
         print("  fastsafetensors not installed: not measured")
     raw("first")
-    # Next hypothesis (session 5 notes): a few long sequential streams beat many interleaved readers
-    # on this virtio disk. A reader a whole file, 256 MiB blocks, buffered and O_DIRECT:
+    # Session 5 measured (Python preadv, no copies): a reader a whole file, 256 MiB blocks, buffered
+    # and O_DIRECT: 2.2 / 2.4 / 3.6 / 3.7 GB/s, no better than interleaved readers. The same shapes
+    # through the native reader, copies included (fastsafetensors 0.5 reads O_DIRECT, a thread a
+    # file, 16 MiB reads, a synchronous copy after each):
     big = max(os.path.getsize(f) for f in files)
-    for threads, block, direct in ((len(files), big, False), (16, 256 << 20, False), (len(files), big, True),
-                                   (16, 256 << 20, True)):
+    for threads, buf_mib, block, sync_each in ((len(files), 16, big, True), (len(files), 16, big, False),
+                                               (16, 16, 1 << 30, False), (24, 8, 8 << 20, False)):
         how = _drop_cache(files)
-        record(f"reads only: {'direct' if direct else 'buffered'} blocks", cold_block_reads(files, threads, 16 << 20,
-               block, direct), threads=threads, block_mib=block >> 20, chunk_mib=16, cache=how)
+        record("native reads + H2D", native_block_reads(files, threads, buf_mib << 20, block, dev, sync_each),
+               threads=threads, block_mib=block >> 20, buffer_mib=buf_mib, sync_each=sync_each, cache=how)
     for rnd in range(args.repeats):
         order = list(providers.items())
         if rnd % 2:

@@ -215,7 +215,8 @@ def _bench_pyloader(io, repeats, targets, ck_dir, preset, dev, prepare, plan, re
            read_thread_s=round(tm.read_s, 3), wait_read_s=round(tm.wait_read_s, 3), h2d_s=round(tm.h2d_s, 3),
            transform_s=round(tm.transform_s, 3), backend=report.backend, io_used=report.io,
            executor_wall_s=round(tm.wall_s, 3), executor_setup_s=round(tm.setup_s, 3),
-           executor_setup_parts=tm.setup_parts, prepare_parts=tm.prepare_parts, drain_s=round(tm.drain_s, 3),
+           executor_setup_parts=tm.setup_parts, prepare_parts=tm.prepare_parts, finish_s=round(tm.finish_s, 4),
+           drain_s=round(tm.drain_s, 3),
            outside_executor_s=round(min(times) - tm.wall_s, 3), cold_files=tm.cold_files)
     if not ok:
         raise SystemExit("pyloader result differs from the reference: not a valid measurement")

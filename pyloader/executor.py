@@ -102,6 +102,7 @@ class Timings:
     # pyloader.load before the executor (seconds): headers (read and checked), preset (rules and
     # target layout), plan (routing, pairing, shape and coverage checks)
     prepare_parts: Dict[str, float] = field(default_factory=dict)
+    finish_s: float = 0.0     # pyloader.load after the executor (report, tied targets)
 
 
 @dataclass

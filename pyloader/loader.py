@@ -149,6 +149,7 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
                                         "plan": round(t_plan - t_preset, 6)}
         report.bytes_read, report.backend, report.io = ex.bytes_read, ex.backend, ex.io_used
         report.readers = ex.readers_used
+        t_finish = time.perf_counter()
     elif isinstance(source, Mapping):
         plan = _run_memory(source, specs, rules, tensors, dev, backend, unexpected, block, hooks, report)
     else:
@@ -162,6 +163,8 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
         report.timings.wall_s = time.perf_counter() - t0
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+    if checkpoint is not None:
+        report.timings.finish_s = time.perf_counter() - t_finish
     logger.info("pyloader: %s", report.summary())
     return report
 

@@ -145,8 +145,10 @@ def _dequant_2d_table_cpu(w, s, out, block_size, block_offset) -> torch.Tensor:
     while i < rows:
         sr = (i + r0) // bm
         # One gather covers whole scale rows when a chunk holds several (small blocks or narrow
-        # tensors would otherwise split one thread's worth of work over every thread).
-        end = min(rows, (sr + max(1, chunk_rows // bm)) * bm - r0)
+        # tensors would otherwise split one thread's worth of work over every thread), and the
+        # rest of the tensor when it fits one chunk (a ragged last block, [576, 7168]: 4 + 1 scale
+        # rows, was a second table and gather).
+        end = rows if rows - i <= chunk_rows else min(rows, (sr + max(1, chunk_rows // bm)) * bm - r0)
         nsr = (end - 1 + r0) // bm - sr + 1
         table = (s[sr:sr + nsr, first:first + ncols, None] * values[None, None, :]).to(out.dtype).reshape(-1)
         for a0 in range(i, end, chunk_rows):
