@@ -92,10 +92,9 @@ def expected_of(pieces, outs):
 
 def providers(fp8: bool):
     def pyloader(backend):
-        def run(pieces, outs):
-            for name, per_expert in pieces.items():
-                ops.assemble_experts(outs[name], {e: [Shard(w, s) for w, s in parts] for e, parts in enumerate(per_expert)},
-                                     backend=backend)
+        def run(pieces, outs):  # the whole layer in one call, as a loader would
+            ops.assemble_layer(experts=[(outs[name], {e: [Shard(w, s) for w, s in parts] for e, parts in enumerate(per_expert)})
+                                        for name, per_expert in pieces.items()], backend=backend)
         return run
 
     def copy_per_tensor(pieces, outs):

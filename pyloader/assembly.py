@@ -475,3 +475,36 @@ def assemble_experts(
     else:
         _run_checked(expert_jobs(out, experts, expert_map, dim), chosen)
     return out
+
+
+def assemble_layer(experts: Sequence[Tuple[torch.Tensor, object]] = (),
+                   stacks: Sequence[Tuple[torch.Tensor, Sequence[ShardLike]]] = (),
+                   expert_map: Optional[Mapping[int, int]] = None, backend: Optional[str] = None) -> None:
+    """A whole layer in one launch: every ``(out, experts)`` of :func:`assemble_experts` (same
+    ``expert_map``) and every ``(out, shards)`` of :func:`stack_shards` (dim 0), as one job table::
+
+        assemble_layer(experts=[(w13, {e: [Shard(w1[e], s1[e]), Shard(w3[e], s3[e])] for e in emap}),
+                                (w2, {e: Shard(w2_[e], s2[e]) for e in emap})],
+                       stacks=[(qkv, [q, k, v])], expert_map=emap)
+
+    The destinations must be on one device. (The cuda backend runs 256 jobs a launch: a layer of
+    more jobs is still one call and one pass over the table.)"""
+    outs = [o for o, _ in experts] + [o for o, _ in stacks]
+    if not outs:
+        return
+    device = outs[0].device
+    for o in outs:
+        if o.device != device:
+            raise PyloaderInputError(f"assemble_layer: destinations on {device} and {o.device}: one call runs on one device")
+    chosen = resolve_backend(backend, device, "assemble_layer")
+    # cuda: job-table rows from addresses; other backends: jobs over tensor views
+    of_experts, of_stack = (expert_table, stack_table) if chosen == "cuda" else (expert_jobs, stack_jobs)
+    work: list = []
+    for out, ex in experts:
+        work += of_experts(out, ex, expert_map)
+    for out, shards in stacks:
+        work += of_stack(out, shards)
+    if chosen == "cuda":
+        launch_table(work, device)
+    else:
+        _run_checked(work, chosen)

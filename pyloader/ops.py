@@ -6,7 +6,8 @@
     >>> pyloader.ops.dequant_blockwise(w, s, out=fused[576:1152])  # straight into rows of a fused parameter
 
 Many tensors in one launch (pyloader.assembly): ``stack_shards`` (q/k/v → qkv, gate/up → gate_up),
-``assemble_experts`` (experts → ``[E_local, …]``), with ``Shard`` for FP8 + scale and tensor-parallel
+``assemble_experts`` (experts → ``[E_local, …]``), ``assemble_layer`` (several of those in one
+launch), with ``Shard`` for FP8 + scale and tensor-parallel
 ranges (``tp_range``), ``ep_expert_map`` for expert-parallel ownership, and the low-level
 ``multi_tensor_transform`` over ``TransformJob`` lists.
 """
@@ -20,7 +21,8 @@ from .backend import resolve_backend
 from .errors import PyloaderInputError
 from .transform import TransformJob, run_jobs
 from .assembly import (  # noqa: F401  (public API)
-    Shard, assemble_experts, ep_expert_map, multi_tensor_transform, stack_shards, tp_range, unstack_experts,
+    Shard, assemble_experts, assemble_layer, ep_expert_map, multi_tensor_transform, stack_shards, tp_range,
+    unstack_experts,
 )
 
 

@@ -73,6 +73,33 @@ def test_tensor_parallel_slices_start_inside_blocks(backend_device, world):
         check(backend, device, part, full_o[:, ro[0]:ro[1]], what=f"row-parallel rank {rank}")
 
 
+@pytest.mark.parametrize("backend_device", BACKENDS)
+def test_a_whole_layer_in_one_call(backend_device):
+    """assemble_layer: experts (w13 from w1/w3, w2) of an expert-parallel rank and a stacked qkv,
+    one job table, each destination as its own call would write it."""
+    backend, device = backend_device
+    E, I, H = 5, 40, 72
+    w1, s1 = fp8((E, I, H), 21, device=device)
+    w3, s3 = fp8((E, I, H), 22, device=device)
+    w2, s2 = fp8((E, H, I), 23, sdtype=torch.bfloat16, device=device)
+    q, qs = fp8((50, H), 24, device=device)
+    kv = torch.randn(16, H, device=device)
+    emap = ops.ep_expert_map(E, 1, 2)  # experts 3, 4
+    w13 = poison_(torch.empty(len(emap), 2 * I, H, dtype=torch.bfloat16, device=device))
+    down = poison_(torch.empty(len(emap), H, I, dtype=torch.bfloat16, device=device))
+    qkv = poison_(torch.empty(66, H, dtype=torch.bfloat16, device=device))
+    ops.assemble_layer(experts=[(w13, {e: [Shard(w1[e], s1[e]), Shard(w3[e], s3[e])] for e in range(E)}),
+                                (down, {e: Shard(w2[e], s2[e]) for e in range(E)})],
+                       stacks=[(qkv, [Shard(q, qs), kv])], expert_map=emap, backend=backend)
+    f1, f3, f2 = whole_dequant(w1, s1), whole_dequant(w3, s3), whole_dequant(w2, s2)
+    owned = sorted(emap)
+    check(backend, device, w13, torch.stack([torch.cat([f1[e], f3[e]]) for e in owned]))
+    check(backend, device, down, torch.stack([f2[e] for e in owned]))
+    check(backend, device, qkv, torch.cat([whole_dequant(q, qs), kv.bfloat16()]))
+    with pytest.raises(PyloaderInputError, match="one device"):
+        ops.assemble_layer(stacks=[(qkv, [q]), (torch.empty(1, H, device="meta"), [kv[:1]])], backend=backend)
+
+
 def test_tp_range_is_a_balanced_partition():
     for size in (0, 1, 7, 10, 333, 4096):
         for world in (1, 2, 3, 4, 8):
