@@ -13,6 +13,7 @@ target's own.
 """
 
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,6 +167,8 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
     if checkpoint is not None:
         report.timings.finish_s = time.perf_counter() - t_finish
     logger.info("pyloader: %s", report.summary())
+    if progress and checkpoint is not None:  # the bar is gone: what it measured, and where the time went
+        print(f"pyloader: {report.summary()}", file=sys.stderr)
     return report
 
 

@@ -105,6 +105,27 @@ def _scratch(n: int, dtype: torch.dtype) -> torch.Tensor:
     return buf[:n]
 
 
+def _add_table_offsets(idx, wu, a0: int, b0: int, r0: int, bm: int, sr: int, colbase, stride: int) -> None:
+    """idx[rows a0..b0] = byte + offset of its block's table (``colbase`` a row of column offsets,
+    ``stride`` entries a scale row). A run of whole blocks is one add over ``[k, bm, cols]`` with a
+    ``[k, 1, cols]`` offset: one pass over the bytes, where an add per scale row was k passes of
+    a few thousand elements a thread, each paying its own fork and join on a many-core host."""
+    a = a0
+    while a < b0:
+        rel = (a + r0) // bm - sr
+        k = (b0 - a) // bm
+        if (a + r0) % bm == 0 and k >= 2:
+            offs = (torch.arange(rel, rel + k, dtype=colbase.dtype) * stride).view(k, 1, 1) + colbase
+            rows = slice(a, a + k * bm)
+            torch.add(wu[rows].unflatten(0, (k, bm)), offs,
+                      out=idx[rows.start - a0:rows.stop - a0].unflatten(0, (k, bm)))
+            a += k * bm
+        else:
+            b = min(b0, (sr + rel + 1) * bm - r0)
+            torch.add(wu[a:b], colbase + rel * stride, out=idx[a - a0:b - a0])
+            a = b
+
+
 def _dequant_2d_table_cpu(w, s, out, block_size, block_offset) -> torch.Tensor:
     """CPU FP8 path by table: for each block, a table of its 256 possible outputs,
     ``rne(value[b] * scale)`` (the same float32 product and rounding as every backend), then one
@@ -156,12 +177,7 @@ def _dequant_2d_table_cpu(w, s, out, block_size, block_offset) -> torch.Tensor:
             n = b0 - a0
             idx = index[:n]
             if per_scale_row:  # index = byte + offset of its block's table
-                a = a0
-                while a < b0:
-                    rel = (a + r0) // bm - sr
-                    b = min(b0, (sr + rel + 1) * bm - r0)
-                    torch.add(wu[a:b], colbase + rel * (ncols * 256), out=idx[a - a0:b - a0])
-                    a = b
+                _add_table_offsets(idx, wu, a0, b0, r0, bm, sr, colbase, ncols * 256)
             else:
                 key = ((a0 + r0) - sr * bm, n)
                 if key not in bases:

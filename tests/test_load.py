@@ -102,6 +102,18 @@ def test_load_every_family_matches_hand_built_reference(tmp_path, family, fp8, d
         assert_bitwise_equal(t, want, what=f"{family} {name}")
 
 
+def test_progress_ends_with_the_time_split_and_library_use_stays_quiet(tmp_path, capsys):
+    c = dict(TINY["llama"], quantization_config={"quant_method": "fp8"})
+    d = write_checkpoint(tmp_path / "m", c)
+    targets = allocate_targets(build_preset(c).targets, "cpu")
+    pyloader.load(targets, d, backend="torch", progress=False)
+    assert capsys.readouterr().err == ""
+    report = pyloader.load(targets, d, backend="torch", progress=True)
+    err = capsys.readouterr().err
+    assert f"pyloader: loaded {len(report.loaded)} targets" in err
+    assert "GB/s" in err and "thread-s" in err and "H2D" in err and "transforms" in err
+
+
 def test_tensor_parallel_load_is_the_slice_of_the_full_load(tmp_path):
     c = dict(TINY["llama"], quantization_config={"quant_method": "fp8"})
     d = write_checkpoint(tmp_path / "tp", c)
