@@ -361,3 +361,53 @@ def test_cuda_tables_refuse_what_the_job_path_refuses():
     for fn, needle in cases:
         with pytest.raises(PyloaderInputError, match=needle):
             fn()
+
+
+def test_cuda_tables_equal_the_tables_of_views_on_random_layers():
+    """Randomized: layers of experts with random shapes, row/column slices starting anywhere,
+    scale dtypes and block shapes, per-tensor scales, casts, byte copies and strided destinations,
+    many experts alike (the reused rows) and some not."""
+    from pyloader.assembly import expert_jobs, expert_table
+
+    gen = torch.Generator().manual_seed(17)
+
+    def rnd(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+    for case in range(40):
+        E, M, N = rnd(1, 6), rnd(1, 70), rnd(1, 90)
+        bm, bn = rnd(1, 40), rnd(1, 50)
+        kind = case % 4  # dequant, per-tensor dequant, cast, byte copy
+        sdtype = [torch.float32, torch.bfloat16, torch.float16, E8M0][case % 4]
+        parts = rnd(1, 3)
+        src_rows = [rnd(M, M + 30) for _ in range(parts)]
+        shards, taken = {}, []
+        for p in range(parts):
+            rows = M
+            a = rnd(0, src_rows[p] - rows)
+            taken.append((a, a + rows))
+        out_dtype = [torch.bfloat16, torch.float16, torch.float32][case % 3]
+        width = N + rnd(0, 5)
+        base = torch.empty(E + 1, parts * M, width, dtype=out_dtype if kind != 3 else torch.bfloat16)
+        out = base[1:, :, width - N:] if case % 2 else base[:E, :, :N]
+        weights = []
+        for p in range(parts):
+            if kind in (0, 1):
+                w = random_fp8((E, src_rows[p], N), torch.float8_e4m3fn, gen)
+                if kind == 0:
+                    s = random_scale((E, -(-src_rows[p] // bm), -(-N // bn)), sdtype, gen)
+                else:
+                    s = torch.rand(E, 1, 1, generator=gen) + 0.5
+                weights.append((w, s))
+            elif kind == 2:
+                weights.append((torch.randn(E, src_rows[p], N, generator=gen), None))
+            else:
+                weights.append((torch.randn(E, src_rows[p], N, generator=gen).bfloat16(), None))
+        alike = rnd(0, 1)
+        experts = {}
+        for e in range(E):
+            ranges = taken if (alike or e % 2) else [(0, M)] * parts
+            experts[e] = [Shard(w[e], None if s is None else s[e], (bm, bn) if kind == 0 else (128, 128), rows=r)
+                          for (w, s), r in zip(weights, ranges)]
+        want = _table_of_jobs(expert_jobs(out, experts))
+        assert expert_table(out, experts) == want, f"case {case}"
