@@ -46,7 +46,7 @@ class CheckpointError(PyloaderInputError):
         super().__init__(f"{where}: {message}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorInfo:
     """One tensor of a checkpoint: where its bytes are (absolute file offsets ``[start, end)``)."""
 

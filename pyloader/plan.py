@@ -35,7 +35,7 @@ class PlanError(PyloaderInputError):
         super().__init__(f"the load plan has {len(problems)} problem(s):\n{shown}{more}")
 
 
-@dataclass
+@dataclass(slots=True)
 class Piece:
     """One checkpoint tensor (this rank's part of it) → one place in one target."""
 
