@@ -152,8 +152,9 @@ class Router:
         self._owned = None if rules.owned_layers is None else set(rules.owned_layers)
         self._stacked = self._template_stacked(rules.stacked_params_mapping)
         self._experts = self._template_experts(rules.expert_params_mapping)
-        self._cache: Dict[str, Tuple] = {}
-        self._layer_slots: Dict[Tuple[str, int], Optional[int]] = {}
+        self._cache: Dict[str, Tuple] = {}  # template -> (layer slot, resolution)
+        self._num_layers = rules.num_layers
+        self._tied_target = rules.tied_target if rules.tie_word_embeddings else None
 
     # -- rules in template space ------------------------------------------------------------
     @staticmethod
@@ -226,25 +227,24 @@ class Router:
         else:
             reason = None
         tmpl, ints = templatize(renamed)
-        slot_key = (tmpl, len(ints))
-        lslot = self._layer_slots.get(slot_key, -1)
-        if lslot == -1:
-            lslot = self._layer_slots[slot_key] = self._layer_slot(tmpl, len(ints))
+        # one lookup a name: the template's layer slot and its resolution (a template fixes how
+        # many integers its names hold)
+        known = self._cache.get(tmpl)
+        if known is None:
+            known = self._cache[tmpl] = (self._layer_slot(tmpl, len(ints)), self._resolve_template(tmpl))
+        lslot, (kind, target_tmpl, shard_id, slot) = known
         layer = ints[lslot] if lslot is not None else None
         if reason:
             return Route(name, "skip", layer=layer, reason=reason)
-        r = self.rules
-        if r.num_layers is not None and layer is not None and layer >= r.num_layers:
-            return Route(name, "skip", layer=layer,
-                         reason=f"layer {layer} >= num_hidden_layers {r.num_layers}: MTP/next-n draft layer")
-        if self._owned is not None and layer is not None and layer not in self._owned:
-            return Route(name, "skip", layer=layer, reason="layer owned by another pipeline stage")
-        if r.tie_word_embeddings and name == r.tied_target:
+        if layer is not None:
+            if self._num_layers is not None and layer >= self._num_layers:
+                return Route(name, "skip", layer=layer,
+                             reason=f"layer {layer} >= num_hidden_layers {self._num_layers}: MTP/next-n draft layer")
+            if self._owned is not None and layer not in self._owned:
+                return Route(name, "skip", layer=layer, reason="layer owned by another pipeline stage")
+        if self._tied_target is not None and name == self._tied_target:
+            r = self.rules
             return Route(name, "skip", reason=f"tie_word_embeddings: {r.tied_target} is {r.tied_source}")
-        resolved = self._cache.get(tmpl)
-        if resolved is None:
-            resolved = self._cache[tmpl] = self._resolve_template(tmpl)
-        kind, target_tmpl, shard_id, slot = resolved
         if kind == "unexpected":
             benign = self._benign.reason(name)
             if benign:
