@@ -145,8 +145,11 @@ def parse_header(path: Union[str, Path], head: bytes, file_size: int) -> Safeten
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if type(dtype) is not str or dtype not in DTYPES:
             raise CheckpointError(path, f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})", name)
-        if type(shape) is not list or not all(type(d) is int and d >= 0 for d in shape):
+        if type(shape) is not list:
             raise CheckpointError(path, f"shape {shape!r} must be a list of non-negative integers", name)
+        for d in shape:  # a loop, not all(generator): this runs per dimension of every tensor
+            if type(d) is not int or d < 0:
+                raise CheckpointError(path, f"shape {shape!r} must be a list of non-negative integers", name)
         if (type(offsets) is not list or len(offsets) != 2 or type(offsets[0]) is not int
                 or type(offsets[1]) is not int or not 0 <= offsets[0] <= offsets[1]):
             raise CheckpointError(path, f"data_offsets {offsets!r} must be [begin, end] with 0 <= begin <= end", name)
