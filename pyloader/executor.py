@@ -105,7 +105,7 @@ class Timings:
     finish_s: float = 0.0     # pyloader.load after the executor (report, tied targets)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Part:
     piece: Piece
     row0: int        # first row of the part, relative to the rows this rank reads of the source
@@ -115,7 +115,7 @@ class _Part:
     slot_offset: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class _Batch:
     parts: List[_Part] = field(default_factory=list)
     nbytes: int = 0
