@@ -414,9 +414,19 @@ def multi_tensor_transform(jobs: Sequence[TransformJob], backend: Optional[str] 
     ``cuda``: one launch per 256 jobs (large jobs are split into chunks across the grid);
     ``triton``: one launch per distinct (source, destination, scale) dtype signature; ``torch``: job by job.
     """
-    jobs = [j for j in jobs if j.src.numel() > 0]
-    if jobs:
-        _run_checked(jobs, resolve_backend(backend, jobs[0].dst.device, "multi_tensor_transform"))
+    first = next((j for j in jobs if j.src.numel() > 0), None)
+    if first is not None:  # nothing to run: no backend to choose
+        _run_checked(jobs, resolve_backend(backend, first.dst.device, "multi_tensor_transform"))
+
+
+def _run(device: torch.device, backend: Optional[str], op: str, table, jobs) -> None:
+    """Run one call's work on the chosen backend: ``table()`` (job-table rows from addresses) on
+    cuda, ``jobs()`` (jobs over tensor views, checked) on the others."""
+    chosen = resolve_backend(backend, device, op)
+    if chosen == "cuda":
+        launch_table(table(), device)
+    else:
+        _run_checked(jobs(), chosen)
 
 
 def _run_checked(jobs: Sequence[TransformJob], chosen: str) -> None:
@@ -443,11 +453,7 @@ def stack_shards(out: torch.Tensor, shards: Sequence[ShardLike], dim: int = 0,
         stack_shards(layer.qkv_proj.weight, [q, k, v])            # bf16 checkpoint
         stack_shards(layer.gate_up_proj.weight, [Shard(g, g_s), Shard(u, u_s)])   # FP8 → bf16
     """
-    chosen = resolve_backend(backend, out.device, "stack_shards")
-    if chosen == "cuda":
-        launch_table(stack_table(out, shards, dim), out.device)
-    else:
-        _run_checked(stack_jobs(out, shards, dim), chosen)
+    _run(out.device, backend, "stack_shards", lambda: stack_table(out, shards, dim), lambda: stack_jobs(out, shards, dim))
     return out
 
 
@@ -467,13 +473,10 @@ def assemble_experts(
     ranges, or any explicit dict); experts not in it belong to other ranks and are skipped. Default:
     identity over ``E_local``. Every local slot must be written exactly once.
     """
-    chosen = resolve_backend(backend, out.device, "assemble_experts")
-    if chosen == "cuda":
-        # The job table straight from addresses: host time is most of an eager call for a layer of
-        # hundreds of small experts (a tensor view costs ~2 µs).
-        launch_table(expert_table(out, experts, expert_map, dim), out.device)
-    else:
-        _run_checked(expert_jobs(out, experts, expert_map, dim), chosen)
+    # cuda: the job table straight from addresses (host time is most of an eager call for a layer
+    # of hundreds of small experts, and a tensor view costs ~2 µs)
+    _run(out.device, backend, "assemble_experts", lambda: expert_table(out, experts, expert_map, dim),
+         lambda: expert_jobs(out, experts, expert_map, dim))
     return out
 
 
@@ -496,15 +499,13 @@ def assemble_layer(experts: Sequence[Tuple[torch.Tensor, object]] = (),
     for o in outs:
         if o.device != device:
             raise PyloaderInputError(f"assemble_layer: destinations on {device} and {o.device}: one call runs on one device")
-    chosen = resolve_backend(backend, device, "assemble_layer")
-    # cuda: job-table rows from addresses; other backends: jobs over tensor views
-    of_experts, of_stack = (expert_table, stack_table) if chosen == "cuda" else (expert_jobs, stack_jobs)
-    work: list = []
-    for out, ex in experts:
-        work += of_experts(out, ex, expert_map)
-    for out, shards in stacks:
-        work += of_stack(out, shards)
-    if chosen == "cuda":
-        launch_table(work, device)
-    else:
-        _run_checked(work, chosen)
+
+    def work(of_experts, of_stack) -> list:
+        out = []
+        for dst, ex in experts:
+            out += of_experts(dst, ex, expert_map)
+        for dst, shards in stacks:
+            out += of_stack(dst, shards)
+        return out
+
+    _run(device, backend, "assemble_layer", lambda: work(expert_table, stack_table), lambda: work(expert_jobs, stack_jobs))

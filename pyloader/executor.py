@@ -678,9 +678,9 @@ class StreamingExecutor:
             return {}
         infos, offsets, buf, futures = started
         results = [f.result() for f in futures]
-        if buf.device.type == "cuda" and results and isinstance(results[0], torch.cuda.Event):
+        if buf.device.type == "cuda":  # native readers read straight to the device, on their streams
             current = torch.cuda.current_stream(self.device)
-            for done in results:  # read straight to the device on the readers' streams
+            for done in results:
                 current.wait_event(done)
             dev = buf
         else:

@@ -123,8 +123,8 @@ def append_job_row(table: List[int], index: int, src: int, src_dtype: torch.dtyp
     table += (src, dst, s_ptr, rows, cols, src_strides[0], dst_strides[0], s_rs, s_cs, bm, bn, r0, c0, sc, dc, scc)
 
 
-def pack_jobs(jobs: Sequence[TransformJob]) -> torch.Tensor:
-    """Pack jobs into the int64 [n, 16] table csrc/pyloader.h describes (JobField order)."""
+def job_rows(jobs: Sequence[TransformJob]) -> List[int]:
+    """The jobs' fields, 16 a job, flat (the table :func:`launch_table` runs)."""
     table: List[int] = []
     for i, job in enumerate(jobs):
         src, dst, s = job.src, job.dst, job.scale
@@ -134,7 +134,12 @@ def pack_jobs(jobs: Sequence[TransformJob]) -> torch.Tensor:
             scale = (s.data_ptr(), s.dtype, s.stride(0), s.stride(1)) + tuple(job.block_size) + tuple(job.block_offset)
         append_job_row(table, i, src.data_ptr(), src.dtype, src.stride(), dst.data_ptr(), dst.dtype, dst.stride(),
                        rows, cols, scale)
-    return torch.tensor(table, dtype=torch.int64).view(-1, JOB_FIELDS)
+    return table
+
+
+def pack_jobs(jobs: Sequence[TransformJob]) -> torch.Tensor:
+    """Pack jobs into the int64 [n, 16] table csrc/pyloader.h describes (JobField order)."""
+    return torch.tensor(job_rows(jobs), dtype=torch.int64).view(-1, JOB_FIELDS)
 
 
 def launch_table(table: List[int], device: torch.device) -> None:
@@ -151,14 +156,8 @@ def launch_table(table: List[int], device: torch.device) -> None:
 
 
 def run_jobs_cuda(jobs: Sequence[TransformJob]) -> None:
-    from . import _C
-
-    if not jobs:
-        return
-    table = pack_jobs(jobs)
-    stream = torch.cuda.current_stream(jobs[0].dst.device).cuda_stream
-    with torch.cuda.device(jobs[0].dst.device):
-        _C.multi_tensor_transform(table.data_ptr(), table.shape[0], stream)
+    if jobs:
+        launch_table(job_rows(jobs), jobs[0].dst.device)
 
 
 def run_job_torch(job: TransformJob) -> None:
