@@ -81,6 +81,9 @@ class ExecutorConfig:
     # native reader threads when some file is read with O_DIRECT: the disk, not the CPU, is then
     # the limit, and each reader keeps one request in flight (bench/NOTES.md, session 5)
     cold_read_threads: int = 24
+    # pyloader.load of a whole model (no tp/pp/ep) from warm files: reads of the first slots begin
+    # as soon as the headers are read, while the plan is built (StreamingExecutor.start_early)
+    early_reads: bool = True
 
 
 @dataclass
@@ -91,9 +94,10 @@ class Timings:
     # chunk's span also covers the read of its first buffer, so this is an upper bound)
     h2d_s: float = 0.0
     transform_s: float = 0.0  # device time of transform launches
-    wall_s: float = 0.0
-    setup_s: float = 0.0      # executor start until the first batch's reads are queued (buffers, scales)
-    # setup_s by step (seconds): batches, staging, cold_check, readers, scales_queued, reads_queued
+    wall_s: float = 0.0       # executor start (start_early, else run) until the device is done
+    setup_s: float = 0.0      # executor start until the first reads are queued (buffers, readers)
+    # seconds by step, in order: staging, cold_check, readers, [early_reads_queued, plan (the
+    # caller planning while those reads ran)], batches, scales_queued, reads_queued
     setup_parts: Dict[str, float] = field(default_factory=dict)
     drain_s: float = 0.0      # last transform enqueued until the device is done
     cold_files: int = 0       # files read as cold (see ExecutorConfig.cold_reads)
@@ -103,16 +107,19 @@ class Timings:
     # target layout), plan (routing, pairing, shape and coverage checks)
     prepare_parts: Dict[str, float] = field(default_factory=dict)
     finish_s: float = 0.0     # pyloader.load after the executor (report, tied targets)
+    early_bytes: int = 0      # read before the plan existed (StreamingExecutor.start_early)
+    early_unused_bytes: int = 0  # of those, bytes of tensors the plan did not use
 
 
 @dataclass(slots=True)
 class _Part:
-    piece: Piece
+    piece: Optional[Piece]   # None: a tensor read before the plan existed (see StreamingExecutor.start_early)
     row0: int        # first row of the part, relative to the rows this rank reads of the source
     rows: int
     file_offset: int
     nbytes: int
     slot_offset: int = 0
+    source: Optional[TensorInfo] = None  # what is read (the piece's source)
 
 
 @dataclass(slots=True)
@@ -132,34 +139,97 @@ def _read_rows(piece: Piece) -> Tuple[int, int]:
     return 0, n
 
 
+def _pack(batches: List[_Batch], source: TensorInfo, piece: Optional[Piece], rows: int, first_byte: int,
+          total: int, slot_bytes: int, max_batches: Optional[int] = None) -> bool:
+    """Append ``rows`` rows (``total`` bytes from file offset ``first_byte``) of ``source`` to the
+    batches, split by rows where larger than a slot. With ``max_batches``: all or nothing (False,
+    the batches unchanged, where the rows would not fit)."""
+    row_bytes = total // rows if rows else total
+    if row_bytes > slot_bytes:
+        raise PyloaderInputError(f"{source.file}: tensor {source.name}: one row is {row_bytes} bytes, "
+                                 f"larger than a staging slot ({slot_bytes}); raise slot_bytes")
+    if source.shape is None or len(source.shape) <= 1 or rows == 0:
+        chunks = [(0, rows, total)]
+    else:
+        per = max(1, (slot_bytes - _ALIGN) // row_bytes)
+        chunks = [(r, min(per, rows - r), min(per, rows - r) * row_bytes) for r in range(0, rows, per)]
+    placed, count, used, empty = [], len(batches), batches[-1].nbytes, not batches[-1].parts
+    for _, _, nbytes in chunks:  # where each chunk goes (batch index, slot offset)
+        start = -(-used // _ALIGN) * _ALIGN
+        if start + nbytes > slot_bytes and not empty:
+            count, start = count + 1, 0
+        placed.append((count - 1, start))
+        used, empty = start + nbytes, False
+    if max_batches is not None and count > max_batches:
+        return False
+    for (r, n, nbytes), (k, start) in zip(chunks, placed):
+        if k == len(batches):
+            batches.append(_Batch())
+        cur = batches[k]
+        cur.parts.append(_Part(piece, r, n, first_byte + r * row_bytes, nbytes, start, source))
+        cur.nbytes = start + nbytes
+        if piece is not None:
+            cur.layers.add(piece.layer)
+    return True
+
+
 def split_into_batches(pieces: List[Piece], slot_bytes: int) -> List[_Batch]:
     """Pack pieces (in plan order) into slot-sized batches; pieces larger than a slot are split by rows."""
     batches: List[_Batch] = [_Batch()]
     for p in pieces:
         a, b = _read_rows(p)
-        total = p.read_range[1] - p.read_range[0]
-        rows = b - a
-        row_bytes = total // rows if rows else total
-        if row_bytes > slot_bytes:
-            raise PyloaderInputError(f"{p.source.file}: tensor {p.source.name}: one row is {row_bytes} bytes, "
-                                     f"larger than a staging slot ({slot_bytes}); raise slot_bytes")
-        if len(p.source.shape) <= 1 or rows == 0:
-            chunks = [(0, rows, total)]
-        else:
-            per = max(1, (slot_bytes - _ALIGN) // row_bytes)
-            chunks = [(r, min(per, rows - r), min(per, rows - r) * row_bytes) for r in range(0, rows, per)]
-        for r, n, nbytes in chunks:
-            cur = batches[-1]
-            start = -(-cur.nbytes // _ALIGN) * _ALIGN
-            if start + nbytes > slot_bytes and cur.parts:
-                cur = _Batch()
-                batches.append(cur)
-                start = 0
-            part = _Part(p, r, n, p.read_range[0] + r * row_bytes, nbytes, start)
-            cur.parts.append(part)
-            cur.nbytes = start + nbytes
-            cur.layers.add(p.layer)
+        _pack(batches, p.source, p, b - a, p.read_range[0], p.read_range[1] - p.read_range[0], slot_bytes)
     return [b for b in batches if b.parts]
+
+
+def early_batches(tensors: List[TensorInfo], slot_bytes: int, max_batches: int) -> List[_Batch]:
+    """Whole tensors, in the given order, packed into at most ``max_batches`` slots. A tensor that
+    does not fit entirely is left to the plan's reads and packing goes on with the next (a real
+    checkpoint may open with an embedding larger than all the slots)."""
+    batches: List[_Batch] = [_Batch()]
+    misses = 0
+    for t in tensors:
+        if t.shape is None or t.nbytes <= 0:
+            continue
+        rows = t.shape[0] if t.shape else 1
+        if _pack(batches, t, None, rows, t.start, t.nbytes, slot_bytes, max_batches):
+            misses = 0
+        else:
+            misses += 1
+            if misses >= 64 or (len(batches) == max_batches and batches[-1].nbytes >= slot_bytes - slot_bytes // 64):
+                break  # full: not worth looking through every remaining tensor
+    return [b for b in batches if b.parts]
+
+
+def _adopt_early_parts(pieces: List[Piece], early: List[_Batch]) -> Tuple[List[Piece], int]:
+    """Give each piece whose rows were read before the plan its parts in the early batches (the
+    rows it reads, wherever they landed); returns the pieces still to be read, and the bytes read
+    early that no piece uses."""
+    where: Dict[str, List[Tuple[_Batch, _Part]]] = {}
+    for b in early:
+        for part in b.parts:
+            if part.piece is None:
+                where.setdefault(part.source.name, []).append((b, part))
+    rest, adopted = [], set()
+    for p in pieces:
+        got = where.get(p.source.name)
+        if not got or p.source.shape is None:
+            rest.append(p)
+            continue
+        a, b_ = _read_rows(p)
+        if a >= b_:
+            rest.append(p)
+            continue
+        row_bytes = p.source.nbytes // (p.source.shape[0] if p.source.shape else 1)
+        for batch, t in got:
+            lo, hi = max(a, t.row0), min(b_, t.row0 + t.rows)
+            if lo < hi:
+                batch.parts.append(_Part(p, lo - a, hi - lo, p.source.start + lo * row_bytes, (hi - lo) * row_bytes,
+                                         t.slot_offset + (lo - t.row0) * row_bytes, p.source))
+                batch.layers.add(p.layer)
+                adopted.add(p.source.name)
+    unused = sum(part.nbytes for name, got in where.items() if name not in adopted for _, part in got)
+    return rest, unused
 
 
 def _preadv_into(fd: int, buf: memoryview, offset: int, path) -> None:
@@ -509,12 +579,18 @@ def _busy_seconds(spans: List[Tuple[float, float]]) -> float:
 
 
 class StreamingExecutor:
-    """Runs a :class:`~pyloader.plan.Plan` into ``tensors`` (target name → tensor on ``device``)."""
+    """Runs a :class:`~pyloader.plan.Plan` into ``tensors`` (target name → tensor on ``device``)::
 
-    def __init__(self, plan: Plan, tensors: Dict[str, torch.Tensor], device: torch.device,
+        ex = StreamingExecutor(tensors, device)
+        ex.start_early(checkpoint)   # optional: reads begin while the caller builds the plan
+        timings = ex.run(plan)       # or ex.close() when no plan comes: nothing was written
+    """
+
+    def __init__(self, tensors: Dict[str, torch.Tensor], device: torch.device,
                  backend: Optional[str] = None, config: ExecutorConfig = ExecutorConfig(),
                  progress: bool = True, hooks: Optional[Callable[[Optional[int]], None]] = None):
-        self.plan, self.tensors, self.device = plan, tensors, torch.device(device)
+        self.plan: Optional[Plan] = None
+        self.tensors, self.device = tensors, torch.device(device)
         self.cfg = config
         self.backend = resolve_backend(backend, self.device, "load")
         self.progress = progress
@@ -523,7 +599,17 @@ class StreamingExecutor:
         self.bytes_read = 0
         self.io_used = ""
         self.readers_used = ""  # "native" or "python" (GPU pinned-buffer path), see ExecutorConfig.readers
-        self._read_step = config.read_chunk_bytes  # bytes a read (smaller with O_DIRECT reads, see run)
+        self._read_step = config.read_chunk_bytes  # bytes a read (smaller with O_DIRECT reads, see _open)
+        self._opened = False
+        self._t_start = 0.0
+        self._marks: List[Tuple[str, float]] = []
+        self._early: Optional[Tuple[List[_Batch], list]] = None  # batches read before the plan, their reads
+        self.files = self.pool = self.native = self.pinned = self.registered = None
+        self.staging_all = None
+        self.staging: List[torch.Tensor] = []
+        self.nslots = 0
+        self.threads = config.read_threads
+        self._usable: Dict[str, bool] = {}
 
     def _read_chunks(self, files: _FileCache, chunks, host: torch.Tensor, slot_free=None) -> float:
         if slot_free is not None:
@@ -624,7 +710,7 @@ class StreamingExecutor:
         out, step = [], self._read_step
         for part in parts:
             for off in range(0, part.nbytes, step):
-                out.append((part.piece.source.file, part.file_offset + off, part.slot_offset + off,
+                out.append((part.source.file, part.file_offset + off, part.slot_offset + off,
                             min(step, part.nbytes - off)))
         return out
 
@@ -654,20 +740,27 @@ class StreamingExecutor:
         return infos, offsets, host, [pool.submit(self._read_chunks, files, g, host) for g in groups]
 
     @staticmethod
-    def _read_scales_native(files: _FileCache, native: "_NativeReaders", infos, offsets, group: range,
-                            dev: torch.Tensor):
-        reader, stream = native.get()
-        picked = [infos[i] for i in group]
+    def _read_ranges_native(files: _FileCache, reader, stream, ranges, dst: int, what: str) -> None:
+        """``ranges``: (tensor, file offset, bytes, destination offset), destinations ascending: read
+        and copied to ``dst`` in one call (no GIL held); a failed read names its file and tensor."""
         try:
-            reader.read_ranges_to_device([files.fd(info.file) for info in picked], [info.start for info in picked],
-                                         [info.nbytes for info in picked], [offsets[i] for i in group],
-                                         dev.data_ptr(), stream.cuda_stream)
+            reader.read_ranges_to_device([files.fd(r[0].file) for r in ranges], [r[1] for r in ranges],
+                                         [r[2] for r in ranges], [r[3] for r in ranges], dst, stream.cuda_stream)
         except ValueError as e:  # "range K: what happened": name the file and the tensor
             text = str(e)
             k = int(text.split(":", 1)[0].split()[-1]) if text.startswith("range ") else None
-            if k is not None and 0 <= k < len(picked):
-                raise PyloaderInputError(f"{picked[k].file}: tensor {picked[k].name}: {text.split(': ', 1)[-1]}") from None
-            raise PyloaderInputError(f"reading scale tensors: {text}") from None
+            if k is not None and 0 <= k < len(ranges):
+                raise PyloaderInputError(f"{ranges[k][0].file}: tensor {ranges[k][0].name}: "
+                                         f"{text.split(': ', 1)[-1]}") from None
+            raise PyloaderInputError(f"reading {what}: {text}") from None
+
+    @staticmethod
+    def _read_scales_native(files: _FileCache, native: "_NativeReaders", infos, offsets, group: range,
+                            dev: torch.Tensor):
+        reader, stream = native.get()
+        StreamingExecutor._read_ranges_native(files, reader, stream,
+                                              [(infos[i], infos[i].start, infos[i].nbytes, offsets[i]) for i in group],
+                                              dev.data_ptr(), "scale tensors")
         done = torch.cuda.Event()
         done.record(stream)
         return done
@@ -689,76 +782,176 @@ class StreamingExecutor:
         return {info.name: dev[off:off + info.nbytes].view(info.torch_dtype).view(info.shape)
                 for info, off in zip(infos, offsets)}
 
-    def run(self) -> Timings:
+    def _open(self, file_names: List[str], nslots: int, t_start: float) -> None:
+        """What a load needs before its first read: staging slots, descriptors, the cold check, the
+        readers and their pool."""
         cfg, dev = self.cfg, self.device
-        t_start = time.perf_counter()
         if cfg.io not in ("auto", "mmap", "pread"):
             raise PyloaderInputError(f"io must be 'auto', 'mmap' or 'pread', not {cfg.io!r}")
         if cfg.readers not in ("auto", "native", "python"):
             raise PyloaderInputError(f"readers must be 'auto', 'native' or 'python', not {cfg.readers!r}")
         if cfg.cold_reads not in ("auto", "direct", "buffered"):
             raise PyloaderInputError(f"cold_reads must be 'auto', 'direct' or 'buffered', not {cfg.cold_reads!r}")
-        files = _FileCache()
+        self._opened, self._t_start = True, t_start
+        self._marks.append(("start", t_start))
+        self.files = _FileCache()
         cuda = dev.type == "cuda"
-        pieces = [p for _, group in self.plan.by_layer() for p in group]
-        file_names = list(dict.fromkeys(str(p.source.file) for p in pieces))
-        batches = split_into_batches(pieces, cfg.slot_bytes)
-        marks = [("start", t_start), ("batches", time.perf_counter())]
-        nslots = max(1, min(cfg.num_slots, len(batches)))
-        if cuda:  # readers copy their own chunks from a pool of pinned buffers into device slots
-            host = None
-            staging = [torch.empty(cfg.slot_bytes, dtype=torch.uint8, device=dev) for _ in range(nslots)]
-        else:  # CPU: readers fill the slots the transforms read
-            host = staging = [torch.empty(cfg.slot_bytes, dtype=torch.uint8) for _ in range(nslots)]
-        marks.append(("staging", time.perf_counter()))
+        self.nslots = nslots
+        # one allocation: a group of reads before the plan spans several slots in one call
+        self.staging_all = torch.empty(nslots * cfg.slot_bytes, dtype=torch.uint8, device=dev if cuda else "cpu")
+        self.staging = [self.staging_all[k * cfg.slot_bytes:(k + 1) * cfg.slot_bytes] for k in range(nslots)]
+        self._marks.append(("staging", time.perf_counter()))
+        if cuda and cfg.io == "mmap":
+            self.registered = _RegisteredFiles()
+            # cold files too: their pages are faulted in during registration
+            self._usable = {f: self.registered.map(f) is not None and self.registered.first_window_ok(f)
+                            for f in file_names}
+            if self.registered.refused:
+                raise PyloaderInputError(f"io='mmap': {next(iter(self.registered.refused.items()))}")
+        if cuda and not (self._usable and all(self._usable.values())):
+            self._choose_cold_reads(self.files, file_names)
+            self._marks.append(("cold_check", time.perf_counter()))
+            self.readers_used = self._choose_readers()
+            if self.files.direct and self.readers_used == "native":  # Python readers: 32 MiB buffers, 12 keep 768 MiB
+                self.threads = max(1, cfg.cold_read_threads)
+            if self.readers_used == "native":  # chunks of any size: the reader splits them into its buffers
+                self.native = _NativeReaders(dev, self.threads, cfg.buffers_per_thread, cfg.pinned_buffer_bytes)
+            else:
+                buffer_bytes = cfg.read_chunk_bytes
+                if self.files.direct:
+                    self._read_step, buffer_bytes = _direct_read_sizes(cfg.read_chunk_bytes)
+                self.pinned = _PinnedPool(self.threads * cfg.buffers_per_thread, buffer_bytes)
+        self.pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="pyloader-read")
+        self._marks.append(("readers", time.perf_counter()))
+        self.timings.read_threads = self.threads
+        held = self.native.buffers if self.native is not None else (self.pinned.buffers if self.pinned is not None else [])
+        self.timings.pinned_bytes = sum(b.numel() for b in held)
+
+    def start_early(self, checkpoint) -> bool:
+        """Start reading before the plan exists: whole tensors of the checkpoint, in file order,
+        into the staging slots (never into a target: nothing is written before the plan checks out).
+        :meth:`run` then transforms the ones its plan uses and reads the rest; bytes the plan does
+        not use are counted in ``Timings.early_unused_bytes``. Planning (10-20 ms for a 16 GB
+        checkpoint) and this executor's setup then overlap the first reads instead of preceding
+        them. Taken for files in the page cache, read by native readers on a GPU (or on a CPU);
+        cold files and io="mmap" wait for the plan. Returns whether reads began."""
+        cfg = self.cfg
+        if self._opened or not cfg.early_reads or cfg.io == "mmap" or not checkpoint.headers_read:
+            return False
+        total = checkpoint.total_bytes()
+        if total <= 0:
+            return False
+        t_start = time.perf_counter()
+        order = {str(f): k for k, f in enumerate(checkpoint.files)}
+        infos = sorted(checkpoint.tensors.values(), key=lambda t: (order.get(str(t.file), len(order)), t.start))
+        self._open(list(order), max(1, min(cfg.num_slots, -(-total // cfg.slot_bytes))), t_start)
+        cuda = self.device.type == "cuda"
+        if self.files.direct or (cuda and self.native is None):
+            return False  # the disk sets the pace of cold files; Python readers would contend with the planner for the GIL
+        batches = early_batches(infos, cfg.slot_bytes, self.nslots)
+        if not batches:
+            return False
+        step = cfg.pinned_buffer_bytes if cuda else cfg.read_chunk_bytes  # pieces small enough to balance the threads
+        ranges = [(part.source, part.file_offset + off, min(step, part.nbytes - off),
+                   k * cfg.slot_bytes + part.slot_offset + off)
+                  for k, b in enumerate(batches) for part in b.parts for off in range(0, part.nbytes, step)]
+        total_read = sum(r[2] for r in ranges)
+        groups, cur, acc = [], [], 0
+        for r in ranges:  # contiguous runs of about equal bytes, one a reader
+            cur.append(r)
+            acc += r[2]
+            if acc * self.threads >= total_read * (len(groups) + 1):
+                groups.append(cur)
+                cur = []
+        if cur:
+            groups.append(cur)
+        if cuda:
+            entered = threading.Semaphore(0)
+            futures = [self.pool.submit(self._read_early_native, g, entered) for g in groups]
+            # Wait until every reader is inside the extension (GIL released): a reader still waiting
+            # for the GIL while the caller plans in Python would wait a switch interval (5 ms) each.
+            for _ in groups:
+                entered.acquire()
+        else:
+            futures = [self.pool.submit(self._read_chunks, self.files, [(r[0].file, r[1], r[3], r[2]) for r in g],
+                                        self.staging_all) for g in groups]
+        self._early = (batches, futures)
+        self.timings.early_bytes = total_read
+        self._marks.append(("early_reads_queued", time.perf_counter()))
+        return True
+
+    def _read_early_native(self, ranges, entered: threading.Semaphore):
+        try:
+            reader, stream = self.native.get()
+            e0 = torch.cuda.Event(enable_timing=True)
+            e0.record(stream)
+        finally:
+            entered.release()
+        t = time.perf_counter()
+        self._read_ranges_native(self.files, reader, stream, ranges, self.staging_all.data_ptr(),
+                                 "tensors before the plan")
+        read_s = time.perf_counter() - t
+        e1 = torch.cuda.Event(enable_timing=True, blocking=True)
+        e1.record(stream)
+        return e0, e1, read_s
+
+    def run(self, plan: Plan) -> Timings:
+        cfg, dev = self.cfg, self.device
+        self.plan = plan
+        t_run = time.perf_counter()
+        cuda = dev.type == "cuda"
+        try:
+            pieces = [p for _, group in plan.by_layer() for p in group]
+            early, early_reads = self._early if self._early is not None else ([], [])
+            if early:
+                self._marks.append(("plan", t_run))  # the caller planned while the first reads ran
+                rest, self.timings.early_unused_bytes = _adopt_early_parts(pieces, early)
+                batches = early + split_into_batches(rest, cfg.slot_bytes)
+            else:
+                batches = split_into_batches(pieces, cfg.slot_bytes)
+            if not self._opened:
+                file_names = list(dict.fromkeys(str(p.source.file) for p in pieces))
+                self._marks.append(("batches", time.perf_counter()))
+                self._open(file_names, max(1, min(cfg.num_slots, len(batches))), t_run)
+            else:
+                self._marks.append(("batches", time.perf_counter()))
+            return self._run(batches, early, early_reads)
+        finally:
+            self.close()
+
+    def _run(self, batches: List[_Batch], early: List[_Batch], early_reads: list) -> Timings:
+        cfg, dev = self.cfg, self.device
+        cuda = dev.type == "cuda"
+        files, pool, native, pinned, registered = self.files, self.pool, self.native, self.pinned, self.registered
+        nslots, staging, threads = self.nslots, self.staging, self.threads
+        host = None if cuda else staging  # CPU: readers fill the slots the transforms read
         copy_stream = torch.cuda.Stream(dev) if cuda else None  # copies from registered mappings (io="mmap")
         compute = torch.cuda.current_stream(dev) if cuda else None
         done = [None] * nslots
         timing_events = []  # (transform start, end) on the compute stream
         copy_spans = []     # (start, end) events of every H2D copy, on whichever stream it ran
-        total = sum(b.nbytes for b in batches)
-        bar = _progress(total, self.progress)
-        registered = _RegisteredFiles() if (cuda and cfg.io == "mmap") else None
+        used = [sum(part.nbytes for part in b.parts if part.piece is not None) for b in batches]
+        bar = _progress(sum(used), self.progress)
         mapped_batch = [False] * len(batches)
         if registered is not None:
-            # cold files too: their pages are faulted in during registration
-            usable = {f: registered.map(f) is not None and registered.first_window_ok(f) for f in file_names}
             for i, b in enumerate(batches):
-                mapped_batch[i] = all(usable[str(part.piece.source.file)] for part in b.parts)
-            if cfg.io == "mmap" and registered.refused:
-                raise PyloaderInputError(f"io='mmap': {next(iter(registered.refused.items()))}")
+                mapped_batch[i] = all(self._usable[str(part.source.file)] for part in b.parts)
             self.io_used = "mmap" if all(mapped_batch) else ("mixed" if any(mapped_batch) else "pread")
         else:
             self.io_used = "pread"
-        logger.info("pyloader: load reads through %s", self.io_used)
-        pinned = native = pool = None
-        threads = cfg.read_threads
+        logger.info("pyloader: load reads through %s%s", self.io_used,
+                    f" ({self.timings.early_bytes} bytes before the plan)" if early else "")
         try:
-            if cuda and not all(mapped_batch):
-                self._choose_cold_reads(files, file_names)
-                marks.append(("cold_check", time.perf_counter()))
-                self.readers_used = self._choose_readers()
-                if files.direct and self.readers_used == "native":  # Python readers: 32 MiB buffers, 12 keep 768 MiB
-                    threads = max(1, cfg.cold_read_threads)
-                if self.readers_used == "native":  # chunks of any size: the reader splits them into its buffers
-                    native = _NativeReaders(dev, threads, cfg.buffers_per_thread, cfg.pinned_buffer_bytes)
-                else:
-                    buffer_bytes = cfg.read_chunk_bytes
-                    if files.direct:
-                        self._read_step, buffer_bytes = _direct_read_sizes(cfg.read_chunk_bytes)
-                    pinned = _PinnedPool(threads * cfg.buffers_per_thread, buffer_bytes)
-            pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pyloader-read")
-            marks.append(("readers", time.perf_counter()))
-            self.timings.read_threads = threads
-            held = native.buffers if native is not None else (pinned.buffers if pinned is not None else [])
-            self.timings.pinned_bytes = sum(b.numel() for b in held)
             scales_started = self._start_scales(files, pool, threads, native)
-            marks.append(("scales_queued", time.perf_counter()))
+            self._marks.append(("scales_queued", time.perf_counter()))
             last_batch_of_layer = {}
             for i, b in enumerate(batches):
                 for layer in b.layers:
                     last_batch_of_layer[layer] = i
             pending = deque()
+            if early:  # read before the plan: every group is waited for before the first batch
+                pending.append(early_reads)
+                pending.extend([] for _ in early[1:])
 
             def submit(j):
                 slot = j % nslots
@@ -778,12 +971,14 @@ class StreamingExecutor:
                 groups = [chunks[k::threads] for k in range(min(threads, len(chunks)))]
                 pending.append([pool.submit(self._read_chunks, files, g, host[slot], done[slot]) for g in groups])
 
-            for j in range(nslots):
+            for j in range(len(early), nslots):
                 if j < len(batches):
                     submit(j)
-            marks.append(("reads_queued", time.perf_counter()))
-            self.timings.setup_s = marks[-1][1] - t_start
-            self.timings.setup_parts = {label: round(t - marks[k][1], 6) for k, (label, t) in enumerate(marks[1:])}
+            self._marks.append(("reads_queued", time.perf_counter()))
+            first_reads = next((t for label, t in self._marks if label in ("early_reads_queued", "reads_queued")))
+            self.timings.setup_s = first_reads - self._t_start
+            self.timings.setup_parts = {label: round(t - self._marks[k][1], 6)
+                                        for k, (label, t) in enumerate(self._marks[1:])}
             scales = self._finish_scales(scales_started)
             for i, batch in enumerate(batches):
                 slot = i % nslots
@@ -800,7 +995,7 @@ class StreamingExecutor:
                         e0.record()
                         for part in batch.parts:
                             registered.copy(staging[slot][part.slot_offset:part.slot_offset + part.nbytes],
-                                            part.piece.source.file, part.file_offset, part.nbytes)
+                                            part.source.file, part.file_offset, part.nbytes)
                         e1.record()
                     compute.wait_event(e1)
                     copy_spans.append((e0, e1))
@@ -813,6 +1008,8 @@ class StreamingExecutor:
                     self.timings.read_s += sum(results)
                 for part in batch.parts:
                     p = part.piece
+                    if p is None:  # read before the plan, not used by it
+                        continue
                     raw = staging[slot][part.slot_offset:part.slot_offset + part.nbytes]
                     src = _view_source(raw, p.source, part.rows if p.source.shape else 1)
                     spec = self.plan.targets[p.target]
@@ -829,9 +1026,9 @@ class StreamingExecutor:
                 for layer in batch.layers:
                     if last_batch_of_layer[layer] == i and self.hooks is not None:
                         self.hooks(layer)
-                self.bytes_read += sum(part.nbytes for part in batch.parts)
+                self.bytes_read += used[i]
                 if bar is not None:
-                    bar.update(batch.nbytes)
+                    bar.update(used[i])
                 if i + nslots < len(batches):
                     submit(i + nslots)
             t_drain = time.perf_counter()
@@ -845,19 +1042,28 @@ class StreamingExecutor:
                     self.timings.h2d_s = _busy_seconds([(ref.elapsed_time(a) / 1e3, ref.elapsed_time(b) / 1e3)
                                                         for a, b in copy_spans])
         finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
-            if native is not None:
-                native.close()  # no copy may still read a pinned buffer when torch reuses it
-            files.close()
-            if registered is not None:
-                if cuda:
-                    torch.cuda.synchronize(dev)
-                registered.close()
             if bar is not None:
                 bar.close()
-        self.timings.wall_s = time.perf_counter() - t_start
+        self.timings.wall_s = time.perf_counter() - self._t_start
         return self.timings
+
+    def close(self) -> None:
+        """Wait for every read in flight and release the readers, descriptors and mappings (run
+        does this itself; call it when a load stops before run, e.g. its plan did not check out)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+        if self.native is not None:
+            self.native.close()  # no copy may still read a pinned buffer when torch reuses it
+            self.native = None
+        if self.files is not None:
+            self.files.close()
+        if self.registered is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.registered.close()
+            self.registered = None
+        self._early = None
 
 
 def _progress(total: int, enabled: bool):

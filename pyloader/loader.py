@@ -124,28 +124,38 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
                                                      isinstance(source[0], (str, Path)))
     checkpoint = open_checkpoint(source) if is_files else None
     t_headers = time.perf_counter()
-    if config is None and checkpoint is not None and checkpoint.config_path is not None:
-        config = checkpoint.config_path
-    preset_name, block = None, (128, 128)
-    if rules is None:
-        if config is None:
-            raise PyloaderInputError("no config: pass config= (a config.json path or dict), preset=, or rules=")
-        p = build_preset(load_config(config), preset, Parallel(tpr, tps, ppr, pps, epr, eps))
-        if checkpoint is not None:
-            p.add_passthrough(checkpoint.tensors)
-        elif isinstance(source, Mapping):
-            p.add_passthrough({n: _info(n, t) for n, t in source.items()})
-        rules, preset_targets, preset_name, block = p.rules, p.targets, p.name, p.block_size
-    else:
-        preset_targets = None
-    specs = _specs(tensors, preset_targets, rules)
-    report = LoadReport(preset=preset_name)
+    ex = None
     if checkpoint is not None:
-        t_preset = time.perf_counter()
-        plan = build_plan(checkpoint, specs, rules, unexpected=unexpected, block_size=block)
-        t_plan = time.perf_counter()
-        ex = StreamingExecutor(plan, tensors, dev, backend, executor or ExecutorConfig(), progress, hooks)
-        report.timings = ex.run()
+        ex = StreamingExecutor(tensors, dev, backend, executor or ExecutorConfig(), progress, hooks)
+        if tps == pps == eps == 1:  # a rank's slice would read whole tensors it does not need
+            ex.start_early(checkpoint)
+    try:
+        if config is None and checkpoint is not None and checkpoint.config_path is not None:
+            config = checkpoint.config_path
+        preset_name, block = None, (128, 128)
+        if rules is None:
+            if config is None:
+                raise PyloaderInputError("no config: pass config= (a config.json path or dict), preset=, or rules=")
+            p = build_preset(load_config(config), preset, Parallel(tpr, tps, ppr, pps, epr, eps))
+            if checkpoint is not None:
+                p.add_passthrough(checkpoint.tensors)
+            elif isinstance(source, Mapping):
+                p.add_passthrough({n: _info(n, t) for n, t in source.items()})
+            rules, preset_targets, preset_name, block = p.rules, p.targets, p.name, p.block_size
+        else:
+            preset_targets = None
+        specs = _specs(tensors, preset_targets, rules)
+        report = LoadReport(preset=preset_name)
+        if checkpoint is not None:
+            t_preset = time.perf_counter()
+            plan = build_plan(checkpoint, specs, rules, unexpected=unexpected, block_size=block)
+            t_plan = time.perf_counter()
+    except BaseException:
+        if ex is not None:
+            ex.close()  # reads begun before the plan went to staging only: nothing was written
+        raise
+    if checkpoint is not None:
+        report.timings = ex.run(plan)
         report.timings.prepare_parts = {"headers": round(t_headers - t0, 6), "preset": round(t_preset - t_headers, 6),
                                         "plan": round(t_plan - t_preset, 6)}
         report.bytes_read, report.backend, report.io = ex.bytes_read, ex.backend, ex.io_used

@@ -559,3 +559,114 @@ def test_only_cold_files_are_marked_for_o_direct(tmp_path, monkeypatch):
         assert files.direct == {str(cold)} and ex.timings.cold_files == 1
     finally:
         files.close()
+
+
+# Reads before the plan (StreamingExecutor.start_early): the first slots are read while the plan
+# is built; the plan then takes what it needs from them and reads the rest.
+
+def _deepseek_with_mtp(tmp_path):
+    """A DeepSeek-V3 checkpoint whose last layer is an MTP layer the load skips (config: 2 layers,
+    files: 3), several files, tensors larger than the small slots below."""
+    c = dict(TINY["deepseek_v3"], quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
+    d = write_checkpoint(tmp_path / "m", dict(c, num_hidden_layers=3), shard_bytes=150_001)
+    return c, d
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("slots", ["whole", "partial"])
+def test_reads_before_the_plan_load_the_same_bytes(tmp_path, device, slots):
+    """Whole checkpoint in the early slots (the MTP layer and the scales read there go unused and
+    are counted), or only its first tensors (the rest read after the plan, tensors split by rows
+    across slots): bit-identical to the reference and to a load without early reads."""
+    c, d = _deepseek_with_mtp(tmp_path)
+    raw = raw_tensors(d)
+    total = sum(t.numel() * t.element_size() for t in raw.values())
+    preset = build_preset(c)
+    small = dict(slot_bytes=1 << 16, num_slots=3, read_threads=3, pinned_buffer_bytes=16384) if slots == "partial" else {}
+    loads = {}
+    for early in (True, False):
+        targets = {n: poison_(t) for n, t in allocate_targets(preset.targets, device).items()}
+        cfg = pyloader.ExecutorConfig(early_reads=early, io="pread", **small)
+        loads[early] = (targets, pyloader.load(targets, d, config=c, progress=False, executor=cfg,
+                                               backend=None if device == "cuda" else "torch"))
+    (got, report), (plain, plain_report) = loads[True], loads[False]
+    assert plain_report.timings.early_bytes == 0
+    assert report.bytes_read == plain_report.bytes_read
+    if slots == "whole":
+        assert report.timings.early_bytes == total
+        unused = sum(t.numel() * t.element_size() for n, t in raw.items()
+                     if n.startswith("model.layers.2.") or n.endswith("_scale_inv"))
+        assert report.timings.early_unused_bytes == unused
+    else:
+        assert 0 < report.timings.early_bytes <= 3 << 16
+    assert "model.layers.2.self_attn.q_a_proj.weight" in report.skipped
+    want = raw if device == "cpu" else {k: v.cuda() for k, v in raw.items()}
+    for name, t in got.items():
+        assert_bitwise_equal(t, expected_tensor(name, want, c, t.dtype), what=f"early {name}")
+        assert_bitwise_equal(t, plain[name], what=f"early vs plain {name}")
+
+
+def test_a_plan_that_fails_after_early_reads_writes_nothing_and_leaves_nothing_open(tmp_path):
+    """Reads begin before the plan; a plan that does not check out (a target of the wrong shape)
+    raises its error, every target keeps its poison, and no reader thread or descriptor is left."""
+    import os
+    import threading
+
+    c, d = _deepseek_with_mtp(tmp_path)
+    targets = {n: poison_(t) for n, t in allocate_targets(build_preset(c).targets, "cpu").items()}
+    name = "model.layers.1.mlp.experts.w2_weight"
+    targets[name] = poison_(torch.empty(targets[name].shape[0], 8, 8, dtype=torch.bfloat16))
+    before = {n: t.clone() for n, t in targets.items()}
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(pyloader.PyloaderInputError, match="w2_weight"):
+        pyloader.load(targets, d, config=c, backend="torch", progress=False)
+    for n, t in targets.items():
+        assert_bitwise_equal(t, before[n], what=n)
+    assert not [t for t in threading.enumerate() if t.name.startswith("pyloader-read")]
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
+def test_early_reads_serve_a_tensor_parallel_plan(tmp_path):
+    """load() reads early only for a whole model; the executor itself maps any plan onto the early
+    slots: a TP rank's row slices (starting inside a tensor read whole, split across slots)."""
+    from pyloader.checkpoint import open_checkpoint
+    from pyloader.executor import ExecutorConfig, StreamingExecutor
+    from pyloader.plan import build_plan
+
+    c = dict(TINY["llama"], quantization_config={"quant_method": "fp8"})
+    d = write_checkpoint(tmp_path / "tp", c, shard_bytes=120_000)
+    cfg = ExecutorConfig(slot_bytes=1 << 15, num_slots=4, read_threads=3)
+    for rank in range(2):
+        p = build_preset(c, parallel=Parallel(tp_rank=rank, tp_size=2))
+        want = {n: poison_(x) for n, x in allocate_targets(p.targets, "cpu").items()}
+        pyloader.load(want, d, tp=(rank, 2), backend="torch", progress=False, executor=cfg)
+        got = {n: poison_(x) for n, x in allocate_targets(p.targets, "cpu").items()}
+        ck = open_checkpoint(d)
+        p.add_passthrough(ck.tensors)
+        ex = StreamingExecutor(got, "cpu", "torch", cfg, progress=False)
+        assert ex.start_early(ck)
+        timings = ex.run(build_plan(ck, p.targets, p.rules, block_size=p.block_size))
+        assert 0 < timings.early_bytes and timings.early_unused_bytes > 0  # the other rank's rows
+        for n in want:
+            assert_bitwise_equal(got[n], want[n], what=f"tp rank {rank} {n}")
+
+
+def test_early_batches_take_whole_tensors_or_none():
+    """Packing for early reads: tensors in order, split by rows across slots; a tensor that would
+    pass the last slot is left whole to the plan's reads, and smaller ones after it still fit."""
+    from pathlib import Path
+
+    from pyloader.checkpoint import TensorInfo
+    from pyloader.executor import early_batches
+
+    f = Path("m.safetensors")
+    a = TensorInfo("a", "BF16", (100, 64), f, 0, 12_800)          # 128-byte rows, 1.6 slots of 8 KiB
+    b = TensorInfo("b", "F32", (10,), f, 12_800, 12_840)
+    big = TensorInfo("c", "BF16", (100, 64), f, 12_840, 25_640)   # would need a third slot
+    e = TensorInfo("e", "BF16", (0, 64), f, 25_640, 25_640)       # empty: never read early
+    batches = early_batches([a, b, e, big], 8192, 2)
+    parts = [(p.source.name, p.row0, p.rows, p.file_offset, p.nbytes, p.slot_offset) for bt in batches for p in bt.parts]
+    assert parts == [("a", 0, 62, 0, 7936, 0), ("a", 62, 38, 7936, 4864, 0), ("b", 0, 10, 12_800, 40, 4864)]
+    assert all(p.piece is None for bt in batches for p in bt.parts)
+    assert early_batches([a, b, big], 8192, 4)[-1].parts[-1].source.name == "c"
+    assert [p.source.name for bt in early_batches([big, b], 8192, 1) for p in bt.parts] == ["b"]
