@@ -124,7 +124,8 @@ def _plot(rows, path):
         ax.axvline(rows[0]["ceiling_gbps"], color="k", linestyle="--", label="pinned H2D ceiling")
         ax.legend()
     ax.set_xlabel("GB/s (checkpoint bytes)")
-    ax.set_title(f"{rows[0]['case']} on {rows[0]['gpu']}" if rows else "")
+    if rows:  # two lines: the case and the GPU with the commit (one line ran past the figure)
+        ax.set_title(f"{rows[0]['case']}\n{rows[0]['gpu']}, commit {rows[0].get('commit', '?')}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
 

@@ -73,10 +73,10 @@ class ExecutorConfig:
     # saves: 21.6 vs 35.3 GB/s warm on the H200, bench/NOTES.md). "auto": pread.
     io: str = "auto"
     # GPU loads, files not in the page cache (sampled with mincore at the start): "direct" reads
-    # them with O_DIRECT, each chunk one deep request from the disk into a pinned buffer (3.4-3.9
-    # vs 2.3-2.5 GB/s buffered; posix_fadvise(WILLNEED) ahead did no better than buffered,
-    # bench/NOTES.md); "buffered": plain reads, the kernel's readahead only. "auto": direct where
-    # the filesystem allows it (logged), else buffered. Files in the page cache are read buffered.
+    # them with O_DIRECT into pinned buffers (3.4-3.9 vs 2.3-2.5 GB/s buffered in session 5;
+    # posix_fadvise(WILLNEED) ahead did no better than buffered, bench/NOTES.md); "buffered": plain
+    # reads, the kernel's readahead only. "auto": direct where the filesystem allows it (logged),
+    # else buffered. Files in the page cache are read buffered.
     cold_reads: str = "auto"
     # Native readers when some file is read with O_DIRECT: the disk, not the CPU, is then the
     # limit. The readers take small chunks of the batch in file order and read each in requests of
