@@ -2,13 +2,16 @@
 
     python bench/bench_router.py [--json FILE]
 
-Reports, per checkpoint: names, router build time, time to route every name (median of 5), and
-time to build the whole plan (routing, pairing, shape checks, coverage, byte ranges).
+Reports, per checkpoint: names, time to read and check every safetensors header (the dump written
+as sparse files: real headers, data as holes; median of 3), router build time, time to route every
+name (median of 5), and time to build the whole plan (routing, pairing, shape checks, coverage,
+byte ranges).
 """
 
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -16,7 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from common import environment, print_table, write_rows  # noqa: E402
 
-from checkpoint_lists import DUMPS, config_of, header_only_checkpoint  # noqa: E402
+from checkpoint_lists import DUMPS, config_of, header_only_checkpoint, write_sparse_checkpoint  # noqa: E402
+from pyloader.checkpoint import open_checkpoint  # noqa: E402
 from pyloader.plan import build_plan  # noqa: E402
 from pyloader.presets import build_preset  # noqa: E402
 from pyloader.router import Router  # noqa: E402
@@ -45,10 +49,15 @@ def main():
         build = median_s(lambda: Router(preset.rules, preset.targets))
         route = median_s(lambda: Router(preset.rules, preset.targets).route_all(names))
         plan = median_s(lambda: build_plan(ck, preset.targets, preset.rules, block_size=preset.block_size), reps=3)
-        rows.append(dict(env, bench="router", case=folder, preset=preset.name, names=len(names),
-                         router_build_ms=round(build * 1e3, 2), route_all_s=round(route, 3),
+        with tempfile.TemporaryDirectory(prefix="pyloader-headers-") as tmp:
+            d = write_sparse_checkpoint(folder, Path(tmp))
+            files = len(list(d.glob("*.safetensors")))
+            headers = median_s(lambda: open_checkpoint(d), reps=3)
+        rows.append(dict(env, bench="router", case=folder, preset=preset.name, names=len(names), files=files,
+                         headers_s=round(headers, 3), router_build_ms=round(build * 1e3, 2), route_all_s=round(route, 3),
                          us_per_name=round(route / len(names) * 1e6, 2), plan_s=round(plan, 3)))
-    print_table(rows, ["case", "preset", "names", "router_build_ms", "route_all_s", "us_per_name", "plan_s"])
+    print_table(rows, ["case", "preset", "names", "files", "headers_s", "router_build_ms", "route_all_s", "us_per_name",
+                       "plan_s"])
     write_rows(rows, args.json)
 
 

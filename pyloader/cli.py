@@ -103,7 +103,7 @@ def cmd_bench(args) -> int:
     from .bench import run_bench
 
     rows = run_bench(checkpoint=args.checkpoint, size_gb=args.size_gb, preset=args.preset, device=args.device,
-                     cold=args.cold, peers=not args.no_peers, repeats=args.repeats, json_path=args.json, keep=args.tmpdir)
+                     cold=args.cold, peers=args.peers, repeats=args.repeats, json_path=args.json, keep=args.tmpdir)
     if args.plot:
         _plot(rows, args.plot)
     return 0
@@ -159,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--preset", help="override the preset chosen from config.json")
     b.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     b.add_argument("--cold", action="store_true", help="drop the files from the page cache before each load")
-    b.add_argument("--no-peers", action="store_true", help="measure pyloader only")
+    b.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure the installed peer loaders on the same files (default; --no-peers: pyloader only)")
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--json", help="append result rows to this JSON file")
     b.add_argument("--plot", help="write a PNG bar chart (needs matplotlib)")

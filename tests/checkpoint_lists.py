@@ -55,3 +55,31 @@ def header_only_checkpoint(folder: str) -> Checkpoint:
 
 def config_of(folder: str) -> dict:
     return json.loads((SHARED / DUMPS[folder] / "config.json").read_text())
+
+
+def write_sparse_checkpoint(folder: str, directory: Path, shard_bytes: int = 5 * 10**9) -> Path:
+    """The dump as real safetensors files whose data are holes (headers and sizes exact, nothing
+    stored): what ``open_checkpoint`` reads and checks, for timing header parsing at full scale.
+    Tensors in dump order, a new file past ``shard_bytes``, an index naming them."""
+    from pyloader.checkpoint import write_safetensors_header
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    groups, size = [[]], 0
+    for name, shape, dtype in dump_rows(folder):
+        n = math.prod(shape) * _BITS[dtype] // 8
+        if size + n > shard_bytes and groups[-1]:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, dtype, shape))
+        size += n
+    weight_map = {}
+    for k, group in enumerate(groups):
+        fname = f"model-{k + 1:05d}-of-{len(groups):05d}.safetensors"
+        head, offsets = write_safetensors_header(group, {"format": "pt"})
+        with open(directory / fname, "wb") as f:
+            f.write(head)
+            f.truncate(len(head) + max((end for _, end in offsets.values()), default=0))
+        weight_map.update({name: fname for name, _, _ in group})
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return directory

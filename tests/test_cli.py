@@ -102,3 +102,11 @@ def test_bench_on_cpu_reports_the_best_load_and_its_phases(tmp_path, capsys):
     assert row["seconds"] == min(row["repeats"])
     assert 0 < row["executor_wall_s"] <= row["seconds"] and row["outside_executor_s"] >= 0
     assert set(row["executor_setup_parts"]) >= {"batches", "staging", "scales_queued", "reads_queued"}
+
+
+def test_bench_takes_peers_on_and_off():
+    from pyloader.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["bench"]).peers and parse(["bench", "--peers"]).peers
+    assert not parse(["bench", "--no-peers"]).peers
