@@ -8,6 +8,8 @@ the data; offsets are relative to the first data byte. Every check below rejects
 bytes; each error names the file and, where there is one, the tensor. Nothing is unpickled.
 """
 
+import contextlib
+import gc
 import json
 import math
 import os
@@ -246,12 +248,32 @@ def read_index(index_path: Path) -> Tuple[Dict[str, str], Dict[str, object]]:
     return obj["weight_map"], meta
 
 
+@contextlib.contextmanager
+def gc_paused():
+    """Pause Python's cyclic garbage collector (if it runs) for a bulk step that only allocates:
+    parsing a 92K-tensor checkpoint's headers builds ~1M objects, and the collections they trigger
+    scan every object already built (headers of DeepSeek-R1 0.9-1.3 s with it, 0.5-0.7 s paused,
+    on the CI machine; bench/NOTES.md, session 7). Nothing here makes reference cycles."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def open_checkpoint(source: Union[str, Path, Sequence[Union[str, Path]]], require_files: bool = True) -> Checkpoint:
     """Open a checkpoint: a directory (index or ``*.safetensors`` glob), an index file, or files.
 
     ``require_files=False`` accepts an index whose shard files are absent (``pyloader inspect`` on
     an index alone): names and files are known, shapes are not.
     """
+    with gc_paused():
+        return _open_checkpoint(source, require_files)
+
+
+def _open_checkpoint(source, require_files: bool) -> Checkpoint:
     if isinstance(source, (list, tuple)):
         files = [Path(p) for p in source]
         return _from_files(None, files)

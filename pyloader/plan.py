@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
-from .checkpoint import Checkpoint, TensorInfo
+from .checkpoint import Checkpoint, TensorInfo, gc_paused
 from .errors import PyloaderInputError
 from .presets import ShardPlacement, TargetSpec
 from .router import Route, Router, RoutingSummary, Rules, unexpected_error
@@ -140,6 +140,12 @@ def build_plan(
     """
     if unexpected not in ("error", "warn", "ignore"):
         raise PyloaderInputError(f"unexpected must be 'error', 'warn' or 'ignore', not {unexpected!r}")
+    with gc_paused():  # a route and a piece a tensor: collections would rescan them all, again and again
+        return _build_plan(checkpoint, targets, rules, unexpected, block_size, check_shapes, partial)
+
+
+def _build_plan(checkpoint: Checkpoint, targets: Dict[str, TargetSpec], rules: Rules, unexpected: str,
+                block_size: Tuple[int, int], check_shapes: bool, partial: bool) -> Plan:
     router = Router(rules, targets)
     routes = router.route_all(checkpoint.tensors)
     summary = RoutingSummary.of(routes)
