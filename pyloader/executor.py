@@ -34,7 +34,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from .backend import resolve_backend
-from .checkpoint import TensorInfo
+from .checkpoint import TensorInfo, gc_paused
 from .errors import PyloaderInputError
 from .plan import Piece, Plan
 from .transform import TransformJob, run_jobs
@@ -910,14 +910,15 @@ class StreamingExecutor:
         t_run = time.perf_counter()
         cuda = dev.type == "cuda"
         try:
-            pieces = [p for _, group in plan.by_layer() for p in group]
             early, early_reads = self._early if self._early is not None else ([], [])
-            if early:
-                self._marks.append(("plan", t_run))  # the caller planned while the first reads ran
-                rest, self.timings.early_unused_bytes = _adopt_early_parts(pieces, early)
-                batches = early + split_into_batches(rest, cfg.slot_bytes)
-            else:
-                batches = split_into_batches(pieces, cfg.slot_bytes)
+            with gc_paused():  # a part a piece (45K for DeepSeek-R1): see checkpoint.gc_paused
+                pieces = [p for _, group in plan.by_layer() for p in group]
+                if early:
+                    self._marks.append(("plan", t_run))  # the caller planned while the first reads ran
+                    rest, self.timings.early_unused_bytes = _adopt_early_parts(pieces, early)
+                    batches = early + split_into_batches(rest, cfg.slot_bytes)
+                else:
+                    batches = split_into_batches(pieces, cfg.slot_bytes)
             if not self._opened:
                 file_names = list(dict.fromkeys(str(p.source.file) for p in pieces))
                 self._marks.append(("batches", time.perf_counter()))
