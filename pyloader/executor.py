@@ -842,8 +842,10 @@ class StreamingExecutor:
         :meth:`run` then transforms the ones its plan uses and reads the rest; bytes the plan does
         not use are counted in ``Timings.early_unused_bytes``. Planning (10-20 ms for a 16 GB
         checkpoint) and this executor's setup then overlap the first reads instead of preceding
-        them. Taken for files in the page cache, read by native readers on a GPU (or on a CPU);
-        cold files and io="mmap" wait for the plan. Returns whether reads began."""
+        them (on the H200 host the planning slowed while readers copied, and the A/B came out
+        within noise: bench/NOTES.md, session 7). Taken for files in the page cache, read by native
+        readers on a GPU (or on a CPU); cold files and io="mmap" wait for the plan. Returns whether
+        reads began."""
         cfg = self.cfg
         if self._opened or not cfg.early_reads or cfg.io == "mmap" or not checkpoint.headers_read:
             return False

@@ -124,12 +124,11 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
                                                      isinstance(source[0], (str, Path)))
     checkpoint = open_checkpoint(source) if is_files else None
     t_headers = time.perf_counter()
-    ex = None
-    if checkpoint is not None:
-        ex = StreamingExecutor(tensors, dev, backend, executor or ExecutorConfig(), progress, hooks)
-        if tps == pps == eps == 1:  # a rank's slice would read whole tensors it does not need
-            ex.start_early(checkpoint)
+    ex = StreamingExecutor(tensors, dev, backend, executor or ExecutorConfig(), progress, hooks) \
+        if checkpoint is not None else None
     try:
+        if ex is not None and tps == pps == eps == 1:  # a rank's slice would read whole tensors it does not need
+            ex.start_early(checkpoint)
         if config is None and checkpoint is not None and checkpoint.config_path is not None:
             config = checkpoint.config_path
         preset_name, block = None, (128, 128)
