@@ -124,7 +124,8 @@ def test_tensor_parallel_load_is_the_slice_of_the_full_load(tmp_path):
     for rank in range(2):
         p = build_preset(c, parallel=Parallel(tp_rank=rank, tp_size=2))
         t = {n: poison_(x) for n, x in allocate_targets(p.targets, "cpu").items()}
-        pyloader.load(t, d, tp=(rank, 2), backend="torch", progress=False)
+        report = pyloader.load(t, d, tp=(rank, 2), backend="torch", progress=False)
+        assert report.timings.early_bytes == 0  # a rank's slice: no whole tensors read before the plan
         q = full["model.layers.1.self_attn.qkv_proj.weight"]
         qh, kvh = 4 * hd, 2 * hd
         mine = torch.cat([q[rank * qh // 2:(rank + 1) * qh // 2], q[qh + rank * kvh // 2: qh + (rank + 1) * kvh // 2],
@@ -495,6 +496,8 @@ def test_cold_file_reads_match_the_reference(tmp_path, monkeypatch, mode, reader
     # native O_DIRECT reads: a buffer a request (plus the 3 blocks an aligned read may add)
     per_buffer = {"native": 16384 + 3 * 4096 if mode != "buffered" else 16384, "python": 40_961}[readers]
     assert report.timings.pinned_bytes == report.timings.read_threads * 2 * per_buffer
+    # reads before the plan: native readers and no O_DIRECT file only
+    assert (report.timings.early_bytes > 0) == (readers == "native" and mode == "buffered")
     raw = {k: v.cuda() for k, v in raw_tensors(d).items()}
     for name, t in targets.items():
         assert_bitwise_equal(t, expected_tensor(name, raw, c, t.dtype), what=f"{mode} {name}")
