@@ -101,8 +101,9 @@ class Timings:
     transform_s: float = 0.0  # device time of transform launches
     wall_s: float = 0.0       # executor start (start_early, else run) until the device is done
     setup_s: float = 0.0      # executor start until the first reads are queued (buffers, readers)
-    # seconds by step, in order: staging, cold_check, readers, [early_reads_queued, plan (the
-    # caller planning while those reads ran)], batches, scales_queued, reads_queued
+    # seconds by step, in order: batches, staging, cold_check, readers, scales_queued,
+    # reads_queued; with reads before the plan: staging, cold_check, readers, early_reads_queued,
+    # plan (the caller planning while those reads ran), batches, scales_queued, reads_queued
     setup_parts: Dict[str, float] = field(default_factory=dict)
     drain_s: float = 0.0      # last transform enqueued until the device is done
     cold_files: int = 0       # files read as cold (see ExecutorConfig.cold_reads)
@@ -787,9 +788,14 @@ class StreamingExecutor:
         return {info.name: dev[off:off + info.nbytes].view(info.torch_dtype).view(info.shape)
                 for info, off in zip(infos, offsets)}
 
-    def _open(self, file_names: List[str], nslots: int, t_start: float) -> None:
+    def _start_clock(self) -> None:
+        """The executor's start (start_early, else run): wall_s, setup_s and setup_parts count from here."""
+        self._t_start = time.perf_counter()
+        self._marks = [("start", self._t_start)]
+
+    def _open(self, file_names: List[str], nslots: int) -> None:
         """What a load needs before its first read: staging slots, descriptors, the cold check, the
-        readers and their pool."""
+        readers and their pool (after :meth:`_start_clock`)."""
         cfg, dev = self.cfg, self.device
         if cfg.io not in ("auto", "mmap", "pread"):
             raise PyloaderInputError(f"io must be 'auto', 'mmap' or 'pread', not {cfg.io!r}")
@@ -797,8 +803,7 @@ class StreamingExecutor:
             raise PyloaderInputError(f"readers must be 'auto', 'native' or 'python', not {cfg.readers!r}")
         if cfg.cold_reads not in ("auto", "direct", "buffered"):
             raise PyloaderInputError(f"cold_reads must be 'auto', 'direct' or 'buffered', not {cfg.cold_reads!r}")
-        self._opened, self._t_start = True, t_start
-        self._marks.append(("start", t_start))
+        self._opened = True
         self.files = _FileCache()
         cuda = dev.type == "cuda"
         self.nslots = nslots
@@ -852,10 +857,10 @@ class StreamingExecutor:
         total = checkpoint.total_bytes()
         if total <= 0:
             return False
-        t_start = time.perf_counter()
+        self._start_clock()
         order = {str(f): k for k, f in enumerate(checkpoint.files)}
         infos = sorted(checkpoint.tensors.values(), key=lambda t: (order.get(str(t.file), len(order)), t.start))
-        self._open(list(order), max(1, min(cfg.num_slots, -(-total // cfg.slot_bytes))), t_start)
+        self._open(list(order), max(1, min(cfg.num_slots, -(-total // cfg.slot_bytes))))
         cuda = self.device.type == "cuda"
         if self.files.direct or (cuda and self.native is None):
             return False  # the disk sets the pace of cold files; Python readers would contend with the planner for the GIL
@@ -907,32 +912,31 @@ class StreamingExecutor:
         return e0, e1, read_s
 
     def run(self, plan: Plan) -> Timings:
-        cfg, dev = self.cfg, self.device
+        cfg = self.cfg
         self.plan = plan
-        t_run = time.perf_counter()
-        cuda = dev.type == "cuda"
+        if self._opened:
+            self._marks.append(("plan", time.perf_counter()))  # the caller planned meanwhile
+        else:
+            self._start_clock()
         try:
             early, early_reads = self._early if self._early is not None else ([], [])
             with gc_paused():  # a part a piece (45K for DeepSeek-R1): see checkpoint.gc_paused
                 pieces = [p for _, group in plan.by_layer() for p in group]
                 if early:
-                    self._marks.append(("plan", t_run))  # the caller planned while the first reads ran
                     rest, self.timings.early_unused_bytes = _adopt_early_parts(pieces, early)
                     batches = early + split_into_batches(rest, cfg.slot_bytes)
                 else:
                     batches = split_into_batches(pieces, cfg.slot_bytes)
+            self._marks.append(("batches", time.perf_counter()))
             if not self._opened:
-                file_names = list(dict.fromkeys(str(p.source.file) for p in pieces))
-                self._marks.append(("batches", time.perf_counter()))
-                self._open(file_names, max(1, min(cfg.num_slots, len(batches))), t_run)
-            else:
-                self._marks.append(("batches", time.perf_counter()))
+                self._open(list(dict.fromkeys(str(p.source.file) for p in pieces)),
+                           max(1, min(cfg.num_slots, len(batches))))
             return self._run(batches, early, early_reads)
         finally:
             self.close()
 
     def _run(self, batches: List[_Batch], early: List[_Batch], early_reads: list) -> Timings:
-        cfg, dev = self.cfg, self.device
+        dev = self.device
         cuda = dev.type == "cuda"
         files, pool, native, pinned, registered = self.files, self.pool, self.native, self.pinned, self.registered
         nslots, staging, threads = self.nslots, self.staging, self.threads

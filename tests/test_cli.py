@@ -102,6 +102,7 @@ def test_bench_on_cpu_reports_the_best_load_and_its_phases(tmp_path, capsys):
     assert row["seconds"] == min(row["repeats"])
     assert 0 < row["executor_wall_s"] <= row["seconds"] and row["outside_executor_s"] >= 0
     assert set(row["executor_setup_parts"]) >= {"batches", "staging", "scales_queued", "reads_queued"}
+    assert all(v >= 0 for v in row["executor_setup_parts"].values()), row["executor_setup_parts"]  # steps in order
 
 
 def test_bench_takes_peers_on_and_off():
