@@ -219,10 +219,10 @@ def _rate_of_readers(threads: int, run, fds, nbytes: int) -> float:
 def cold_block_reads(files, threads: int, chunk: int, block: int, direct: bool) -> float:
     """Readers take ``block``-sized pieces of the files in file order from one queue and read each
     front to back in ``chunk`` preads through one descriptor a file (buffered or O_DIRECT): with
-    block = a whole file and a reader a file, a few long sequential streams, as fastsafetensors 0.5
-    (nogds) reads (a thread a request, 16 MiB preads, O_DIRECT by default, synchronous copies);
-    with block = chunk, many readers interleaved in file order. (The per-reader regions, spread and
-    mmap probes of session 5 are in bench_executor.py at f0fc549.)"""
+    block = a whole file and a reader a file, a few long sequential streams; with block = chunk,
+    many readers interleaved in file order, one ascending stream (fastsafetensors 0.5.0's nogds
+    shape with chunk = 512 KiB, see cold()). (The per-reader regions, spread and mmap probes of
+    session 5 are in bench_executor.py at f0fc549.)"""
     sizes, units = _block_units(files, block)
     fds = [os.open(f, os.O_RDONLY | (os.O_DIRECT if direct else 0)) for f in files]
 
@@ -234,32 +234,6 @@ def cold_block_reads(files, threads: int, chunk: int, block: int, direct: bool) 
             m = -(-m // 4096) * 4096 if direct else m
             os.preadv(fds[i], [view[lead:lead + m]], o)
 
-    return _rate_of_readers(threads, run, fds, sum(sizes))
-
-
-def native_block_reads(files, threads: int, buffer_bytes: int, block: int, dev, sync_each: bool = False) -> float:
-    """cold_block_reads through the extension's HostReader (O_DIRECT, 2 pinned buffers a reader,
-    each read copied to the device as it lands, no Python a buffer): readers take ``block``-sized
-    pieces in file order. ``sync_each``: wait for each buffer's copy before the next read, as a
-    synchronous cudaMemcpy would (fastsafetensors 0.5 nogds: a thread a file, 16 MiB reads)."""
-    from pyloader import _C
-
-    sizes, units = _block_units(files, block)
-    fds = [os.open(f, os.O_RDONLY | os.O_DIRECT) for f in files]
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
-
-    def run():
-        bufs = [torch.empty(buffer_bytes + 16384, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-        reader = _C.HostReader(index, [b.data_ptr() for b in bufs], buffer_bytes + 16384)
-        stream = torch.cuda.Stream(dev)
-        scratch = torch.empty(buffer_bytes, dtype=torch.uint8, device=dev)
-        for i, o, m in _chunks_of(units, buffer_bytes):
-            reader.read_to_device(fds[i], o, m, scratch.data_ptr(), stream.cuda_stream, 0, True)
-            if sync_each:
-                reader.synchronize()
-        reader.synchronize()
-
-    torch.cuda.synchronize(dev)
     return _rate_of_readers(threads, run, fds, sum(sizes))
 
 
@@ -299,7 +273,8 @@ def cold(args, targets, ck_dir, files, nbytes, dev, record) -> None:
     # block_size = 16 MiB / 32 = 512 KiB of the current file in turn, O_DIRECT, each block copied
     # with cudaMemcpyAsync on its buffer's stream: one ascending stream of 512 KiB requests, 16 in
     # flight. Session 7 (778c64d, executor_H200_778c64d_cold.json): 512 KiB requests 3.53-3.54 GB/s,
-    # 2-8 MiB requests 2.78-2.85, on the same disk in the same minutes. Kept: the raw 512 KiB rate.
+    # 2-8 MiB requests 2.78-2.85, on the same disk in the same minutes (native_block_reads, the
+    # HostReader probe of those rows, is in this file at 778c64d). Kept: the raw 512 KiB rate.
     how = _drop_cache(files)
     record("reads only: direct, interleaved", cold_block_reads(files, 16, 512 << 10, 512 << 10, True), threads=16,
            request_kib=512, cache=how)
