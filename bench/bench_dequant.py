@@ -135,9 +135,20 @@ def bench_gpu(shapes, json_path):
     return rows
 
 
+def with_cpu_method(method, fn):
+    def run():
+        saved, reference._CPU_FP8_METHOD = reference._CPU_FP8_METHOD, method
+        try:
+            fn()
+        finally:
+            reference._CPU_FP8_METHOD = saved
+    return run
+
+
 def bench_cpu(json_path, rounds: int = 21):
     env = environment()
     env["threads"] = torch.get_num_threads()
+    env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
     rows = []
     src = torch.empty(1 << 28, dtype=torch.uint8).random_()
     dst = torch.empty_like(src)
@@ -151,15 +162,20 @@ def bench_cpu(json_path, rounds: int = 21):
         # (other tenants, frequency), which sequential medians turned into ratio noise (bench/NOTES.md).
         fns = {"pyloader_torch_reference": lambda: reference.dequant_blockwise_torch(w, s, out, (128, 128)),
                "torch_expanded_scales": lambda: reference.dequant_expanded_scales_torch(w, s, (128, 128), out=out)}
+        for method in reference.CPU_FP8_METHODS:  # each method of the reference, forced, in the same rounds
+            fns[f"reference_{method}"] = with_cpu_method(method, fns["pyloader_torch_reference"])
         samples = {name: [] for name in fns}
-        for fn in fns.values():
+        results = {}
+        for name, fn in fns.items():
             fn()
+            results[name] = out.clone()
+        exact = {name: torch.equal(r.view(torch.int16), results["reference_table"].view(torch.int16))
+                 for name, r in results.items()}
         for _ in range(rounds):
             for name, fn in fns.items():
                 t = time.perf_counter()
                 fn()
                 samples[name].append((time.perf_counter() - t) * 1e3)
-        ratios = sorted(e / r for r, e in zip(samples["pyloader_torch_reference"], samples["torch_expanded_scales"]))
         t_exp = statistics.median(samples["torch_expanded_scales"])
         for name in fns:
             t = statistics.median(samples[name])
@@ -167,9 +183,13 @@ def bench_cpu(json_path, rounds: int = 21):
             row = dict(env, bench="dequant_cpu", case="x".join(map(str, shape)), provider=name,
                        gbps=round(gbps, 2), ceiling_gbps=round(ceiling, 1), fraction=round(gbps / ceiling, 3),
                        ms=round(t, 3), bytes=nbytes, speedup_vs_expanded=round(t_exp / t, 2), rounds=rounds)
-            if name == "pyloader_torch_reference":  # the ratio of each round (same seconds), its spread
+            if name != "torch_expanded_scales":  # the ratio of each round (same seconds), its spread
+                ratios = sorted(e / r for r, e in zip(samples[name], samples["torch_expanded_scales"]))
                 row.update(round_ratio_median=round(statistics.median(ratios), 2),
                            round_ratio_p10_p90=[round(ratios[len(ratios) // 10], 2), round(ratios[-1 - len(ratios) // 10], 2)])
+                row["bitwise_equal_to_table_method"] = exact[name]
+            if name == "pyloader_torch_reference":
+                row["cpu_method"] = reference.cpu_fp8_method()
             rows.append(row)
     print_table(rows, ["case", "provider", "gbps", "ms", "speedup_vs_expanded", "round_ratio_median", "threads"])
     write_rows(rows, json_path)

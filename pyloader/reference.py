@@ -47,36 +47,59 @@ def _column_runs(cols: int, c0: int, bn: int):
 
 
 class _Fp8Decoder:
-    """FP8 -> float32 by integer ops on reused int16 buffers (torch's own fp8 casts are scalar
-    on CPUs, several times slower). e4m3fn: ((b & 0x7F) << 7 | (b & 0x80) << 8) is an fp16 of
-    value x * 2^-8, exact for subnormals too; 0x7F/0xFF become NaN. e5m2: b << 8 is an fp16 of x."""
+    """FP8 -> float32 by integer ops on a reused int16 buffer (torch's own FP8 casts are scalar on
+    CPUs without ATen's AVX512 build, several times slower). e4m3fn: the byte sign-extended to
+    int16 and shifted left by 7 has the sign in bit 15 and exponent and mantissa in bits 13..7,
+    which with bit 14 cleared (& 0xBF80) is an fp16 of value x * 2^-8, exact for subnormals too;
+    the NaN bytes 0x7F/0xFF would read as +-480 and are set to NaN where the tensor has any.
+    e5m2: b << 8 is an fp16 of x (NaN and inf included). ``factor``: 2^k still to apply."""
 
-    def __init__(self, dtype: torch.dtype, shape, device):
-        self.e4m3 = dtype == torch.float8_e4m3fn
-        self.bits = torch.empty(shape, dtype=torch.int16, device=device)
-        if self.e4m3:
-            self.sign = torch.empty_like(self.bits)
-            self.nan = torch.empty(shape, dtype=torch.bool, device=device)
+    def __init__(self, weight: torch.Tensor, chunk_shape):
+        self.e4m3 = weight.dtype == torch.float8_e4m3fn
+        self.factor = 256.0 if self.e4m3 else 1.0
+        if weight.device.type == "cpu":
+            self.bits = _scratch(chunk_shape[0] * chunk_shape[1], torch.int16).view(chunk_shape)
+        else:
+            self.bits = torch.empty(chunk_shape, dtype=torch.int16, device=weight.device)
+        # NaN bytes are rare (none in real checkpoints): one check of the whole tensor (a max over
+        # its bytes; eq and any over bytes are several times slower on CPUs) spares a mask a chunk.
+        # On a GPU the check would wait for the device: the mask is always applied there.
+        self.has_nan = self.e4m3 and (weight.device.type != "cpu"
+                                      or int(torch.bitwise_and(weight.view(torch.uint8), 0x7F).max()) == 0x7F)
 
-    def decode(self, w: torch.Tensor, out: torch.Tensor) -> float:
-        """Write float32(w) * 2^-k into ``out``; returns the factor 2^k still to apply."""
-        bits, n = self.bits[: w.shape[0]], w.shape[0]
-        bits.copy_(w.view(torch.uint8))
+    def decode(self, w: torch.Tensor, out: torch.Tensor) -> None:
+        """Write float32(w) * 2^-k into ``out`` (w: rows of the tensor this decoder was made for)."""
+        bits = self.bits[: w.shape[0]]
         if not self.e4m3:
+            bits.copy_(w.view(torch.uint8))
             bits.bitwise_left_shift_(8)
             out.copy_(bits.view(torch.float16))
-            return 1.0
-        sign, nan = self.sign[:n], self.nan[:n]
-        torch.bitwise_and(bits, 0x80, out=sign).bitwise_left_shift_(8)
-        bits.bitwise_and_(0x7F)
-        torch.eq(bits, 0x7F, out=nan)
-        bits.bitwise_left_shift_(7).bitwise_or_(sign).masked_fill_(nan, 0x7E00)
+            return
+        bits.copy_(w.view(torch.int8))
+        bits.bitwise_left_shift_(7).bitwise_and_(0xBF80 - 0x10000)
         out.copy_(bits.view(torch.float16))
-        return 256.0
+        if self.has_nan:
+            out.masked_fill_(torch.bitwise_and(w.view(torch.uint8), 0x7F).eq(0x7F), float("nan"))
 
 
 _FP8_LUT = {}
 _TAKE_MIN_THREADS = 8
+# float32 chunk of the cast and decode paths, a thread: 1 MiB, with the decode's int16 buffer 1.5 MiB,
+# inside a 2 MiB L2 (Sapphire Rapids); on the 2-core CI machine 256-512K ran 2.4 ms for [576, 7168]
+# against 5.3 at 64K and 14.8 at 16K (each chunk pays ~10 ops of fixed cost)
+_CPU_CHUNK_ELEMS_PER_THREAD = 1 << 18
+CPU_FP8_METHODS = ("table", "cast", "decode")
+_CPU_FP8_METHOD = "auto"  # or one of CPU_FP8_METHODS (tests and bench/bench_dequant.py --cpu set it)
+
+
+def cpu_fp8_method() -> str:
+    """How the CPU reference turns FP8 into scaled values. All three are bit-identical (float32
+    product, one rounding); they differ in speed by CPU (bench/NOTES.md, session 8):
+    ``table`` (rounded products of a block's 256 bytes, one index add and one gather an element),
+    ``cast`` (torch's FP8 -> float32 cast, then the scale, then the rounding; ATen vectorizes that
+    cast only in its AVX512 build, elsewhere it is scalar and several times slower), ``decode``
+    (integer decoding in int16 passes)."""
+    return "decode" if _CPU_FP8_METHOD == "auto" else _CPU_FP8_METHOD
 _PER_SCALE_ROW_MIN = 1 << 19  # elements of a scale row above which its offsets are a broadcast row
 
 
@@ -85,8 +108,9 @@ def _fp8_values(dtype: torch.dtype) -> torch.Tensor:
     if dtype not in _FP8_LUT:
         b = torch.arange(256, dtype=torch.uint8).view(dtype).view(256, 1)
         f = torch.empty(256, 1, dtype=torch.float32)
-        k = _Fp8Decoder(dtype, (256, 1), "cpu").decode(b, f)
-        _FP8_LUT[dtype] = (f * k).view(256)  # x * 2^-8 * 2^8: exact
+        decoder = _Fp8Decoder(b, (256, 1))
+        decoder.decode(b, f)
+        _FP8_LUT[dtype] = (f * decoder.factor).view(256)  # x * 2^-8 * 2^8: exact
     return _FP8_LUT[dtype]
 
 
@@ -95,13 +119,16 @@ _SCRATCH_MAX_BYTES = 64 << 20
 
 
 def _scratch(n: int, dtype: torch.dtype) -> torch.Tensor:
-    """An index buffer reused call after call by this thread (a fresh one of tens of MB costs its
-    page faults on every call: most of a small tensor's time); larger ones are not kept."""
-    buf = getattr(_SCRATCH, "index", None)
-    if buf is None or buf.dtype != dtype or buf.numel() < n:
+    """A CPU buffer of this dtype reused call after call by this thread (a fresh one of tens of MB
+    costs its page faults on every call: most of a small tensor's time); larger ones are not kept."""
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None:
+        bufs = _SCRATCH.bufs = {}
+    buf = bufs.get(dtype)
+    if buf is None or buf.numel() < n:
         buf = torch.empty(n, dtype=dtype)
         if n * buf.element_size() <= _SCRATCH_MAX_BYTES:
-            _SCRATCH.index = buf
+            bufs[dtype] = buf
     return buf[:n]
 
 
@@ -211,26 +238,42 @@ def dequant_2d_torch(
     rows, cols = w.shape
     if rows == 0 or cols == 0:
         return out
-    if (w.device.type == "cpu" and w.dtype in _dtypes.FP8_WEIGHT_DTYPES and out.device.type == "cpu"
-            and s.device.type == "cpu" and min(bm, rows) * cols >= (1 << 14) and min(bm, rows) * min(bn, cols) >= 1024):
+    fp8 = w.dtype in _dtypes.FP8_WEIGHT_DTYPES
+    on_cpu = w.device.type == "cpu" and out.device.type == "cpu" and s.device.type == "cpu"
+    method = cpu_fp8_method() if (fp8 and on_cpu) else "decode"
+    if (method == "table" and min(bm, rows) * cols >= (1 << 14) and min(bm, rows) * min(bn, cols) >= 1024):
         # tables of 256 entries a block: worth it when a block holds many more elements
         return _dequant_2d_table_cpu(w, s, out, block_size, block_offset)
     runs = list(_column_runs(cols, c0, bn))
-    chunk_rows = max(1, min(rows, _CHUNK_ELEMS.get(w.device.type, 1 << 20) // cols))
-    wf_buf = torch.empty((chunk_rows, cols), dtype=torch.float32, device=w.device)
-    decoder = _Fp8Decoder(w.dtype, (chunk_rows, cols), w.device) if w.dtype in _dtypes.FP8_WEIGHT_DTYPES else None
+    if on_cpu:
+        # a chunk is split over torch's threads: each thread's part of the float32 buffer stays in its L2
+        chunk_elems = _CPU_CHUNK_ELEMS_PER_THREAD * max(1, torch.get_num_threads())
+    else:
+        chunk_elems = _CHUNK_ELEMS.get(w.device.type, 1 << 20)
+    chunk_rows = max(1, min(rows, chunk_elems // cols))
+    if on_cpu:
+        wf_buf = _scratch(chunk_rows * cols, torch.float32).view(chunk_rows, cols)
+    else:
+        wf_buf = torch.empty((chunk_rows, cols), dtype=torch.float32, device=w.device)
+    # "cast": torch's own FP8 -> float32 conversion (exact; vectorized in ATen's AVX512 build)
+    decoder = _Fp8Decoder(w, (chunk_rows, cols)) if (fp8 and method != "cast") else None
+    scale_data = False
+    if decoder is not None and decoder.factor != 1.0:
+        # wf holds x * 2^-8: fold 2^8 into the (small) scales; the product is the same real
+        # number, so it rounds the same. Where a scale would overflow, the data is scaled instead.
+        scale_data = bool((s.abs() >= _TWO_POW_120).any())
+        if not scale_data:
+            s = s * decoder.factor
     for i0 in range(0, rows, chunk_rows):
         i1 = min(rows, i0 + chunk_rows)
         wf = wf_buf[: i1 - i0]
-        factor = decoder.decode(w[i0:i1], wf) if decoder else (wf.copy_(w[i0:i1]), 1.0)[1]
+        if decoder is None:
+            wf.copy_(w[i0:i1])
+        else:
+            decoder.decode(w[i0:i1], wf)
+            if scale_data:
+                wf.mul_(decoder.factor)
         scale_rows = s.index_select(0, (torch.arange(i0, i1, device=s.device) + r0) // bm)  # [R, grid_cols]
-        if factor != 1.0:
-            # wf holds x * 2^-8: fold 2^8 into the (small) scale rows; the product is the same
-            # real number, so it rounds the same. A scale that would overflow is applied separately.
-            if bool((scale_rows.abs() >= _TWO_POW_120).any()):
-                wf.mul_(factor)
-            else:
-                scale_rows = scale_rows * factor
         for start, stop, sc, nblocks in runs:
             if nblocks:
                 wf[:, start:stop].view(i1 - i0, nblocks, bn).mul_(scale_rows[:, sc : sc + nblocks, None])

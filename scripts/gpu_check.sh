@@ -120,9 +120,10 @@ if has bench-cpu; then
   note "bench_dequant --cpu"
   python3 bench/bench_dequant.py --cpu --json "$OUT/bench.json" >> "$OUT/bench.log" 2>&1 || status=1
   python3 bench/bench_router.py --json "$OUT/bench.json" >> "$OUT/bench.log" 2>&1 || status=1
+  python3 bench/probe_cpu_dequant.py --json "$OUT/bench.json" >> "$OUT/bench.log" 2>&1 || status=1
   python3 bench/probe_cpu_gather.py --json "$OUT/bench.json" >> "$OUT/bench.log" 2>&1 || status=1
   python3 bench/probe_gc_pause.py --json "$OUT/bench.json" >> "$OUT/bench.log" 2>&1 || status=1
-  tail -16 "$OUT/bench.log"
+  tail -60 "$OUT/bench.log"
 fi
 
 note "done, status $status"

@@ -61,8 +61,15 @@ def case_id(c):
     return f"{shape[0]}x{shape[1]}-{kind}-{str(w)[-5:]}-{str(s)[6:]}-{str(o)[6:]}{'-bytes' if allb else ''}"
 
 
+@pytest.fixture(params=reference.CPU_FP8_METHODS)
+def cpu_method(request, monkeypatch):
+    """Each CPU FP8 method of the reference (all must be bit-identical but for NaN payloads)."""
+    monkeypatch.setattr(reference, "_CPU_FP8_METHOD", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_reference_matches_float64_formula(case):
+def test_reference_matches_float64_formula(case, cpu_method):
     shape, kind, wdtype, sdtype, out_dtype, all_bytes = case
     block = block_for(shape, kind)
     w, s = make_case(shape, block, wdtype, sdtype, seed=len(str(case)), all_bytes=all_bytes)
@@ -74,7 +81,7 @@ def test_reference_matches_float64_formula(case):
 
 @pytest.mark.parametrize("wdtype", W_DTYPES)
 @pytest.mark.parametrize("sdtype", SCALE_DTYPES)
-def test_reference_special_values(wdtype, sdtype):
+def test_reference_special_values(wdtype, sdtype, cpu_method):
     w = special_fp8_table(wdtype)  # every byte: NaN, ±0, subnormals, ±max
     if sdtype in (torch.uint8, E8M0):
         e = torch.tensor([[0, 1], [127, 254]], dtype=torch.uint8)  # 2^-127 (subnormal), 2^-126, 1, 2^127
@@ -100,6 +107,7 @@ def test_reference_cpu_table_path_special_values_offsets_strided_out(wdtype, sdt
         big_scale = 3e38 if sdtype == torch.float32 else 1e4
         s = torch.tensor([[1.0, 0.0, -2.5], [big_scale, 1e-40, float("inf")], [float("nan"), -0.0, 7.0]]).to(sdtype)
     monkeypatch.setattr(reference, "_TAKE_MIN_THREADS", 1 if gather == "take" else 1 << 20)
+    monkeypatch.setattr(reference, "_CPU_FP8_METHOD", "table")
     calls = []
     table_path = reference._dequant_2d_table_cpu
     monkeypatch.setattr(reference, "_dequant_2d_table_cpu", lambda *a: calls.append(1) or table_path(*a))
@@ -124,12 +132,52 @@ def test_reference_cpu_table_path_groups_of_scale_rows(shape, block, offset, gat
     with the index offsets built either way."""
     monkeypatch.setattr(reference, "_TAKE_MIN_THREADS", 1 if gather == "take" else 1 << 20)
     monkeypatch.setattr(reference, "_PER_SCALE_ROW_MIN", 0 if offsets == "per_scale_row" else 1 << 62)
+    monkeypatch.setattr(reference, "_CPU_FP8_METHOD", "table")
     gen = torch.Generator().manual_seed(5)
     w = random_fp8(shape, torch.float8_e4m3fn, gen, all_bytes=True)
     s = random_scale((-(-(shape[0] + offset[0]) // block[0]), -(-(shape[1] + offset[1]) // block[1])), torch.float32, gen)
     out = poison_(torch.empty(shape, dtype=torch.bfloat16))
     reference.dequant_blockwise_torch(w, s, out, block, block_offset=offset)
     assert_equal_within_ulp(out, expected_float64(w, s, block, torch.bfloat16, offset), ulp=0)
+
+
+@pytest.mark.parametrize("method", ["cast", "decode"])
+@pytest.mark.parametrize("wdtype", W_DTYPES)
+@pytest.mark.parametrize("sdtype", [torch.float32, torch.float16, torch.uint8])
+def test_reference_cpu_chunked_paths_special_values_offsets_strided_out(method, wdtype, sdtype, monkeypatch):
+    """The cast and decode paths over several chunks (a chunk here is 8 rows): every byte against
+    special scales, a block offset and a strided destination, bitwise to the float64 formula; the
+    untouched rest of the destination keeps its poison."""
+    monkeypatch.setattr(reference, "_CPU_FP8_METHOD", method)
+    monkeypatch.setattr(reference, "_CPU_CHUNK_ELEMS_PER_THREAD", 9600 // max(1, torch.get_num_threads()))
+    decoders = []
+    decoder_cls = reference._Fp8Decoder
+    monkeypatch.setattr(reference, "_Fp8Decoder", lambda *a: decoders.append(1) or decoder_cls(*a))
+    monkeypatch.setattr(reference, "_dequant_2d_table_cpu", None)  # a call would fail
+    w = special_fp8_table(wdtype).reshape(1, 256).repeat(96, 5)[:, 3:1203]
+    if sdtype == torch.uint8:
+        s = torch.tensor([[0, 1, 127], [254, 255, 126], [3, 200, 128]], dtype=torch.uint8)
+    else:
+        big_scale = 3e38 if sdtype == torch.float32 else 1e4
+        s = torch.tensor([[1.0, 0.0, -2.5], [big_scale, 1e-40, float("inf")], [float("nan"), -0.0, 7.0]]).to(sdtype)
+    for out_dtype in OUT_DTYPES:
+        big = poison_(torch.empty(100, 1300, dtype=out_dtype))
+        out = big[2:98, 50:1250]
+        reference.dequant_blockwise_torch(w, s, out, (64, 512), block_offset=(40, 300))
+        assert len(decoders) == (1 if method == "decode" else 0)
+        decoders.clear()
+        assert_equal_within_ulp(out, expected_float64(w, s, (64, 512), out_dtype, (40, 300)), ulp=0,
+                                what=f"{method} {wdtype} {sdtype} {out_dtype}")
+        rest = big.clone()
+        rest[2:98, 50:1250] = out
+        assert_bitwise_equal(big, rest)
+
+
+def test_reference_cpu_method_auto_and_forced(monkeypatch):
+    """auto is the decode path (fastest measured on both CPUs, bench/NOTES.md); a forced method is kept."""
+    assert reference.cpu_fp8_method() == "decode"
+    monkeypatch.setattr(reference, "_CPU_FP8_METHOD", "table")
+    assert reference.cpu_fp8_method() == "table"
 
 
 def test_reference_e8m0_nan_scale_gives_nan():
