@@ -88,6 +88,37 @@ def main():
             rows.append(dict(env, bench="probe_cpu_dequant_chunk", case="x".join(map(str, shape)), provider=name,
                              ms=round(ms, 4), speedup_vs_expanded=round(base / ms, 2), rounds=args.rounds))
             print(f"  {shape!s:14s} {name:24s} {ms:8.3f} ms  {base / ms:5.2f}x")
+    # Where one decode call's time goes ([576, 7168], after a baseline call as in the bench's rounds),
+    # and the same call with fewer of torch's threads (each op's fork and join costs more with more threads).
+    M, N = 576, 7168
+    x = torch.randn(M, N, dtype=torch.bfloat16)
+    w, s = ops.quantize_blockwise(x, backend="torch")
+    out = torch.empty(M, N, dtype=torch.bfloat16)
+    threads = torch.get_num_threads()
+
+    def decode_with_threads(n):
+        def run():
+            torch.set_num_threads(n)
+            try:
+                reference.dequant_blockwise_torch(w, s, out, (128, 128))
+            finally:
+                torch.set_num_threads(threads)
+        return run
+
+    fns = {"torch_expanded_scales": lambda: reference.dequant_expanded_scales_torch(w, s, (128, 128), out=out)}
+    for n in sorted({threads, max(1, threads // 2), max(1, threads // 4)}):
+        fns[f"decode_{n}_threads"] = decode_with_threads(n)
+    res = interleaved_ms(fns, args.rounds)
+    for name, ms in res.items():
+        rows.append(dict(env, bench="probe_cpu_dequant_threads", case=f"{M}x{N}", provider=name, ms=round(ms, 4),
+                         speedup_vs_expanded=round(res["torch_expanded_scales"] / ms, 2), rounds=args.rounds))
+        print(f"  {name:24s} {ms:8.3f} ms")
+    from torch.profiler import ProfilerActivity, profile
+    for _ in range(4):  # the last of a few profiled calls, each after a baseline call outside the profile
+        fns["torch_expanded_scales"]()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            reference.dequant_blockwise_torch(w, s, out, (128, 128))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
     write_rows(rows, args.json)
 
 
