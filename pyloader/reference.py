@@ -227,6 +227,28 @@ def _dequant_2d_table_cpu(w, s, out, block_size, block_offset) -> torch.Tensor:
     return out
 
 
+def _mul_block_scales(wf: torch.Tensor, s: torch.Tensor, g0: int, bm: int, bn: int, runs) -> None:
+    """wf[i, j] *= its block's scale, for rows g0.. of the block grid: each run of whole block rows
+    and each partial block row at the ends is one op a column run, with the scales as a broadcast
+    view of ``s`` (no per-row scale tensor: its index ops cost as much as a pass over the data)."""
+    n, cols = wf.shape
+    a = 0
+    while a < n:
+        sr, inner = divmod(g0 + a, bm)
+        k = (n - a) // bm if inner == 0 else 0
+        if k:
+            seg, srows, b = wf[a:a + k * bm].view(k, bm, cols), s[sr:sr + k, None], a + k * bm
+        else:  # a partial block row: one scale row
+            b = min(n, a + bm - inner)
+            seg, srows, k = wf[a:b].view(1, b - a, cols), s[sr:sr + 1, None], 1
+        for start, stop, sc, nblocks in runs:
+            if nblocks:
+                seg[:, :, start:stop].unflatten(2, (nblocks, bn)).mul_(srows[:, :, sc:sc + nblocks, None])
+            else:
+                seg[:, :, start:stop].mul_(srows[:, :, sc:sc + 1])
+        a = b
+
+
 def dequant_2d_torch(
     w: torch.Tensor, s: torch.Tensor, out: torch.Tensor, block_size: Tuple[int, int], block_offset: Tuple[int, int] = (0, 0)
 ) -> torch.Tensor:
@@ -262,7 +284,8 @@ def dequant_2d_torch(
     if decoder is not None and decoder.factor != 1.0:
         # wf holds x * 2^-8: fold 2^8 into the (small) scales; the product is the same real
         # number, so it rounds the same. Where a scale would overflow, the data is scaled instead.
-        scale_data = bool((s.abs() >= _TWO_POW_120).any())
+        lo, hi = torch.aminmax(s)  # one op: a check of three small ops cost as much as a data pass
+        scale_data = not (float(hi) < _TWO_POW_120 and float(lo) > -_TWO_POW_120)  # NaN: scale the data
         if not scale_data:
             s = s * decoder.factor
     for i0 in range(0, rows, chunk_rows):
@@ -274,12 +297,7 @@ def dequant_2d_torch(
             decoder.decode(w[i0:i1], wf)
             if scale_data:
                 wf.mul_(decoder.factor)
-        scale_rows = s.index_select(0, (torch.arange(i0, i1, device=s.device) + r0) // bm)  # [R, grid_cols]
-        for start, stop, sc, nblocks in runs:
-            if nblocks:
-                wf[:, start:stop].view(i1 - i0, nblocks, bn).mul_(scale_rows[:, sc : sc + nblocks, None])
-            else:
-                wf[:, start:stop].mul_(scale_rows[:, sc : sc + 1])
+        _mul_block_scales(wf, s, i0 + r0, bm, bn, runs)
         out[i0:i1].copy_(wf)
     return out
 
