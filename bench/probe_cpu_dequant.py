@@ -3,8 +3,8 @@
 Single ops over a whole [576, 7168] tensor (torch's FP8 -> float32 and -> bfloat16 casts, which
 ATen vectorizes only in its AVX512 build; the float32 scale multiply broadcast over blocks; the
 float32 -> bfloat16 rounding; a uint8 -> int16 widening, the decode path's first pass), then the
-decode and cast methods with float32 chunks of 64K-512K elements a thread, in interleaved rounds
-with the expanded-scale baseline. Medians of the rounds; the bench of record is bench_dequant.py --cpu.
+decode method with float32 chunks of 128K-512K elements a thread, in interleaved rounds with the
+expanded-scale baseline. Medians of the rounds; the bench of record is bench_dequant.py --cpu.
 
     python bench/probe_cpu_dequant.py [--json FILE] [--rounds N]
 """
@@ -56,7 +56,14 @@ def main():
         "fp8_to_bfloat16_copy": lambda: bf16.copy_(w),
         "float32_mul_block_scales": lambda: f32.view(M, N // 128, 128).mul_(srows),
         "float32_to_bfloat16_copy": lambda: bf16.copy_(f32),
+        "float32_mul_block_views_4d": lambda: (f32[:512].view(4, 128, N // 128, 128).mul_(s[:4, None, :, None]),
+                                               f32[512:].view(1, 64, N // 128, 128).mul_(s[4:, None, :, None])),
         "uint8_to_int16_copy": lambda: i16.copy_(w.view(torch.uint8)),
+        "int8_to_int16_copy": lambda: i16.copy_(w.view(torch.int8)),
+        "int16_shift_left_7": lambda: i16.bitwise_left_shift_(7),
+        "int16_and": lambda: i16.bitwise_and_(0xBF80 - 0x10000),
+        "float16_to_float32_copy": lambda: f32.copy_(i16.view(torch.float16)),
+        "nan_bytes_two_max": lambda: (int(w.view(torch.uint8).max()), int(w.view(torch.int8).max())),
     }, args.rounds)
     for name, ms in ops_ms.items():
         rows.append(dict(env, bench="probe_cpu_dequant_op", case=f"{M}x{N}", provider=name, ms=round(ms, 4),
@@ -79,8 +86,8 @@ def main():
             return run
 
         fns = {"torch_expanded_scales": lambda: reference.dequant_expanded_scales_torch(w, s, (128, 128), out=out)}
-        for method in ("decode", "cast"):
-            for k in (64, 128, 256, 512):
+        for method in ("decode",):
+            for k in (128, 256, 512):
                 fns[f"{method}_{k}k_per_thread"] = method_with_chunk(method, k << 10)
         res = interleaved_ms(fns, args.rounds)
         base = res["torch_expanded_scales"]
@@ -89,7 +96,8 @@ def main():
                              ms=round(ms, 4), speedup_vs_expanded=round(base / ms, 2), rounds=args.rounds))
             print(f"  {shape!s:14s} {name:24s} {ms:8.3f} ms  {base / ms:5.2f}x")
     # Where one decode call's time goes ([576, 7168], after a baseline call as in the bench's rounds),
-    # and the same call with fewer of torch's threads (each op's fork and join costs more with more threads).
+    # the same call with fewer of torch's threads (each op's fork and join costs more with more
+    # threads), and with the scales applied through a per-row scale tensor instead of block views.
     M, N = 576, 7168
     x = torch.randn(M, N, dtype=torch.bfloat16)
     w, s = ops.quantize_blockwise(x, backend="torch")
@@ -105,10 +113,59 @@ def main():
                 torch.set_num_threads(threads)
         return run
 
-    fns = {"torch_expanded_scales": lambda: reference.dequant_expanded_scales_torch(w, s, (128, 128), out=out)}
+    def mul_row_scales(wf, s, g0, bm, bn, runs):  # the scales of each row (one small copy), one op a column run
+        n, cols = wf.shape
+        sr0, sr1 = g0 // bm, (g0 + n - 1) // bm + 1
+        per_row = s[sr0:sr1, None, :].expand(sr1 - sr0, bm, s.shape[1]).reshape(-1, s.shape[1])
+        per_row = per_row[g0 - sr0 * bm:g0 - sr0 * bm + n]
+        for start, stop, sc, nblocks in runs:
+            if nblocks:
+                wf[:, start:stop].view(n, nblocks, bn).mul_(per_row[:, sc:sc + nblocks, None])
+            else:
+                wf[:, start:stop].mul_(per_row[:, sc:sc + 1])
+
+    def decode_with_row_scales():
+        shipped, reference._mul_block_scales = reference._mul_block_scales, mul_row_scales
+        try:
+            reference.dequant_blockwise_torch(w, s, out, (128, 128))
+        finally:
+            reference._mul_block_scales = shipped
+
+    class Int32Decoder(reference._Fp8Decoder):
+        """e4m3fn straight to float32 bits in the float32 buffer itself: the byte sign-extended to
+        int32, << 20, & 0x87F00000 is a float32 of value x * 2^-120 (subnormals exact); no int16
+        buffer and no fp16 -> float32 pass, but int32 passes are twice as wide."""
+
+        def __init__(self, weight, chunk_shape):
+            super().__init__(weight, chunk_shape)
+            self.factor = 2.0 ** 120 if self.e4m3 else self.factor
+
+        def decode(self, w, out):
+            if not self.e4m3:
+                return super().decode(w, out)
+            bits = out.view(torch.int32)
+            bits.copy_(w.view(torch.int8))
+            bits.bitwise_left_shift_(20).bitwise_and_(0x87F00000 - (1 << 32))
+            if self.has_nan:
+                out.masked_fill_(torch.bitwise_and(w.view(torch.uint8), 0x7F).eq(0x7F), float("nan"))
+
+    def decode_int32():
+        shipped, reference._Fp8Decoder = reference._Fp8Decoder, Int32Decoder
+        try:
+            reference.dequant_blockwise_torch(w, s, out, (128, 128))
+        finally:
+            reference._Fp8Decoder = shipped
+
+    fns = {"torch_expanded_scales": lambda: reference.dequant_expanded_scales_torch(w, s, (128, 128), out=out),
+           "decode_row_scales": decode_with_row_scales, "decode_int32": decode_int32}
     for n in sorted({threads, max(1, threads // 2), max(1, threads // 4)}):
         fns[f"decode_{n}_threads"] = decode_with_threads(n)
     res = interleaved_ms(fns, args.rounds)
+    want = out.clone()
+    for name, fn in fns.items():  # every variant writes the same bytes
+        fn()
+        assert name == "torch_expanded_scales" or torch.equal(out.view(torch.int16), want.view(torch.int16)), name
+        reference.dequant_blockwise_torch(w, s, out, (128, 128))
     for name, ms in res.items():
         rows.append(dict(env, bench="probe_cpu_dequant_threads", case=f"{M}x{N}", provider=name, ms=round(ms, 4),
                          speedup_vs_expanded=round(res["torch_expanded_scales"] / ms, 2), rounds=args.rounds))

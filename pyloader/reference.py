@@ -18,7 +18,7 @@ from . import _dtypes
 # Rows are processed in chunks of about this many elements with buffers reused across chunks:
 # on CPUs, fresh large temporaries cost more in page faults than the arithmetic.
 _CHUNK_ELEMS = {"cpu": 1 << 18, "cuda": 1 << 26}
-_TWO_POW_120 = 2.0 ** 120
+_FLOAT32_OVERFLOW = 2.0 ** 128  # the smallest power of two above float32's largest value
 
 
 def scale_to_float32(scale: torch.Tensor) -> torch.Tensor:
@@ -285,7 +285,8 @@ def dequant_2d_torch(
         # wf holds x * 2^-8: fold 2^8 into the (small) scales; the product is the same real
         # number, so it rounds the same. Where a scale would overflow, the data is scaled instead.
         lo, hi = torch.aminmax(s)  # one op: a check of three small ops cost as much as a data pass
-        scale_data = not (float(hi) < _TWO_POW_120 and float(lo) > -_TWO_POW_120)  # NaN: scale the data
+        limit = _FLOAT32_OVERFLOW / decoder.factor
+        scale_data = not (float(hi) < limit and float(lo) > -limit)  # NaN: scale the data
         if not scale_data:
             s = s * decoder.factor
     for i0 in range(0, rows, chunk_rows):
