@@ -145,7 +145,7 @@ def with_cpu_method(method, fn):
     return run
 
 
-def bench_cpu(json_path, rounds: int = 21):
+def bench_cpu(json_path, rounds: int = 25):
     env = environment()
     env["threads"] = torch.get_num_threads()
     env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
@@ -158,8 +158,9 @@ def bench_cpu(json_path, rounds: int = 21):
         w, s = make_inputs(shape, "cpu")
         out = torch.empty(shape, dtype=torch.bfloat16)
         nbytes = w.numel() * 3 + s.numel() * 4
-        # Interleaved (A, B, A, B, ...): the host's speed drifts by tens of percent between seconds
-        # (other tenants, frequency), which sequential medians turned into ratio noise (bench/NOTES.md).
+        # Interleaved (A, B, C, ..., then B, C, ..., A, ...): the host's speed drifts by tens of percent
+        # between seconds (other tenants, frequency), which sequential medians turned into ratio noise,
+        # and a call's time depends on what ran just before it (bench/NOTES.md).
         fns = {"pyloader_torch_reference": lambda: reference.dequant_blockwise_torch(w, s, out, (128, 128)),
                "torch_expanded_scales": lambda: reference.dequant_expanded_scales_torch(w, s, (128, 128), out=out)}
         for method in reference.CPU_FP8_METHODS:  # each method of the reference, forced, in the same rounds
@@ -171,8 +172,9 @@ def bench_cpu(json_path, rounds: int = 21):
             results[name] = out.clone()
         exact = {name: torch.equal(r.view(torch.int16), results["reference_table"].view(torch.int16))
                  for name, r in results.items()}
-        for _ in range(rounds):
-            for name, fn in fns.items():
+        order = list(fns.items())
+        for r in range(rounds):  # each round starts one provider later: what ran just before moves a time
+            for name, fn in order[r % len(order):] + order[:r % len(order)]:
                 t = time.perf_counter()
                 fn()
                 samples[name].append((time.perf_counter() - t) * 1e3)

@@ -24,12 +24,15 @@ from pyloader import ops, reference  # noqa: E402
 
 
 def interleaved_ms(fns, rounds):
-    """Median ms of each function, timed in rounds of one call each (A, B, C, A, B, C, ...)."""
+    """Median ms of each function, timed in rounds of one call each, each round starting one
+    function later (A B C, B C A, C A B, ...): what runs just before a call (and what it left in the
+    caches) moves its time by tens of percent."""
     samples = {name: [] for name in fns}
     for fn in fns.values():
         fn()
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for r in range(rounds):
+        for name, fn in order[r % len(order):] + order[:r % len(order)]:
             t = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - t) * 1e3)
@@ -39,7 +42,7 @@ def interleaved_ms(fns, rounds):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--json")
-    ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--rounds", type=int, default=12)
     args = ap.parse_args()
     env = dict(environment(), threads=torch.get_num_threads(), cpu_capability=torch.backends.cpu.get_cpu_capability())
     rows = []
@@ -95,41 +98,55 @@ def main():
             rows.append(dict(env, bench="probe_cpu_dequant_chunk", case="x".join(map(str, shape)), provider=name,
                              ms=round(ms, 4), speedup_vs_expanded=round(base / ms, 2), rounds=args.rounds))
             print(f"  {shape!s:14s} {name:24s} {ms:8.3f} ms  {base / ms:5.2f}x")
-    # Where one decode call's time goes ([576, 7168], after a baseline call as in the bench's rounds),
-    # the same call with fewer of torch's threads (each op's fork and join costs more with more
-    # threads), and with the scales applied through a per-row scale tensor instead of block views.
+    # Where one decode call's time goes ([576, 7168], after a baseline call as in the bench's rounds);
+    # the shipped call beside variants: fewer of torch's threads (each op's fork and join costs
+    # more with more threads), the scales through broadcast views of the grid instead of per-row
+    # scales (the shipped way before d719f0e..), an int32 decode.
     M, N = 576, 7168
     x = torch.randn(M, N, dtype=torch.bfloat16)
     w, s = ops.quantize_blockwise(x, backend="torch")
     out = torch.empty(M, N, dtype=torch.bfloat16)
     threads = torch.get_num_threads()
 
-    def decode_with_threads(n):
+    def shipped():
+        reference.dequant_blockwise_torch(w, s, out, (128, 128))
+
+    def with_threads(n):
         def run():
             torch.set_num_threads(n)
             try:
-                reference.dequant_blockwise_torch(w, s, out, (128, 128))
+                shipped()
             finally:
                 torch.set_num_threads(threads)
         return run
 
-    def mul_row_scales(wf, s, g0, bm, bn, runs):  # the scales of each row (one small copy), one op a column run
-        n, cols = wf.shape
-        sr0, sr1 = g0 // bm, (g0 + n - 1) // bm + 1
-        per_row = s[sr0:sr1, None, :].expand(sr1 - sr0, bm, s.shape[1]).reshape(-1, s.shape[1])
-        per_row = per_row[g0 - sr0 * bm:g0 - sr0 * bm + n]
-        for start, stop, sc, nblocks in runs:
-            if nblocks:
-                wf[:, start:stop].view(n, nblocks, bn).mul_(per_row[:, sc:sc + nblocks, None])
-            else:
-                wf[:, start:stop].mul_(per_row[:, sc:sc + 1])
+    def with_attr(name, value):  # the shipped call with one of the reference's functions swapped
+        def run():
+            kept = getattr(reference, name)
+            setattr(reference, name, value)
+            try:
+                shipped()
+            finally:
+                setattr(reference, name, kept)
+        return run
 
-    def decode_with_row_scales():
-        shipped, reference._mul_block_scales = reference._mul_block_scales, mul_row_scales
-        try:
-            reference.dequant_blockwise_torch(w, s, out, (128, 128))
-        finally:
-            reference._mul_block_scales = shipped
+    def mul_block_views(wf, s, g0, bm, bn, runs):  # a run of whole block rows and each partial one an op
+        n, cols = wf.shape
+        a = 0
+        while a < n:
+            sr, inner = divmod(g0 + a, bm)
+            k = (n - a) // bm if inner == 0 else 0
+            if k:
+                seg, srows, b = wf[a:a + k * bm].view(k, bm, cols), s[sr:sr + k, None], a + k * bm
+            else:
+                b = min(n, a + bm - inner)
+                seg, srows = wf[a:b].view(1, b - a, cols), s[sr:sr + 1, None]
+            for start, stop, sc, nblocks in runs:
+                if nblocks:
+                    seg[:, :, start:stop].unflatten(2, (nblocks, bn)).mul_(srows[:, :, sc:sc + nblocks, None])
+                else:
+                    seg[:, :, start:stop].mul_(srows[:, :, sc:sc + 1])
+            a = b
 
     class Int32Decoder(reference._Fp8Decoder):
         """e4m3fn straight to float32 bits in the float32 buffer itself: the byte sign-extended to
@@ -149,23 +166,17 @@ def main():
             if self.has_nan:
                 out.masked_fill_(torch.bitwise_and(w.view(torch.uint8), 0x7F).eq(0x7F), float("nan"))
 
-    def decode_int32():
-        shipped, reference._Fp8Decoder = reference._Fp8Decoder, Int32Decoder
-        try:
-            reference.dequant_blockwise_torch(w, s, out, (128, 128))
-        finally:
-            reference._Fp8Decoder = shipped
-
     fns = {"torch_expanded_scales": lambda: reference.dequant_expanded_scales_torch(w, s, (128, 128), out=out),
-           "decode_row_scales": decode_with_row_scales, "decode_int32": decode_int32}
+           "decode_shipped": shipped, "decode_block_views": with_attr("_mul_block_scales", mul_block_views),
+           "decode_int32": with_attr("_Fp8Decoder", Int32Decoder)}
     for n in sorted({threads, max(1, threads // 2), max(1, threads // 4)}):
-        fns[f"decode_{n}_threads"] = decode_with_threads(n)
+        fns[f"decode_set_{n}_threads"] = with_threads(n)
     res = interleaved_ms(fns, args.rounds)
     want = out.clone()
     for name, fn in fns.items():  # every variant writes the same bytes
         fn()
         assert name == "torch_expanded_scales" or torch.equal(out.view(torch.int16), want.view(torch.int16)), name
-        reference.dequant_blockwise_torch(w, s, out, (128, 128))
+        shipped()
     for name, ms in res.items():
         rows.append(dict(env, bench="probe_cpu_dequant_threads", case=f"{M}x{N}", provider=name, ms=round(ms, 4),
                          speedup_vs_expanded=round(res["torch_expanded_scales"] / ms, 2), rounds=args.rounds))
@@ -174,7 +185,7 @@ def main():
     for _ in range(4):  # the last of a few profiled calls, each after a baseline call outside the profile
         fns["torch_expanded_scales"]()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            reference.dequant_blockwise_torch(w, s, out, (128, 128))
+            shipped()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
     write_rows(rows, args.json)
 

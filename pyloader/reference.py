@@ -228,25 +228,22 @@ def _dequant_2d_table_cpu(w, s, out, block_size, block_offset) -> torch.Tensor:
 
 
 def _mul_block_scales(wf: torch.Tensor, s: torch.Tensor, g0: int, bm: int, bn: int, runs) -> None:
-    """wf[i, j] *= its block's scale, for rows g0.. of the block grid: each run of whole block rows
-    and each partial block row at the ends is one op a column run, with the scales as a broadcast
-    view of ``s`` (no per-row scale tensor: its index ops cost as much as a pass over the data)."""
-    n, cols = wf.shape
-    a = 0
-    while a < n:
-        sr, inner = divmod(g0 + a, bm)
-        k = (n - a) // bm if inner == 0 else 0
-        if k:
-            seg, srows, b = wf[a:a + k * bm].view(k, bm, cols), s[sr:sr + k, None], a + k * bm
-        else:  # a partial block row: one scale row
-            b = min(n, a + bm - inner)
-            seg, srows, k = wf[a:b].view(1, b - a, cols), s[sr:sr + 1, None], 1
-        for start, stop, sc, nblocks in runs:
-            if nblocks:
-                seg[:, :, start:stop].unflatten(2, (nblocks, bn)).mul_(srows[:, :, sc:sc + nblocks, None])
-            else:
-                seg[:, :, start:stop].mul_(srows[:, :, sc:sc + 1])
-        a = b
+    """wf[i, j] *= its block's scale, for rows g0.. of the block grid: the chunk's per-row scales
+    ([rows, grid cols], small), then one op a column run, [rows, blocks, bn] by [rows, blocks, 1].
+    (Broadcast views of the scale grid over [k, bm, blocks, bn] took 1.8x as long a pass on the
+    16-thread host; bench/NOTES.md, session 8.)"""
+    n = wf.shape[0]
+    sr0, sr1 = g0 // bm, (g0 + n - 1) // bm + 1
+    if (sr1 - sr0) * bm <= 2 * n:  # the scale rows repeated bm times, then sliced: one small copy
+        per_row = s[sr0:sr1, None, :].expand(sr1 - sr0, bm, s.shape[1]).reshape(-1, s.shape[1])
+        per_row = per_row[g0 - sr0 * bm:g0 - sr0 * bm + n]
+    else:  # blocks much taller than the chunk: index its rows
+        per_row = s.index_select(0, torch.arange(g0, g0 + n, device=s.device) // bm)
+    for start, stop, sc, nblocks in runs:
+        if nblocks:
+            wf[:, start:stop].view(n, nblocks, bn).mul_(per_row[:, sc:sc + nblocks, None])
+        else:
+            wf[:, start:stop].mul_(per_row[:, sc:sc + 1])
 
 
 def dequant_2d_torch(
