@@ -9,14 +9,13 @@ kernel in the DeepSeek style, as a fraction of the device copy rate measured in 
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (copy_ceiling_gbps, environment, print_table, rotation, time_cpu_ms, time_gpu_ms,  # noqa: E402
-                    write_rows)
+from common import (copy_ceiling_gbps, environment, interleaved_cpu_samples, print_table, rotation,  # noqa: E402
+                    time_cpu_ms, time_gpu_ms, write_rows)
 
 from pyloader import ops, reference  # noqa: E402
 
@@ -158,26 +157,20 @@ def bench_cpu(json_path, rounds: int = 25):
         w, s = make_inputs(shape, "cpu")
         out = torch.empty(shape, dtype=torch.bfloat16)
         nbytes = w.numel() * 3 + s.numel() * 4
-        # Interleaved (A, B, C, ..., then B, C, ..., A, ...): the host's speed drifts by tens of percent
-        # between seconds (other tenants, frequency), which sequential medians turned into ratio noise,
-        # and a call's time depends on what ran just before it (bench/NOTES.md).
         fns = {"pyloader_torch_reference": lambda: reference.dequant_blockwise_torch(w, s, out, (128, 128)),
                "torch_expanded_scales": lambda: reference.dequant_expanded_scales_torch(w, s, (128, 128), out=out)}
         for method in reference.CPU_FP8_METHODS:  # each method of the reference, forced, in the same rounds
             fns[f"reference_{method}"] = with_cpu_method(method, fns["pyloader_torch_reference"])
-        samples = {name: [] for name in fns}
         results = {}
         for name, fn in fns.items():
             fn()
             results[name] = out.clone()
         exact = {name: torch.equal(r.view(torch.int16), results["reference_table"].view(torch.int16))
                  for name, r in results.items()}
-        order = list(fns.items())
-        for r in range(rounds):  # each round starts one provider later: what ran just before moves a time
-            for name, fn in order[r % len(order):] + order[:r % len(order)]:
-                t = time.perf_counter()
-                fn()
-                samples[name].append((time.perf_counter() - t) * 1e3)
+        # Interleaved rounds with the caches flushed before each call: the host's speed drifts by
+        # tens of percent between seconds (other tenants, frequency), which sequential medians
+        # turned into ratio noise, and a call's time depended on what ran just before it.
+        samples = interleaved_cpu_samples(fns, rounds)
         t_exp = statistics.median(samples["torch_expanded_scales"])
         for name in fns:
             t = statistics.median(samples[name])

@@ -83,6 +83,30 @@ def time_cpu_ms(fn, reps: int = 7) -> float:
     return statistics.median(samples)
 
 
+_FLUSH = {}
+
+
+def interleaved_cpu_samples(fns, rounds: int, flush_bytes: int = 256 << 20):
+    """ms of each call of each function, over rounds that take every function once, each round
+    starting one function later; before each call a write over ``flush_bytes`` evicts the caches,
+    so no call finds what the one before it left there (neighbours had moved one code's time by
+    15 %, bench/NOTES.md session 8). The host's drift between seconds hits every function alike."""
+    if flush_bytes not in _FLUSH:
+        _FLUSH[flush_bytes] = torch.empty(flush_bytes, dtype=torch.uint8)
+    flush = _FLUSH[flush_bytes]
+    samples = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    order = list(fns.items())
+    for r in range(rounds):
+        for name, fn in order[r % len(order):] + order[:r % len(order)]:
+            flush.fill_(r & 0xFF)
+            t = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t) * 1e3)
+    return samples
+
+
 def copy_ceiling_gbps(nbytes: int = 1 << 30) -> float:
     """Device-to-device copy, bytes read + written, from one large copy_ (median of many)."""
     import triton.testing

@@ -12,31 +12,19 @@ expanded-scale baseline. Medians of the rounds; the bench of record is bench_deq
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_rows  # noqa: E402
+from common import environment, interleaved_cpu_samples, write_rows  # noqa: E402
 
 from pyloader import ops, reference  # noqa: E402
 
 
 def interleaved_ms(fns, rounds):
-    """Median ms of each function, timed in rounds of one call each, each round starting one
-    function later (A B C, B C A, C A B, ...): what runs just before a call (and what it left in the
-    caches) moves its time by tens of percent."""
-    samples = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    order = list(fns.items())
-    for r in range(rounds):
-        for name, fn in order[r % len(order):] + order[:r % len(order)]:
-            t = time.perf_counter()
-            fn()
-            samples[name].append((time.perf_counter() - t) * 1e3)
-    return {name: statistics.median(v) for name, v in samples.items()}
+    """Median ms of each function over interleaved rounds, caches flushed before each call."""
+    return {name: statistics.median(v) for name, v in interleaved_cpu_samples(fns, rounds).items()}
 
 
 def main():
