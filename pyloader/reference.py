@@ -47,47 +47,54 @@ def _column_runs(cols: int, c0: int, bn: int):
 
 
 class _Fp8Decoder:
-    """FP8 -> float32 by integer ops on a reused int16 buffer (torch's own FP8 casts are scalar on
-    CPUs without ATen's AVX512 build, several times slower). e4m3fn: the byte sign-extended to
-    int16 and shifted left by 7 has the sign in bit 15 and exponent and mantissa in bits 13..7,
-    which with bit 14 cleared (& 0xBF80) is an fp16 of value x * 2^-8, exact for subnormals too;
-    the NaN bytes 0x7F/0xFF would read as +-480 and are set to NaN where the tensor has any.
-    e5m2: b << 8 is an fp16 of x (NaN and inf included). ``factor``: 2^k still to apply."""
+    """FP8 -> float32 by integer ops (torch's own FP8 casts are scalar on CPUs, or several times
+    slower than these passes where ATen vectorizes them). ``factor``: the power of two still to apply.
+
+    e4m3fn, in the float32 buffer itself: the byte sign-extended to int32, shifted left by 20,
+    has the sign in bit 31 and exponent and mantissa in bits 26..20; with bits 30..27 cleared
+    (& 0x87F00000) it is a float32 of value x * 2^-120, exact for subnormals too (these 14 bytes
+    give float32 subnormals, which cost a multiply some cycles on CPUs; real weights hold few).
+    The NaN bytes 0x7F/0xFF would read as +-480 and are set to NaN where the tensor has any.
+    e5m2, through an int16 buffer: b << 8 is an fp16 of x (NaN and inf included)."""
 
     def __init__(self, weight: torch.Tensor, chunk_shape):
         self.e4m3 = weight.dtype == torch.float8_e4m3fn
-        self.factor = 256.0 if self.e4m3 else 1.0
-        if weight.device.type == "cpu":
-            self.bits = _scratch(chunk_shape[0] * chunk_shape[1], torch.int16).view(chunk_shape)
-        else:
-            self.bits = torch.empty(chunk_shape, dtype=torch.int16, device=weight.device)
-        # NaN bytes are rare (none in real checkpoints): one check of the whole tensor spares a mask
-        # a chunk. 0xFF is the largest uint8 and 0x7F the largest int8: two max reductions, no
-        # temporary (eq and any over bytes are several times slower on CPUs). On a GPU the check
-        # would wait for the device: the mask is always applied there.
-        self.has_nan = self.e4m3 and (weight.device.type != "cpu" or int(weight.view(torch.uint8).max()) == 0xFF
-                                      or int(weight.view(torch.int8).max()) == 0x7F)
+        self.factor = 2.0 ** 120 if self.e4m3 else 1.0
+        self.has_nan = None if weight.device.type == "cpu" else self.e4m3  # a check would wait for a GPU
+        self.weight = weight
+        if not self.e4m3:
+            if weight.device.type == "cpu":
+                self.bits = _scratch(chunk_shape[0] * chunk_shape[1], torch.int16).view(chunk_shape)
+            else:
+                self.bits = torch.empty(chunk_shape, dtype=torch.int16, device=weight.device)
 
     def decode(self, w: torch.Tensor, out: torch.Tensor) -> None:
         """Write float32(w) * 2^-k into ``out`` (w: rows of the tensor this decoder was made for)."""
-        bits = self.bits[: w.shape[0]]
         if not self.e4m3:
+            bits = self.bits[: w.shape[0]]
             bits.copy_(w.view(torch.uint8))
             bits.bitwise_left_shift_(8)
             out.copy_(bits.view(torch.float16))
             return
+        bits = out.view(torch.int32)
         bits.copy_(w.view(torch.int8))
-        bits.bitwise_left_shift_(7).bitwise_and_(0xBF80 - 0x10000)
-        out.copy_(bits.view(torch.float16))
+        if self.has_nan is None:
+            # NaN bytes are rare (none in real checkpoints): one check of the whole tensor spares a
+            # mask a chunk. 0xFF is the largest uint8 and 0x7F the largest int8: two max reductions,
+            # no temporary (eq and any over bytes are several times slower on CPUs); after the first
+            # pass over the bytes, so the first chunk's are in cache.
+            u = self.weight.view(torch.uint8)
+            self.has_nan = int(u.max()) == 0xFF or int(u.view(torch.int8).max()) == 0x7F
+        bits.bitwise_left_shift_(20).bitwise_and_(0x87F00000 - (1 << 32))
         if self.has_nan:
             out.masked_fill_(torch.bitwise_and(w.view(torch.uint8), 0x7F).eq(0x7F), float("nan"))
 
 
 _FP8_LUT = {}
 _TAKE_MIN_THREADS = 8
-# float32 chunk of the cast and decode paths, a thread: 1 MiB, with the decode's int16 buffer 1.5 MiB,
-# inside a 2 MiB L2 (Sapphire Rapids); on the 2-core CI machine 256-512K ran 2.4 ms for [576, 7168]
-# against 5.3 at 64K and 14.8 at 16K (each chunk pays ~10 ops of fixed cost)
+# float32 chunk of the cast and decode paths, a thread: 1 MiB, inside a 2 MiB L2 (Sapphire Rapids);
+# on the 2-core CI machine 256-512K ran 2.4 ms for [576, 7168] against 5.3 at 64K and 14.8 at 16K
+# (each chunk pays its ops' fixed cost)
 _CPU_CHUNK_ELEMS_PER_THREAD = 1 << 18
 CPU_FP8_METHODS = ("table", "cast", "decode")
 _CPU_FP8_METHOD = "auto"  # or one of CPU_FP8_METHODS (tests and bench/bench_dequant.py --cpu set it)
@@ -111,7 +118,7 @@ def _fp8_values(dtype: torch.dtype) -> torch.Tensor:
         f = torch.empty(256, 1, dtype=torch.float32)
         decoder = _Fp8Decoder(b, (256, 1))
         decoder.decode(b, f)
-        _FP8_LUT[dtype] = (f * decoder.factor).view(256)  # x * 2^-8 * 2^8: exact
+        _FP8_LUT[dtype] = (f * decoder.factor).view(256)  # x * 2^-k * 2^k: exact
     return _FP8_LUT[dtype]
 
 
@@ -279,7 +286,7 @@ def dequant_2d_torch(
     decoder = _Fp8Decoder(w, (chunk_rows, cols)) if (fp8 and method != "cast") else None
     scale_data = False
     if decoder is not None and decoder.factor != 1.0:
-        # wf holds x * 2^-8: fold 2^8 into the (small) scales; the product is the same real
+        # wf holds x * 2^-k: fold 2^k into the (small) scales; the product is the same real
         # number, so it rounds the same. Where a scale would overflow, the data is scaled instead.
         lo, hi = torch.aminmax(s)  # one op: a check of three small ops cost as much as a data pass
         limit = _FLOAT32_OVERFLOW / decoder.factor
