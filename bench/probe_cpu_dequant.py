@@ -89,7 +89,7 @@ def main():
     # Where one decode call's time goes ([576, 7168], after a baseline call as in the bench's rounds);
     # the shipped call beside variants: fewer of torch's threads (each op's fork and join costs
     # more with more threads), the scales through broadcast views of the grid instead of per-row
-    # scales (the shipped way at d719f0e), the int16 decode (shipped before 5fd1e1d..).
+    # scales (the shipped way at d719f0e), the int16 decode (shipped before 69ea519).
     M, N = 576, 7168
     x = torch.randn(M, N, dtype=torch.bfloat16)
     w, s = ops.quantize_blockwise(x, backend="torch")
@@ -139,7 +139,7 @@ def main():
     int16_bits = torch.empty(M * N, dtype=torch.int16)
 
     class Int16Decoder(reference._Fp8Decoder):
-        """e4m3fn as shipped before 5fd1e1d.. : through an int16 buffer, the byte sign-extended,
+        """e4m3fn as shipped before 69ea519: through an int16 buffer, the byte sign-extended,
         << 7, & 0xBF80 is an fp16 of x * 2^-8, then an fp16 -> float32 pass."""
 
         def __init__(self, weight, chunk_shape):
@@ -181,6 +181,14 @@ def main():
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             shipped()
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    # Every byte value equally often: 14 of 256 are float32 subnormals in the int32 decode (a
+    # multiply with one costs extra cycles) and the NaN bytes take the masked fill: the worst case.
+    w = torch.randint(0, 256, (M, N), dtype=torch.uint8).view(torch.float8_e4m3fn)  # the closures read w
+    res = interleaved_ms({k: fns[k] for k in ("torch_expanded_scales", "decode_shipped", "decode_int16")}, args.rounds)
+    for name, ms in res.items():
+        rows.append(dict(env, bench="probe_cpu_dequant_all_bytes", case=f"{M}x{N}", provider=name, ms=round(ms, 4),
+                         speedup_vs_expanded=round(res["torch_expanded_scales"] / ms, 2), rounds=args.rounds))
+        print(f"  all bytes {name:24s} {ms:8.3f} ms")
     write_rows(rows, args.json)
 
 
