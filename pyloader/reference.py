@@ -47,36 +47,36 @@ def _column_runs(cols: int, c0: int, bn: int):
 
 
 class _Fp8Decoder:
-    """FP8 -> float32 by integer ops (torch's own FP8 casts are scalar on CPUs, or several times
-    slower than these passes where ATen vectorizes them). ``factor``: the power of two still to apply.
+    """FP8 -> float32 by integer ops on a reused int16 buffer (torch's own FP8 casts are scalar on
+    CPUs, or several times slower than these passes where ATen vectorizes them). ``factor``: the
+    power of two still to apply.
 
-    e4m3fn, in the float32 buffer itself: the byte sign-extended to int32, shifted left by 20,
-    has the sign in bit 31 and exponent and mantissa in bits 26..20; with bits 30..27 cleared
-    (& 0x87F00000) it is a float32 of value x * 2^-120, exact for subnormals too (these 14 bytes
-    give float32 subnormals, which cost a multiply some cycles on CPUs; real weights hold few).
-    The NaN bytes 0x7F/0xFF would read as +-480 and are set to NaN where the tensor has any.
-    e5m2, through an int16 buffer: b << 8 is an fp16 of x (NaN and inf included)."""
+    e4m3fn: the byte sign-extended to int16 and shifted left by 7 has the sign in bit 15 and
+    exponent and mantissa in bits 13..7; with bit 14 cleared (& 0xBF80) it is an fp16 of value
+    x * 2^-8, exact for subnormals too. The NaN bytes 0x7F/0xFF would read as +-480 and are set
+    to NaN where the tensor has any. (Straight to float32 bits, << 20 & 0x87F00000 = x * 2^-120,
+    saves the fp16 pass but turns 14 bytes into float32 subnormals, which cost a multiply extra
+    cycles: 27 % slower on every-byte data, no faster on real data; bench/NOTES.md, session 8.)
+    e5m2: b << 8 is an fp16 of x (NaN and inf included)."""
 
     def __init__(self, weight: torch.Tensor, chunk_shape):
         self.e4m3 = weight.dtype == torch.float8_e4m3fn
-        self.factor = 2.0 ** 120 if self.e4m3 else 1.0
+        self.factor = 256.0 if self.e4m3 else 1.0
         self.has_nan = None if weight.device.type == "cpu" else self.e4m3  # a check would wait for a GPU
         self.weight = weight
-        if not self.e4m3:
-            if weight.device.type == "cpu":
-                self.bits = _scratch(chunk_shape[0] * chunk_shape[1], torch.int16).view(chunk_shape)
-            else:
-                self.bits = torch.empty(chunk_shape, dtype=torch.int16, device=weight.device)
+        if weight.device.type == "cpu":
+            self.bits = _scratch(chunk_shape[0] * chunk_shape[1], torch.int16).view(chunk_shape)
+        else:
+            self.bits = torch.empty(chunk_shape, dtype=torch.int16, device=weight.device)
 
     def decode(self, w: torch.Tensor, out: torch.Tensor) -> None:
         """Write float32(w) * 2^-k into ``out`` (w: rows of the tensor this decoder was made for)."""
+        bits = self.bits[: w.shape[0]]
         if not self.e4m3:
-            bits = self.bits[: w.shape[0]]
             bits.copy_(w.view(torch.uint8))
             bits.bitwise_left_shift_(8)
             out.copy_(bits.view(torch.float16))
             return
-        bits = out.view(torch.int32)
         bits.copy_(w.view(torch.int8))
         if self.has_nan is None:
             # NaN bytes are rare (none in real checkpoints): one check of the whole tensor spares a
@@ -85,7 +85,8 @@ class _Fp8Decoder:
             # pass over the bytes, so the first chunk's are in cache.
             u = self.weight.view(torch.uint8)
             self.has_nan = int(u.max()) == 0xFF or int(u.view(torch.int8).max()) == 0x7F
-        bits.bitwise_left_shift_(20).bitwise_and_(0x87F00000 - (1 << 32))
+        bits.bitwise_left_shift_(7).bitwise_and_(0xBF80 - 0x10000)
+        out.copy_(bits.view(torch.float16))
         if self.has_nan:
             out.masked_fill_(torch.bitwise_and(w.view(torch.uint8), 0x7F).eq(0x7F), float("nan"))
 
