@@ -1,10 +1,15 @@
-"""Probe: where the CPU reference's time goes on this host, and the cast path's chunk size.
+"""Probe: where the CPU reference's decode path spends its time on this host.
 
-Single ops over a whole [576, 7168] tensor (torch's FP8 -> float32 and -> bfloat16 casts, which
-ATen vectorizes only in its AVX512 build; the float32 scale multiply broadcast over blocks; the
-float32 -> bfloat16 rounding; a uint8 -> int16 widening, the decode path's first pass), then the
-decode method with float32 chunks of 128K-512K elements a thread, in interleaved rounds with the
-expanded-scale baseline. Medians of the rounds; the bench of record is bench_dequant.py --cpu.
+- Single ops over a whole [576, 7168] tensor: torch's FP8 -> float32 and -> bfloat16 casts, each
+  pass of the decode (widening, shift, and, fp16 -> float32, the scale multiply two ways, the
+  rounding to bfloat16), the NaN-byte check.
+- The decode method with float32 chunks of 128K-512K elements a thread, against the
+  expanded-scale baseline.
+- One [576, 7168] call beside variants (other thread counts, scales as broadcast views of the
+  grid, the int32 decode), its profile, and the same on every byte value equally often.
+
+Interleaved rounds, caches flushed before each call (common.interleaved_cpu_samples), medians.
+The bench of record is bench_dequant.py --cpu.
 
     python bench/probe_cpu_dequant.py [--json FILE] [--rounds N]
 """

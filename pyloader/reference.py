@@ -47,16 +47,16 @@ def _column_runs(cols: int, c0: int, bn: int):
 
 
 class _Fp8Decoder:
-    """FP8 -> float32 by integer ops on a reused int16 buffer (torch's own FP8 casts are scalar on
-    CPUs, or several times slower than these passes where ATen vectorizes them). ``factor``: the
-    power of two still to apply.
+    """FP8 -> float32 by integer ops on a reused int16 buffer (torch's own FP8 -> float32 cast took
+    13x as long as an fp16 -> float32 pass on the AVX512 host, several times these passes in all).
+    ``factor``: the power of two still to apply.
 
     e4m3fn: the byte sign-extended to int16 and shifted left by 7 has the sign in bit 15 and
     exponent and mantissa in bits 13..7; with bit 14 cleared (& 0xBF80) it is an fp16 of value
     x * 2^-8, exact for subnormals too. The NaN bytes 0x7F/0xFF would read as +-480 and are set
     to NaN where the tensor has any. (Straight to float32 bits, << 20 & 0x87F00000 = x * 2^-120,
-    saves the fp16 pass but turns 14 bytes into float32 subnormals, which cost a multiply extra
-    cycles: 27 % slower on every-byte data, no faster on real data; bench/NOTES.md, session 8.)
+    saves the fp16 pass: 0-21 % faster on quantized data in three runs, but 14 bytes become float32
+    subnormals and every-byte data ran 27 % slower; bench/NOTES.md, session 8.)
     e5m2: b << 8 is an fp16 of x (NaN and inf included)."""
 
     def __init__(self, weight: torch.Tensor, chunk_shape):
@@ -103,11 +103,10 @@ _CPU_FP8_METHOD = "auto"  # or one of CPU_FP8_METHODS (tests and bench/bench_deq
 
 def cpu_fp8_method() -> str:
     """How the CPU reference turns FP8 into scaled values. All three are bit-identical (float32
-    product, one rounding); they differ in speed by CPU (bench/NOTES.md, session 8):
-    ``table`` (rounded products of a block's 256 bytes, one index add and one gather an element),
-    ``cast`` (torch's FP8 -> float32 cast, then the scale, then the rounding; ATen vectorizes that
-    cast only in its AVX512 build, elsewhere it is scalar and several times slower), ``decode``
-    (integer decoding in int16 passes)."""
+    product, one rounding); they differ in speed (bench/NOTES.md, session 8): ``table`` (rounded
+    products of a block's 256 bytes, one index add and one gather an element), ``cast`` (torch's
+    FP8 -> float32 cast, then the scales, then the rounding; that cast is the slow part on both
+    hosts measured), ``decode`` (integer decoding in int16 passes; 1.7-2.9x as fast as either)."""
     return "decode" if _CPU_FP8_METHOD == "auto" else _CPU_FP8_METHOD
 _PER_SCALE_ROW_MIN = 1 << 19  # elements of a scale row above which its offsets are a broadcast row
 
@@ -283,7 +282,7 @@ def dequant_2d_torch(
         wf_buf = _scratch(chunk_rows * cols, torch.float32).view(chunk_rows, cols)
     else:
         wf_buf = torch.empty((chunk_rows, cols), dtype=torch.float32, device=w.device)
-    # "cast": torch's own FP8 -> float32 conversion (exact; vectorized in ATen's AVX512 build)
+    # "cast": torch's own FP8 -> float32 conversion (exact)
     decoder = _Fp8Decoder(w, (chunk_rows, cols)) if (fp8 and method != "cast") else None
     scale_data = False
     if decoder is not None and decoder.factor != 1.0:
