@@ -173,6 +173,20 @@ def test_reference_cpu_chunked_paths_special_values_offsets_strided_out(method, 
         assert_bitwise_equal(big, rest)
 
 
+@pytest.mark.parametrize("nan_byte", [0x7F, 0xFF])
+def test_reference_cpu_decode_nan_only_in_a_later_chunk(nan_byte, monkeypatch):
+    """The NaN-byte check covers the whole tensor, not the first chunk it is made on."""
+    monkeypatch.setattr(reference, "_CPU_FP8_METHOD", "decode")
+    monkeypatch.setattr(reference, "_CPU_CHUNK_ELEMS_PER_THREAD", 4096 // max(1, torch.get_num_threads()))
+    w = torch.full((64, 256), 0x38, dtype=torch.uint8)  # 1.0
+    w[60, 200] = nan_byte
+    out = poison_(torch.empty(64, 256, dtype=torch.bfloat16))
+    reference.dequant_blockwise_torch(w.view(torch.float8_e4m3fn), torch.ones(1, 2), out, (64, 128))
+    nan = out.float().isnan()
+    assert bool(nan[60, 200]) and int(nan.sum()) == 1
+    assert bool((out.float()[~nan] == 1.0).all())
+
+
 def test_reference_cpu_method_auto_and_forced(monkeypatch):
     """auto is the decode path (fastest measured on both CPUs, bench/NOTES.md); a forced method is kept."""
     assert reference.cpu_fp8_method() == "decode"
