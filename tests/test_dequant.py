@@ -222,7 +222,6 @@ def test_reference_block_offset_is_a_slice_of_the_whole(offset):
 def test_reference_is_3x_faster_than_expanded_scales_is_measured_in_bench():
     # Speed is a benchmark (bench/bench_dequant.py --cpu), not a timed test; this checks the two
     # paths the benchmark compares agree.
-    gen = torch.Generator().manual_seed(2)
     w, s = make_case((256, 384), (128, 128), torch.float8_e4m3fn, torch.float32, 3)
     a = ops.dequant_blockwise(w, s, backend="torch")
     b = reference.dequant_expanded_scales_torch(w, s, (128, 128))
