@@ -381,7 +381,7 @@ def test_cuda_tables_equal_the_tables_of_views_on_random_layers():
         sdtype = [torch.float32, torch.bfloat16, torch.float16, E8M0][case % 4]
         parts = rnd(1, 3)
         src_rows = [rnd(M, M + 30) for _ in range(parts)]
-        shards, taken = {}, []
+        taken = []
         for p in range(parts):
             rows = M
             a = rnd(0, src_rows[p] - rows)
