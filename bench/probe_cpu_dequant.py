@@ -3,7 +3,7 @@
 - Single ops over a whole [576, 7168] tensor: torch's FP8 -> float32 and -> bfloat16 casts, each
   pass of the decode (widening, shift, and, fp16 -> float32, the scale multiply two ways, the
   rounding to bfloat16), the NaN-byte check.
-- The decode method with float32 chunks of 128K-512K elements a thread, against the
+- The decode method with float32 chunks of 64K-512K elements a thread, against the
   expanded-scale baseline.
 - One [576, 7168] call beside variants (other thread counts, scales as broadcast views of the
   grid, the int32 decode), its profile, and the same on every byte value equally often.
@@ -83,7 +83,7 @@ def main():
 
         fns = {"torch_expanded_scales": lambda: reference.dequant_expanded_scales_torch(w, s, (128, 128), out=out)}
         for method in ("decode",):
-            for k in (128, 256, 512):
+            for k in (64, 128, 256, 512):
                 fns[f"{method}_{k}k_per_thread"] = method_with_chunk(method, k << 10)
         res = interleaved_ms(fns, args.rounds)
         base = res["torch_expanded_scales"]
