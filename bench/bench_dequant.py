@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (copy_ceiling_gbps, environment, interleaved_cpu_samples, print_table, rotation,  # noqa: E402
-                    time_cpu_ms, time_gpu_ms, write_rows)
+                    time_cpu_ms, time_gpu_ms, with_attr, write_rows)
 
 from pyloader import ops, reference  # noqa: E402
 
@@ -134,16 +134,6 @@ def bench_gpu(shapes, json_path):
     return rows
 
 
-def with_cpu_method(method, fn):
-    def run():
-        saved, reference._CPU_FP8_METHOD = reference._CPU_FP8_METHOD, method
-        try:
-            fn()
-        finally:
-            reference._CPU_FP8_METHOD = saved
-    return run
-
-
 def bench_cpu(json_path, rounds: int = 25):
     env = environment()
     env["threads"] = torch.get_num_threads()
@@ -160,7 +150,8 @@ def bench_cpu(json_path, rounds: int = 25):
         fns = {"pyloader_torch_reference": lambda: reference.dequant_blockwise_torch(w, s, out, (128, 128)),
                "torch_expanded_scales": lambda: reference.dequant_expanded_scales_torch(w, s, (128, 128), out=out)}
         for method in reference.CPU_FP8_METHODS:  # each method of the reference, forced, in the same rounds
-            fns[f"reference_{method}"] = with_cpu_method(method, fns["pyloader_torch_reference"])
+            fns[f"reference_{method}"] = with_attr(reference, "_CPU_FP8_METHOD", method,
+                                                   fns["pyloader_torch_reference"])
         results = {}
         for name, fn in fns.items():
             fn()

@@ -83,6 +83,18 @@ def time_cpu_ms(fn, reps: int = 7) -> float:
     return statistics.median(samples)
 
 
+def with_attr(module, name, value, fn):
+    """``fn`` run with ``module.name`` set to ``value`` (restored after): a variant of shipped code."""
+    def run():
+        kept = getattr(module, name)
+        setattr(module, name, value)
+        try:
+            return fn()
+        finally:
+            setattr(module, name, kept)
+    return run
+
+
 _FLUSH = {}
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, interleaved_cpu_samples, write_rows  # noqa: E402
+from common import environment, interleaved_cpu_samples, with_attr, write_rows  # noqa: E402
 
 from pyloader import ops, reference  # noqa: E402
 
@@ -66,25 +66,15 @@ def main():
                          ns_per_element_thread=round(ms * 1e6 * torch.get_num_threads() / (M * N), 3)))
         print(f"  {name:28s} {ms:8.3f} ms")
 
-    saved_method, saved_chunk = reference._CPU_FP8_METHOD, reference._CPU_CHUNK_ELEMS_PER_THREAD
     for shape in [(576, 7168), (2048, 7168), (24576, 1536)]:
         x = torch.randn(shape, dtype=torch.bfloat16)
         w, s = ops.quantize_blockwise(x, backend="torch")
         out = torch.empty(shape, dtype=torch.bfloat16)
 
-        def method_with_chunk(method, per_thread):
-            def run():
-                reference._CPU_FP8_METHOD, reference._CPU_CHUNK_ELEMS_PER_THREAD = method, per_thread
-                try:
-                    reference.dequant_blockwise_torch(w, s, out, (128, 128))
-                finally:
-                    reference._CPU_FP8_METHOD, reference._CPU_CHUNK_ELEMS_PER_THREAD = saved_method, saved_chunk
-            return run
-
         fns = {"torch_expanded_scales": lambda: reference.dequant_expanded_scales_torch(w, s, (128, 128), out=out)}
-        for method in ("decode",):
-            for k in (64, 128, 256, 512):
-                fns[f"{method}_{k}k_per_thread"] = method_with_chunk(method, k << 10)
+        for k in (64, 128, 256, 512):  # the decode path (the default method) at each chunk size
+            fns[f"decode_{k}k_per_thread"] = with_attr(reference, "_CPU_CHUNK_ELEMS_PER_THREAD", k << 10,
+                                                       lambda: reference.dequant_blockwise_torch(w, s, out, (128, 128)))
         res = interleaved_ms(fns, args.rounds)
         base = res["torch_expanded_scales"]
         for name, ms in res.items():
@@ -111,16 +101,6 @@ def main():
                 shipped()
             finally:
                 torch.set_num_threads(threads)
-        return run
-
-    def with_attr(name, value):  # the shipped call with one of the reference's functions swapped
-        def run():
-            kept = getattr(reference, name)
-            setattr(reference, name, value)
-            try:
-                shipped()
-            finally:
-                setattr(reference, name, kept)
         return run
 
     def mul_block_views(wf, s, g0, bm, bn, runs):  # a run of whole block rows and each partial one an op
@@ -163,8 +143,9 @@ def main():
                 out.masked_fill_(torch.bitwise_and(w.view(torch.uint8), 0x7F).eq(0x7F), float("nan"))
 
     fns = {"torch_expanded_scales": lambda: reference.dequant_expanded_scales_torch(w, s, (128, 128), out=out),
-           "decode_shipped": shipped, "decode_block_views": with_attr("_mul_block_scales", mul_block_views),
-           "decode_int32": with_attr("_Fp8Decoder", Int32Decoder)}
+           "decode_shipped": shipped,
+           "decode_block_views": with_attr(reference, "_mul_block_scales", mul_block_views, shipped),
+           "decode_int32": with_attr(reference, "_Fp8Decoder", Int32Decoder, shipped)}
     for n in sorted({threads, max(1, threads // 2), max(1, threads // 4)}):
         fns[f"decode_set_{n}_threads"] = with_threads(n)
     res = interleaved_ms(fns, args.rounds)

@@ -99,6 +99,7 @@ _TAKE_MIN_THREADS = 8
 _CPU_CHUNK_ELEMS_PER_THREAD = 1 << 18
 CPU_FP8_METHODS = ("table", "cast", "decode")
 _CPU_FP8_METHOD = "auto"  # or one of CPU_FP8_METHODS (tests and bench/bench_dequant.py --cpu set it)
+_PER_SCALE_ROW_MIN = 1 << 19  # elements of a scale row above which its offsets are a broadcast row
 
 
 def cpu_fp8_method() -> str:
@@ -108,7 +109,6 @@ def cpu_fp8_method() -> str:
     FP8 -> float32 cast, then the scales, then the rounding; that cast is the slow part on both
     hosts measured), ``decode`` (integer decoding in int16 passes; 1.7-2.9x as fast as either)."""
     return "decode" if _CPU_FP8_METHOD == "auto" else _CPU_FP8_METHOD
-_PER_SCALE_ROW_MIN = 1 << 19  # elements of a scale row above which its offsets are a broadcast row
 
 
 def _fp8_values(dtype: torch.dtype) -> torch.Tensor:
@@ -274,13 +274,10 @@ def dequant_2d_torch(
     runs = list(_column_runs(cols, c0, bn))
     if on_cpu:
         # a chunk is split over torch's threads: each thread's part of the float32 buffer stays in its L2
-        chunk_elems = _CPU_CHUNK_ELEMS_PER_THREAD * max(1, torch.get_num_threads())
-    else:
-        chunk_elems = _CHUNK_ELEMS.get(w.device.type, 1 << 20)
-    chunk_rows = max(1, min(rows, chunk_elems // cols))
-    if on_cpu:
+        chunk_rows = max(1, min(rows, _CPU_CHUNK_ELEMS_PER_THREAD * max(1, torch.get_num_threads()) // cols))
         wf_buf = _scratch(chunk_rows * cols, torch.float32).view(chunk_rows, cols)
     else:
+        chunk_rows = max(1, min(rows, _CHUNK_ELEMS.get(w.device.type, 1 << 20) // cols))
         wf_buf = torch.empty((chunk_rows, cols), dtype=torch.float32, device=w.device)
     # "cast": torch's own FP8 -> float32 conversion (exact)
     decoder = _Fp8Decoder(w, (chunk_rows, cols)) if (fp8 and method != "cast") else None
