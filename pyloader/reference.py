@@ -59,12 +59,14 @@ class _Fp8Decoder:
     subnormals and every-byte data ran 27 % slower; bench/NOTES.md, session 8.)
     e5m2: b << 8 is an fp16 of x (NaN and inf included)."""
 
-    def __init__(self, weight: torch.Tensor, chunk_shape):
+    def __init__(self, weight: torch.Tensor, chunk_shape, own_bits: bool = True):
         self.e4m3 = weight.dtype == torch.float8_e4m3fn
         self.factor = 256.0 if self.e4m3 else 1.0
         self.has_nan = None if weight.device.type == "cpu" else self.e4m3  # a check would wait for a GPU
         self.weight = weight
-        if weight.device.type == "cpu":
+        if not own_bits:  # the caller passes the int16 rows to decode in
+            self.bits = None
+        elif weight.device.type == "cpu":
             self.bits = _scratch(chunk_shape[0] * chunk_shape[1], torch.int16).view(chunk_shape)
         else:
             self.bits = torch.empty(chunk_shape, dtype=torch.int16, device=weight.device)
@@ -72,10 +74,14 @@ class _Fp8Decoder:
     def decode(self, w: torch.Tensor, out: torch.Tensor) -> None:
         """Write float32(w) * 2^-k into ``out`` (w: rows of the tensor this decoder was made for)."""
         bits = self.bits[: w.shape[0]]
+        self.fp16_bits(w, bits)
+        self.to_float32(bits, w, out)
+
+    def fp16_bits(self, w: torch.Tensor, bits: torch.Tensor) -> None:
+        """Write into ``bits`` (int16, w's shape) the fp16 bit patterns of w * 2^-k."""
         if not self.e4m3:
             bits.copy_(w.view(torch.uint8))
             bits.bitwise_left_shift_(8)
-            out.copy_(bits.view(torch.float16))
             return
         bits.copy_(w.view(torch.int8))
         if self.has_nan is None:
@@ -86,8 +92,11 @@ class _Fp8Decoder:
             u = self.weight.view(torch.uint8)
             self.has_nan = int(u.max()) == 0xFF or int(u.view(torch.int8).max()) == 0x7F
         bits.bitwise_left_shift_(7).bitwise_and_(0xBF80 - 0x10000)
+
+    def to_float32(self, bits: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
+        """``out`` = the float32 of fp16_bits' output ``bits`` for the rows w, NaN bytes made NaN."""
         out.copy_(bits.view(torch.float16))
-        if self.has_nan:
+        if self.e4m3 and self.has_nan:
             out.masked_fill_(torch.bitwise_and(w.view(torch.uint8), 0x7F).eq(0x7F), float("nan"))
 
 
@@ -99,6 +108,10 @@ _TAKE_MIN_THREADS = 8
 _CPU_CHUNK_ELEMS_PER_THREAD = 1 << 18
 CPU_FP8_METHODS = ("table", "cast", "decode")
 _CPU_FP8_METHOD = "auto"  # or one of CPU_FP8_METHODS (tests and bench/bench_dequant.py --cpu set it)
+# with the int16 passes in the destination, the float32 passes can take smaller row ranges than
+# they do (None: the same rows)
+_CPU_FLOAT32_ELEMS_PER_THREAD = None
+_CPU_DECODE_IN_OUT = True  # the int16 decode passes in a 2-byte destination (bench/NOTES.md, session 9)
 _PER_SCALE_ROW_MIN = 1 << 19  # elements of a scale row above which its offsets are a broadcast row
 
 
@@ -272,15 +285,23 @@ def dequant_2d_torch(
         # tables of 256 entries a block: worth it when a block holds many more elements
         return _dequant_2d_table_cpu(w, s, out, block_size, block_offset)
     runs = list(_column_runs(cols, c0, bn))
+    # "cast": torch's own FP8 -> float32 conversion (exact); else the decoder's integer passes
+    use_decoder = fp8 and method != "cast"
+    # On CPUs a 2-byte destination holds the int16 passes itself: it is written anyway, and a cold
+    # call then touches no int16 buffer (8 MiB for [576, 7168]) and finds the rows it writes in cache.
+    bits_in_out = use_decoder and on_cpu and _CPU_DECODE_IN_OUT and out.element_size() == 2
     if on_cpu:
         # a chunk is split over torch's threads: each thread's part of the float32 buffer stays in its L2
-        chunk_rows = max(1, min(rows, _CPU_CHUNK_ELEMS_PER_THREAD * max(1, torch.get_num_threads()) // cols))
-        wf_buf = _scratch(chunk_rows * cols, torch.float32).view(chunk_rows, cols)
+        threads = max(1, torch.get_num_threads())
+        chunk_rows = max(1, min(rows, _CPU_CHUNK_ELEMS_PER_THREAD * threads // cols))
+        f32_rows = chunk_rows
+        if bits_in_out and _CPU_FLOAT32_ELEMS_PER_THREAD:
+            f32_rows = max(1, min(chunk_rows, _CPU_FLOAT32_ELEMS_PER_THREAD * threads // cols))
+        wf_buf = _scratch(f32_rows * cols, torch.float32).view(f32_rows, cols)
     else:
-        chunk_rows = max(1, min(rows, _CHUNK_ELEMS.get(w.device.type, 1 << 20) // cols))
+        chunk_rows = f32_rows = max(1, min(rows, _CHUNK_ELEMS.get(w.device.type, 1 << 20) // cols))
         wf_buf = torch.empty((chunk_rows, cols), dtype=torch.float32, device=w.device)
-    # "cast": torch's own FP8 -> float32 conversion (exact)
-    decoder = _Fp8Decoder(w, (chunk_rows, cols)) if (fp8 and method != "cast") else None
+    decoder = _Fp8Decoder(w, (chunk_rows, cols), own_bits=not bits_in_out) if use_decoder else None
     scale_data = False
     if decoder is not None and decoder.factor != 1.0:
         # wf holds x * 2^-k: fold 2^k into the (small) scales; the product is the same real
@@ -292,15 +313,20 @@ def dequant_2d_torch(
             s = s * decoder.factor
     for i0 in range(0, rows, chunk_rows):
         i1 = min(rows, i0 + chunk_rows)
-        wf = wf_buf[: i1 - i0]
-        if decoder is None:
-            wf.copy_(w[i0:i1])
-        else:
-            decoder.decode(w[i0:i1], wf)
-            if scale_data:
-                wf.mul_(decoder.factor)
-        _mul_block_scales(wf, s, i0 + r0, bm, bn, runs)
-        out[i0:i1].copy_(wf)
+        if decoder is not None:
+            bits = out[i0:i1].view(torch.int16) if bits_in_out else decoder.bits[: i1 - i0]
+            decoder.fp16_bits(w[i0:i1], bits)
+        for j0 in range(i0, i1, f32_rows):
+            j1 = min(i1, j0 + f32_rows)
+            wf = wf_buf[: j1 - j0]
+            if decoder is not None:
+                decoder.to_float32(bits[j0 - i0:j1 - i0], w[j0:j1], wf)
+                if scale_data:
+                    wf.mul_(decoder.factor)
+            else:
+                wf.copy_(w[j0:j1])
+            _mul_block_scales(wf, s, j0 + r0, bm, bn, runs)
+            out[j0:j1].copy_(wf)
     return out
 
 
