@@ -158,27 +158,41 @@ def bench_cpu(json_path, rounds: int = 25):
             results[name] = out.clone()
         exact = {name: torch.equal(r.view(torch.int16), results["reference_table"].view(torch.int16))
                  for name, r in results.items()}
-        # Interleaved rounds with the caches flushed before each call: the host's speed drifts by
-        # tens of percent between seconds (other tenants, frequency), which sequential medians
-        # turned into ratio noise, and a call's time depended on what ran just before it.
-        samples = interleaved_cpu_samples(fns, rounds)
-        t_exp = statistics.median(samples["torch_expanded_scales"])
-        for name in fns:
-            t = statistics.median(samples[name])
-            gbps = nbytes / (t * 1e-3) / 1e9
-            row = dict(env, bench="dequant_cpu", case="x".join(map(str, shape)), provider=name,
-                       gbps=round(gbps, 2), ceiling_gbps=round(ceiling, 1), fraction=round(gbps / ceiling, 3),
-                       ms=round(t, 3), bytes=nbytes, speedup_vs_expanded=round(t_exp / t, 2), rounds=rounds)
-            if name != "torch_expanded_scales":  # the ratio of each round (same seconds), its spread
-                ratios = sorted(e / r for r, e in zip(samples[name], samples["torch_expanded_scales"]))
-                row.update(round_ratio_median=round(statistics.median(ratios), 2),
-                           round_ratio_p10_p90=[round(ratios[len(ratios) // 10], 2), round(ratios[-1 - len(ratios) // 10], 2)])
-                row["bitwise_equal_to_table_method"] = exact[name]
-            if name == "pyloader_torch_reference":
-                row["cpu_method"] = reference.cpu_fp8_method()
-            rows.append(row)
-    print_table(rows, ["case", "provider", "gbps", "ms", "speedup_vs_expanded", "round_ratio_median", "threads"])
+        # Interleaved rounds: the host's speed drifts by tens of percent between seconds (other
+        # tenants, frequency), which sequential medians turned into ratio noise. Caches flushed
+        # before each call (the record: a call's time depended on what ran just before it), and
+        # warm (each call after the one before it in the round, as a loop of loads runs).
+        for caches, flush_bytes in (("flushed", 256 << 20), ("warm", 0)):
+            rows += cpu_rows(fns, rounds, flush_bytes, dict(env, caches=caches), shape, nbytes, ceiling, exact)
+    print_table([r for r in rows if r["caches"] == "flushed"],
+                ["case", "provider", "gbps", "ms", "speedup_vs_expanded", "round_ratio_median", "threads"])
+    print("warm caches:")
+    print_table([r for r in rows if r["caches"] == "warm"],
+                ["case", "provider", "gbps", "ms", "speedup_vs_expanded", "round_ratio_median", "threads"])
     write_rows(rows, json_path)
+    return rows
+
+
+def cpu_rows(fns, rounds, flush_bytes, env, shape, nbytes, ceiling, exact):
+    """Rows of one shape's interleaved CPU rounds: each provider's median and its per-round ratio to
+    the expanded-scale path."""
+    rows = []
+    samples = interleaved_cpu_samples(fns, rounds, flush_bytes)
+    t_exp = statistics.median(samples["torch_expanded_scales"])
+    for name in fns:
+        t = statistics.median(samples[name])
+        gbps = nbytes / (t * 1e-3) / 1e9
+        row = dict(env, bench="dequant_cpu", case="x".join(map(str, shape)), provider=name,
+                   gbps=round(gbps, 2), ceiling_gbps=round(ceiling, 1), fraction=round(gbps / ceiling, 3),
+                   ms=round(t, 3), bytes=nbytes, speedup_vs_expanded=round(t_exp / t, 2), rounds=rounds)
+        if name != "torch_expanded_scales":  # the ratio of each round (same seconds), its spread
+            ratios = sorted(e / r for r, e in zip(samples[name], samples["torch_expanded_scales"]))
+            row.update(round_ratio_median=round(statistics.median(ratios), 2),
+                       round_ratio_p10_p90=[round(ratios[len(ratios) // 10], 2), round(ratios[-1 - len(ratios) // 10], 2)])
+            row["bitwise_equal_to_table_method"] = exact[name]
+        if name == "pyloader_torch_reference":
+            row["cpu_method"] = reference.cpu_fp8_method()
+        rows.append(row)
     return rows
 
 

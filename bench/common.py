@@ -102,7 +102,8 @@ def interleaved_cpu_samples(fns, rounds: int, flush_bytes: int = 256 << 20):
     """ms of each call of each function, over rounds that take every function once, each round
     starting one function later; before each call a write over ``flush_bytes`` evicts the caches,
     so no call finds what the one before it left there (neighbours had moved one code's time by
-    15 %, bench/NOTES.md session 8). The host's drift between seconds hits every function alike."""
+    15 %, bench/NOTES.md session 8); 0: no flush. The host's drift between seconds hits every
+    function alike."""
     if flush_bytes not in _FLUSH:
         _FLUSH[flush_bytes] = torch.empty(flush_bytes, dtype=torch.uint8)
     flush = _FLUSH[flush_bytes]
@@ -112,7 +113,8 @@ def interleaved_cpu_samples(fns, rounds: int, flush_bytes: int = 256 << 20):
     order = list(fns.items())
     for r in range(rounds):
         for name, fn in order[r % len(order):] + order[:r % len(order)]:
-            flush.fill_(r & 0xFF)
+            if flush_bytes:
+                flush.fill_(r & 0xFF)
             t = time.perf_counter()
             fn()
             samples[name].append((time.perf_counter() - t) * 1e3)

@@ -58,6 +58,7 @@ def main():
         "uint8_to_int16_copy": lambda: i16.copy_(w.view(torch.uint8)),
         "int8_to_int16_copy": lambda: i16.copy_(w.view(torch.int8)),
         "int16_shift_left_7": lambda: i16.bitwise_left_shift_(7),
+        "int16_mul_128": lambda: i16.mul_(128),
         "int16_and": lambda: i16.bitwise_and_(0xBF80 - 0x10000),
         "float16_to_float32_copy": lambda: f32.copy_(i16.view(torch.float16)),
         "nan_bytes_two_max": lambda: (int(w.view(torch.uint8).max()), int(w.view(torch.int8).max())),
