@@ -4,8 +4,7 @@
   pass of the decode (widening, shift, and, fp16 -> float32, the scale multiply two ways, the
   rounding to bfloat16), the NaN-byte check.
 - The decode method with float32 chunks of 64K-512K elements a thread, against the
-  expanded-scale baseline; with the float32 passes in smaller row ranges than the int16 passes;
-  with the int16 passes in a scratch buffer instead of the destination.
+  expanded-scale baseline.
 - One [576, 7168] call beside variants (other thread counts, scales as broadcast views of the
   grid, the int32 decode), its profile, and the same on every byte value equally often.
 
@@ -77,12 +76,6 @@ def main():
         for k in (64, 128, 256, 512):  # the decode path (the default method) at each chunk size
             fns[f"decode_{k}k_per_thread"] = with_attr(reference, "_CPU_CHUNK_ELEMS_PER_THREAD", k << 10,
                                                        lambda: reference.dequant_blockwise_torch(w, s, out, (128, 128)))
-        # the float32 passes in smaller row ranges than the int16 passes (in the destination)
-        for k in (64, 128):
-            fns[f"decode_256k_float32_{k}k"] = with_attr(reference, "_CPU_FLOAT32_ELEMS_PER_THREAD", k << 10,
-                                                         fns["decode_256k_per_thread"])
-        # the int16 passes in a scratch buffer instead of the destination (shipped until session 9)
-        fns["decode_256k_bits_in_scratch"] = with_attr(reference, "_CPU_DECODE_IN_OUT", False, fns["decode_256k_per_thread"])
         res = interleaved_ms(fns, args.rounds)
         base = res["torch_expanded_scales"]
         for name, ms in res.items():
@@ -134,31 +127,26 @@ def main():
         340903f): the byte sign-extended to int32, << 20, & 0x87F00000 is a float32 of value
         x * 2^-120; no int16 buffer and no fp16 pass, but 14 bytes give float32 subnormals."""
 
-        def __init__(self, weight, chunk_shape, own_bits=True):
-            super().__init__(weight, chunk_shape, own_bits)
+        def __init__(self, weight, chunk_shape):
+            super().__init__(weight, chunk_shape)
             self.factor = 2.0 ** 120 if self.e4m3 else self.factor
 
-        def fp16_bits(self, w, bits):
+        def decode(self, w, out):
             if not self.e4m3:
-                super().fp16_bits(w, bits)
-
-        def to_float32(self, bits, w, out):
-            if not self.e4m3:
-                return super().to_float32(bits, w, out)
-            f32_bits = out.view(torch.int32)
-            f32_bits.copy_(w.view(torch.int8))
+                return super().decode(w, out)
+            bits = out.view(torch.int32)
+            bits.copy_(w.view(torch.int8))
             if self.has_nan is None:
                 u = self.weight.view(torch.uint8)
                 self.has_nan = int(u.max()) == 0xFF or int(u.view(torch.int8).max()) == 0x7F
-            f32_bits.bitwise_left_shift_(20).bitwise_and_(0x87F00000 - (1 << 32))
+            bits.bitwise_left_shift_(20).bitwise_and_(0x87F00000 - (1 << 32))
             if self.has_nan:
                 out.masked_fill_(torch.bitwise_and(w.view(torch.uint8), 0x7F).eq(0x7F), float("nan"))
 
     fns = {"torch_expanded_scales": lambda: reference.dequant_expanded_scales_torch(w, s, (128, 128), out=out),
            "decode_shipped": shipped,
            "decode_block_views": with_attr(reference, "_mul_block_scales", mul_block_views, shipped),
-           "decode_int32": with_attr(reference, "_Fp8Decoder", Int32Decoder, shipped),
-           "decode_bits_in_scratch": with_attr(reference, "_CPU_DECODE_IN_OUT", False, shipped)}
+           "decode_int32": with_attr(reference, "_Fp8Decoder", Int32Decoder, shipped)}
     for n in sorted({threads, max(1, threads // 2), max(1, threads // 4)}):
         fns[f"decode_set_{n}_threads"] = with_threads(n)
     res = interleaved_ms(fns, args.rounds)

@@ -54,19 +54,22 @@ class _Fp8Decoder:
     e4m3fn: the byte sign-extended to int16 and shifted left by 7 has the sign in bit 15 and
     exponent and mantissa in bits 13..7; with bit 14 cleared (& 0xBF80) it is an fp16 of value
     x * 2^-8, exact for subnormals too. The NaN bytes 0x7F/0xFF would read as +-480 and are set
-    to NaN where the tensor has any. (Straight to float32 bits, << 20 & 0x87F00000 = x * 2^-120,
-    saves the fp16 pass: 0-21 % faster on quantized data in three runs, but 14 bytes become float32
-    subnormals and every-byte data ran 27 % slower; bench/NOTES.md, session 8.)
-    e5m2: b << 8 is an fp16 of x (NaN and inf included)."""
+    to NaN where the tensor has any. e5m2: the byte shifted left by 8 is an fp16 of x (NaN and
+    inf included).
 
-    def __init__(self, weight: torch.Tensor, chunk_shape, own_bits: bool = True):
+    The shifts are multiplies of the sign-extended byte (by 128, by 256; no product leaves int16):
+    torch's int16 multiply ran 0.22 ms over [576, 7168] where its shift ran 0.30 on the AVX512 host
+    (bench/NOTES.md, session 9). Straight to float32 bits (<< 20 & 0x87F00000 = x * 2^-120) would
+    save the fp16 pass, and ran from 1 % slower to 21 % faster on quantized data in five runs, but
+    14 bytes become float32 subnormals and every-byte data ran 24-32 % slower (bench/NOTES.md,
+    sessions 8 and 9)."""
+
+    def __init__(self, weight: torch.Tensor, chunk_shape):
         self.e4m3 = weight.dtype == torch.float8_e4m3fn
         self.factor = 256.0 if self.e4m3 else 1.0
         self.has_nan = None if weight.device.type == "cpu" else self.e4m3  # a check would wait for a GPU
         self.weight = weight
-        if not own_bits:  # the caller passes the int16 rows to decode in
-            self.bits = None
-        elif weight.device.type == "cpu":
+        if weight.device.type == "cpu":
             self.bits = _scratch(chunk_shape[0] * chunk_shape[1], torch.int16).view(chunk_shape)
         else:
             self.bits = torch.empty(chunk_shape, dtype=torch.int16, device=weight.device)
@@ -74,16 +77,11 @@ class _Fp8Decoder:
     def decode(self, w: torch.Tensor, out: torch.Tensor) -> None:
         """Write float32(w) * 2^-k into ``out`` (w: rows of the tensor this decoder was made for)."""
         bits = self.bits[: w.shape[0]]
-        self.fp16_bits(w, bits)
-        self.to_float32(bits, w, out)
-
-    def fp16_bits(self, w: torch.Tensor, bits: torch.Tensor) -> None:
-        """Write into ``bits`` (int16, w's shape) the fp16 bit patterns of w * 2^-k."""
-        if not self.e4m3:
-            bits.copy_(w.view(torch.uint8))
-            bits.bitwise_left_shift_(8)
-            return
         bits.copy_(w.view(torch.int8))
+        if not self.e4m3:
+            bits.mul_(256)
+            out.copy_(bits.view(torch.float16))
+            return
         if self.has_nan is None:
             # NaN bytes are rare (none in real checkpoints): one check of the whole tensor spares a
             # mask a chunk. 0xFF is the largest uint8 and 0x7F the largest int8: two max reductions,
@@ -91,12 +89,9 @@ class _Fp8Decoder:
             # pass over the bytes, so the first chunk's are in cache.
             u = self.weight.view(torch.uint8)
             self.has_nan = int(u.max()) == 0xFF or int(u.view(torch.int8).max()) == 0x7F
-        bits.bitwise_left_shift_(7).bitwise_and_(0xBF80 - 0x10000)
-
-    def to_float32(self, bits: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
-        """``out`` = the float32 of fp16_bits' output ``bits`` for the rows w, NaN bytes made NaN."""
+        bits.mul_(128).bitwise_and_(0xBF80 - 0x10000)
         out.copy_(bits.view(torch.float16))
-        if self.e4m3 and self.has_nan:
+        if self.has_nan:
             out.masked_fill_(torch.bitwise_and(w.view(torch.uint8), 0x7F).eq(0x7F), float("nan"))
 
 
@@ -108,10 +103,6 @@ _TAKE_MIN_THREADS = 8
 _CPU_CHUNK_ELEMS_PER_THREAD = 1 << 18
 CPU_FP8_METHODS = ("table", "cast", "decode")
 _CPU_FP8_METHOD = "auto"  # or one of CPU_FP8_METHODS (tests and bench/bench_dequant.py --cpu set it)
-# with the int16 passes in the destination, the float32 passes can take smaller row ranges than
-# they do (None: the same rows)
-_CPU_FLOAT32_ELEMS_PER_THREAD = None
-_CPU_DECODE_IN_OUT = True  # the int16 decode passes in a 2-byte destination (bench/NOTES.md, session 9)
 _PER_SCALE_ROW_MIN = 1 << 19  # elements of a scale row above which its offsets are a broadcast row
 
 
@@ -285,23 +276,15 @@ def dequant_2d_torch(
         # tables of 256 entries a block: worth it when a block holds many more elements
         return _dequant_2d_table_cpu(w, s, out, block_size, block_offset)
     runs = list(_column_runs(cols, c0, bn))
-    # "cast": torch's own FP8 -> float32 conversion (exact); else the decoder's integer passes
-    use_decoder = fp8 and method != "cast"
-    # On CPUs a 2-byte destination holds the int16 passes itself: it is written anyway, and a cold
-    # call then touches no int16 buffer (8 MiB for [576, 7168]) and finds the rows it writes in cache.
-    bits_in_out = use_decoder and on_cpu and _CPU_DECODE_IN_OUT and out.element_size() == 2
     if on_cpu:
         # a chunk is split over torch's threads: each thread's part of the float32 buffer stays in its L2
-        threads = max(1, torch.get_num_threads())
-        chunk_rows = max(1, min(rows, _CPU_CHUNK_ELEMS_PER_THREAD * threads // cols))
-        f32_rows = chunk_rows
-        if bits_in_out and _CPU_FLOAT32_ELEMS_PER_THREAD:
-            f32_rows = max(1, min(chunk_rows, _CPU_FLOAT32_ELEMS_PER_THREAD * threads // cols))
-        wf_buf = _scratch(f32_rows * cols, torch.float32).view(f32_rows, cols)
+        chunk_rows = max(1, min(rows, _CPU_CHUNK_ELEMS_PER_THREAD * max(1, torch.get_num_threads()) // cols))
+        wf_buf = _scratch(chunk_rows * cols, torch.float32).view(chunk_rows, cols)
     else:
-        chunk_rows = f32_rows = max(1, min(rows, _CHUNK_ELEMS.get(w.device.type, 1 << 20) // cols))
+        chunk_rows = max(1, min(rows, _CHUNK_ELEMS.get(w.device.type, 1 << 20) // cols))
         wf_buf = torch.empty((chunk_rows, cols), dtype=torch.float32, device=w.device)
-    decoder = _Fp8Decoder(w, (chunk_rows, cols), own_bits=not bits_in_out) if use_decoder else None
+    # "cast": torch's own FP8 -> float32 conversion (exact)
+    decoder = _Fp8Decoder(w, (chunk_rows, cols)) if (fp8 and method != "cast") else None
     scale_data = False
     if decoder is not None and decoder.factor != 1.0:
         # wf holds x * 2^-k: fold 2^k into the (small) scales; the product is the same real
@@ -313,20 +296,15 @@ def dequant_2d_torch(
             s = s * decoder.factor
     for i0 in range(0, rows, chunk_rows):
         i1 = min(rows, i0 + chunk_rows)
-        if decoder is not None:
-            bits = out[i0:i1].view(torch.int16) if bits_in_out else decoder.bits[: i1 - i0]
-            decoder.fp16_bits(w[i0:i1], bits)
-        for j0 in range(i0, i1, f32_rows):
-            j1 = min(i1, j0 + f32_rows)
-            wf = wf_buf[: j1 - j0]
-            if decoder is not None:
-                decoder.to_float32(bits[j0 - i0:j1 - i0], w[j0:j1], wf)
-                if scale_data:
-                    wf.mul_(decoder.factor)
-            else:
-                wf.copy_(w[j0:j1])
-            _mul_block_scales(wf, s, j0 + r0, bm, bn, runs)
-            out[j0:j1].copy_(wf)
+        wf = wf_buf[: i1 - i0]
+        if decoder is None:
+            wf.copy_(w[i0:i1])
+        else:
+            decoder.decode(w[i0:i1], wf)
+            if scale_data:
+                wf.mul_(decoder.factor)
+        _mul_block_scales(wf, s, i0 + r0, bm, bn, runs)
+        out[i0:i1].copy_(wf)
     return out
 
 

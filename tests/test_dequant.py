@@ -141,24 +141,18 @@ def test_reference_cpu_table_path_groups_of_scale_rows(shape, block, offset, gat
     assert_equal_within_ulp(out, expected_float64(w, s, block, torch.bfloat16, offset), ulp=0)
 
 
-@pytest.mark.parametrize("method", ["cast", "decode", "decode_bits_in_scratch", "decode_float32_split"])
+@pytest.mark.parametrize("method", ["cast", "decode"])
 @pytest.mark.parametrize("wdtype", W_DTYPES)
 @pytest.mark.parametrize("sdtype", [torch.float32, torch.float16, torch.uint8])
 def test_reference_cpu_chunked_paths_special_values_offsets_strided_out(method, wdtype, sdtype, monkeypatch):
-    """The cast and decode paths over several chunks (a chunk here is 8 rows; split: the float32
-    passes 3 rows at a time), the decode's int16 passes in the destination or in a buffer: every
-    byte against special scales, a block offset and a strided destination, bitwise to the float64
-    formula; the untouched rest of the destination keeps its poison."""
-    threads = max(1, torch.get_num_threads())
-    monkeypatch.setattr(reference, "_CPU_DECODE_IN_OUT", method != "decode_bits_in_scratch")
-    if method == "decode_float32_split":
-        monkeypatch.setattr(reference, "_CPU_FLOAT32_ELEMS_PER_THREAD", 3600 // threads)
-    method = method.split("_")[0]
+    """The cast and decode paths over several chunks (a chunk here is 8 rows): every byte against
+    special scales, a block offset and a strided destination, bitwise to the float64 formula; the
+    untouched rest of the destination keeps its poison."""
     monkeypatch.setattr(reference, "_CPU_FP8_METHOD", method)
-    monkeypatch.setattr(reference, "_CPU_CHUNK_ELEMS_PER_THREAD", 9600 // threads)
+    monkeypatch.setattr(reference, "_CPU_CHUNK_ELEMS_PER_THREAD", 9600 // max(1, torch.get_num_threads()))
     decoders = []
     decoder_cls = reference._Fp8Decoder
-    monkeypatch.setattr(reference, "_Fp8Decoder", lambda *a, **k: decoders.append(1) or decoder_cls(*a, **k))
+    monkeypatch.setattr(reference, "_Fp8Decoder", lambda *a: decoders.append(1) or decoder_cls(*a))
     monkeypatch.setattr(reference, "_dequant_2d_table_cpu", None)  # a call would fail
     w = special_fp8_table(wdtype).reshape(1, 256).repeat(96, 5)[:, 3:1203]
     if sdtype == torch.uint8:
