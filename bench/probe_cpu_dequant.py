@@ -6,7 +6,7 @@
 - The decode method with float32 chunks of 64K-512K elements a thread, against the
   expanded-scale baseline.
 - One [576, 7168] call beside variants (other thread counts, scales as broadcast views of the
-  grid, the int32 decode), its profile, and the same on every byte value equally often.
+  grid, the int16 decode), its profile, and the same on every byte value equally often.
 
 Interleaved rounds, caches flushed before each call (common.interleaved_cpu_samples), medians.
 The bench of record is bench_dequant.py --cpu.
@@ -85,7 +85,7 @@ def main():
     # Where one decode call's time goes ([576, 7168], after a baseline call as in the bench's rounds);
     # the shipped call beside variants: fewer of torch's threads (each op's fork and join costs
     # more with more threads), the scales through broadcast views of the grid instead of per-row
-    # scales (the shipped way at d719f0e), the int32 decode (shipped at 69ea519-340903f).
+    # scales (the shipped way at d719f0e), the int16 decode (the default until session 9).
     M, N = 576, 7168
     x = torch.randn(M, N, dtype=torch.bfloat16)
     w, s = ops.quantize_blockwise(x, backend="torch")
@@ -122,31 +122,10 @@ def main():
                     seg[:, :, start:stop].mul_(srows[:, :, sc:sc + 1])
             a = b
 
-    class Int32Decoder(reference._Fp8Decoder):
-        """e4m3fn straight to float32 bits in the float32 buffer itself (shipped at 69ea519 and
-        340903f): the byte sign-extended to int32, << 20, & 0x87F00000 is a float32 of value
-        x * 2^-120; no int16 buffer and no fp16 pass, but 14 bytes give float32 subnormals."""
-
-        def __init__(self, weight, chunk_shape):
-            super().__init__(weight, chunk_shape)
-            self.factor = 2.0 ** 120 if self.e4m3 else self.factor
-
-        def decode(self, w, out):
-            if not self.e4m3:
-                return super().decode(w, out)
-            bits = out.view(torch.int32)
-            bits.copy_(w.view(torch.int8))
-            if self.has_nan is None:
-                u = self.weight.view(torch.uint8)
-                self.has_nan = int(u.max()) == 0xFF or int(u.view(torch.int8).max()) == 0x7F
-            bits.bitwise_left_shift_(20).bitwise_and_(0x87F00000 - (1 << 32))
-            if self.has_nan:
-                out.masked_fill_(torch.bitwise_and(w.view(torch.uint8), 0x7F).eq(0x7F), float("nan"))
-
     fns = {"torch_expanded_scales": lambda: reference.dequant_expanded_scales_torch(w, s, (128, 128), out=out),
            "decode_shipped": shipped,
            "decode_block_views": with_attr(reference, "_mul_block_scales", mul_block_views, shipped),
-           "decode_int32": with_attr(reference, "_Fp8Decoder", Int32Decoder, shipped)}
+           "decode_int16": with_attr(reference, "_CPU_FP8_METHOD", "decode", shipped)}
     for n in sorted({threads, max(1, threads // 2), max(1, threads // 4)}):
         fns[f"decode_set_{n}_threads"] = with_threads(n)
     res = interleaved_ms(fns, args.rounds)
@@ -168,7 +147,7 @@ def main():
     # Every byte value equally often: 14 of 256 are float32 subnormals in the int32 decode (a
     # multiply with one costs extra cycles) and the NaN bytes take the masked fill: the worst case.
     w = torch.randint(0, 256, (M, N), dtype=torch.uint8).view(torch.float8_e4m3fn)  # the closures read w
-    res = interleaved_ms({k: fns[k] for k in ("torch_expanded_scales", "decode_shipped", "decode_int32")}, args.rounds)
+    res = interleaved_ms({k: fns[k] for k in ("torch_expanded_scales", "decode_shipped", "decode_int16")}, args.rounds)
     for name, ms in res.items():
         rows.append(dict(env, bench="probe_cpu_dequant_all_bytes", case=f"{M}x{N}", provider=name, ms=round(ms, 4),
                          speedup_vs_expanded=round(res["torch_expanded_scales"] / ms, 2), rounds=args.rounds))

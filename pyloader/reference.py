@@ -47,36 +47,39 @@ def _column_runs(cols: int, c0: int, bn: int):
 
 
 class _Fp8Decoder:
-    """FP8 -> float32 by integer ops on a reused int16 buffer (torch's own FP8 -> float32 cast took
-    13x as long as an fp16 -> float32 pass on the AVX512 host, several times these passes in all).
-    ``factor``: the power of two still to apply.
+    """FP8 -> float32 by integer ops (torch's own FP8 -> float32 cast took 13x as long as an
+    fp16 -> float32 pass on the AVX512 host, several times these passes in all). ``factor``: the
+    power of two still to apply. The shifts below are multiplies of the sign-extended byte (no
+    product leaves its integer type): torch's int16 multiply ran 0.15-0.22 ms over [576, 7168]
+    where its shift ran 0.20-0.30 on the AVX512 host (bench/NOTES.md, session 9).
 
-    e4m3fn: the byte sign-extended to int16 and shifted left by 7 has the sign in bit 15 and
-    exponent and mantissa in bits 13..7; with bit 14 cleared (& 0xBF80) it is an fp16 of value
-    x * 2^-8, exact for subnormals too. The NaN bytes 0x7F/0xFF would read as +-480 and are set
-    to NaN where the tensor has any. e5m2: the byte shifted left by 8 is an fp16 of x (NaN and
-    inf included).
+    int16 (``bits`` 16, a reused int16 buffer, then an fp16 -> float32 pass): e4m3fn, the byte
+    sign-extended and shifted left by 7 has the sign in bit 15 and exponent and mantissa in bits
+    13..7; with bit 14 cleared (& 0xBF80) it is an fp16 of value x * 2^-8, exact for subnormals
+    too. e5m2: the byte shifted left by 8 is an fp16 of x (NaN and inf included).
+    int32 (``bits`` 32, e4m3fn only): shifted left by 20, & 0x87F00000, straight into the float32
+    buffer: x * 2^-120. No int16 buffer and no fp16 pass; but the 14 subnormal bytes become float32
+    subnormals, which the scale multiply takes slowly (every byte value equally often: 24-32 %
+    slower than int16; real weights have about one in 10^4).
+    Both: the NaN bytes 0x7F/0xFF would read as finite values and are set to NaN where the tensor
+    has any."""
 
-    The shifts are multiplies of the sign-extended byte (by 128, by 256; no product leaves int16):
-    torch's int16 multiply ran 0.22 ms over [576, 7168] where its shift ran 0.30 on the AVX512 host
-    (bench/NOTES.md, session 9). Straight to float32 bits (<< 20 & 0x87F00000 = x * 2^-120) would
-    save the fp16 pass, and ran from 1 % slower to 21 % faster on quantized data in five runs, but
-    14 bytes become float32 subnormals and every-byte data ran 24-32 % slower (bench/NOTES.md,
-    sessions 8 and 9)."""
-
-    def __init__(self, weight: torch.Tensor, chunk_shape):
+    def __init__(self, weight: torch.Tensor, chunk_shape, bits: int = 16):
         self.e4m3 = weight.dtype == torch.float8_e4m3fn
-        self.factor = 256.0 if self.e4m3 else 1.0
+        self.int32 = bits == 32 and self.e4m3
+        self.factor = 2.0 ** 120 if self.int32 else 256.0 if self.e4m3 else 1.0
         self.has_nan = None if weight.device.type == "cpu" else self.e4m3  # a check would wait for a GPU
         self.weight = weight
-        if weight.device.type == "cpu":
+        if self.int32:
+            self.bits = None  # decoded in the float32 output itself
+        elif weight.device.type == "cpu":
             self.bits = _scratch(chunk_shape[0] * chunk_shape[1], torch.int16).view(chunk_shape)
         else:
             self.bits = torch.empty(chunk_shape, dtype=torch.int16, device=weight.device)
 
     def decode(self, w: torch.Tensor, out: torch.Tensor) -> None:
-        """Write float32(w) * 2^-k into ``out`` (w: rows of the tensor this decoder was made for)."""
-        bits = self.bits[: w.shape[0]]
+        """Write float32(w) * 2^-k into ``out`` (float32; w: rows of the tensor this decoder was made for)."""
+        bits = out.view(torch.int32) if self.int32 else self.bits[: w.shape[0]]
         bits.copy_(w.view(torch.int8))
         if not self.e4m3:
             bits.mul_(256)
@@ -89,8 +92,11 @@ class _Fp8Decoder:
             # pass over the bytes, so the first chunk's are in cache.
             u = self.weight.view(torch.uint8)
             self.has_nan = int(u.max()) == 0xFF or int(u.view(torch.int8).max()) == 0x7F
-        bits.mul_(128).bitwise_and_(0xBF80 - 0x10000)
-        out.copy_(bits.view(torch.float16))
+        if self.int32:
+            bits.mul_(1 << 20).bitwise_and_(0x87F00000 - (1 << 32))
+        else:
+            bits.mul_(128).bitwise_and_(0xBF80 - 0x10000)
+            out.copy_(bits.view(torch.float16))
         if self.has_nan:
             out.masked_fill_(torch.bitwise_and(w.view(torch.uint8), 0x7F).eq(0x7F), float("nan"))
 
@@ -101,18 +107,19 @@ _TAKE_MIN_THREADS = 8
 # on the 2-core CI machine 256-512K ran 2.4 ms for [576, 7168] against 5.3 at 64K and 14.8 at 16K
 # (each chunk pays its ops' fixed cost)
 _CPU_CHUNK_ELEMS_PER_THREAD = 1 << 18
-CPU_FP8_METHODS = ("table", "cast", "decode")
+CPU_FP8_METHODS = ("table", "cast", "decode", "decode_int32")
 _CPU_FP8_METHOD = "auto"  # or one of CPU_FP8_METHODS (tests and bench/bench_dequant.py --cpu set it)
 _PER_SCALE_ROW_MIN = 1 << 19  # elements of a scale row above which its offsets are a broadcast row
 
 
 def cpu_fp8_method() -> str:
-    """How the CPU reference turns FP8 into scaled values. All three are bit-identical (float32
-    product, one rounding); they differ in speed (bench/NOTES.md, session 8): ``table`` (rounded
+    """How the CPU reference turns FP8 into scaled values. All are bit-identical (float32 product,
+    one rounding); they differ in speed (bench/NOTES.md, sessions 8 and 9): ``table`` (rounded
     products of a block's 256 bytes, one index add and one gather an element), ``cast`` (torch's
     FP8 -> float32 cast, then the scales, then the rounding; that cast is the slow part on both
-    hosts measured), ``decode`` (integer decoding in int16 passes; 1.7-2.9x as fast as either)."""
-    return "decode" if _CPU_FP8_METHOD == "auto" else _CPU_FP8_METHOD
+    hosts measured), ``decode`` (integer decoding in int16 passes; 1.7-2.9x as fast as either),
+    ``decode_int32`` (e4m3fn decoded straight into float32 bits, see _Fp8Decoder)."""
+    return "decode_int32" if _CPU_FP8_METHOD == "auto" else _CPU_FP8_METHOD
 
 
 def _fp8_values(dtype: torch.dtype) -> torch.Tensor:
@@ -284,7 +291,9 @@ def dequant_2d_torch(
         chunk_rows = max(1, min(rows, _CHUNK_ELEMS.get(w.device.type, 1 << 20) // cols))
         wf_buf = torch.empty((chunk_rows, cols), dtype=torch.float32, device=w.device)
     # "cast": torch's own FP8 -> float32 conversion (exact)
-    decoder = _Fp8Decoder(w, (chunk_rows, cols)) if (fp8 and method != "cast") else None
+    decoder = None
+    if fp8 and method != "cast":
+        decoder = _Fp8Decoder(w, (chunk_rows, cols), bits=32 if method == "decode_int32" else 16)
     scale_data = False
     if decoder is not None and decoder.factor != 1.0:
         # wf holds x * 2^-k: fold 2^k into the (small) scales; the product is the same real
