@@ -160,24 +160,28 @@ def bench_cpu(json_path, rounds: int = 25):
                  for name, r in results.items()}
         # Interleaved rounds: the host's speed drifts by tens of percent between seconds (other
         # tenants, frequency), which sequential medians turned into ratio noise. Caches flushed
-        # before each call (the record: a call's time depended on what ran just before it), and
-        # warm (each call after the one before it in the round, as a loop of loads runs).
-        for caches, flush_bytes in (("flushed", 256 << 20), ("warm", 0)):
-            rows += cpu_rows(fns, rounds, flush_bytes, dict(env, caches=caches), shape, nbytes, ceiling, exact)
-    print_table([r for r in rows if r["caches"] == "flushed"],
-                ["case", "provider", "gbps", "ms", "speedup_vs_expanded", "round_ratio_median", "threads"])
-    print("warm caches:")
-    print_table([r for r in rows if r["caches"] == "warm"],
-                ["case", "provider", "gbps", "ms", "speedup_vs_expanded", "round_ratio_median", "threads"])
+        # before each call by a write of 256 MiB (the record: a call's time depended on what ran
+        # just before it), or by a read of it (clean lines, nothing to write back), and warm (each
+        # call after the one before it in the round, as a loop of loads runs).
+        for caches, flush_bytes, flush_by in CPU_CACHE_MODES:
+            rows += cpu_rows(fns, rounds, flush_bytes, flush_by, dict(env, caches=caches), shape, nbytes,
+                             ceiling, exact)
+    for caches, _, _ in CPU_CACHE_MODES:
+        print(f"caches {caches}:")
+        print_table([r for r in rows if r["caches"] == caches],
+                    ["case", "provider", "gbps", "ms", "speedup_vs_expanded", "round_ratio_median", "threads"])
     write_rows(rows, json_path)
     return rows
 
 
-def cpu_rows(fns, rounds, flush_bytes, env, shape, nbytes, ceiling, exact):
+CPU_CACHE_MODES = (("flushed", 256 << 20, "write"), ("flushed_by_read", 256 << 20, "read"), ("warm", 0, None))
+
+
+def cpu_rows(fns, rounds, flush_bytes, flush_by, env, shape, nbytes, ceiling, exact):
     """Rows of one shape's interleaved CPU rounds: each provider's median and its per-round ratio to
     the expanded-scale path."""
     rows = []
-    samples = interleaved_cpu_samples(fns, rounds, flush_bytes)
+    samples = interleaved_cpu_samples(fns, rounds, flush_bytes, flush_by)
     t_exp = statistics.median(samples["torch_expanded_scales"])
     for name in fns:
         t = statistics.median(samples[name])

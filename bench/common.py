@@ -98,12 +98,13 @@ def with_attr(module, name, value, fn):
 _FLUSH = {}
 
 
-def interleaved_cpu_samples(fns, rounds: int, flush_bytes: int = 256 << 20):
+def interleaved_cpu_samples(fns, rounds: int, flush_bytes: int = 256 << 20, flush_by: str = "write"):
     """ms of each call of each function, over rounds that take every function once, each round
     starting one function later; before each call a write over ``flush_bytes`` evicts the caches,
     so no call finds what the one before it left there (neighbours had moved one code's time by
-    15 %, bench/NOTES.md session 8); 0: no flush. The host's drift between seconds hits every
-    function alike."""
+    15 %, bench/NOTES.md session 8); 0: no flush. ``flush_by="read"`` evicts by reading instead
+    (a max over the bytes), which leaves clean lines rather than dirty ones to write back. The
+    host's drift between seconds hits every function alike."""
     if flush_bytes not in _FLUSH:
         _FLUSH[flush_bytes] = torch.empty(flush_bytes, dtype=torch.uint8)
     flush = _FLUSH[flush_bytes]
@@ -113,7 +114,9 @@ def interleaved_cpu_samples(fns, rounds: int, flush_bytes: int = 256 << 20):
     order = list(fns.items())
     for r in range(rounds):
         for name, fn in order[r % len(order):] + order[:r % len(order)]:
-            if flush_bytes:
+            if flush_bytes and flush_by == "read":
+                flush.max()
+            elif flush_bytes:
                 flush.fill_(r & 0xFF)
             t = time.perf_counter()
             fn()
