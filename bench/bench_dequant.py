@@ -7,6 +7,7 @@ kernel in the DeepSeek style, as a fraction of the device copy rate measured in 
 """
 
 import argparse
+import itertools
 import statistics
 import sys
 from pathlib import Path
@@ -146,9 +147,11 @@ def bench_cpu(json_path, rounds: int = 25):
     for shape in [(576, 7168), (2048, 7168), (24576, 1536)]:
         w, s = make_inputs(shape, "cpu")
         out = torch.empty(shape, dtype=torch.bfloat16)
+        cur = [w, s, out]  # the inputs and output the next call takes
         nbytes = w.numel() * 3 + s.numel() * 4
-        fns = {"pyloader_torch_reference": lambda: reference.dequant_blockwise_torch(w, s, out, (128, 128)),
-               "torch_expanded_scales": lambda: reference.dequant_expanded_scales_torch(w, s, (128, 128), out=out)}
+        fns = {"pyloader_torch_reference": lambda: reference.dequant_blockwise_torch(*cur, (128, 128)),
+               "torch_expanded_scales": lambda: reference.dequant_expanded_scales_torch(cur[0], cur[1], (128, 128),
+                                                                                        out=cur[2])}
         for method in reference.CPU_FP8_METHODS:  # each method of the reference, forced, in the same rounds
             fns[f"reference_{method}"] = with_attr(reference, "_CPU_FP8_METHOD", method,
                                                    fns["pyloader_torch_reference"])
@@ -158,15 +161,22 @@ def bench_cpu(json_path, rounds: int = 25):
             results[name] = out.clone()
         exact = {name: torch.equal(r.view(torch.int16), results["reference_table"].view(torch.int16))
                  for name, r in results.items()}
+        # cold_data: every call on other tensors (copies of these, 256 MiB in all, taken in turn):
+        # new data in memory, code and the reference's reused buffers as a loop of loads finds them
+        copies = [(w.clone(), s.clone(), torch.empty_like(out)) for _ in range(-(-(256 << 20) // nbytes))]
+        turn = itertools.cycle(copies)
         # Interleaved rounds: the host's speed drifts by tens of percent between seconds (other
         # tenants, frequency), which sequential medians turned into ratio noise. Caches flushed
         # before each call by a write of 256 MiB (the record: a call's time depended on what ran
-        # just before it), or by a read of it (clean lines, nothing to write back), and warm (each
-        # call after the one before it in the round, as a loop of loads runs).
-        for caches, flush_bytes, flush_by in CPU_CACHE_MODES:
-            rows += cpu_rows(fns, rounds, flush_bytes, flush_by, dict(env, caches=caches), shape, nbytes,
-                             ceiling, exact)
-    for caches, _, _ in CPU_CACHE_MODES:
+        # just before it; code and buffers are evicted too), cold data (above), and warm (each call
+        # after the one before it in the round, on the same tensors).
+        for caches, flush_bytes, before in (("flushed", 256 << 20, None),
+                                            ("cold_data", 0, lambda: cur.__setitem__(slice(None), next(turn))),
+                                            ("warm", 0, None)):
+            rows += cpu_rows(fns, rounds, flush_bytes, before, dict(env, caches=caches), shape, nbytes, ceiling, exact)
+            cur[:] = [w, s, out]
+        copies = turn = None  # free them before the next shape's
+    for caches in ("flushed", "cold_data", "warm"):
         print(f"caches {caches}:")
         print_table([r for r in rows if r["caches"] == caches],
                     ["case", "provider", "gbps", "ms", "speedup_vs_expanded", "round_ratio_median", "threads"])
@@ -174,14 +184,11 @@ def bench_cpu(json_path, rounds: int = 25):
     return rows
 
 
-CPU_CACHE_MODES = (("flushed", 256 << 20, "write"), ("flushed_by_read", 256 << 20, "read"), ("warm", 0, None))
-
-
-def cpu_rows(fns, rounds, flush_bytes, flush_by, env, shape, nbytes, ceiling, exact):
+def cpu_rows(fns, rounds, flush_bytes, before, env, shape, nbytes, ceiling, exact):
     """Rows of one shape's interleaved CPU rounds: each provider's median and its per-round ratio to
     the expanded-scale path."""
     rows = []
-    samples = interleaved_cpu_samples(fns, rounds, flush_bytes, flush_by)
+    samples = interleaved_cpu_samples(fns, rounds, flush_bytes, before=before)
     t_exp = statistics.median(samples["torch_expanded_scales"])
     for name in fns:
         t = statistics.median(samples[name])

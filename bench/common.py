@@ -98,13 +98,14 @@ def with_attr(module, name, value, fn):
 _FLUSH = {}
 
 
-def interleaved_cpu_samples(fns, rounds: int, flush_bytes: int = 256 << 20, flush_by: str = "write"):
+def interleaved_cpu_samples(fns, rounds: int, flush_bytes: int = 256 << 20, flush_by: str = "write", before=None):
     """ms of each call of each function, over rounds that take every function once, each round
     starting one function later; before each call a write over ``flush_bytes`` evicts the caches,
     so no call finds what the one before it left there (neighbours had moved one code's time by
     15 %, bench/NOTES.md session 8); 0: no flush. ``flush_by="read"`` evicts by reading instead
-    (a max over the bytes), which leaves clean lines rather than dirty ones to write back. The
-    host's drift between seconds hits every function alike."""
+    (a max over the bytes), which leaves clean lines rather than dirty ones to write back.
+    ``before``: called before each call, untimed (to hand it other tensors). The host's drift
+    between seconds hits every function alike."""
     if flush_bytes not in _FLUSH:
         _FLUSH[flush_bytes] = torch.empty(flush_bytes, dtype=torch.uint8)
     flush = _FLUSH[flush_bytes]
@@ -114,6 +115,8 @@ def interleaved_cpu_samples(fns, rounds: int, flush_bytes: int = 256 << 20, flus
     order = list(fns.items())
     for r in range(rounds):
         for name, fn in order[r % len(order):] + order[:r % len(order)]:
+            if before is not None:
+                before()
             if flush_bytes and flush_by == "read":
                 flush.max()
             elif flush_bytes:
