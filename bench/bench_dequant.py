@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (copy_ceiling_gbps, environment, interleaved_cpu_samples, print_table, rotation,  # noqa: E402
-                    time_cpu_ms, time_gpu_ms, with_attr, write_rows)
+from common import (copy_ceiling_gbps, cpu_evict_bytes, environment, interleaved_cpu_samples,  # noqa: E402
+                    last_level_cache_bytes, print_table, rotation, time_cpu_ms, time_gpu_ms, with_attr, write_rows)
 
 from pyloader import ops, reference  # noqa: E402
 
@@ -139,6 +139,8 @@ def bench_cpu(json_path, rounds: int = 25):
     env = environment()
     env["threads"] = torch.get_num_threads()
     env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    env["last_level_cache_bytes"] = last_level_cache_bytes()
+    env["evict_bytes"] = evict = cpu_evict_bytes()
     rows = []
     src = torch.empty(1 << 28, dtype=torch.uint8).random_()
     dst = torch.empty_like(src)
@@ -161,16 +163,16 @@ def bench_cpu(json_path, rounds: int = 25):
             results[name] = out.clone()
         exact = {name: torch.equal(r.view(torch.int16), results["reference_table"].view(torch.int16))
                  for name, r in results.items()}
-        # cold_data: every call on other tensors (copies of these, 256 MiB in all, taken in turn):
-        # new data in memory, code and the reference's reused buffers as a loop of loads finds them
-        copies = [(w.clone(), s.clone(), torch.empty_like(out)) for _ in range(-(-(256 << 20) // nbytes))]
+        # cold_data: every call on other tensors (copies of these, cpu_evict_bytes() in all, taken in
+        # turn): new data in memory, code and the reference's reused buffers as a loop of loads finds them
+        copies = [(w.clone(), s.clone(), torch.empty_like(out)) for _ in range(-(-evict // nbytes))]
         turn = itertools.cycle(copies)
         # Interleaved rounds: the host's speed drifts by tens of percent between seconds (other
         # tenants, frequency), which sequential medians turned into ratio noise. Caches flushed
-        # before each call by a write of 256 MiB (the record: a call's time depended on what ran
-        # just before it; code and buffers are evicted too), cold data (above), and warm (each call
-        # after the one before it in the round, on the same tensors).
-        for caches, flush_bytes, before in (("flushed", 256 << 20, None),
+        # before each call by a write of cpu_evict_bytes() (the record: a call's time depended on
+        # what ran just before it; code and buffers are evicted too), cold data (above), and warm
+        # (each call after the one before it in the round, on the same tensors).
+        for caches, flush_bytes, before in (("flushed", evict, None),
                                             ("cold_data", 0, lambda: cur.__setitem__(slice(None), next(turn))),
                                             ("warm", 0, None)):
             rows += cpu_rows(fns, rounds, flush_bytes, before, dict(env, caches=caches), shape, nbytes, ceiling, exact)

@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -98,14 +99,36 @@ def with_attr(module, name, value, fn):
 _FLUSH = {}
 
 
-def interleaved_cpu_samples(fns, rounds: int, flush_bytes: int = 256 << 20, flush_by: str = "write", before=None):
+def last_level_cache_bytes() -> int:
+    """Size of this CPU's largest cache as the kernel reports it (0 where it does not)."""
+    sizes = []
+    for d in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (d / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return max(sizes, default=0)
+
+
+def cpu_evict_bytes() -> int:
+    """Bytes to write (or read) to evict the caches: 3x the last-level cache, at least 1 GiB (the
+    lent hosts report 300 MiB of L3, more than the 256 MiB sessions 8 and 9 first flushed with)."""
+    return max(1 << 30, 3 * last_level_cache_bytes())
+
+
+def interleaved_cpu_samples(fns, rounds: int, flush_bytes: Optional[int] = None, flush_by: str = "write", before=None):
     """ms of each call of each function, over rounds that take every function once, each round
-    starting one function later; before each call a write over ``flush_bytes`` evicts the caches,
+    starting one function later; before each call a write over ``flush_bytes`` (default
+    cpu_evict_bytes()) evicts the caches,
     so no call finds what the one before it left there (neighbours had moved one code's time by
     15 %, bench/NOTES.md session 8); 0: no flush. ``flush_by="read"`` evicts by reading instead
     (a max over the bytes), which leaves clean lines rather than dirty ones to write back.
     ``before``: called before each call, untimed (to hand it other tensors). The host's drift
     between seconds hits every function alike."""
+    if flush_bytes is None:
+        flush_bytes = cpu_evict_bytes()
     if flush_bytes not in _FLUSH:
         _FLUSH[flush_bytes] = torch.empty(flush_bytes, dtype=torch.uint8)
     flush = _FLUSH[flush_bytes]
