@@ -59,8 +59,8 @@ class _Fp8Decoder:
     too. e5m2: the byte shifted left by 8 is an fp16 of x (NaN and inf included).
     int32 (``bits`` 32, e4m3fn only): shifted left by 20, & 0x87F00000, straight into the float32
     buffer: x * 2^-120. No int16 buffer and no fp16 pass; but the 14 subnormal bytes become float32
-    subnormals, which the scale multiply takes slowly (every byte value equally often: 24-32 %
-    slower than int16; real weights have about one in 10^4).
+    subnormals, which the scale multiply takes slowly (every byte value equally often: 27-35 %
+    slower than int16; blockwise-quantized weights have about one in 10^4).
     Both: the NaN bytes 0x7F/0xFF would read as finite values and are set to NaN where the tensor
     has any."""
 
