@@ -165,19 +165,22 @@ def bench_cpu(json_path, rounds: int = 25):
                  for name, r in results.items()}
         # cold_data: every call on other tensors (copies of these, cpu_evict_bytes() in all, taken in
         # turn): new data in memory, code and the reference's reused buffers as a loop of loads finds them
-        copies = [(w.clone(), s.clone(), torch.empty_like(out)) for _ in range(-(-evict // nbytes))]
-        turn = itertools.cycle(copies)
+        turn = itertools.cycle([(w.clone(), s.clone(), torch.empty_like(out)) for _ in range(-(-evict // nbytes))])
+
+        def take_next_copy():
+            cur[:] = next(turn)
+
         # Interleaved rounds: the host's speed drifts by tens of percent between seconds (other
         # tenants, frequency), which sequential medians turned into ratio noise. Caches flushed
         # before each call by a write of cpu_evict_bytes() (the record: a call's time depended on
         # what ran just before it; code and buffers are evicted too), cold data (above), and warm
         # (each call after the one before it in the round, on the same tensors).
         for caches, flush_bytes, before in (("flushed", evict, None),
-                                            ("cold_data", 0, lambda: cur.__setitem__(slice(None), next(turn))),
+                                            ("cold_data", 0, take_next_copy),
                                             ("warm", 0, None)):
             rows += cpu_rows(fns, rounds, flush_bytes, before, dict(env, caches=caches), shape, nbytes, ceiling, exact)
             cur[:] = [w, s, out]
-        copies = turn = None  # free them before the next shape's
+        turn = None  # free the copies before the next shape's
     for caches in ("flushed", "cold_data", "warm"):
         print(f"caches {caches}:")
         print_table([r for r in rows if r["caches"] == caches],

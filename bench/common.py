@@ -113,20 +113,18 @@ def last_level_cache_bytes() -> int:
 
 
 def cpu_evict_bytes() -> int:
-    """Bytes to write (or read) to evict the caches: 3x the last-level cache, at least 1 GiB (the
+    """Bytes to write to evict the caches: 3x the last-level cache, at least 1 GiB (the
     lent hosts report 300 MiB of L3, more than the 256 MiB sessions 8 and 9 first flushed with)."""
     return max(1 << 30, 3 * last_level_cache_bytes())
 
 
-def interleaved_cpu_samples(fns, rounds: int, flush_bytes: Optional[int] = None, flush_by: str = "write", before=None):
+def interleaved_cpu_samples(fns, rounds: int, flush_bytes: Optional[int] = None, before=None):
     """ms of each call of each function, over rounds that take every function once, each round
-    starting one function later; before each call a write over ``flush_bytes`` (default
-    cpu_evict_bytes()) evicts the caches,
-    so no call finds what the one before it left there (neighbours had moved one code's time by
-    15 %, bench/NOTES.md session 8); 0: no flush. ``flush_by="read"`` evicts by reading instead
-    (a max over the bytes), which leaves clean lines rather than dirty ones to write back.
-    ``before``: called before each call, untimed (to hand it other tensors). The host's drift
-    between seconds hits every function alike."""
+    starting one function later. Before each call a write over ``flush_bytes`` (default
+    cpu_evict_bytes(); 0: none) evicts the caches, so no call finds what the one before it left
+    there (neighbours had moved one code's time by 15 %, bench/NOTES.md session 8; evicting by a
+    read instead measured the same, session 9). ``before``: called before each call, untimed (to
+    hand it other tensors). The host's drift between seconds hits every function alike."""
     if flush_bytes is None:
         flush_bytes = cpu_evict_bytes()
     if flush_bytes not in _FLUSH:
@@ -140,9 +138,7 @@ def interleaved_cpu_samples(fns, rounds: int, flush_bytes: Optional[int] = None,
         for name, fn in order[r % len(order):] + order[:r % len(order)]:
             if before is not None:
                 before()
-            if flush_bytes and flush_by == "read":
-                flush.max()
-            elif flush_bytes:
+            if flush_bytes:
                 flush.fill_(r & 0xFF)
             t = time.perf_counter()
             fn()

@@ -100,24 +100,35 @@ def test_reference_special_values(wdtype, sdtype, cpu_method):
 def test_reference_cpu_table_path_special_values_offsets_strided_out(wdtype, sdtype, gather, monkeypatch):
     """The CPU table path (taken when a scale row covers >= 16K elements): every byte against
     special scales, a block offset, and a strided destination, bitwise to the float64 formula."""
-    w = special_fp8_table(wdtype).reshape(1, 256).repeat(96, 5)[:, 3:1203]  # [96, 1200]: every byte, strided
-    if sdtype == torch.uint8:  # grid of rows 40..136 and columns 300..1500 in 64x512 blocks: 3 x 3
-        s = torch.tensor([[0, 1, 127], [254, 255, 126], [3, 200, 128]], dtype=torch.uint8)
-    else:
-        big_scale = 3e38 if sdtype == torch.float32 else 1e4
-        s = torch.tensor([[1.0, 0.0, -2.5], [big_scale, 1e-40, float("inf")], [float("nan"), -0.0, 7.0]]).to(sdtype)
     monkeypatch.setattr(reference, "_TAKE_MIN_THREADS", 1 if gather == "take" else 1 << 20)
     monkeypatch.setattr(reference, "_CPU_FP8_METHOD", "table")
     calls = []
     table_path = reference._dequant_2d_table_cpu
     monkeypatch.setattr(reference, "_dequant_2d_table_cpu", lambda *a: calls.append(1) or table_path(*a))
+
+    def the_table_path_ran():
+        assert len(calls) == 1 and calls.pop()
+
+    check_every_byte_special_scales_strided_out(wdtype, sdtype, the_table_path_ran, f"{wdtype} {sdtype}")
+
+
+def check_every_byte_special_scales_strided_out(wdtype, sdtype, check_path, what):
+    """Every FP8 byte ([96, 1200], strided) against special scales, a block offset and a strided,
+    poisoned destination of each output dtype: bitwise to the float64 formula, the rest of the
+    destination untouched; ``check_path()`` after each call asserts which path ran."""
+    w = special_fp8_table(wdtype).reshape(1, 256).repeat(96, 5)[:, 3:1203]
+    if sdtype == torch.uint8:  # grid of rows 40..136 and columns 300..1500 in 64x512 blocks: 3 x 3
+        s = torch.tensor([[0, 1, 127], [254, 255, 126], [3, 200, 128]], dtype=torch.uint8)
+    else:
+        big_scale = 3e38 if sdtype == torch.float32 else 1e4
+        s = torch.tensor([[1.0, 0.0, -2.5], [big_scale, 1e-40, float("inf")], [float("nan"), -0.0, 7.0]]).to(sdtype)
     for out_dtype in OUT_DTYPES:
         big = poison_(torch.empty(100, 1300, dtype=out_dtype))
         out = big[2:98, 50:1250]
         reference.dequant_blockwise_torch(w, s, out, (64, 512), block_offset=(40, 300))
-        assert len(calls) == 1 and calls.pop()  # the table path ran
+        check_path()
         assert_equal_within_ulp(out, expected_float64(w, s, (64, 512), out_dtype, (40, 300)), ulp=0,
-                                what=f"{wdtype} {sdtype} {out_dtype}")
+                                what=f"{what} {out_dtype}")
         rest = big.clone()
         rest[2:98, 50:1250] = out
         assert_bitwise_equal(big, rest)
@@ -154,23 +165,12 @@ def test_reference_cpu_chunked_paths_special_values_offsets_strided_out(method, 
     decoder_cls = reference._Fp8Decoder
     monkeypatch.setattr(reference, "_Fp8Decoder", lambda *a, **k: decoders.append(1) or decoder_cls(*a, **k))
     monkeypatch.setattr(reference, "_dequant_2d_table_cpu", None)  # a call would fail
-    w = special_fp8_table(wdtype).reshape(1, 256).repeat(96, 5)[:, 3:1203]
-    if sdtype == torch.uint8:
-        s = torch.tensor([[0, 1, 127], [254, 255, 126], [3, 200, 128]], dtype=torch.uint8)
-    else:
-        big_scale = 3e38 if sdtype == torch.float32 else 1e4
-        s = torch.tensor([[1.0, 0.0, -2.5], [big_scale, 1e-40, float("inf")], [float("nan"), -0.0, 7.0]]).to(sdtype)
-    for out_dtype in OUT_DTYPES:
-        big = poison_(torch.empty(100, 1300, dtype=out_dtype))
-        out = big[2:98, 50:1250]
-        reference.dequant_blockwise_torch(w, s, out, (64, 512), block_offset=(40, 300))
+
+    def a_decoder_ran_if_decoding():
         assert len(decoders) == (1 if method.startswith("decode") else 0)
         decoders.clear()
-        assert_equal_within_ulp(out, expected_float64(w, s, (64, 512), out_dtype, (40, 300)), ulp=0,
-                                what=f"{method} {wdtype} {sdtype} {out_dtype}")
-        rest = big.clone()
-        rest[2:98, 50:1250] = out
-        assert_bitwise_equal(big, rest)
+
+    check_every_byte_special_scales_strided_out(wdtype, sdtype, a_decoder_ran_if_decoding, f"{method} {wdtype} {sdtype}")
 
 
 @pytest.mark.parametrize("method", ["decode", "decode_int32"])
