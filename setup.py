@@ -16,7 +16,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -72,7 +72,7 @@ class NinjaNvccBuild(build_ext):
         out_path = Path(self.get_ext_fullpath(ext.name)).resolve()
         build_dir = Path(self.build_temp).resolve() / "pyloader_C"
         build_dir.mkdir(parents=True, exist_ok=True)
-        includes = [str(CSRC), pybind11.get_include(), sysconfig.get_paths()["include"]]
+        includes = [str(CSRC), str(CSRC / "include"), pybind11.get_include(), sysconfig.get_paths()["include"]]
         inc = " ".join(f"-I{p}" for p in includes)
         gencode = " ".join(_gencode_flags(nvcc))
         lines = [
@@ -136,8 +136,7 @@ def _ext_modules():
 
 
 setup(
-    packages=["pyloader", "pyloader.triton_kernels"],
-    package_dir={"pyloader": "pyloader", "pyloader.triton_kernels": "triton_kernels"},
+    packages=find_packages(include=["pyloader", "pyloader.*"]),
     ext_modules=_ext_modules(),
     cmdclass={"build_ext": NinjaNvccBuild},
 )

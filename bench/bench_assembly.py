@@ -20,7 +20,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import copy_ceiling_gbps, environment, time_gpu_ms, write_rows  # noqa: E402
 
-from pyloader import ops, reference  # noqa: E402
+from pyloader import ops
+from pyloader.ops import reference  # noqa: E402
 from pyloader.ops import Shard  # noqa: E402
 
 

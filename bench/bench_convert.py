@@ -23,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dequant import per_block_triton  # noqa: E402
 from common import environment, print_table, write_rows  # noqa: E402
 
-from pyloader.bench import _drop_cache, _warm, synthetic_config  # noqa: E402
+from pyloader.bench import synthetic_config
+from pyloader.bench.results import drop_cache, warm  # noqa: E402
 from pyloader.convert import convert  # noqa: E402
 from pyloader.synthetic import write_checkpoint  # noqa: E402
 
@@ -123,8 +124,8 @@ def main():
     src = write_checkpoint(Path(args.work) / "src", cfg, shard_bytes=2 << 30)
     files = sorted(str(p) for p in src.glob("*.safetensors"))
     in_bytes = sum(os.path.getsize(p) for p in files)
-    how = _drop_cache(files)
-    t_read = timed(lambda: _warm(files))  # cold read of the input, alone
+    how = drop_cache(files)
+    t_read = timed(lambda: warm(files))  # cold read of the input, alone
     rows = []
     for out_root in [Path(p) for p in args.out_dirs.split(",") if p]:
         if not out_root.parent.exists():
@@ -144,7 +145,7 @@ def main():
         for name, fn in providers:
             d = out_root / "out"
             shutil.rmtree(d, ignore_errors=True)
-            _warm(files)
+            warm(files)
             rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             result = {}
             t = timed(lambda: (result.setdefault("r", fn(d)), os.sync()))

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (copy_ceiling_gbps, cpu_evict_bytes, environment, interleaved_cpu_samples,  # noqa: E402
-                    last_level_cache_bytes, print_table, rotation, time_cpu_ms, time_gpu_ms, with_attr, write_rows)
+from common import copy_ceiling_gbps, cpu_evict_bytes, environment, interleaved_cpu_samples
 
-from pyloader import ops, reference  # noqa: E402
+from pyloader import ops
+from pyloader.ops import reference  # noqa: E402
 
 SHAPES = [(24576, 1536), (2048, 7168), (576, 7168), (129280, 7168), (16384, 16384), (64, 4096, 7168)]
 QUICK_SHAPES = [(2048, 7168), (576, 7168), (64, 4096, 7168)]
@@ -154,14 +154,11 @@ def bench_cpu(json_path, rounds: int = 25):
         fns = {"pyloader_torch_reference": lambda: reference.dequant_blockwise_torch(*cur, (128, 128)),
                "torch_expanded_scales": lambda: reference.dequant_expanded_scales_torch(cur[0], cur[1], (128, 128),
                                                                                         out=cur[2])}
-        for method in reference.CPU_FP8_METHODS:  # each method of the reference, forced, in the same rounds
-            fns[f"reference_{method}"] = with_attr(reference, "_CPU_FP8_METHOD", method,
-                                                   fns["pyloader_torch_reference"])
         results = {}
         for name, fn in fns.items():
             fn()
             results[name] = out.clone()
-        exact = {name: torch.equal(r.view(torch.int16), results["reference_table"].view(torch.int16))
+        exact = {name: torch.equal(r.view(torch.int16), results["pyloader_torch_reference"].view(torch.int16))
                  for name, r in results.items()}
         # cold_data: every call on other tensors (copies of these, cpu_evict_bytes() in all, taken in
         # turn): new data in memory, code and the reference's reused buffers as a loop of loads finds them
@@ -205,9 +202,7 @@ def cpu_rows(fns, rounds, flush_bytes, before, env, shape, nbytes, ceiling, exac
             ratios = sorted(e / r for r, e in zip(samples[name], samples["torch_expanded_scales"]))
             row.update(round_ratio_median=round(statistics.median(ratios), 2),
                        round_ratio_p10_p90=[round(ratios[len(ratios) // 10], 2), round(ratios[-1 - len(ratios) // 10], 2)])
-            row["bitwise_equal_to_table_method"] = exact[name]
-        if name == "pyloader_torch_reference":
-            row["cpu_method"] = reference.cpu_fp8_method()
+            row["bitwise_equal_to_reference"] = exact[name]
         rows.append(row)
     return rows
 

@@ -23,10 +23,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment  # noqa: E402
 
 import pyloader  # noqa: E402
-from pyloader.bench import _verify, _warm, fastsafetensors_load_raw, pinned_h2d_gbps, synthetic_config  # noqa: E402
-from pyloader.checkpoint import open_checkpoint  # noqa: E402
-from pyloader.plan import build_plan  # noqa: E402
-from pyloader.presets import build_preset, load_config  # noqa: E402
+from pyloader.bench import synthetic_config, verify
+from pyloader.bench.peers import fastsafetensors_load_raw
+from pyloader.bench.results import pinned_h2d_gbps, warm  # noqa: E402
+from pyloader.format.checkpoint import open_checkpoint  # noqa: E402
+from pyloader.routing.plan import build_plan  # noqa: E402
+from pyloader.routing.presets import build_preset, load_config  # noqa: E402
 from pyloader.synthetic import allocate_targets, write_checkpoint  # noqa: E402
 
 
@@ -242,10 +244,10 @@ def cold(args, targets, ck_dir, files, nbytes, dev, record) -> None:
     peer) alternated round by round, with the disk's raw O_DIRECT rate before and after: on a
     virtual disk the host may cache what the guest dropped, so a fixed order would favour whoever
     runs last."""
-    from pyloader.bench import _drop_cache
+    from pyloader.bench.results import drop_cache
 
     def raw(label):
-        how = _drop_cache(files)
+        how = drop_cache(files)
         # 64 MiB blocks of 64 MiB reads: the readers take the chunks in file order from one queue
         record(f"reads only: direct ({label})", cold_block_reads(files, 16, 64 << 20, 64 << 20, True), threads=16,
                chunk_mib=64, cache=how)
@@ -275,7 +277,7 @@ def cold(args, targets, ck_dir, files, nbytes, dev, record) -> None:
     # flight. Session 7 (778c64d, executor_H200_778c64d_cold.json): 512 KiB requests 3.53-3.54 GB/s,
     # 2-8 MiB requests 2.78-2.85, on the same disk in the same minutes (native_block_reads, the
     # HostReader probe of those rows, is in this file at 778c64d). Kept: the raw 512 KiB rate.
-    how = _drop_cache(files)
+    how = drop_cache(files)
     record("reads only: direct, interleaved", cold_block_reads(files, 16, 512 << 10, 512 << 10, True), threads=16,
            request_kib=512, cache=how)
 
@@ -290,7 +292,7 @@ def cold(args, targets, ck_dir, files, nbytes, dev, record) -> None:
         if rnd % 2:
             order.reverse()  # ABBA: neither always runs right after the other
         for label, fn in order:
-            how = _drop_cache(files)
+            how = drop_cache(files)
             torch.cuda.synchronize(dev)
             t = time.perf_counter()
             extra = fn()
@@ -337,10 +339,10 @@ def main():
         print(f"  {kind:28s} {gbps:6.2f} GB/s ({gbps / ceiling:.0%})  {cfg_}")
 
     if not args.cold:
-        _warm(files)
+        warm(files)
     if args.cold or args.quick:  # the experiments: verified by the targets' last pyloader load
         (cold if args.cold else interleaved)(args, targets, ck_dir, files, nbytes, dev, record)
-        ok = _verify(targets, plan, dev)
+        ok = verify(targets, plan, dev)
         print("verified" if ok else "MISMATCH")
         if args.json:
             Path(args.json).write_text(json.dumps([dict(r, verified=ok) for r in rows], indent=1) + "\n")
@@ -374,7 +376,7 @@ def main():
                wait_read_s=round(tm.wait_read_s, 3), h2d_s=round(tm.h2d_s, 3), wall_s=round(tm.wall_s, 3),
                setup_s=round(tm.setup_s, 3), drain_s=round(tm.drain_s, 3),
                outside_executor_s=round(times[-1] - tm.wall_s, 3))
-    ok = _verify(targets, plan, dev)
+    ok = verify(targets, plan, dev)
     print("verified" if ok else "MISMATCH")
     if args.json:
         Path(args.json).write_text(json.dumps([dict(r, verified=ok) for r in rows], indent=1) + "\n")

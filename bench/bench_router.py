@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from common import environment, print_table, write_rows  # noqa: E402
 
 from checkpoint_lists import DUMPS, config_of, header_only_checkpoint, write_sparse_checkpoint  # noqa: E402
-from pyloader.checkpoint import open_checkpoint  # noqa: E402
-from pyloader.plan import build_plan  # noqa: E402
-from pyloader.presets import build_preset  # noqa: E402
-from pyloader.router import Router  # noqa: E402
+from pyloader.format.checkpoint import open_checkpoint  # noqa: E402
+from pyloader.routing.plan import build_plan  # noqa: E402
+from pyloader.routing.presets import build_preset  # noqa: E402
+from pyloader.routing.router import Router  # noqa: E402
 
 
 def median_s(fn, reps=5):

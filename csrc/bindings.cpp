@@ -7,7 +7,7 @@
 #include <string>
 
 #include "host_reader.h"
-#include "pyloader.h"
+#include "pyloader/job_table.h"
 
 namespace py = pybind11;
 using namespace pyloader;
@@ -43,7 +43,7 @@ PYBIND11_MODULE(_C, m) {
           py::gil_scoped_release release;
           err = launch_multi_tensor_transform(jobs, num_jobs, reinterpret_cast<cudaStream_t>(stream));
         }
-        check_cuda(err, "multi_tensor_transform");
+        PYLOADER_CUDA_CHECK(err);
       },
       py::arg("packed_jobs"), py::arg("num_jobs"), py::arg("stream"),
       "Run num_jobs packed int64 job rows (job_fields values each) on the stream.");
@@ -65,8 +65,7 @@ PYBIND11_MODULE(_C, m) {
         a.block_cols = block_cols;
         a.grid_rows = block_rows > 0 ? (rows + block_rows - 1) / block_rows : 0;
         a.grid_cols = block_cols > 0 ? (cols + block_cols - 1) / block_cols : 0;
-        check_cuda(launch_quantize_blockwise(a, x_dtype, q_dtype, reinterpret_cast<cudaStream_t>(stream)),
-              "quantize_blockwise");
+        PYLOADER_CUDA_CHECK(launch_quantize_blockwise(a, x_dtype, q_dtype, reinterpret_cast<cudaStream_t>(stream)));
       });
   py::class_<HostReader>(m, "HostReader",
                          "A reader thread's ring of pinned buffers: file byte ranges to the device, a buffer at a time.")

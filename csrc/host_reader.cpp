@@ -1,6 +1,6 @@
 #include "host_reader.h"
 
-#include "pyloader.h"
+#include "pyloader/job_table.h"
 
 #include <unistd.h>
 
@@ -42,13 +42,13 @@ HostReader::HostReader(int device, std::vector<uintptr_t> buffers, int64_t buffe
   for (uintptr_t p : buffers) {
     if (p == 0) throw std::invalid_argument("HostReader: null buffer");
   }
-  check_cuda(cudaSetDevice(device), "HostReader: cudaSetDevice");
+  PYLOADER_CUDA_CHECK(cudaSetDevice(device));
   for (uintptr_t p : buffers) {
     cudaEvent_t e = nullptr;
     cudaError_t err = cudaEventCreateWithFlags(&e, cudaEventDisableTiming | cudaEventBlockingSync);
     if (err != cudaSuccess) {
       for (auto made : copied_) cudaEventDestroy(made);
-      check_cuda(err, "HostReader: cudaEventCreate");
+      PYLOADER_CUDA_CHECK(err);
     }
     host_.push_back(reinterpret_cast<uint8_t*>(p));
     copied_.push_back(e);
@@ -66,15 +66,14 @@ HostReader::~HostReader() {
 size_t HostReader::take_buffer() {
   const size_t k = next_;
   next_ = (next_ + 1) % host_.size();
-  if (in_use_[k]) check_cuda(cudaEventSynchronize(copied_[k]), "HostReader: waiting for a pinned buffer's copy");
+  if (in_use_[k]) PYLOADER_CUDA_CHECK(cudaEventSynchronize(copied_[k]));
   in_use_[k] = false;
   return k;
 }
 
 void HostReader::copy_buffer(size_t k, int64_t lead, int64_t nbytes, void* dst, cudaStream_t stream) {
-  check_cuda(cudaMemcpyAsync(dst, host_[k] + lead, static_cast<size_t>(nbytes), cudaMemcpyHostToDevice, stream),
-             "HostReader: cudaMemcpyAsync");
-  check_cuda(cudaEventRecord(copied_[k], stream), "HostReader: cudaEventRecord");
+  PYLOADER_CUDA_CHECK(cudaMemcpyAsync(dst, host_[k] + lead, static_cast<size_t>(nbytes), cudaMemcpyHostToDevice, stream));
+  PYLOADER_CUDA_CHECK(cudaEventRecord(copied_[k], stream));
   in_use_[k] = true;
 }
 
@@ -85,7 +84,7 @@ void HostReader::read_ranges_to_device(const std::vector<int>& fds, const std::v
   if (offsets.size() != n || sizes.size() != n || dst_offsets.size() != n) {
     throw std::invalid_argument("HostReader: fds, offsets, sizes and dst_offsets differ in length");
   }
-  check_cuda(cudaSetDevice(device_), "HostReader: cudaSetDevice");
+  PYLOADER_CUDA_CHECK(cudaSetDevice(device_));
   constexpr int64_t kMaxGap = 4096;  // wider gaps between destinations start a new copy
   auto* out = static_cast<uint8_t*>(dst);
   size_t k = 0;
@@ -128,7 +127,7 @@ void HostReader::read_ranges_to_device(const std::vector<int>& fds, const std::v
 void HostReader::read_to_device(int fd, int64_t offset, int64_t nbytes, void* dst, cudaStream_t stream,
                                 cudaEvent_t wait_before_copy, bool direct) {
   if (offset < 0 || nbytes < 0) throw std::invalid_argument("HostReader: negative offset or length");
-  check_cuda(cudaSetDevice(device_), "HostReader: cudaSetDevice");
+  PYLOADER_CUDA_CHECK(cudaSetDevice(device_));
   // O_DIRECT: a piece's read is widened by up to a block on each side and starts at the buffer's
   // first aligned byte (up to a block in)
   const int64_t step = direct ? buffer_bytes_ - 3 * kDirectAlign : buffer_bytes_;
@@ -147,7 +146,7 @@ void HostReader::read_to_device(int fd, int64_t offset, int64_t nbytes, void* ds
       pread_at_least(fd, host_[k], offset + pos, len, len, false);
     }
     if (!waited) {
-      check_cuda(cudaEventSynchronize(wait_before_copy), "HostReader: waiting for the destination to be free");
+      PYLOADER_CUDA_CHECK(cudaEventSynchronize(wait_before_copy));
       waited = true;
     }
     copy_buffer(k, lead, len, static_cast<uint8_t*>(dst) + pos, stream);
@@ -156,7 +155,7 @@ void HostReader::read_to_device(int fd, int64_t offset, int64_t nbytes, void* ds
 
 void HostReader::synchronize() {
   for (size_t k = 0; k < host_.size(); ++k) {
-    if (in_use_[k]) check_cuda(cudaEventSynchronize(copied_[k]), "HostReader: cudaEventSynchronize");
+    if (in_use_[k]) PYLOADER_CUDA_CHECK(cudaEventSynchronize(copied_[k]));
     in_use_[k] = false;
   }
 }

@@ -1,5 +1,5 @@
 // Host loop of the multi-tensor transform: validate packed jobs, split, fill tables, launch.
-#include "multi_tensor_transform.cuh"
+#include "pyloader/multi_tensor_transform.cuh"
 
 #include <algorithm>
 #include <cstdlib>
@@ -29,14 +29,6 @@ int sm_count() {
   return cache[device];
 }
 
-int common_units() {
-  static const int units = [] {
-    const char* v = std::getenv("PYLOADER_COMMON_UNITS");
-    return (v != nullptr && std::string(v) == "4") ? 4 : 2;
-  }();
-  return units;
-}
-
 class TableLauncher {
  public:
   explicit TableLauncher(cudaStream_t stream) : stream_(stream), table_(new TransformTable()) { reset(); }
@@ -45,7 +37,7 @@ class TableLauncher {
     const uint32_t upr = job.units_per_row.d;
     const uint64_t units = uint64_t(job.rows) * upr;
     // Chunk counts are settled at flush time (they depend on the kernel); bound both geometries here.
-    const uint64_t most = std::max<uint64_t>((units + kChunkUnits - 1) / kChunkUnits, common_chunks<2>(job.rows, upr));
+    const uint64_t most = std::max<uint64_t>((units + kChunkUnits - 1) / kChunkUnits, common_chunks<kCommonUnits>(job.rows, upr));
     if (table_->num_jobs == kMaxJobsPerLaunch || bound_ + most > uint64_t(INT32_MAX)) {
       cudaError_t err = flush();
       if (err != cudaSuccess) return err;
@@ -64,17 +56,15 @@ class TableLauncher {
       job.flags &= ~kTiled;
       uint64_t chunks = (uint64_t(job.rows) * upr + kChunkUnits - 1) / kChunkUnits;  // general kernel
       if (common_) {
-        const bool four = units_ == 4;
-        if (four ? common_tiled<4>(job.rows, upr) : common_tiled<2>(job.rows, upr)) job.flags |= kTiled;
-        chunks = four ? common_chunks<4>(job.rows, upr) : common_chunks<2>(job.rows, upr);
+        if (common_tiled<kCommonUnits>(job.rows, upr)) job.flags |= kTiled;
+        chunks = common_chunks<kCommonUnits>(job.rows, upr);
       }
       table_->chunk_start[j + 1] = table_->chunk_start[j] + static_cast<uint32_t>(chunks);
     }
     const uint32_t total = table_->chunk_start[n];
     if (total > 0) {
       if (common_) {
-        if (units_ == 4) common_transform_kernel<4><<<total, kThreads, 0, stream_>>>(*table_);  // a block a chunk
-        else common_transform_kernel<2><<<total, kThreads, 0, stream_>>>(*table_);
+        common_transform_kernel<kCommonUnits><<<total, kThreads, 0, stream_>>>(*table_);  // a block a chunk
       } else {
         const uint32_t grid = std::min<uint32_t>(total, static_cast<uint32_t>(sm_count()) * kAllBlocksPerSm);
         multi_tensor_transform_kernel<<<grid, kThreads, 0, stream_>>>(*table_);
@@ -94,9 +84,6 @@ class TableLauncher {
     bound_ = 0;
   }
   cudaStream_t stream_;
-  // Units a thread in the common kernel (2: 32-row tiles, 4: 64-row tiles). PYLOADER_COMMON_UNITS
-  // overrides it for benchmarking the two shapes side by side.
-  const int units_ = common_units();
   bool common_ = true;
   uint64_t bound_ = 0;
   std::unique_ptr<TransformTable> table_;

@@ -1,4 +1,4 @@
-#include "quantize_blockwise.cuh"
+#include "pyloader/quantize_blockwise.cuh"
 
 namespace pyloader {
 namespace {

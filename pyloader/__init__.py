@@ -8,10 +8,10 @@ Kernels live in ``pyloader.ops``; the backend is chosen explicitly (``backend=``
 import logging
 
 from . import ops
-from .executor import ExecutorConfig
-from .loader import LoadReport, load
 from .backend import BACKENDS, resolve_backend
 from .errors import BackendUnavailableError, PyloaderError, PyloaderInputError
+from .loading.executor import ExecutorConfig
+from .loading.loader import LoadReport, load
 
 __version__ = "0.1.0"
 

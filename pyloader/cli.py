@@ -25,9 +25,10 @@ def _human_bytes(n: Optional[int]) -> str:
 
 
 def cmd_inspect(args) -> int:
-    from .checkpoint import open_checkpoint
-    from .plan import build_plan, plan_report
-    from .presets import Parallel, build_preset, load_config
+    from .format.checkpoint import open_checkpoint
+    from .parallel import Parallel
+    from .routing.plan import build_plan, plan_report
+    from .routing.presets import build_preset, load_config
 
     path = Path(args.checkpoint)
     ck = open_checkpoint(path, require_files=False)
@@ -103,7 +104,7 @@ def cmd_bench(args) -> int:
     from .bench import run_bench
 
     rows = run_bench(checkpoint=args.checkpoint, size_gb=args.size_gb, preset=args.preset, device=args.device,
-                     cold=args.cold, peers=args.peers, repeats=args.repeats, json_path=args.json, keep=args.tmpdir)
+                     cold=args.cold, peers=args.peers, repeats=args.repeats, results_path=args.results, keep=args.tmpdir)
     if args.plot:
         _plot(rows, args.plot)
     return 0
@@ -162,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure the installed peer loaders on the same files (default; --no-peers: pyloader only)")
     b.add_argument("--repeats", type=int, default=3)
-    b.add_argument("--json", help="append result rows to this JSON file")
+    b.add_argument("--results", help="append the result rows to this JSON-lines results log")
     b.add_argument("--plot", help="write a PNG bar chart (needs matplotlib)")
     b.add_argument("--tmpdir", help="where to write the synthetic checkpoint (default: the system temp dir)")
     b.set_defaults(func=cmd_bench)

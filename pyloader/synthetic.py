@@ -14,7 +14,8 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from .checkpoint import TORCH_TO_SAFETENSORS, write_safetensors_header
+from .dtypes import TORCH_TO_SAFETENSORS
+from .format.safetensors import write_safetensors_header
 
 # A DeepSeek-V3-shaped slice: real hidden/expert/attention shapes, fewer experts and layers.
 DEEPSEEK_V3_SLICE = {

@@ -8,7 +8,8 @@ import math
 import re
 from pathlib import Path
 
-from pyloader.checkpoint import Checkpoint, TensorInfo
+from pyloader.format.checkpoint import Checkpoint
+from pyloader.format.safetensors import TensorInfo
 
 SHARED = Path(__file__).resolve().parent / "data" / "checkpoints"
 
@@ -61,7 +62,7 @@ def write_sparse_checkpoint(folder: str, directory: Path, shard_bytes: int = 5 *
     """The dump as real safetensors files whose data are holes (headers and sizes exact, nothing
     stored): what ``open_checkpoint`` reads and checks, for timing header parsing at full scale.
     Tensors in dump order, a new file past ``shard_bytes``, an index naming them."""
-    from pyloader.checkpoint import write_safetensors_header
+    from pyloader.format.safetensors import write_safetensors_header
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -83,3 +84,49 @@ def write_sparse_checkpoint(folder: str, directory: Path, shard_bytes: int = 5 *
         weight_map.update({name: fname for name, _, _ in group})
     (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return directory
+
+
+_CACHE = {}
+
+
+def cached_checkpoint(folder):
+    if folder not in _CACHE:
+        _CACHE[folder] = header_only_checkpoint(folder)
+    return _CACHE[folder]
+
+
+def synthetic(entries, folder="synthetic"):
+    """Header-only checkpoint from (name, shape, safetensors dtype)."""
+    bits = {"BF16": 16, "F32": 32, "F8_E4M3": 8, "U8": 8, "F16": 16}
+    tensors, pos = {}, 8
+    for name, shape, dtype in entries:
+        n = math.prod(shape) * bits[dtype] // 8
+        tensors[name] = TensorInfo(name, dtype, tuple(shape), Path("/nonexistent") / folder / "m.safetensors", pos, pos + n)
+        pos += n
+    return Checkpoint(None, [Path("/nonexistent") / folder / "m.safetensors"], tensors)
+
+
+def config_of_folder(folder):
+    return json.loads((SHARED / folder / "config.json").read_text())
+
+
+def dense_entries(c):
+    H, I, hd = c["hidden_size"], c["intermediate_size"], c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
+    out = [("model.embed_tokens.weight", (c["vocab_size"], H), "BF16"), ("model.norm.weight", (H,), "BF16")]
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}"
+        out += [(f"{p}.self_attn.q_proj.weight", (q, H), "BF16"), (f"{p}.self_attn.k_proj.weight", (kv, H), "BF16"),
+                (f"{p}.self_attn.v_proj.weight", (kv, H), "BF16"), (f"{p}.self_attn.o_proj.weight", (H, q), "BF16"),
+                (f"{p}.self_attn.q_norm.weight", (hd,), "BF16"), (f"{p}.self_attn.k_norm.weight", (hd,), "BF16"),
+                (f"{p}.mlp.gate_proj.weight", (I, H), "BF16"), (f"{p}.mlp.up_proj.weight", (I, H), "BF16"),
+                (f"{p}.mlp.down_proj.weight", (H, I), "BF16"), (f"{p}.input_layernorm.weight", (H,), "BF16"),
+                (f"{p}.post_attention_layernorm.weight", (H,), "BF16"), (f"{p}.self_attn.rotary_emb.inv_freq", (hd // 2,), "F32")]
+    return out
+
+
+def naive_load(names, target_names):
+    """What broke in the engines: every checkpoint name must be a parameter of this rank."""
+    for n in names:
+        if n not in target_names:
+            raise KeyError(n)

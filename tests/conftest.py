@@ -1,7 +1,11 @@
 import os
+import sys
 
 import pytest
 import torch
+
+# test modules live in folders that mirror the package; their shared helpers live here
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 # Triton kernels run under the interpreter on machines without a GPU; the switch must be set
 # before any @triton.jit function is created.

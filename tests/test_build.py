@@ -48,7 +48,7 @@ def test_kernel_call_without_gpu_raises_clearly():
 
     if C.device_count() > 0:
         pytest.skip("a GPU is present")
-    from pyloader.transform import TransformJob, pack_jobs
+    from pyloader.ops.jobs import TransformJob, pack_jobs
 
     src = torch.zeros(4, 32, dtype=torch.bfloat16)
     table = pack_jobs([TransformJob(src, torch.empty_like(src))])

@@ -94,11 +94,11 @@ def test_module_entry_point(index_only):
 def test_bench_on_cpu_reports_the_best_load_and_its_phases(tmp_path, capsys):
     """``pyloader bench`` on a CPU: a verified row whose phase times belong to the best repeat
     (the executor's wall time fits inside that load's seconds)."""
-    out = tmp_path / "rows.json"
+    out = tmp_path / "results.jsonl"
     assert main(["bench", "--device", "cpu", "--no-peers", "--size-gb", "0.02", "--repeats", "3",
-                 "--json", str(out), "--tmpdir", str(tmp_path)]) == 0
-    (row,) = json.loads(out.read_text())
-    assert row["provider"] == "pyloader (io=auto)" and row["note"].startswith("verified")
+                 "--results", str(out), "--tmpdir", str(tmp_path)]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["provider"] == "pyloader" and row["note"].startswith("verified")
     assert row["seconds"] == min(row["repeats"])
     assert 0 < row["executor_wall_s"] <= row["seconds"] and row["outside_executor_s"] >= 0
     assert set(row["executor_setup_parts"]) >= {"batches", "staging", "scales_queued", "reads_queued"}

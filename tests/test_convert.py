@@ -11,9 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pyloader import ops, reference
+from pyloader import ops
+from pyloader.ops import reference
 from pyloader.cli import main
 from pyloader.convert import convert
+from pyloader.errors import PyloaderInputError
 
 from helpers import assert_bitwise_equal
 
@@ -101,11 +103,11 @@ def test_convert_gpu_bitwise(src, tmp_path):
 def test_convert_repacks_and_resumes(src, tmp_path, monkeypatch):
     d, expected, copied = src
     dst = tmp_path / "dst"
-    import pyloader.convert as conv
+    from pyloader.convert import pipeline
 
-    monkeypatch.setattr(conv, "CHUNK_BYTES", 4096)  # many row chunks per tensor
+    monkeypatch.setattr(pipeline, "CHUNK_BYTES", 4096)  # many row chunks per tensor
     calls = {"n": 0}
-    real = conv._Converter.start_file
+    real = pipeline.Converter.start_file
 
     def interrupted(self, h):
         calls["n"] += 1
@@ -113,12 +115,12 @@ def test_convert_repacks_and_resumes(src, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # the run dies starting the third file, the second still being written
         return real(self, h)
 
-    monkeypatch.setattr(conv._Converter, "start_file", interrupted)
+    monkeypatch.setattr(pipeline.Converter, "start_file", interrupted)
     with pytest.raises(KeyboardInterrupt):
         convert(d, dst, device="cpu", max_shard_size=60_000, progress=False)
     finished = sorted(p.name for p in dst.glob("*.safetensors"))
     assert len(finished) == 1 and not (dst / "model.safetensors.index.json").exists()  # index is written last
-    monkeypatch.setattr(conv._Converter, "start_file", real)
+    monkeypatch.setattr(pipeline.Converter, "start_file", real)
     assert not list(dst.glob("*.tmp"))  # the interrupted file was removed
     # a truncated "finished" file must be redone, not trusted
     second = finished[0].replace("00001-of", "00002-of")
@@ -224,10 +226,10 @@ def test_no_write_permission_and_truncated_input_exit_2(src, tmp_path, capsys):
 def test_mapped_and_pwrite_outputs_are_byte_identical_in_small_chunks(src, tmp_path, monkeypatch):
     """Chunks of a few hundred bytes land at offsets inside pages: every mapped window starts
     off the page grid; both writers must give the same bytes."""
-    import pyloader.convert as conv
+    from pyloader.convert import pipeline
 
     d, expected, copied = src
-    monkeypatch.setattr(conv, "CHUNK_BYTES", 700)
+    monkeypatch.setattr(pipeline, "CHUNK_BYTES", 700)
     convert(d, tmp_path / "mapped", device="cpu", progress=False, writes="mmap")
     convert(d, tmp_path / "written", device="cpu", progress=False, writes="pwrite")
     check_output(tmp_path / "mapped", expected, copied)
@@ -238,24 +240,24 @@ def test_mapped_and_pwrite_outputs_are_byte_identical_in_small_chunks(src, tmp_p
 def test_disk_full_before_mapped_writes_is_a_clear_error(src, tmp_path, monkeypatch):
     import errno
 
-    import pyloader.convert as conv
+    from pyloader.convert import outputs
 
     def full(fd, offset, size):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(conv.os, "posix_fallocate", full)
+    monkeypatch.setattr(outputs.os, "posix_fallocate", full)
     d, _, _ = src
-    with pytest.raises(conv.PyloaderInputError, match="cannot allocate .* No space left"):
+    with pytest.raises(PyloaderInputError, match="cannot allocate .* No space left"):
         convert(d, tmp_path / "dst", device="cpu", progress=False, writes="mmap")
     assert not list((tmp_path / "dst").glob("*.safetensors*"))
 
 
 def test_too_little_free_space_for_mapped_writes_is_a_clear_error(src, tmp_path, monkeypatch):
-    import pyloader.convert as conv
+    from pyloader.convert import pipeline
 
-    monkeypatch.setattr(conv, "_free_bytes", lambda path: 1000)
+    monkeypatch.setattr(pipeline, "free_bytes", lambda path: 1000)
     d, _, _ = src
-    with pytest.raises(conv.PyloaderInputError, match="cannot allocate .* 1000 bytes free"):
+    with pytest.raises(PyloaderInputError, match="cannot allocate .* 1000 bytes free"):
         convert(d, tmp_path / "dst", device="cpu", progress=False, writes="mmap")
     assert not list((tmp_path / "dst").glob("*.safetensors*"))
 
@@ -265,9 +267,9 @@ def test_mapped_writes_wait_for_their_bytes_to_be_allocated(src, tmp_path, monke
     bytes are allocated, and a disk that fills up part way is a clear error with no file left."""
     import errno
 
-    import pyloader.convert as conv
+    from pyloader.convert import outputs, pipeline
 
-    real = conv.os.posix_fallocate
+    real = outputs.os.posix_fallocate
     allocated = {}
 
     def slow_then_full(fd, offset, size):
@@ -277,51 +279,51 @@ def test_mapped_writes_wait_for_their_bytes_to_be_allocated(src, tmp_path, monke
         allocated[fd] = max(allocated.get(fd, 0), offset + size)
 
     written = []
-    real_write = conv._Converter._write
+    real_write = pipeline.Converter._write
 
     def checked_write(fd, file_offset, data, mapped):
         assert mapped and file_offset + data.numel() <= allocated[fd]  # never past what is allocated
         written.append(file_offset)
         return real_write(fd, file_offset, data, mapped)
 
-    monkeypatch.setattr(conv._Reservation, "STEP", 4096)
-    monkeypatch.setattr(conv, "CHUNK_BYTES", 4096)
-    monkeypatch.setattr(conv._Converter, "_write", staticmethod(checked_write))
-    monkeypatch.setattr(conv.os, "posix_fallocate", slow_then_full)
+    monkeypatch.setattr(outputs.Reservation, "STEP", 4096)
+    monkeypatch.setattr(pipeline, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(pipeline.Converter, "_write", staticmethod(checked_write))
+    monkeypatch.setattr(outputs.os, "posix_fallocate", slow_then_full)
     d, _, _ = src
-    with pytest.raises(conv.PyloaderInputError, match="cannot allocate .* No space left"):
+    with pytest.raises(PyloaderInputError, match="cannot allocate .* No space left"):
         convert(d, tmp_path / "dst", device="cpu", progress=False, writes="mmap")
     assert written and not list((tmp_path / "dst").glob("*.safetensors*"))
 
 
 def test_writer_choice_follows_the_filesystem(tmp_path):
-    from pyloader.convert import _filesystem, _writes_for
+    from pyloader.convert.outputs import filesystem_type, writes_for
 
-    assert _filesystem(tmp_path / "not-yet") == _filesystem(tmp_path) != ""
-    assert _filesystem(Path("/proc/self")) == "proc"
-    assert _writes_for(tmp_path, "pwrite") == "pwrite" and _writes_for(tmp_path, "mmap") == "mmap"
-    if Path("/dev/shm").is_dir() and _filesystem(Path("/dev/shm")) == "tmpfs":
-        assert _writes_for(Path("/dev/shm") / "out", "auto") == "mmap"
-    if _filesystem(tmp_path) not in ("tmpfs", "ramfs"):
-        assert _writes_for(tmp_path, "auto") == "pwrite"
+    assert filesystem_type(tmp_path / "not-yet") == filesystem_type(tmp_path) != ""
+    assert filesystem_type(Path("/proc/self")) == "proc"
+    assert writes_for(tmp_path, "pwrite") == "pwrite" and writes_for(tmp_path, "mmap") == "mmap"
+    if Path("/dev/shm").is_dir() and filesystem_type(Path("/dev/shm")) == "tmpfs":
+        assert writes_for(Path("/dev/shm") / "out", "auto") == "mmap"
+    if filesystem_type(tmp_path) not in ("tmpfs", "ramfs"):
+        assert writes_for(tmp_path, "auto") == "pwrite"
 
 
 def test_failure_opening_the_next_file_leaves_no_temporary_files(src, tmp_path, monkeypatch):
     """The next file is opened while one is being written: if that open fails, the file already
     started is removed too (nothing half-written, no descriptor left)."""
-    import pyloader.convert as conv
+    from pyloader.convert import pipeline
 
     d, _, _ = src
-    real = conv._Converter.open_file
+    real = pipeline.Converter.open_file
     calls = {"n": 0}
 
     def failing(self, path, f):
         calls["n"] += 1
         if calls["n"] == 2:
-            raise conv.PyloaderInputError(f"{path}: cannot create")
+            raise PyloaderInputError(f"{path}: cannot create")
         return real(self, path, f)
 
-    monkeypatch.setattr(conv._Converter, "open_file", failing)
-    with pytest.raises(conv.PyloaderInputError, match="cannot create"):
+    monkeypatch.setattr(pipeline.Converter, "open_file", failing)
+    with pytest.raises(PyloaderInputError, match="cannot create"):
         convert(d, tmp_path / "dst", device="cpu", max_shard_size=60_000, progress=False)
     assert not list((tmp_path / "dst").glob("*.safetensors*"))

@@ -1,0 +1,75 @@
+// Host API of the kernels: dtype codes, the packed job layout and the launchers.
+// Plain C++ (no device code), so bindings.cpp compiles with the host compiler alone.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace pyloader {
+
+// The one CUDA error check, after every runtime call and every launch: an error throws
+// std::runtime_error with the file, line, expression and CUDA's own message (a RuntimeError in Python).
+#define PYLOADER_CUDA_CHECK(expr)                                                     \
+  do {                                                                               \
+    cudaError_t err_ = (expr);                                                       \
+    if (err_ != cudaSuccess) {                                                       \
+      throw std::runtime_error(std::string("CUDA error at ") + __FILE__ + ":" +       \
+                               std::to_string(__LINE__) + " (" #expr "): " +         \
+                               cudaGetErrorString(err_));                            \
+    }                                                                                \
+  } while (0)
+
+// Dtype codes shared with Python (pyloader/dtypes.py keeps the same numbers).
+enum DType : int32_t {
+  kNone = 0,   // "no scale"
+  kByte = 1,   // raw bytes: same-dtype copies of anything
+  kE4M3 = 2,   // float8_e4m3fn
+  kE5M2 = 3,   // float8_e5m2
+  kBF16 = 4,
+  kF16 = 5,
+  kF32 = 6,
+  kE8M0 = 7,   // scale only: 2^(e-127), e = 255 is NaN (float8_e8m0fnu or raw uint8)
+};
+
+// One job as Python packs it: kJobFields int64 values per job, in this order.
+enum JobField : int {
+  kFieldSrc = 0, kFieldDst, kFieldScale, kFieldRows, kFieldCols, kFieldSrcRowStride, kFieldDstRowStride,
+  kFieldScaleRowStride, kFieldScaleColStride, kFieldBlockRows, kFieldBlockCols, kFieldR0, kFieldC0,
+  kFieldSrcDtype, kFieldDstDtype, kFieldScaleDtype, kJobFields
+};
+
+constexpr int kMaxJobsPerLaunch = 256;
+
+// Validates the packed jobs, splits jobs too large for 32-bit unit indexing, and launches as
+// many times as the table fills. Throws std::invalid_argument on a bad job.
+cudaError_t launch_multi_tensor_transform(const int64_t* packed_jobs, int64_t num_jobs, cudaStream_t stream);
+
+struct QuantizeArgs {
+  const void* x;
+  int64_t x_expert_stride, x_row_stride;  // elements; unit column stride
+  uint8_t* q;                             // contiguous [E, rows, cols]
+  float* scale;                           // contiguous [E, grid_rows, grid_cols]
+  int64_t experts, rows, cols, block_rows, block_cols, grid_rows, grid_cols;
+};
+
+// x_dtype: kBF16, kF16 or kF32; q_dtype: kE4M3 or kE5M2. Throws std::invalid_argument.
+cudaError_t launch_quantize_blockwise(const QuantizeArgs& args, int32_t x_dtype, int32_t q_dtype, cudaStream_t stream);
+
+inline const char* dtype_name(int32_t code) {
+  switch (code) {
+    case kNone: return "none";
+    case kByte: return "byte";
+    case kE4M3: return "float8_e4m3fn";
+    case kE5M2: return "float8_e5m2";
+    case kBF16: return "bfloat16";
+    case kF16: return "float16";
+    case kF32: return "float32";
+    case kE8M0: return "e8m0";
+    default: return "unknown";
+  }
+}
+
+}  // namespace pyloader

@@ -1,0 +1,271 @@
+"""The conversion pipeline: read chunks, transform them on the device, write them, overlapping across file boundaries."""
+
+import contextlib
+import math
+import mmap
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..backend import resolve_backend
+from ..errors import PyloaderInputError
+from ..format.safetensors import CheckpointError, TensorInfo
+from ..ops.jobs import TransformJob, run_jobs
+from .outputs import OpenFile, Reservation, file_complete, free_bytes
+from .planning import OutFile, OutTensor
+
+
+CHUNK_BYTES = 128 << 20  # output bytes a chunk: a tensor larger than this is converted in row chunks
+
+
+FILES_AHEAD = 1  # files whose chunks are queued while an earlier file finishes
+
+
+@dataclass
+class ConvertReport:
+    files_written: List[str] = field(default_factory=list)
+    files_resumed: List[str] = field(default_factory=list)
+    dequantized: int = 0
+    copied: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    seconds: float = 0.0
+    nonfinite: Dict[str, Tuple[int, int]] = field(default_factory=dict)  # tensor → (NaN count, Inf count)
+    device: str = ""
+    backend: str = ""
+    read_s: float = 0.0       # summed over workers: reading input chunks
+    transform_s: float = 0.0  # summed over workers: to the device, transform, census, back to pinned host memory
+    write_s: float = 0.0      # summed over workers: writing output chunks
+
+
+class Converter:
+    def __init__(self, device: torch.device, backend: Optional[str], out_dtype: torch.dtype, workers: int, bar,
+                 writes: str):
+        if writes not in ("mmap", "pwrite"):
+            raise PyloaderInputError(f"writes must be 'auto', 'mmap' or 'pwrite', not {writes!r}")
+        self.device, self.out_dtype, self.bar = device, out_dtype, bar
+        self.writes = writes
+        self.backend = resolve_backend(backend, device, "convert")
+        self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="pyloader-convert")
+        self.inflight = threading.Semaphore(max(2, workers))  # bounds resident chunks
+        self.scales: Dict[str, torch.Tensor] = {}
+        self.lock = threading.RLock()  # scale() reads (and opens files) while holding it
+        self.fds: Dict[str, int] = {}
+        self.local = threading.local()  # a CUDA stream a worker thread: copies of workers overlap
+        self.report = ConvertReport(device=str(device), backend=self.backend)
+
+    def _fd(self, path) -> int:
+        key = str(path)
+        with self.lock:
+            if key not in self.fds:
+                self.fds[key] = os.open(key, os.O_RDONLY)
+            return self.fds[key]
+
+    def close(self):
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def _pinned(self, nbytes: int) -> torch.Tensor:
+        # torch's caching host allocator: pinned blocks are reused chunk after chunk
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+
+    def read(self, info: TensorInfo, start: int, nbytes: int) -> torch.Tensor:
+        buf = self._pinned(nbytes)
+        fd = self._fd(info.file)
+        mv = memoryview(buf.numpy()).cast("B")
+        pos = 0
+        while pos < nbytes:
+            n = os.preadv(fd, [mv[pos:]], start + pos)
+            if n <= 0:
+                raise CheckpointError(info.file, f"file ended at byte {start + pos} (truncated?)", info.name)
+            pos += n
+        return buf
+
+    def stream(self):
+        if self.device.type != "cuda":
+            return None
+        if getattr(self.local, "stream", None) is None:
+            self.local.stream = torch.cuda.Stream(self.device)
+        return self.local.stream
+
+    def scale(self, info: TensorInfo) -> torch.Tensor:
+        with self.lock:
+            if info.name not in self.scales:
+                raw = self.read(info, info.start, info.nbytes)
+                self.scales[info.name] = raw.view(info.torch_dtype).view(info.shape).to(self.device)
+            return self.scales[info.name]
+
+    @staticmethod
+    def _write(fd: int, file_offset: int, data: torch.Tensor, mapped: bool) -> None:
+        """Write ``data`` (uint8, host) at ``file_offset``. Mapped: through a window of the file
+        mapped for this chunk alone (its pages leave this process's resident set when it is
+        unmapped). Writes to one file through write(2) hold the file's inode lock, so the workers'
+        writes to a file run one at a time; copies into a mapping run side by side."""
+        src = data.numpy()
+        if not mapped:
+            mv = memoryview(src).cast("B")
+            pos = 0
+            while pos < len(mv):
+                pos += os.pwrite(fd, mv[pos:], file_offset + pos)
+            return
+        if src.size == 0:
+            return
+        start = file_offset - file_offset % mmap.ALLOCATIONGRANULARITY
+        lead = file_offset - start
+        # faulted in page by page as the copy goes: MAP_POPULATE (one call a window) measured slower
+        window = mmap.mmap(fd, lead + src.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                           offset=start)
+        try:
+            dst = np.frombuffer(window, dtype=np.uint8, count=src.size, offset=lead)
+            dst[:] = src  # numpy releases the GIL for the copy
+            del dst
+        finally:
+            window.close()
+
+    def chunk(self, fd: int, t: OutTensor, file_offset: int, r0: int, rows: int, mapped: bool = False):
+        """Convert rows r0..r0+rows of tensor t and write them at their offset."""
+        try:
+            info = t.source
+            shape = info.shape
+            cols = math.prod(shape[1:]) if len(shape) >= 2 else (shape[0] if shape else 1)
+            nrows = shape[0] if len(shape) >= 2 else 1
+            in_row = info.nbytes // max(1, nrows)
+            t_read = time.perf_counter()
+            raw = self.read(info, info.start + r0 * in_row, rows * in_row)
+            t_transform = time.perf_counter()
+            if t.scale is None:
+                out_bytes = raw
+                if info.dtype in ("BF16", "F16", "F32") and raw.numel():
+                    self._census(t.name, raw.view(info.torch_dtype))
+            else:
+                grid = self.scale(t.scale).reshape(t.grid)
+                stream = self.stream()
+                with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                    w = raw.view(info.torch_dtype).view(rows, cols).to(self.device, non_blocking=True)
+                    out = torch.empty(rows, cols, dtype=self.out_dtype, device=self.device)
+                    bm, bn = t.block
+                    run_jobs([TransformJob(w, out, grid[r0 // bm:], (bm, bn), (r0 % bm, 0))], self.backend)
+                    self._census(t.name, out)
+                    if stream is not None:
+                        out_bytes = self._pinned(out.numel() * out.element_size())
+                        out_bytes.copy_(out.view(-1).view(torch.uint8), non_blocking=True)
+                        stream.synchronize()
+                    else:
+                        out_bytes = out.view(-1).view(torch.uint8)
+            t_write = time.perf_counter()
+            self._write(fd, file_offset, out_bytes, mapped)
+            t_end = time.perf_counter()
+            with self.lock:
+                self.report.read_s += t_transform - t_read
+                self.report.transform_s += t_write - t_transform
+                self.report.write_s += t_end - t_write
+            if self.bar is not None:
+                self.bar.update(rows * in_row)
+        finally:
+            self.inflight.release()
+
+    def _census(self, name: str, x: torch.Tensor):
+        counts = torch.stack([torch.isnan(x).sum(), torch.isinf(x).sum()]).tolist()  # one sync, not two
+        nan, inf = int(counts[0]), int(counts[1])
+        if nan or inf:
+            with self.lock:
+                a, b = self.report.nonfinite.get(name, (0, 0))
+                self.report.nonfinite[name] = (a + nan, b + inf)
+
+    def open_file(self, path: Path, f: OutFile) -> "OpenFile":
+        """Create ``NAME.tmp`` with its header; mapped writes start allocating it (see Reservation)."""
+        tmp = path.with_name(path.name + ".tmp")
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)  # RDWR: a shared mapping needs it
+        h = OpenFile(path, tmp, f, fd)
+        try:
+            os.ftruncate(fd, f.size)
+            os.pwrite(fd, f.header, 0)
+            if self.writes == "mmap":
+                free = free_bytes(tmp)
+                if free is not None and free < f.size:
+                    raise PyloaderInputError(f"{tmp}: cannot allocate {f.size} bytes for the output: "
+                                             f"{free} bytes free on its filesystem")
+                h.reservation = Reservation(fd, f.size, tmp)
+        except BaseException:
+            h.abort()
+            raise
+        return h
+
+    def start_file(self, h: "OpenFile") -> None:
+        """Queue every chunk of an opened file (blocking while too many chunks are resident, and,
+        mapped, until the chunk's bytes are allocated)."""
+        f, fd = h.f, h.fd
+        try:
+            mapped = h.reservation is not None and h.reservation.supported()
+            for t in f.tensors:
+                begin, _ = f.offsets[t.name]
+                base = len(f.header) + begin
+                shape = t.shape
+                nrows = shape[0] if len(shape) >= 2 else 1
+                out_row = t.nbytes // max(1, nrows)
+                step = max(1, CHUNK_BYTES // max(1, out_row))  # any row split is exact: (r0 % bm) offsets the grid
+                for r0 in range(0, max(nrows, 1), step):
+                    rows = min(step, nrows - r0) if nrows else 0
+                    if mapped:
+                        h.reservation.wait(base + (r0 + rows) * out_row)
+                    self.inflight.acquire()
+                    h.futures.append(self.pool.submit(self.chunk, fd, t, base + r0 * out_row, r0, rows, mapped))
+                if t.scale is not None:
+                    self.report.dequantized += 1
+                else:
+                    self.report.copied += 1
+        except BaseException:
+            h.abort()
+            raise
+
+    def finish_file(self, h: "OpenFile") -> None:
+        """Wait for the file's chunks, fsync, re-validate and rename it into place."""
+        try:
+            for fut in h.futures:
+                fut.result()
+            if h.reservation is not None:
+                h.reservation.join()
+            os.fsync(h.fd)
+        except BaseException:
+            h.abort()
+            raise
+        os.close(h.fd)
+        h.fd = -1
+        if not file_complete(h.tmp, h.f):
+            h.tmp.unlink(missing_ok=True)
+            raise PyloaderInputError(f"{h.tmp}: the written file does not validate (disk full or changed underneath?)")
+        os.replace(h.tmp, h.path)
+
+    def write_files(self, items: List[Tuple[Path, OutFile]], done: Callable[[str], None]) -> None:
+        """Every file through one pipeline: the next file's chunks are queued while the previous
+        one finishes, so the workers never drain at a file boundary (FILES_AHEAD files open)."""
+        open_files: deque = deque()
+        upcoming: Optional[OpenFile] = None  # the next file, opened (and allocating) before it starts
+        try:
+            for i, (path, f) in enumerate(items):
+                h, upcoming = upcoming or self.open_file(path, f), None
+                open_files.append(h)  # before the next open, which may fail: an error must abort h too
+                if i + 1 < len(items):
+                    upcoming = self.open_file(*items[i + 1])
+                self.start_file(h)
+                while len(open_files) > FILES_AHEAD:
+                    h = open_files.popleft()
+                    self.finish_file(h)
+                    done(h.f.name)
+            while open_files:
+                h = open_files.popleft()
+                self.finish_file(h)
+                done(h.f.name)
+        except BaseException:
+            for h in list(open_files) + ([upcoming] if upcoming is not None else []):
+                h.abort()
+            raise

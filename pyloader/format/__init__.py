@@ -1,0 +1,1 @@
+"""Checkpoint files: safetensors headers, checkpoint directories, and which tensor scales which weight."""

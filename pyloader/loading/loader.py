@@ -1,0 +1,183 @@
+"""``pyloader.load``: fill an engine's parameters from a checkpoint.
+
+Inside an engine's own ``load_weights`` (vLLM-style), with its fused parameters already allocated::
+
+    def load_weights(self, weights):          # weights: an iterator of (name, tensor), or ignore it
+        report = pyloader.load(self, "/models/DeepSeek-R1", tp=(tp_rank, tp_size), pp=(pp_rank, pp_size))
+        return set(report.loaded)
+
+The preset is chosen from the checkpoint's ``config.json`` (``preset=`` overrides; ``rules=``
+replaces it with your own :class:`~pyloader.router.Rules`, the layout then being inferred from
+your module). BF16/FP16/FP32 targets receive dequantized values; the output dtype is always the
+target's own.
+"""
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..errors import PyloaderInputError
+from ..format.checkpoint import open_checkpoint
+from ..parallel import Parallel
+from ..routing.layout import TargetSpec
+from ..routing.plan import Plan, PlanError, build_plan, targets_from_tensors
+from ..routing.presets import build_preset, load_config
+from ..routing.router import Rules
+from .executor import ExecutorConfig, StreamingExecutor, Timings
+from .sources import run_memory, run_stream, tensor_info
+
+logger = logging.getLogger("pyloader")
+
+Source = Union[str, Path, Sequence[Union[str, Path]], Mapping[str, torch.Tensor], Iterable[Tuple[str, torch.Tensor]]]
+
+
+@dataclass
+class LoadReport:
+    loaded: List[str] = field(default_factory=list)             # targets written
+    skipped: Dict[str, str] = field(default_factory=dict)       # checkpoint name → reason
+    unexpected: List[str] = field(default_factory=list)
+    missing: List[str] = field(default_factory=list)            # targets not written
+    bytes_read: int = 0
+    timings: Timings = field(default_factory=Timings)
+    backend: str = ""
+    preset: Optional[str] = None
+    io: str = ""                                                # the source: "files", "memory" or "stream"
+    readers: str = ""                                           # GPU reads: "native" (C++) or "python" readers
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes_read / self.timings.wall_s / 1e9 if self.timings.wall_s else 0.0
+
+    def summary(self) -> str:
+        t = self.timings
+        return (f"loaded {len(self.loaded)} targets, {self.bytes_read / 1e9:.2f} GB in {t.wall_s:.2f} s "
+                f"({self.gbps:.1f} GB/s); read {t.read_s:.2f} thread-s (waited {t.wait_read_s:.2f} s), "
+                f"H2D {t.h2d_s:.2f} s, transforms {t.transform_s:.2f} s; backend {self.backend}")
+
+
+def _target_tensors(target) -> Dict[str, torch.Tensor]:
+    if isinstance(target, torch.nn.Module):
+        tensors = {n: p.data for n, p in target.named_parameters()}
+        tensors.update({n: b for n, b in target.named_buffers()})
+        return tensors
+    if isinstance(target, Mapping):
+        return dict(target)
+    raise PyloaderInputError(f"target must be an nn.Module or a dict of tensors, not {type(target).__name__}")
+
+
+def _pair(v, what) -> Tuple[int, int]:
+    if v is None:
+        return 0, 1
+    try:
+        r, n = v
+        return int(r), int(n)
+    except (TypeError, ValueError):
+        raise PyloaderInputError(f"{what} must be (rank, size), got {v!r}") from None
+
+
+def _specs(tensors: Dict[str, torch.Tensor], preset_targets: Optional[Dict[str, TargetSpec]], rules: Rules):
+    """Target specs with the user's tensors' dtypes; preset layouts checked against the real shapes."""
+    if preset_targets is None:
+        return targets_from_tensors(tensors, rules)
+    problems = []
+    for name, spec in preset_targets.items():
+        t = tensors.get(name)
+        if t is None:
+            problems.append(f"target {name} {list(spec.shape)} (from the preset) is not in the model")
+        elif tuple(t.shape) != spec.shape:
+            problems.append(f"target {name}: the model has shape {list(t.shape)}, the preset derives {list(spec.shape)}")
+        else:
+            spec.dtype = t.dtype
+    extra = sorted(set(tensors) - set(preset_targets))
+    if extra:
+        logger.info("pyloader: %d model tensors are not filled by the preset: %s", len(extra), ", ".join(extra[:10]))
+    if problems:
+        raise PlanError(problems)
+    return preset_targets
+
+
+def load(target, source: Source, *, config=None, preset: Optional[str] = None, rules: Optional[Rules] = None,
+         tp=None, pp=None, ep=None, device=None, backend: Optional[str] = None, progress: bool = True,
+         unexpected: str = "error", executor: Optional[ExecutorConfig] = None,
+         hooks: Optional[Callable[[Optional[int]], None]] = None) -> LoadReport:
+    """Load ``source`` into ``target`` (an ``nn.Module`` or a dict of tensors, already allocated).
+
+    ``source``: a checkpoint directory, an index file or a list of ``.safetensors`` files (the fast
+    path: pyloader's own ranged reads); a dict of tensors (e.g. a trainer's, on a GPU: device to
+    device); or an iterator of ``(name, tensor)`` (each tensor is consumed before the iterator
+    advances, so sources that reuse one buffer are safe). ``tp``/``pp``/``ep``: ``(rank, size)``.
+    ``hooks(layer)`` runs after each layer's last transform is enqueued (``None``: non-layer tensors).
+    Returns a :class:`LoadReport`; raises :class:`~pyloader.errors.PyloaderInputError` (with every
+    problem listed) before any byte is written if the plan does not check out.
+    """
+    t0 = time.perf_counter()
+    tensors = _target_tensors(target)
+    if not tensors:
+        raise PyloaderInputError("the target has no parameters or buffers")
+    dev = torch.device(device) if device is not None else next(iter(tensors.values())).device
+    (tpr, tps), (ppr, pps), (epr, eps) = _pair(tp, "tp"), _pair(pp, "pp"), _pair(ep, "ep")
+    is_files = isinstance(source, (str, Path)) or (isinstance(source, (list, tuple)) and source and
+                                                     isinstance(source[0], (str, Path)))
+    checkpoint = open_checkpoint(source) if is_files else None
+    t_headers = time.perf_counter()
+    if config is None and checkpoint is not None and checkpoint.config_path is not None:
+        config = checkpoint.config_path
+    preset_name, block = None, (128, 128)
+    if rules is None:
+        if config is None:
+            raise PyloaderInputError("no config: pass config= (a config.json path or dict), preset=, or rules=")
+        p = build_preset(load_config(config), preset, Parallel(tpr, tps, ppr, pps, epr, eps))
+        if checkpoint is not None:
+            p.add_passthrough(checkpoint.tensors)
+        elif isinstance(source, Mapping):
+            p.add_passthrough({n: tensor_info(n, t) for n, t in source.items()})
+        rules, preset_targets, preset_name, block = p.rules, p.targets, p.name, p.block_size
+    else:
+        preset_targets = None
+    specs = _specs(tensors, preset_targets, rules)
+    report = LoadReport(preset=preset_name)
+    if checkpoint is not None:
+        t_preset = time.perf_counter()
+        plan = build_plan(checkpoint, specs, rules, unexpected=unexpected, block_size=block)
+        t_plan = time.perf_counter()
+        ex = StreamingExecutor(tensors, dev, backend, executor, progress, hooks)
+        report.timings = ex.run(plan)
+        report.timings.prepare_parts = {"headers": round(t_headers - t0, 6), "preset": round(t_preset - t_headers, 6),
+                                        "plan": round(t_plan - t_preset, 6)}
+        report.bytes_read, report.backend, report.io = ex.bytes_read, ex.backend, "files"
+        report.readers = ex.readers_used
+        t_finish = time.perf_counter()
+    elif isinstance(source, Mapping):
+        plan = run_memory(source, specs, rules, tensors, dev, backend, unexpected, block, hooks, report)
+    else:
+        plan = run_stream(iter(source), specs, rules, tensors, dev, backend, unexpected, block, hooks, report)
+    _fill_tied(plan, tensors)
+    report.loaded = sorted({p.target for p in plan.pieces} | {n for n, s in plan.targets.items() if s.fill_from})
+    report.skipped = {r.name: r.reason for r in plan.summary.routes if r.kind == "skip"}
+    report.unexpected = plan.summary.unexpected
+    report.missing = plan.missing
+    if report.timings.wall_s == 0:
+        report.timings.wall_s = time.perf_counter() - t0
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    if checkpoint is not None:
+        report.timings.finish_s = time.perf_counter() - t_finish
+    logger.info("pyloader: %s", report.summary())
+    if progress and checkpoint is not None:  # the bar is gone: what it measured, and where the time went
+        print(f"pyloader: {report.summary()}", file=sys.stderr)
+    return report
+
+
+def _fill_tied(plan: Plan, tensors: Dict[str, torch.Tensor]):
+    for name, spec in plan.targets.items():
+        if spec.fill_from is not None and name in tensors and spec.fill_from in tensors:
+            dst, src = tensors[name], tensors[spec.fill_from]
+            if dst.data_ptr() != src.data_ptr():
+                dst.copy_(src)
+
+

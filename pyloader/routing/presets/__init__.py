@@ -1,0 +1,162 @@
+"""Presets: routing rules and target layouts of real model families, derived from ``config.json``.
+
+Target names and layouts follow vLLM's for each family:
+
+| preset | families (``model_type``) | fused targets |
+|---|---|---|
+| ``llama`` | llama, mistral, qwen2, qwen3 (dense) | ``self_attn.qkv_proj`` (q, k, v; bias for qwen2 / ``attention_bias``), ``mlp.gate_up_proj`` (0: gate, 1: up) |
+| ``qwen_moe`` | qwen2_moe, qwen3_moe | attention as ``llama``; ``mlp.experts.w13_weight`` ``[E, 2I, H]`` (w1: gate, w3: up), ``mlp.experts.w2_weight`` ``[E, H, I]``; qwen2_moe ``mlp.shared_expert.gate_up_proj`` |
+| ``mixtral`` | mixtral | ``block_sparse_moe.experts.w13_weight`` / ``w2_weight`` from ``experts.N.w1/w3/w2`` |
+| ``deepseek`` | deepseek_v2, deepseek_v3, kimi_k2 | MLA ``self_attn.fused_qkv_a_proj`` (q_a_proj, kv_a_proj_with_mqa) when ``q_lora_rank``; dense ``mlp.gate_up_proj`` below ``first_k_dense_replace``; experts ``w13``/``w2``; ``mlp.shared_experts.gate_up_proj``; MTP layers ``>= num_hidden_layers`` skipped |
+| ``deepseek_dsa`` | deepseek_v32, glm_moe_dsa (GLM-5) | ``deepseek`` plus the sparse-attention indexer: ``self_attn.indexer.wk_weights_proj`` (wk, weights_proj) ``[index_head_dim + index_n_heads, H]``, ``indexer.wq_b``, ``indexer.k_norm`` |
+| ``nemotron_h`` | nemotron_h (Nemotron-H, Nemotron 3 Nano/Super/Ultra hybrids) | ``backbone.*`` renamed to ``model.*`` (``embeddings`` → ``embed_tokens``, ``norm_f`` → ``norm``); Mamba2 mixers as stored (``in_proj``, ``conv1d``, ``A_log``, ``D``, ``dt_bias``, ``norm``, ``out_proj``; ``A_log`` kept raw for the engine's post-load hook); attention ``mixer.qkv_proj``; relu2 (non-gated) experts ``mixer.experts.w13_weight`` ``[E, I, H]`` (up only) and ``w2_weight``; LatentMoE (``moe_latent_size``, Nemotron 3 Super/Ultra): ``fc1_latent_proj``/``fc2_latent_proj`` and experts of width ``moe_latent_size``; ``mtp.*`` skipped; tensor parallel as vLLM's MambaMixer2 (in_proj ``[z|x|B|C|dt]`` and conv1d ``[x|B|C]`` split segment by segment: heads, and groups or one replicated group; ``A_log``/``D``/``dt_bias``/``norm`` by heads; ``out_proj`` by columns) |
+| ``nemotron_vl`` | NemotronH_Nano_VL_V2, NemotronH_Nano_Omni_Reasoning_V3 | the ``nemotron_h`` language model under ``language_model.`` (from ``llm_config``/``text_config``); ``vision_model.*`` (RADIO tower and its ``input_conditioner.norm_mean``/``norm_std`` buffers), ``mlp1.*``, ``sound_encoder.*``, ``sound_projection.*`` pass through under their checkpoint names and stored shapes, on the first stage |
+| ``gpt_oss`` | gpt_oss | ``self_attn.qkv_proj`` with bias, ``self_attn.sinks``, ``mlp.router``, MXFP4 experts kept packed: ``mlp.experts.w13_weight`` (uint8 blocks), ``w13_weight_scale`` (E8M0), ``w13_bias``, same for ``w2`` |
+
+Derived targets have the config's dtype (``torch_dtype``/``dtype``): FP8 checkpoint weights are
+dequantized into them with their ``weight_scale_inv`` grids (``quantization_config.weight_block_size``,
+default 128x128). Exceptions: ``e_score_correction_bias`` stays float32 and gpt-oss's MXFP4 tensors
+stay uint8.
+
+Parallel layouts (per rank, :class:`Parallel`):
+- tensor parallel: column-parallel targets (qkv, gate_up, q_b_proj, kv_b_proj, experts' w13)
+  take a range of the source's rows, row-parallel ones (o_proj, down_proj, experts' w2) a range of
+  its columns; vocabulary rows of ``embed_tokens``/``lm_head`` are split too. Attention splits at
+  head granularity; with more ranks than KV heads each rank holds one KV head (replicated), as vLLM
+  does. Other splits are balanced (:func:`pyloader.parallel.tp_range`; vLLM pads the vocabulary to
+  multiples of 64 instead). Norms, routers and the DSA indexer are replicated.
+- pipeline parallel: vLLM's partition (``num_layers // pp`` each; the remainder goes one layer each
+  to the ranks before the last, counting back from the second-to-last); embeddings on the first
+  stage, final norm and ``lm_head`` on the last.
+- expert parallel: contiguous balanced expert ranges; experts are then not tensor-parallel split.
+"""
+
+import json
+from pathlib import Path
+from typing import List, Optional, Union
+
+import torch
+
+from ...errors import PyloaderInputError
+from ...parallel import Parallel
+from ..layout import ShardPlacement
+from ..router import Rules
+from .builder import LLAMA_STACKED, Builder, Preset, embeddings, expert_params_mapping, layer_range
+from .deepseek import deepseek
+from .gpt_oss import GPT_OSS_RENAMES, gpt_oss
+from .llama import dense_or_moe
+from .nemotron import NEMOTRON_H_RENAMES, nemotron_h, nemotron_pattern, nemotron_vl, nemotron_vl_language_config
+
+
+def load_config(config: Union[str, Path, dict, None]) -> dict:
+    if config is None:
+        return {}
+    if isinstance(config, dict):
+        return config
+    p = Path(config)
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise PyloaderInputError(f"{p}: cannot read config: {e}") from None
+
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "half": torch.float16,
+           "float": torch.float32}
+
+
+FAMILIES = {
+    "llama": ("llama", "mistral", "qwen2", "qwen3"),
+    "qwen_moe": ("qwen2_moe", "qwen3_moe"),
+    "mixtral": ("mixtral",),
+    "deepseek": ("deepseek_v2", "deepseek_v3", "kimi_k2"),
+    "deepseek_dsa": ("deepseek_v32", "glm_moe_dsa"),
+    "gpt_oss": ("gpt_oss",),
+    "nemotron_h": ("nemotron_h",),
+    "nemotron_vl": ("NemotronH_Nano_VL_V2", "NemotronH_Nano_Omni_Reasoning_V3"),
+}
+
+
+PRESETS = tuple(FAMILIES)
+
+
+def choose_preset(config: dict) -> str:
+    mt = config.get("model_type")
+    for preset, types in FAMILIES.items():
+        if mt in types:
+            return preset
+    archs = " ".join(config.get("architectures") or [])
+    raise PyloaderInputError(
+        f"no preset for model_type {mt!r} ({archs or 'no architectures'}); known: "
+        f"{', '.join(t for ts in FAMILIES.values() for t in ts)}. Pass preset=… or your own rules and targets."
+    )
+
+
+def build_preset(config: Union[str, Path, dict], preset: Optional[str] = None, parallel: Parallel = Parallel(),
+                 dtype: Optional[torch.dtype] = None) -> Preset:
+    """Rules and this rank's targets (shapes per rank) for ``config``."""
+    c = load_config(config)
+    name = preset or choose_preset(c)
+    if name != "nemotron_vl" and isinstance(c.get("text_config"), dict) and "hidden_size" not in c:
+        raise PyloaderInputError("multimodal configs (text_config) have no preset yet; pass rules and targets")
+    if name not in FAMILIES:
+        raise PyloaderInputError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    dtype = dtype or _DTYPES.get(str(c.get("torch_dtype") or c.get("dtype") or "bfloat16"), torch.bfloat16)
+    if name == "nemotron_vl":
+        return nemotron_vl(build_preset(nemotron_vl_language_config(c), "nemotron_h", parallel, dtype), dtype)
+    try:
+        return _build(c, name, parallel, dtype)
+    except KeyError as e:  # a field the family needs is absent: name it, not a traceback
+        raise PyloaderInputError(f"config.json has no {e.args[0]!r}, which the {name} preset needs") from None
+
+
+def _build(c: dict, name: str, parallel: Parallel, dtype: torch.dtype) -> Preset:
+    b = Builder(c, parallel, dtype)
+    n = c.get("num_hidden_layers") or (len(nemotron_pattern(c)) if name == "nemotron_h" else c["num_hidden_layers"])
+    layers = layer_range(c, parallel, n)
+    first, last = layers[0] == 0, layers[1] == n
+    tied = bool(c.get("tie_word_embeddings"))
+    embeddings(b, c["vocab_size"], c["hidden_size"], tied, first, last)
+    stacked = list(LLAMA_STACKED)
+    experts_map: List = []
+    renames: List = []
+    skips: tuple = ()
+    if name == "llama":
+        dense_or_moe(b, c, parallel, layers, "dense")
+    elif name == "qwen_moe":
+        dense_or_moe(b, c, parallel, layers, "moe")
+        experts_map = expert_params_mapping(c["num_experts"])
+    elif name == "mixtral":
+        dense_or_moe(b, c, parallel, layers, "mixtral")
+        experts_map = expert_params_mapping(c["num_local_experts"], "w1", "w3", "w2")
+    elif name in ("deepseek", "deepseek_dsa"):
+        deepseek(b, c, parallel, layers, name == "deepseek_dsa")
+        stacked += [(".fused_qkv_a_proj", ".q_a_proj", 0), (".fused_qkv_a_proj", ".kv_a_proj_with_mqa", 1)]
+        if name == "deepseek_dsa":
+            stacked += [(".indexer.wk_weights_proj", ".indexer.wk", 0),
+                        (".indexer.wk_weights_proj", ".indexer.weights_proj", 1)]
+        if c.get("n_routed_experts"):
+            experts_map = expert_params_mapping(c["n_routed_experts"])
+    elif name == "gpt_oss":
+        gpt_oss(b, c, parallel, layers)
+        renames = GPT_OSS_RENAMES
+    elif name == "nemotron_h":
+        nemotron_h(b, c, parallel, layers)
+        renames = NEMOTRON_H_RENAMES
+        skips = (("prefix", "mtp.", "MTP draft module (loaded by the draft model)"),)
+        stacked = [(".qkv_proj", ".q_proj", "q"), (".qkv_proj", ".k_proj", "k"), (".qkv_proj", ".v_proj", "v")]
+        experts_map = [(f"experts.{p}_", f"experts.{e}.{n}.", e, sid) for e in range(c.get("n_routed_experts") or 0)
+                       for n, p, sid in (("up_proj", "w13", "w1"), ("down_proj", "w2", "w2"))]
+    q = c.get("quantization_config") or {}
+    block = tuple(q.get("weight_block_size") or (128, 128))
+    rules = Rules(stacked_params_mapping=stacked, expert_params_mapping=experts_map, renames=renames,
+                  skips=skips, tie_word_embeddings=tied, num_layers=n, owned_layers=range(*layers))
+    if tied and last and not first:  # the last stage's head is read from the embedding
+        lm = b.targets["lm_head.weight"]
+        lm.fill_from, lm.shards = None, {None: ShardPlacement(0, lm.shape[0], src_rows=b.tp(c["vocab_size"]),
+                                                              src_shape=(c["vocab_size"], c["hidden_size"]))}
+        rules.renames = tuple(rules.renames) + (("regex", r"^model\.embed_tokens\.weight$", "lm_head.weight"),)
+    elif not first:
+        rules.skips = tuple(rules.skips) + (("regex", r"^model\.embed_tokens\.", "embeddings live on the first pipeline stage"),)
+    if not last:
+        rules.skips = tuple(rules.skips) + (("regex", r"^(model\.norm\.|lm_head\.)", "final norm and head live on the last pipeline stage"),)
+    return Preset(name, rules, b.targets, n, layers, (int(block[0]), int(block[1])), quantized=bool(q))

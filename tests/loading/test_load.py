@@ -1,0 +1,358 @@
+"""End to end: synthetic checkpoints of every preset family → pyloader.load → compared with a
+reference built independently (each tensor read with the safetensors library, dequantized with
+the torch reference, concatenated by hand). CPU here (torch backend); bitwise on the GPU."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import pyloader
+from pyloader.ops import reference
+from pyloader.parallel import Parallel
+from pyloader.routing.presets import build_preset
+from pyloader.synthetic import allocate_targets, write_checkpoint
+
+from tiny_models import TINY
+from helpers import assert_bitwise_equal, direct_io_supported, poison_
+
+def expected_tensor(target: str, raw: dict, c: dict, out_dtype) -> torch.Tensor:
+    """Independent reference: the family's fusion written out by hand."""
+    def get(name):
+        w = raw[name]
+        if w.dtype == torch.float8_e4m3fn:
+            s = raw[name + "_scale_inv"]
+            return reference.dequant_blockwise_torch(w, s, torch.empty(w.shape, dtype=out_dtype), (128, 128))
+        return w.to(out_dtype)
+
+    def stack(names):
+        return torch.cat([get(n) for n in names])
+
+    if target.endswith("qkv_proj.weight") or target.endswith("qkv_proj.bias"):
+        suffix = target.rsplit(".", 1)[1]
+        base = target[: -len("qkv_proj." + suffix)]
+        return stack([f"{base}{p}_proj.{suffix}" for p in "qkv"])
+    if target.endswith("gate_up_proj.weight"):
+        base = target[: -len("gate_up_proj.weight")]
+        return stack([base + "gate_proj.weight", base + "up_proj.weight"])
+    if target.endswith("fused_qkv_a_proj.weight"):
+        base = target[: -len("fused_qkv_a_proj.weight")]
+        return stack([base + "q_a_proj.weight", base + "kv_a_proj_with_mqa.weight"])
+    if ".experts.w13_weight" in target or ".experts.w2_weight" in target:
+        base = target.split("experts.")[0] + "experts."
+        E = c.get("n_routed_experts") or c.get("num_experts") or c.get("num_local_experts")
+        g, u, d = ("w1", "w3", "w2") if c["model_type"] == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+        if target.endswith("w13_weight"):
+            return torch.stack([stack([f"{base}{e}.{g}.weight", f"{base}{e}.{u}.weight"]) for e in range(E)])
+        return torch.stack([get(f"{base}{e}.{d}.weight") for e in range(E)])
+    return get(target)
+
+
+def raw_tensors(d):
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    out = {}
+    for f in sorted(set(index["weight_map"].values())):
+        out.update(load_file(str(d / f)))
+    return out
+
+
+@pytest.mark.parametrize("fp8", [True, False], ids=["fp8", "bf16"])
+@pytest.mark.parametrize("family", sorted(TINY))
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_load_every_family_matches_hand_built_reference(tmp_path, family, fp8, device):
+    c = dict(TINY[family])
+    if fp8:
+        c["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    d = write_checkpoint(tmp_path / family, c, fp8=fp8, shard_bytes=200_000,
+                         scale_dtype=torch.bfloat16 if family == "qwen3_moe" else torch.float32)
+    preset = build_preset(c)
+    targets = {n: poison_(t) for n, t in allocate_targets(preset.targets, device).items()}
+    # small slots split tensors by rows
+    small = pyloader.ExecutorConfig(slot_bytes=1 << 16, num_slots=3, read_threads=4) if family in ("llama", "qwen2") else None
+    report = pyloader.load(targets, d, backend=None if device == "cuda" else "torch", progress=False, executor=small)
+    assert report.missing == [] and report.unexpected == []
+    assert report.io == "files"
+    raw = raw_tensors(d)
+    for name, t in targets.items():
+        want = expected_tensor(name, raw, c, t.dtype).to(device)
+        if device == "cuda":
+            want = expected_tensor(name, {k: v.cuda() for k, v in raw.items()}, c, t.dtype)
+        assert_bitwise_equal(t, want, what=f"{family} {name}")
+
+
+def test_progress_ends_with_the_time_split_and_library_use_stays_quiet(tmp_path, capsys):
+    c = dict(TINY["llama"], quantization_config={"quant_method": "fp8"})
+    d = write_checkpoint(tmp_path / "m", c)
+    targets = allocate_targets(build_preset(c).targets, "cpu")
+    pyloader.load(targets, d, backend="torch", progress=False)
+    assert capsys.readouterr().err == ""
+    report = pyloader.load(targets, d, backend="torch", progress=True)
+    err = capsys.readouterr().err
+    assert f"pyloader: loaded {len(report.loaded)} targets" in err
+    assert "GB/s" in err and "thread-s" in err and "H2D" in err and "transforms" in err
+
+
+def test_tensor_parallel_load_is_the_slice_of_the_full_load(tmp_path):
+    c = dict(TINY["llama"], quantization_config={"quant_method": "fp8"})
+    d = write_checkpoint(tmp_path / "tp", c)
+    full_preset = build_preset(c)
+    full = allocate_targets(full_preset.targets, "cpu")
+    pyloader.load(full, d, backend="torch", progress=False)
+    hd = 64
+    for rank in range(2):
+        p = build_preset(c, parallel=Parallel(tp_rank=rank, tp_size=2))
+        t = {n: poison_(x) for n, x in allocate_targets(p.targets, "cpu").items()}
+        pyloader.load(t, d, tp=(rank, 2), backend="torch", progress=False)
+        q = full["model.layers.1.self_attn.qkv_proj.weight"]
+        qh, kvh = 4 * hd, 2 * hd
+        mine = torch.cat([q[rank * qh // 2:(rank + 1) * qh // 2], q[qh + rank * kvh // 2: qh + (rank + 1) * kvh // 2],
+                          q[qh + kvh + rank * kvh // 2: qh + kvh + (rank + 1) * kvh // 2]])
+        assert_bitwise_equal(t["model.layers.1.self_attn.qkv_proj.weight"], mine)
+        o = full["model.layers.0.self_attn.o_proj.weight"]
+        assert_bitwise_equal(t["model.layers.0.self_attn.o_proj.weight"], o[:, rank * 128:(rank + 1) * 128])
+        d2 = full["model.layers.0.mlp.down_proj.weight"]
+        assert_bitwise_equal(t["model.layers.0.mlp.down_proj.weight"], d2[:, rank * 192:(rank + 1) * 192])
+
+
+def test_poisoning_streaming_source_and_dict_source(tmp_path):
+    """Failure 1 (Nemotron Nano VL, run:ai streamer): a source that reuses one buffer for every
+    tensor and poisons it after each yield; an early-stopping consumer; a dict source."""
+    c = dict(TINY["qwen3_moe"], quantization_config={"quant_method": "fp8"})
+    d = write_checkpoint(tmp_path / "s", c, scale_dtype=torch.bfloat16)
+    raw = raw_tensors(d)
+    preset = build_preset(c)
+    ref = allocate_targets(preset.targets, "cpu")
+    pyloader.load(ref, d, backend="torch", progress=False)
+
+    def reusing_stream(limit=None):
+        buf = torch.empty(1 << 22, dtype=torch.uint8)
+        for i, (name, t) in enumerate(raw.items()):
+            if limit is not None and i >= limit:
+                return
+            view = buf[: t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+            view.copy_(t)
+            yield name, view
+            buf.fill_(0x7F)  # poison: a loader that kept a reference now holds garbage
+
+    naive = dict(reusing_stream())  # what the shipped bug did: keep references
+    assert not all(torch.equal(naive[n].view(torch.uint8), raw[n].view(torch.uint8)) for n in raw)
+    out = {n: poison_(t) for n, t in allocate_targets(preset.targets, "cpu").items()}
+    report = pyloader.load(out, reusing_stream(), config=c, backend="torch", progress=False)
+    assert report.missing == []
+    for n in ref:
+        assert_bitwise_equal(out[n], ref[n], what=n)
+    partial = {n: poison_(t) for n, t in allocate_targets(preset.targets, "cpu").items()}
+    with pytest.raises(pyloader.PyloaderInputError, match="never arrived|unwritten|missing"):
+        r = pyloader.load(partial, reusing_stream(limit=len(raw) // 2 + 1), config=c, backend="torch", progress=False)
+        if r.missing:
+            raise pyloader.PyloaderInputError(f"missing {r.missing[:2]}")
+    from_dict = {n: poison_(t) for n, t in allocate_targets(preset.targets, "cpu").items()}
+    pyloader.load(from_dict, raw, config=c, backend="torch", progress=False)
+    for n in ref:
+        assert_bitwise_equal(from_dict[n], ref[n], what=n)
+
+
+@pytest.mark.gpu
+def test_real_runai_streamer_as_a_source(tmp_path):
+    """The Nemotron Nano VL failure with the real run:ai streamer (a carried wheel on the device):
+    its tensors live in one reused buffer; the load must equal the directory load bitwise."""
+    runai = pytest.importorskip("runai_model_streamer")
+    c = dict(TINY["qwen3_moe"], quantization_config={"quant_method": "fp8"})
+    d = write_checkpoint(tmp_path / "r", c, scale_dtype=torch.bfloat16, shard_bytes=300_000)
+    preset = build_preset(c)
+    ref = allocate_targets(preset.targets, "cuda")
+    pyloader.load(ref, d, progress=False)
+    out = {n: poison_(t) for n, t in allocate_targets(preset.targets, "cuda").items()}
+    files = sorted(str(p) for p in d.glob("*.safetensors"))
+    with runai.SafetensorsStreamer() as s:
+        s.stream_files(files)
+        report = pyloader.load(out, s.get_tensors(), config=c, progress=False)
+    assert report.missing == []
+    for n in ref:
+        assert_bitwise_equal(out[n], ref[n], what=n)
+
+
+NEMOTRON_H_TINY = {"model_type": "nemotron_h", "architectures": ["NemotronHForCausalLM"], "hidden_size": 256,
+                   "hybrid_override_pattern": "M*M-", "mamba_num_heads": 8, "mamba_head_dim": 16, "n_groups": 2,
+                   "ssm_state_size": 16, "conv_kernel": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                   "head_dim": 64, "intermediate_size": 192, "vocab_size": 96, "tie_word_embeddings": False,
+                   "num_hidden_layers": 4, "torch_dtype": "bfloat16"}
+
+
+def nemotron_h_tiny_tensors(c, gen):
+    """A tiny Nemotron-H checkpoint: FP8 (128x128 blocks) in_proj and out_proj of the Mamba
+    layers, BF16 elsewhere; values random so that every misplaced row shows."""
+    H, nh, hd = c["hidden_size"], c["mamba_num_heads"], c["mamba_head_dim"]
+    d_inner, conv = nh * hd, nh * hd + 2 * c["n_groups"] * c["ssm_state_size"]
+    heads, kv, ahd, I = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"], c["intermediate_size"]
+
+    def bf16(*shape):
+        return torch.randn(shape, generator=gen).to(torch.bfloat16)
+
+    def fp8(name, rows, cols):
+        out[name] = torch.randn((rows, cols), generator=gen).to(torch.float8_e4m3fn)
+        out[name + "_scale_inv"] = torch.rand((-(-rows // 128), -(-cols // 128)), generator=gen) + 0.5
+
+    out = {"backbone.embeddings.weight": bf16(c["vocab_size"], H), "backbone.norm_f.weight": bf16(H),
+           "lm_head.weight": bf16(c["vocab_size"], H)}
+    for i, kind in enumerate(c["hybrid_override_pattern"]):
+        p = f"backbone.layers.{i}"
+        out[f"{p}.norm.weight"] = bf16(H)
+        if kind == "M":
+            fp8(f"{p}.mixer.in_proj.weight", d_inner + conv + nh, H)
+            fp8(f"{p}.mixer.out_proj.weight", H, d_inner)
+            out[f"{p}.mixer.conv1d.weight"], out[f"{p}.mixer.conv1d.bias"] = bf16(conv, 1, 4), bf16(conv)
+            out[f"{p}.mixer.A_log"] = torch.randn(nh, generator=gen)
+            out[f"{p}.mixer.D"], out[f"{p}.mixer.dt_bias"], out[f"{p}.mixer.norm.weight"] = bf16(nh), bf16(nh), bf16(d_inner)
+        elif kind == "*":
+            for n, rows in (("q", heads * ahd), ("k", kv * ahd), ("v", kv * ahd)):
+                out[f"{p}.mixer.{n}_proj.weight"] = bf16(rows, H)
+            out[f"{p}.mixer.o_proj.weight"] = bf16(H, heads * ahd)
+        else:
+            out[f"{p}.mixer.up_proj.weight"], out[f"{p}.mixer.down_proj.weight"] = bf16(I, H), bf16(H, I)
+    return out
+
+
+def mamba_rank_slices(c, rank, tp):
+    """vLLM's MambaMixer2 split written out: rank's rows of in_proj [z|x|B|C|dt] and conv1d [x|B|C]."""
+    nh, hd, ng, ds = c["mamba_num_heads"], c["mamba_head_dim"], c["n_groups"], c["ssm_state_size"]
+    d_inner, gss = nh * hd, ng * ds
+    h = slice(rank * nh // tp, (rank + 1) * nh // tp)
+    inner = slice(h.start * hd, h.stop * hd)
+    g = slice(rank * gss // tp, (rank + 1) * gss // tp) if ng % tp == 0 else slice(0, gss)  # 1 group: replicated
+    idx = torch.arange(d_inner + d_inner + 2 * gss + nh)
+    z, x = idx[:d_inner][inner], idx[d_inner:2 * d_inner][inner]
+    B, C, dt = idx[2 * d_inner:2 * d_inner + gss][g], idx[2 * d_inner + gss:2 * d_inner + 2 * gss][g], idx[2 * d_inner + 2 * gss:][h]
+    return torch.cat([z, x, B, C, dt]), torch.cat([x, B, C]) - d_inner, h, inner
+
+
+@pytest.mark.parametrize("tp,groups", [(1, 2), (2, 2), (4, 1)], ids=["tp1", "tp2", "tp4-one-group"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_nemotron_h_mamba_tensor_parallel_matches_hand_built_split(tmp_path, tp, groups, device):
+    from safetensors.torch import save_file
+    c = dict(NEMOTRON_H_TINY, n_groups=groups)
+    raw = nemotron_h_tiny_tensors(c, torch.Generator().manual_seed(7))
+    d = tmp_path / "nh"
+    d.mkdir()
+    names = sorted(raw)
+    save_file({n: raw[n] for n in names[: len(names) // 2]}, str(d / "model-00001-of-00002.safetensors"))
+    save_file({n: raw[n] for n in names[len(names) // 2:]}, str(d / "model-00002-of-00002.safetensors"))
+
+    def full(name):  # the whole tensor in BF16 (FP8 dequantized with the reference)
+        w = raw[name]
+        if w.dtype == torch.float8_e4m3fn:
+            return reference.dequant_blockwise_torch(w, raw[name + "_scale_inv"], torch.empty(w.shape, dtype=torch.bfloat16),
+                                                     (128, 128))
+        return w
+
+    for rank in range(tp):
+        preset = build_preset(c, parallel=Parallel(tp_rank=rank, tp_size=tp))
+        targets = {n: poison_(t) for n, t in allocate_targets(preset.targets, device).items()}
+        small = pyloader.ExecutorConfig(slot_bytes=1 << 15, num_slots=3, read_threads=3)
+        report = pyloader.load(targets, d, config=c, tp=(rank, tp), backend=None if device == "cuda" else "torch",
+                               progress=False, executor=small)
+        assert report.missing == [] and report.unexpected == []
+        in_rows, conv_rows, heads, inner = mamba_rank_slices(c, rank, tp)
+        for i in (0, 2):
+            p, m = f"backbone.layers.{i}.mixer", f"model.layers.{i}.mixer"
+            want = {"in_proj.weight": full(f"{p}.in_proj.weight")[in_rows],
+                    "conv1d.weight": raw[f"{p}.conv1d.weight"][conv_rows], "conv1d.bias": raw[f"{p}.conv1d.bias"][conv_rows],
+                    "A_log": raw[f"{p}.A_log"][heads], "D": raw[f"{p}.D"][heads], "dt_bias": raw[f"{p}.dt_bias"][heads],
+                    "norm.weight": raw[f"{p}.norm.weight"][inner], "out_proj.weight": full(f"{p}.out_proj.weight")[:, inner]}
+            for leaf, w in want.items():
+                assert_bitwise_equal(targets[f"{m}.{leaf}"], w.to(device), what=f"tp {rank}/{tp} layer {i} {leaf}")
+        up = raw["backbone.layers.3.mixer.up_proj.weight"]
+        assert_bitwise_equal(targets["model.layers.3.mixer.up_proj.weight"],
+                             up[rank * 192 // tp:(rank + 1) * 192 // tp].to(device), what="mlp up_proj")
+
+
+def test_nemotron_h_modelopt_per_tensor_fp8_tensor_parallel(tmp_path):
+    """Nemotron 3 Super FP8 is ModelOpt FP8: a scalar ``weight_scale`` and an ``input_scale`` per
+    Linear. Into BF16 targets, split for TP: the per-tensor scale applies to every segment, the
+    input scales are skipped with their reason."""
+    from safetensors.torch import save_file
+    c = dict(NEMOTRON_H_TINY)
+    raw = nemotron_h_tiny_tensors(c, torch.Generator().manual_seed(1))
+    for n in [k for k in raw if k.endswith("_scale_inv")]:
+        w = n[: -len("_scale_inv")]
+        del raw[n]
+        raw[w + "_scale"] = torch.tensor(0.75)
+        raw[w[: -len(".weight")] + ".input_scale"] = torch.tensor(1.5)
+    save_file(raw, str(tmp_path / "model.safetensors"))
+    for rank in range(2):
+        preset = build_preset(c, parallel=Parallel(tp_rank=rank, tp_size=2))
+        targets = {n: poison_(t) for n, t in allocate_targets(preset.targets, "cpu").items()}
+        report = pyloader.load(targets, tmp_path, config=c, tp=(rank, 2), backend="torch", progress=False)
+        assert report.missing == [] and report.unexpected == []
+        assert sum("input scale" in why for why in report.skipped.values()) == 4
+        in_rows, _, _, inner = mamba_rank_slices(c, rank, 2)
+        for i in (0, 2):
+            p, m = f"backbone.layers.{i}.mixer", f"model.layers.{i}.mixer"
+            in_proj = (raw[f"{p}.in_proj.weight"].float() * 0.75).bfloat16()
+            out_proj = (raw[f"{p}.out_proj.weight"].float() * 0.75).bfloat16()
+            assert_bitwise_equal(targets[f"{m}.in_proj.weight"], in_proj[in_rows], what=f"{rank} {i} in_proj")
+            assert_bitwise_equal(targets[f"{m}.out_proj.weight"], out_proj[:, inner], what=f"{rank} {i} out_proj")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("readers", ["native", "python"])
+@pytest.mark.parametrize("mode", ["auto", "direct", "buffered"])
+def test_cold_file_reads_match_the_reference(tmp_path, monkeypatch, mode, readers):
+    """Both ways of reading files taken as cold (O_DIRECT with widened reads, buffered) load the
+    same bytes, with either reader; chunks of an odd size make reads start and end off the 4 KiB
+    grid, and the native reader's 16 KiB buffers split every chunk into several copies through a
+    ring of two. Residency is forced to 'cold' (the files were just written, so they are cached)."""
+    from pyloader.loading import executor
+
+    c = dict(TINY["deepseek_v3"], quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
+    d = write_checkpoint(tmp_path / "m", c, fp8=True, shard_bytes=150_001)
+    if mode in ("auto", "direct") and not direct_io_supported(next(d.glob("*.safetensors"))):
+        pytest.skip("this filesystem refuses O_DIRECT")
+    monkeypatch.setattr(executor, "file_resident", lambda path: 0.0)
+    preset = build_preset(c)
+    targets = {n: poison_(t) for n, t in allocate_targets(preset.targets, "cuda").items()}
+    cfg = pyloader.ExecutorConfig(slot_bytes=1 << 16, num_slots=3, read_threads=3, read_chunk_bytes=40_961,
+                                  buffers_per_thread=2, cold_reads=mode, readers=readers,
+                                  pinned_buffer_bytes=16384, cold_request_bytes=16384, cold_chunk_bytes=40_961)
+    report = pyloader.load(targets, d, progress=False, executor=cfg)
+    assert report.readers == readers
+    assert report.timings.cold_files == (0 if mode == "buffered" else len(list(d.glob("*.safetensors"))))
+    # more readers only for native O_DIRECT reads: the Python readers' buffers would pass the pinned bound
+    assert report.timings.read_threads == (cfg.cold_read_threads if readers == "native" and mode != "buffered" else 3)
+    # native O_DIRECT reads: a buffer a request (plus the 3 blocks an aligned read may add)
+    per_buffer = {"native": 16384 + 3 * 4096 if mode != "buffered" else 16384, "python": 40_961}[readers]
+    assert report.timings.pinned_bytes == report.timings.read_threads * 2 * per_buffer
+    raw = {k: v.cuda() for k, v in raw_tensors(d).items()}
+    for name, t in targets.items():
+        assert_bitwise_equal(t, expected_tensor(name, raw, c, t.dtype), what=f"{mode} {name}")
+
+
+def _deepseek_with_mtp(tmp_path):
+    """A DeepSeek-V3 checkpoint whose last layer is an MTP layer the load skips (config: 2 layers,
+    files: 3), several files, tensors larger than the small slots below."""
+    c = dict(TINY["deepseek_v3"], quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
+    d = write_checkpoint(tmp_path / "m", dict(c, num_hidden_layers=3), shard_bytes=150_001)
+    return c, d
+
+
+def test_a_plan_that_fails_writes_nothing_and_leaves_nothing_open(tmp_path):
+    """A plan that does not check out (a target of the wrong shape) raises its error, every target
+    keeps its poison, and no reader thread or descriptor is left."""
+    import os
+    import threading
+
+    c, d = _deepseek_with_mtp(tmp_path)
+    targets = {n: poison_(t) for n, t in allocate_targets(build_preset(c).targets, "cpu").items()}
+    name = "model.layers.1.mlp.experts.w2_weight"
+    targets[name] = poison_(torch.empty(targets[name].shape[0], 8, 8, dtype=torch.bfloat16))
+    before = {n: t.clone() for n, t in targets.items()}
+    fds = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(pyloader.PyloaderInputError, match="w2_weight"):
+        pyloader.load(targets, d, config=c, backend="torch", progress=False)
+    for n, t in targets.items():
+        assert_bitwise_equal(t, before[n], what=n)
+    assert not [t for t in threading.enumerate() if t.name.startswith("pyloader-read")]
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+

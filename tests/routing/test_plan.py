@@ -1,0 +1,93 @@
+"""The load plan: pairing, shape and coverage checks, every problem listed at once, layouts inferred from a module."""
+
+
+import pytest
+import torch
+
+from pyloader.routing.plan import PlanError, build_plan, targets_of_module
+from pyloader.routing.presets import build_preset
+from pyloader.routing.router import Rules
+
+from checkpoint_lists import config_of, dump_rows, naive_load, synthetic
+
+
+def test_nvfp4_input_scale_without_target_is_skipped_with_a_reason():
+    config = config_of("qwen3-30b-a3b-thinking-2507-fp8")
+    names = [(n, s, d) for n, s, d in dump_rows("qwen3-30b-a3b-thinking-2507-fp8")]
+    names += [(f"model.layers.{i}.mlp.experts.{e}.down_proj.input_scale", (), "F32") for i in range(2) for e in range(128)]
+    ck = synthetic(names)
+    preset = build_preset(config)
+    with pytest.raises(KeyError):
+        naive_load([n for n in ck.tensors if "input_scale" in n], preset.targets)
+    plan = build_plan(ck, preset.targets, preset.rules)
+    assert plan.summary.skipped == {"activation input scale; activations are not quantized here": 256}
+    assert plan.summary.unexpected == [] and plan.missing == []
+
+
+def test_module_buffers_are_targets():
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(4, 3, bias=False)
+            self.register_buffer("norm_mean", torch.zeros(4))
+            self.register_buffer("norm_std", torch.ones(4), persistent=False)
+
+    model = Model()
+    ck = synthetic([("proj.weight", (3, 4), "F32"), ("norm_mean", (4,), "F32"), ("norm_std", (4,), "F32")])
+    with pytest.raises(KeyError):
+        naive_load(ck.tensors, dict(model.named_parameters()))
+    plan = build_plan(ck, targets_of_module(model), Rules())
+    assert sorted(p.target for p in plan.pieces) == ["norm_mean", "norm_std", "proj.weight"] and plan.missing == []
+
+
+def test_plan_reports_every_problem_at_once():
+    rules = Rules(stacked_params_mapping=[(".qkv_proj", ".q_proj", "q"), (".qkv_proj", ".k_proj", "k"),
+                                          (".qkv_proj", ".v_proj", "v")])
+    targets = {"a.qkv_proj.weight": torch.empty(12, 8, dtype=torch.bfloat16), "b.weight": torch.empty(4, 4),
+               "c.weight": torch.empty(256, 256, dtype=torch.bfloat16), "d.weight": torch.empty(2, 2)}
+    ck = synthetic([("a.q_proj.weight", (4, 8), "BF16"), ("a.k_proj.weight", (4, 8), "BF16"),  # v missing
+                    ("b.weight", (4, 5), "F32"),                                                # wrong shape
+                    ("c.weight", (256, 256), "F8_E4M3"),                                        # no scale
+                    ("e.weight_scale_inv", (1, 1), "F32"),                                      # scale of nothing
+                    ("d.weight", (2, 2), "U8")])                                                # wrong dtype
+    from pyloader.routing.plan import targets_from_tensors
+
+    with pytest.raises(PlanError) as e:
+        build_plan(ck, targets_from_tensors(targets), rules, unexpected="ignore")
+    msg = "\n".join(e.value.problems)
+    assert "b.weight: shape [4, 5]" in msg and "c.weight (F8_E4M3) has no scale" in msg
+    assert "cannot load U8 into d.weight" in msg
+    assert len(e.value.problems) == 3, msg
+
+
+def test_user_rules_with_module_targets_infer_the_layout():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv_proj = torch.nn.Linear(8, 4 + 2 + 2, bias=False)
+            self.experts = torch.nn.Module()
+            self.experts.w13_weight = torch.nn.Parameter(torch.empty(3, 10, 8))
+
+    m = Block()
+    rules = Rules(stacked_params_mapping=[("qkv_proj", "q_proj", "q"), ("qkv_proj", "k_proj", "k"), ("qkv_proj", "v_proj", "v")],
+                  expert_params_mapping=[("experts.w13_", f"experts.{e}.{n}.", e, s) for e in range(3)
+                                         for n, s in (("gate_proj", "w1"), ("up_proj", "w3"))])
+    entries = [("v_proj.weight", (2, 8), "F32"), ("q_proj.weight", (4, 8), "F32"), ("k_proj.weight", (2, 8), "F32")]
+    entries += [(f"experts.{e}.{n}.weight", (5, 8), "F32") for e in range(3) for n in ("up_proj", "gate_proj")]
+    plan = build_plan(synthetic(entries), targets_of_module(m), rules)
+    place = {p.source.name: (p.placement.offset, p.slot) for p in plan.pieces}
+    assert place["q_proj.weight"] == (0, None) and place["k_proj.weight"] == (4, None) and place["v_proj.weight"] == (6, None)
+    assert place["experts.2.gate_proj.weight"] == (0, 2) and place["experts.2.up_proj.weight"] == (5, 2)
+    assert plan.missing == []
+
+
+def test_scale_without_its_weight_is_a_problem():
+    targets = {"a.q_proj.weight": torch.empty(4, 8, dtype=torch.bfloat16)}
+    from pyloader.routing.plan import targets_from_tensors
+
+    ck = synthetic([("a.q_proj.weight_scale_inv", (1, 1), "F32")])  # its FP8 weight is in no file
+    with pytest.raises(PlanError) as e:
+        build_plan(ck, targets_from_tensors(targets), Rules())
+    assert "a.q_proj.weight_scale_inv: a scale with no weight" in str(e.value)
+
+
