@@ -3,7 +3,7 @@ transform beside what engines do today (a ``copy_`` per tensor, ``torch._foreach
 dequant per expert then a copy), as GB/s (bytes read + written) and a fraction of the device copy
 rate measured in the same run.
 
-    python bench/bench_assembly.py [--json FILE] [--quick]
+    python bench/bench_assembly.py [--results FILE] [--quick]
 
 Cases: one Qwen3-30B-A3B MoE layer (128 experts, gate/up [768, 2048], down [2048, 768]) in bf16 and
 in FP8 with 128x128 bf16 scales (as Qwen3-FP8 ships them); a DeepSeek-V3-like slice (64 experts of
@@ -12,6 +12,7 @@ gate_up ([28672, 8192] x 2) in bf16.
 """
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -20,9 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import copy_ceiling_gbps, environment, time_gpu_ms, write_rows  # noqa: E402
 
-from pyloader import ops
-from pyloader.ops import reference  # noqa: E402
-from pyloader.ops import Shard  # noqa: E402
+from pyloader import ops  # noqa: E402
+from pyloader.ops import Shard, reference  # noqa: E402
 
 
 def _fp8_experts(E, M, N, scale_dtype, device):
@@ -149,7 +149,7 @@ def case_bytes(pieces, outs):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", help="append result rows to this JSON file")
+    ap.add_argument("--results", help="append the result rows to this JSON-lines results log")
     ap.add_argument("--quick", action="store_true", help="two cases only")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -157,6 +157,8 @@ def main():
     env = environment()
     ceiling = copy_ceiling_gbps()
     print(f"{env['gpu']}  copy ceiling {ceiling:.0f} GB/s  commit {env['commit']}")
+    import triton.testing
+
     rows = []
     for case in (QUICK if args.quick else CASES):
         pieces, outs = CASES[case]()
@@ -171,11 +173,10 @@ def main():
             exact = all(torch.equal(outs[k].view(torch.int16), expected[k].view(torch.int16)) for k in outs)
             if name.startswith("pyloader") and not exact:
                 raise SystemExit(f"{name} differs from the reference on {case}: refusing to time it")
-            ms, timing = time_gpu_ms([lambda: fn(pieces, outs)])
+            call = functools.partial(fn, pieces, outs)  # bound now: the loop rebinds pieces and outs
+            ms, timing = time_gpu_ms([call])
             # Also end to end from Python (job-table packing and launch overhead included).
-            import triton.testing
-
-            ms_eager = triton.testing.do_bench(lambda: fn(pieces, outs), warmup=5, rep=200, return_mode="median")
+            ms_eager = triton.testing.do_bench(call, warmup=5, rep=200, return_mode="median")
             gbps, gbps_eager = nbytes / (ms * 1e-3) / 1e9, nbytes / (ms_eager * 1e-3) / 1e9
             rows.append(dict(env, bench="assembly", case=case, provider=name, gbps=round(gbps, 1),
                              ceiling_gbps=round(ceiling, 1), fraction=round(gbps / ceiling, 3), ms=round(ms, 4),
@@ -191,7 +192,7 @@ def main():
                 r["speedup_vs_per_tensor_loop_graph"] = round(loop[0]["ms"] / r["ms"], 2)
         del pieces, outs, expected
         torch.cuda.empty_cache()
-    write_rows(rows, args.json)
+    write_rows(rows, args.results)
 
 
 if __name__ == "__main__":

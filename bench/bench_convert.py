@@ -3,7 +3,7 @@ measured in the same run, and against the common FP8 → BF16 script's method (p
 ``safe_open(device="cuda")``, a one-program-per-128x128-block Triton dequant per tensor,
 ``.cpu()``, ``save_file``; ``os.sync()`` at the end).
 
-    python bench/bench_convert.py [--size-gb 4] [--out-dirs /tmp/pyl-out,/dev/shm/pyl-out] [--json FILE]
+    python bench/bench_convert.py [--size-gb 4] [--out-dirs /tmp/pyl-out,/dev/shm/pyl-out] [--results FILE]
 
 Input: a synthetic DeepSeek-V3-shaped FP8 checkpoint in the page cache (warm). Disk-bound rate
 = input bytes / (time to only read the input cold + time to only write the output with fsync).
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dequant import per_block_triton  # noqa: E402
 from common import environment, print_table, write_rows  # noqa: E402
 
-from pyloader.bench import synthetic_config
+from pyloader.bench import synthetic_config  # noqa: E402
 from pyloader.bench.results import drop_cache, warm  # noqa: E402
 from pyloader.convert import convert  # noqa: E402
 from pyloader.synthetic import write_checkpoint  # noqa: E402
@@ -114,7 +114,7 @@ def main():
     ap.add_argument("--out-dirs", default="/tmp/pyloader-convert-out,/dev/shm/pyloader-convert-out")
     ap.add_argument("--work", default="/tmp/pyloader-convert-in")
     ap.add_argument("--cpu", action="store_true", help="also measure the CPU path (torch reference)")
-    ap.add_argument("--json")
+    ap.add_argument("--results", help="append the result rows to this JSON-lines results log")
     ap.add_argument("--rss-sizes", default="2,6", help="checkpoint sizes (GB) whose conversion's resident memory "
                     "is measured in a child process")
     args = ap.parse_args()
@@ -169,7 +169,7 @@ def main():
         rows.append(resident_memory(size, Path(args.work) / f"rss-{size:g}", env, dev))
     print_table(rows, ["case", "provider", "gbps", "disk_bound_gbps", "fraction_of_disk_bound", "seconds",
                        "speedup_vs_common_script", "max_rss_kb"])
-    write_rows(rows, args.json)
+    write_rows(rows, args.results)
     shutil.rmtree(args.work, ignore_errors=True)
 
 

@@ -2,8 +2,8 @@
 pyloader's backends beside the usual torch paths and a one-program-per-128x128-block Triton
 kernel in the DeepSeek style, as a fraction of the device copy rate measured in the same run.
 
-    python bench/bench_dequant.py [--json FILE] [--quick]      # GPU
-    python bench/bench_dequant.py --cpu [--json FILE]          # CPU reference vs expanded scales
+    python bench/bench_dequant.py [--results FILE] [--quick]      # GPU
+    python bench/bench_dequant.py --cpu [--results FILE]          # CPU reference vs expanded scales
 """
 
 import argparse
@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import copy_ceiling_gbps, cpu_evict_bytes, environment, interleaved_cpu_samples
+from common import (copy_ceiling_gbps, cpu_evict_bytes, environment, interleaved_cpu_samples,  # noqa: E402
+                    last_level_cache_bytes, print_table, rotation, time_cpu_ms, time_gpu_ms, write_rows)
 
-from pyloader import ops
+from pyloader import ops  # noqa: E402
 from pyloader.ops import reference  # noqa: E402
 
 SHAPES = [(24576, 1536), (2048, 7168), (576, 7168), (129280, 7168), (16384, 16384), (64, 4096, 7168)]
@@ -103,7 +104,7 @@ def gpu_providers():
     }
 
 
-def bench_gpu(shapes, json_path):
+def bench_gpu(shapes, results_path):
     env = environment()
     ceiling = copy_ceiling_gbps()
     print(f"{env['gpu']}  copy ceiling {ceiling:.0f} GB/s  commit {env['commit']}")
@@ -131,11 +132,11 @@ def bench_gpu(shapes, json_path):
             print(f"  {case_name(shape):32s} {name:34s} {gbps:8.1f} GB/s  {gbps / ceiling:6.1%}  ({timing})")
         del sets, outs, expected
         torch.cuda.empty_cache()
-    write_rows(rows, json_path)
+    write_rows(rows, results_path)
     return rows
 
 
-def bench_cpu(json_path, rounds: int = 25):
+def bench_cpu(results_path, rounds: int = 25):
     env = environment()
     env["threads"] = torch.get_num_threads()
     env["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
@@ -182,7 +183,7 @@ def bench_cpu(json_path, rounds: int = 25):
         print(f"caches {caches}:")
         print_table([r for r in rows if r["caches"] == caches],
                     ["case", "provider", "gbps", "ms", "speedup_vs_expanded", "round_ratio_median", "threads"])
-    write_rows(rows, json_path)
+    write_rows(rows, results_path)
     return rows
 
 
@@ -209,16 +210,16 @@ def cpu_rows(fns, rounds, flush_bytes, before, env, shape, nbytes, ceiling, exac
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json", help="append result rows to this JSON file")
+    ap.add_argument("--results", help="append the result rows to this JSON-lines results log")
     ap.add_argument("--cpu", action="store_true", help="CPU reference against the expanded-scale torch path")
     ap.add_argument("--quick", action="store_true", help="three shapes only")
     args = ap.parse_args()
     if args.cpu:
-        bench_cpu(args.json)
+        bench_cpu(args.results)
     else:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA GPU: run with --cpu, or on the device machine")
-        bench_gpu(QUICK_SHAPES if args.quick else SHAPES, args.json)
+        bench_gpu(QUICK_SHAPES if args.quick else SHAPES, args.results)
 
 
 if __name__ == "__main__":

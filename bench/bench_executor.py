@@ -4,12 +4,11 @@ its own chunks), and pyloader.load over a sweep of executor settings (reader thr
 size, pinned buffers a reader), all on one synthetic DeepSeek-V3-shaped FP8 checkpoint in the
 same run.
 
-    python bench/bench_executor.py --size-gb 16 --json bench/results/executor_<gpu>_<commit>.json
+    python bench/bench_executor.py --size-gb 16 [--quick | --cold] [--results bench/results/results.jsonl]
 """
 
 import argparse
 import importlib.util
-import json
 import os
 import sys
 import tempfile
@@ -20,12 +19,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment  # noqa: E402
+from common import environment, write_rows  # noqa: E402
 
 import pyloader  # noqa: E402
-from pyloader.bench import synthetic_config, verify
-from pyloader.bench.peers import fastsafetensors_load_raw
-from pyloader.bench.results import pinned_h2d_gbps, warm  # noqa: E402
+from pyloader.bench import synthetic_config, verify  # noqa: E402
+from pyloader.bench.peers import fastsafetensors_load_raw  # noqa: E402
+from pyloader.bench.results import drop_cache, pinned_h2d_gbps, warm  # noqa: E402
 from pyloader.format.checkpoint import open_checkpoint  # noqa: E402
 from pyloader.routing.plan import build_plan  # noqa: E402
 from pyloader.routing.presets import build_preset, load_config  # noqa: E402
@@ -133,10 +132,9 @@ def interleaved(args, targets, ck_dir, files, nbytes, dev, record) -> None:
     round, so machine drift hits every provider alike; the best round of each is reported."""
     cfg = pyloader.ExecutorConfig
     # the default last: its result is the one verified at the end
-    configs = {"no early reads (native 12 x 2 x 8 MiB)": cfg(io="pread", early_reads=False),
-               "native 10 x 2 x 8 MiB": cfg(io="pread", read_threads=10),
-               "native 14 x 2 x 8 MiB": cfg(io="pread", read_threads=14),
-               "default (early reads, native 12 x 2 x 8 MiB)": cfg(io="pread")}
+    configs = {"native 10 x 2 x 8 MiB": cfg(read_threads=10),
+               "native 14 x 2 x 8 MiB": cfg(read_threads=14),
+               "default (native 12 x 2 x 8 MiB)": cfg()}
     reports = {}
 
     def load_with(key, ex):
@@ -175,7 +173,6 @@ def interleaved(args, targets, ck_dir, files, nbytes, dev, record) -> None:
             tm = reports[key][best].timings
             extra = dict(wall_s=round(tm.wall_s, 4), setup_s=round(tm.setup_s, 4), h2d_s=round(tm.h2d_s, 4),
                          drain_s=round(tm.drain_s, 4), setup_parts=tm.setup_parts, prepare_parts=tm.prepare_parts,
-                         early_bytes=tm.early_bytes, early_unused_bytes=tm.early_unused_bytes,
                          outside_executor_s=round(ts[best] - tm.wall_s, 4))
         record(k, nbytes / min(ts[1:]) / 1e9, seconds=[round(x, 3) for x in ts], interleaved=True, **extra)
 
@@ -244,8 +241,6 @@ def cold(args, targets, ck_dir, files, nbytes, dev, record) -> None:
     peer) alternated round by round, with the disk's raw O_DIRECT rate before and after: on a
     virtual disk the host may cache what the guest dropped, so a fixed order would favour whoever
     runs last."""
-    from pyloader.bench.results import drop_cache
-
     def raw(label):
         how = drop_cache(files)
         # 64 MiB blocks of 64 MiB reads: the readers take the chunks in file order from one queue
@@ -268,25 +263,11 @@ def cold(args, targets, ck_dir, files, nbytes, dev, record) -> None:
     else:
         print("  fastsafetensors not installed: not measured")
     raw("first")
-    # Session 5 measured (Python preadv, no copies): a reader a whole file, 256 MiB blocks, buffered
-    # and O_DIRECT: 2.2 / 2.4 / 3.6 / 3.7 GB/s; session 6 replayed "a thread a file, 16 MiB reads"
-    # through the native reader: 3.67. fastsafetensors 0.5.0's nogds reader (its ext.cpp, read in
-    # session 7) has another shape: 16 workers x 2 bounce buffers share one queue and take the next
-    # block_size = 16 MiB / 32 = 512 KiB of the current file in turn, O_DIRECT, each block copied
-    # with cudaMemcpyAsync on its buffer's stream: one ascending stream of 512 KiB requests, 16 in
-    # flight. Session 7 (778c64d, executor_H200_778c64d_cold.json): 512 KiB requests 3.53-3.54 GB/s,
-    # 2-8 MiB requests 2.78-2.85, on the same disk in the same minutes (native_block_reads, the
-    # HostReader probe of those rows, is in this file at 778c64d). Kept: the raw 512 KiB rate.
+    # the disk's rate for the shape pyloader's cold reads take (docs/decisions.md#cold-reads)
     how = drop_cache(files)
     record("reads only: direct, interleaved", cold_block_reads(files, 16, 512 << 10, 512 << 10, True), threads=16,
            request_kib=512, cache=how)
 
-    def pyloader_cold_8mib():  # the shape before session 7: 24 readers, 8 MiB requests, 32 MiB chunks
-        cfg = pyloader.ExecutorConfig(cold_read_threads=24, cold_request_bytes=8 << 20, cold_chunk_bytes=32 << 20)
-        report = pyloader.load(targets, ck_dir, progress=False, executor=cfg)
-        return dict(cold_files=report.timings.cold_files, read_threads=report.timings.read_threads)
-
-    providers["pyloader.load cold (24 readers, 8 MiB requests)"] = pyloader_cold_8mib
     for rnd in range(args.repeats):
         order = list(providers.items())
         if rnd % 2:
@@ -308,7 +289,7 @@ def main():
     ap.add_argument("--size-gb", type=float, default=16.0)
     ap.add_argument("--dir", default=None, help="where to write the synthetic checkpoint (default: a temp dir)")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--results", help="append the result rows to this JSON-lines results log")
     ap.add_argument("--quick", action="store_true",
                     help="no host-side probes; the default against other reader settings and InstantTensor (buffered), "
                          "interleaved load by load (an A/B on one machine)")
@@ -344,8 +325,7 @@ def main():
         (cold if args.cold else interleaved)(args, targets, ck_dir, files, nbytes, dev, record)
         ok = verify(targets, plan, dev)
         print("verified" if ok else "MISMATCH")
-        if args.json:
-            Path(args.json).write_text(json.dumps([dict(r, verified=ok) for r in rows], indent=1) + "\n")
+        write_rows([dict(r, verified=ok) for r in rows], args.results)
         tmp.cleanup()
         return
     for threads in (8, 16):
@@ -361,7 +341,7 @@ def main():
              dict(slot_bytes=128 << 20, num_slots=8, read_threads=16, read_chunk_bytes=32 << 20, buffers_per_thread=2),
              dict(slot_bytes=128 << 20, num_slots=8, read_threads=12, read_chunk_bytes=64 << 20, buffers_per_thread=1)]
     for s in sweep:
-        ex = pyloader.ExecutorConfig(io="pread", **s)
+        ex = pyloader.ExecutorConfig(**s)
         times = []
         for _ in range(args.repeats + 1):
             torch.cuda.synchronize(dev)
@@ -378,8 +358,7 @@ def main():
                outside_executor_s=round(times[-1] - tm.wall_s, 3))
     ok = verify(targets, plan, dev)
     print("verified" if ok else "MISMATCH")
-    if args.json:
-        Path(args.json).write_text(json.dumps([dict(r, verified=ok) for r in rows], indent=1) + "\n")
+    write_rows([dict(r, verified=ok) for r in rows], args.results)
     tmp.cleanup()
 
 

@@ -1,6 +1,6 @@
 """Routing and planning time over real checkpoint tensor lists (../shared/checkpoints), CPU only.
 
-    python bench/bench_router.py [--json FILE]
+    python bench/bench_router.py [--results FILE]
 
 Reports, per checkpoint: names, time to read and check every safetensors header (the dump written
 as sparse files: real headers, data as holes; median of 3), router build time, time to route every
@@ -37,7 +37,7 @@ def median_s(fn, reps=5):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--json")
+    ap.add_argument("--results", help="append the result rows to this JSON-lines results log")
     args = ap.parse_args()
     env = environment()
     env["gpu"] = "none (cpu)"
@@ -58,7 +58,7 @@ def main():
                          us_per_name=round(route / len(names) * 1e6, 2), plan_s=round(plan, 3)))
     print_table(rows, ["case", "preset", "names", "files", "headers_s", "router_build_ms", "route_all_s", "us_per_name",
                        "plan_s"])
-    write_rows(rows, args.json)
+    write_rows(rows, args.results)
 
 
 if __name__ == "__main__":

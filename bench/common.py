@@ -1,9 +1,5 @@
-"""Shared benchmark plumbing: timing (CUDA graphs + events, median), ceilings, result rows."""
+"""Shared benchmark plumbing: timing (CUDA graphs + events, median), ceilings, result rows (appended\nto the one results log, bench/results/results.jsonl)."""
 
-import datetime
-import json
-import os
-import platform
 import statistics
 import subprocess
 import time
@@ -11,6 +7,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from pyloader.bench import results
 
 
 def git_commit() -> str:
@@ -25,11 +23,12 @@ def git_commit() -> str:
 
 
 def environment() -> dict:
-    env = {"commit": os.environ.get("PYLOADER_COMMIT") or git_commit(), "torch": torch.__version__,
-           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "host_cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine()}
+    """pyloader's own row environment (GPU, commit, date, host), the commit taken from git when
+    PYLOADER_COMMIT is not set, and the CUDA and Triton versions."""
+    env = results.environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if env["commit"] == "unknown":
+        env["commit"] = git_commit()
     if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda
         try:
             import triton
@@ -37,8 +36,6 @@ def environment() -> dict:
             env["triton"] = triton.__version__
         except ImportError:
             pass
-    else:
-        env["gpu"] = "none (cpu)"
     return env
 
 
@@ -84,18 +81,6 @@ def time_cpu_ms(fn, reps: int = 7) -> float:
     return statistics.median(samples)
 
 
-def with_attr(module, name, value, fn):
-    """``fn`` run with ``module.name`` set to ``value`` (restored after): a variant of shipped code."""
-    def run():
-        kept = getattr(module, name)
-        setattr(module, name, value)
-        try:
-            return fn()
-        finally:
-            setattr(module, name, kept)
-    return run
-
-
 _FLUSH = {}
 
 
@@ -113,8 +98,7 @@ def last_level_cache_bytes() -> int:
 
 
 def cpu_evict_bytes() -> int:
-    """Bytes to write to evict the caches: 3x the last-level cache, at least 1 GiB (the
-    lent hosts report 300 MiB of L3, more than the 256 MiB sessions 8 and 9 first flushed with)."""
+    """Bytes to write to evict the caches: 3x the last-level cache, at least 1 GiB."""
     return max(1 << 30, 3 * last_level_cache_bytes())
 
 
@@ -122,8 +106,7 @@ def interleaved_cpu_samples(fns, rounds: int, flush_bytes: Optional[int] = None,
     """ms of each call of each function, over rounds that take every function once, each round
     starting one function later. Before each call a write over ``flush_bytes`` (default
     cpu_evict_bytes(); 0: none) evicts the caches, so no call finds what the one before it left
-    there (neighbours had moved one code's time by 15 %, bench/NOTES.md session 8; evicting by a
-    read instead measured the same, session 9). ``before``: called before each call, untimed (to
+    there (docs/decisions.md#cpu-benchmarks). ``before``: called before each call, untimed (to
     hand it other tensors). The host's drift between seconds hits every function alike."""
     if flush_bytes is None:
         flush_bytes = cpu_evict_bytes()
@@ -162,12 +145,11 @@ def rotation(bytes_per_set: int, l2_bytes: int = 64 << 20) -> int:
 
 
 def write_rows(rows, path):
+    """Append ``rows`` to the JSON-lines results log at ``path`` (nothing without a path)."""
     if not path:
         return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    existing = json.loads(path.read_text()) if path.exists() else []
-    path.write_text(json.dumps(existing + rows, indent=1) + "\n")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    results.append_rows(path, rows)
 
 
 def print_table(rows, cols):

@@ -3,12 +3,16 @@
 # $OUT (the device tool brings back at most 8 files, so each stage writes one log).
 #
 #   scripts/gpu_check.sh [build] [test] [sanitize] [bench] [bench-cpu] [e2e] [executor] [convert]
-#   [variants] [register] [assembly] [e2e-warm]   (default: all but executor, variants and register, the
-#   experiments; assembly and e2e-warm are parts of bench and e2e)
+#   [assembly] [e2e-warm] [ab] [ab-cold]   (default: build test sanitize bench bench-cpu e2e convert;
+#   executor is the executor-settings sweep beside the host ceilings; assembly and e2e-warm are parts of
+#   bench and e2e; ab and ab-cold compare this tree with an older one, interleaved, see ab_setup)
 #
+# Every bench appends its rows to $OUT/results.jsonl (fold them into bench/results/results.jsonl).
 # Environment: PYLOADER_CUDA_ARCHS (default 90 here; release builds use setup.py's default),
 # PYTEST_ARGS (extra pytest arguments), BENCH_ARGS (extra arguments of the bench scripts, e.g. --quick),
-# E2E_ARGS, EXECUTOR_ARGS, CONVERT_ARGS (default --cpu), PYLOADER_COMMIT (the commit recorded in logs and JSON).
+# E2E_ARGS, EXECUTOR_ARGS, CONVERT_ARGS (default --cpu), PYLOADER_COMMIT (the commit recorded in logs and rows),
+# AB_OLD (a tarball of the older tree, git archive --prefix=old/, default build/old.tar.gz), AB_OLD_COMMIT,
+# AB_ROUNDS (default 4), AB_SIZE_GB (default 16).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -64,66 +68,86 @@ fi
 
 if has bench; then
   note "bench_dequant (GPU)"
-  python3 bench/bench_dequant.py --json "$OUT/bench.json" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1 || status=1
+  python3 bench/bench_dequant.py --results "$OUT/results.jsonl" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1 || status=1
   note "bench_assembly (GPU)"
-  python3 bench/bench_assembly.py --json "$OUT/bench.json" ${BENCH_ARGS:-} >> "$OUT/bench.log" 2>&1 || status=1
+  python3 bench/bench_assembly.py --results "$OUT/results.jsonl" ${BENCH_ARGS:-} >> "$OUT/bench.log" 2>&1 || status=1
   tail -60 "$OUT/bench.log"
 fi
 
 if has assembly; then
   note "bench_assembly (GPU)"
-  python3 bench/bench_assembly.py --json "$OUT/bench.json" ${BENCH_ARGS:-} >> "$OUT/bench.log" 2>&1 || status=1
+  python3 bench/bench_assembly.py --results "$OUT/results.jsonl" ${BENCH_ARGS:-} >> "$OUT/bench.log" 2>&1 || status=1
   tail -24 "$OUT/bench.log"
 fi
 
 if has e2e || has e2e-warm; then
   note "pyloader bench (end to end, warm page cache)"
-  python3 -m pyloader bench --json "$OUT/bench.json" --plot "$OUT/e2e_warm.png" --tmpdir "${BENCH_TMP:-/tmp}" \
+  python3 -m pyloader bench --results "$OUT/results.jsonl" --plot "$OUT/e2e_warm.png" --tmpdir "${BENCH_TMP:-/tmp}" \
     ${E2E_ARGS:-} > "$OUT/e2e.log" 2>&1 || status=1
   tail -10 "$OUT/e2e.log"
 fi
 if has e2e; then
   note "pyloader bench (end to end, cold page cache)"
-  python3 -m pyloader bench --cold --repeats 1 --json "$OUT/bench.json" --tmpdir "${BENCH_TMP:-/tmp}" \
+  python3 -m pyloader bench --cold --repeats 1 --results "$OUT/results.jsonl" --tmpdir "${BENCH_TMP:-/tmp}" \
     ${E2E_ARGS:-} >> "$OUT/e2e.log" 2>&1 || status=1
   tail -14 "$OUT/e2e.log"
 fi
 
-if has variants; then
-  note "dequant kernel-shape experiment (bench/kernels/dequant_variants.cu)"
-  nvcc -O3 -std=c++17 -arch=sm_90 -o /tmp/dequant_variants bench/kernels/dequant_variants.cu > "$OUT/variants.log" 2>&1 \
-    && { /tmp/dequant_variants 16384 16384; /tmp/dequant_variants 129280 7168; /tmp/dequant_variants 2048 7168; } \
-    >> "$OUT/variants.log" 2>&1 || status=1
-  cat "$OUT/variants.log"
-fi
-
 if has executor; then
   note "bench_executor (pread ceiling, pread + H2D, executor settings sweep)"
-  python3 bench/bench_executor.py --json "$OUT/executor.json" --dir "${BENCH_TMP:-/tmp}" ${EXECUTOR_ARGS:-} \
+  python3 bench/bench_executor.py --results "$OUT/results.jsonl" --dir "${BENCH_TMP:-/tmp}" ${EXECUTOR_ARGS:-} \
     > "$OUT/executor.log" 2>&1 || status=1
   tail -20 "$OUT/executor.log"
 fi
 
-if has register; then
-  note "probe_register (cudaHostRegister of page-cache mappings: rates, overlap with copies and readers)"
-  python3 bench/probe_register.py --json "$OUT/register.json" ${REGISTER_ARGS:-} > "$OUT/register.log" 2>&1 || status=1
-  tail -24 "$OUT/register.log"
-fi
-
 if has convert; then
   note "bench_convert (GPU and CPU paths, disk and tmpfs output, common-script baseline)"
-  python3 bench/bench_convert.py --json "$OUT/bench.json" ${CONVERT_ARGS---cpu} > "$OUT/convert.log" 2>&1 || status=1
+  python3 bench/bench_convert.py --results "$OUT/results.jsonl" ${CONVERT_ARGS---cpu} > "$OUT/convert.log" 2>&1 || status=1
   tail -12 "$OUT/convert.log"
 fi
 
 if has bench-cpu; then
   note "bench_dequant --cpu"
-  python3 bench/bench_dequant.py --cpu --json "$OUT/bench.json" >> "$OUT/bench.log" 2>&1 || status=1
-  python3 bench/bench_router.py --json "$OUT/bench.json" >> "$OUT/bench.log" 2>&1 || status=1
-  python3 bench/probe_cpu_dequant.py --json "$OUT/bench.json" >> "$OUT/bench.log" 2>&1 || status=1
-  python3 bench/probe_cpu_gather.py --json "$OUT/bench.json" >> "$OUT/bench.log" 2>&1 || status=1
-  python3 bench/probe_gc_pause.py --json "$OUT/bench.json" >> "$OUT/bench.log" 2>&1 || status=1
+  python3 bench/bench_dequant.py --cpu --results "$OUT/results.jsonl" >> "$OUT/bench.log" 2>&1 || status=1
+  python3 bench/bench_router.py --results "$OUT/results.jsonl" >> "$OUT/bench.log" 2>&1 || status=1
   tail -60 "$OUT/bench.log"
+fi
+
+ab_setup() {
+  # The older tree (a git archive with prefix old/) built in place and imported through PYTHONPATH,
+  # this one through its editable install; one checkpoint for both. Done once a machine.
+  [ -f /tmp/ab/ready ] && return 0
+  note "ab: build the older tree, write the checkpoint"
+  rm -rf /tmp/ab && mkdir -p /tmp/ab && tar xzf "${AB_OLD:-build/old.tar.gz}" -C /tmp/ab || return 1
+  [ -d /tmp/ab/old/triton_kernels ] && ln -sfn ../triton_kernels /tmp/ab/old/pyloader/triton_kernels
+  (cd /tmp/ab/old && PYLOADER_CUDA_ARCHS=${PYLOADER_CUDA_ARCHS:-90} PYLOADER_BUILD_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \
+    python3 setup.py -q build_ext --inplace) >> "$OUT/ab.log" 2>&1 || return 1
+  python3 -c "import sys, torch; from pyloader.bench import synthetic_config; from pyloader.synthetic import write_checkpoint
+write_checkpoint('/tmp/ab/ck', synthetic_config(float(sys.argv[1]), torch.device('cuda')), shard_bytes=4 << 30)" \
+    "${AB_SIZE_GB:-16}" >> "$OUT/ab.log" 2>&1 || return 1
+  touch /tmp/ab/ready
+}
+ab_pair() {  # label, rounds, then the command's arguments after python3 (old tree, then this one: --json / --results)
+  local label=$1 rounds=$2; shift 2
+  note "ab: $label"
+  python3 bench/interleave.py --rounds "$rounds" --results "$OUT/results.jsonl" \
+    --run old="cd /tmp/ab/old && PYTHONPATH=/tmp/ab/old PYLOADER_COMMIT=${AB_OLD_COMMIT:-old} python3 $* --json {out}" \
+    --run new="PYTHONPATH=$PWD PYLOADER_COMMIT=${PYLOADER_COMMIT:-new} python3 $* --results {out}" \
+    >> "$OUT/ab.log" 2>&1 || status=1
+}
+if has ab || has ab-cold; then
+  ab_setup || { note "ab setup failed"; tail -20 "$OUT/ab.log"; exit 1; }
+fi
+if has ab; then  # this tree against an older one, interleaved round by round
+  ab_pair "pyloader bench, warm" "${AB_ROUNDS:-4}" -m pyloader bench --checkpoint /tmp/ab/ck --no-peers --repeats 5
+  ab_pair "bench_assembly" 2 bench/bench_assembly.py --quick
+  ab_pair "bench_dequant" 2 bench/bench_dequant.py --quick
+fi
+if has ab-cold; then
+  ab_pair "pyloader bench, cold" 2 -m pyloader bench --checkpoint /tmp/ab/ck --no-peers --cold --repeats 1
+fi
+if has ab || has ab-cold; then
+  grep -B1 -A30 "gbps_median" "$OUT/ab.log" | tail -120
 fi
 
 note "done, status $status"

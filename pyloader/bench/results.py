@@ -15,6 +15,7 @@ import torch
 
 
 def environment(device: torch.device) -> dict:
+    """What every row carries: commit (PYLOADER_COMMIT), torch, date, host CPUs and the GPU."""
     env = {"commit": os.environ.get("PYLOADER_COMMIT", "unknown"), "torch": torch.__version__,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "host_cpus": os.cpu_count(), "cpu": platform.processor() or platform.machine()}
