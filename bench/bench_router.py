@@ -53,7 +53,8 @@ def main():
             d = write_sparse_checkpoint(folder, Path(tmp))
             files = len(list(d.glob("*.safetensors")))
             headers = median_s(lambda: open_checkpoint(d), reps=3)
-        rows.append(dict(env, bench="router", case=folder, preset=preset.name, names=len(names), files=files,
+        rows.append(dict(env, bench="router", case=folder, provider="pyloader", gbps=None, ceiling_gbps=None,
+                         preset=preset.name, names=len(names), files=files,
                          headers_s=round(headers, 3), router_build_ms=round(build * 1e3, 2), route_all_s=round(route, 3),
                          us_per_name=round(route / len(names) * 1e6, 2), plan_s=round(plan, 3)))
     print_table(rows, ["case", "preset", "names", "files", "headers_s", "router_build_ms", "route_all_s", "us_per_name",

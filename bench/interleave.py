@@ -53,6 +53,8 @@ def main():
     write_rows(rows, args.results)
     summary = {}
     for r in rows:
+        if r.get("gbps") is None:
+            continue
         summary.setdefault((r.get("case"), r.get("provider"), r["version"]), []).append(r["gbps"])
     table = [{"case": c, "provider": p, "version": v, "gbps_median": round(statistics.median(g), 2),
               "gbps_range": f"{min(g):.2f}-{max(g):.2f}", "n": len(g)} for (c, p, v), g in sorted(summary.items())]

@@ -102,33 +102,16 @@ def cmd_convert(args) -> int:
 
 def cmd_bench(args) -> int:
     from .bench import run_bench
+    from .bench.plot import plot_rows
+
+    if args.plot:
+        plot_rows([], None)  # no matplotlib: refused before the benchmark runs, not after
 
     rows = run_bench(checkpoint=args.checkpoint, size_gb=args.size_gb, preset=args.preset, device=args.device,
                      cold=args.cold, peers=args.peers, repeats=args.repeats, results_path=args.results, keep=args.tmpdir)
     if args.plot:
-        _plot(rows, args.plot)
+        plot_rows(rows, args.plot)
     return 0
-
-
-def _plot(rows, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot written", file=sys.stderr)
-        return
-    fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.5))
-    ax.barh([r["provider"] for r in rows], [r["gbps"] for r in rows])
-    if rows and rows[0].get("ceiling_gbps"):
-        ax.axvline(rows[0]["ceiling_gbps"], color="k", linestyle="--", label="pinned H2D ceiling")
-        ax.legend()
-    ax.set_xlabel("GB/s (checkpoint bytes)")
-    if rows:  # two lines: the case and the GPU with the commit (one line ran past the figure)
-        ax.set_title(f"{rows[0]['case']}\n{rows[0]['gpu']}, commit {rows[0].get('commit', '?')}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also measure the installed peer loaders on the same files (default; --no-peers: pyloader only)")
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--results", help="append the result rows to this JSON-lines results log")
-    b.add_argument("--plot", help="write a PNG bar chart (needs matplotlib)")
+    b.add_argument("--plot", help="write a PNG bar chart of the rows (needs matplotlib: pip install 'pyloader-kernels[plot]')")
     b.add_argument("--tmpdir", help="where to write the synthetic checkpoint (default: the system temp dir)")
     b.set_defaults(func=cmd_bench)
     return ap

@@ -97,7 +97,9 @@ def test_bench_on_cpu_reports_the_best_load_and_its_phases(tmp_path, capsys):
     out = tmp_path / "results.jsonl"
     assert main(["bench", "--device", "cpu", "--no-peers", "--size-gb", "0.02", "--repeats", "3",
                  "--results", str(out), "--tmpdir", str(tmp_path)]) == 0
-    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    (logged,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert set(logged) == {"bench", "case", "provider", "gbps", "ceiling_gbps", "gpu", "commit", "date", "config"}
+    row = dict(logged, **logged["config"])
     assert row["provider"] == "pyloader" and row["note"].startswith("verified")
     assert row["seconds"] == min(row["repeats"])
     assert 0 < row["executor_wall_s"] <= row["seconds"] and row["outside_executor_s"] >= 0

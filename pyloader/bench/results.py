@@ -64,8 +64,18 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+ROW_KEYS = ("bench", "case", "provider", "gbps", "ceiling_gbps", "gpu", "commit", "date")
+
+
+def log_row(row: dict) -> dict:
+    """A row as the results log holds it: the keys every row has, then ``config`` with the rest."""
+    config = dict(row.get("config") or {})
+    config.update({k: v for k, v in row.items() if k not in ROW_KEYS and k != "config"})
+    return dict({k: row.get(k) for k in ROW_KEYS}, config=config)
+
+
 def append_rows(path, rows: List[dict]) -> None:
-    """Append result rows to a JSON-lines results log (one object a line)."""
+    """Append result rows to a JSON-lines results log (one object a line, see :func:`log_row`)."""
     with open(path, "a", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps(row, separators=(",", ":")) + "\n")
+            f.write(json.dumps(log_row(row), separators=(",", ":")) + "\n")
