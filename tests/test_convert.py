@@ -148,30 +148,59 @@ def test_convert_census_reports_nonfinite(tmp_path):
     ("inside", "must not be SRC or inside it"),
     ("same", "must not be SRC or inside it"),
     ("nvfp4", "is not blockwise FP8"),
-    ("bad_scale", "matches no block shape"),
+    ("bad_scale", "does not fit weight [64, 64] with the declared 128x128 blocks"),
+    # a grid that 64x256 blocks would fit, under a config that declares 128x128: never guessed
+    ("contradicting_grid", "does not fit weight [384, 1000] with the declared 128x128 blocks (expected [3, 8]"),
+    ("scale_without_weight", "b.weight_scale_inv': a scale with no weight"),
+    ("bad_config", "config.json: cannot read the config"),
+    ("nested_header", "nests JSON too deeply"),
 ])
 def test_convert_bad_input_exit_2_nothing_written(tmp_path, capsys, case, needle):
     d = tmp_path / "src"
     d.mkdir()
     w, s = _fp8((64, 64), 5)
     tensors = {"a.weight": w, "a.weight_scale_inv": s}
-    config = {"model_type": "llama"}
+    config = {"model_type": "llama", "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
     if case == "no_scale":
         tensors = {"a.weight": w}
     if case == "nvfp4":
         config["quantization_config"] = {"quant_method": "modelopt"}
     if case == "bad_scale":
         tensors["a.weight_scale_inv"] = torch.ones(3, 7)
+    if case == "contradicting_grid":
+        tensors["a.weight"], tensors["a.weight_scale_inv"] = _fp8((384, 1000), 6, block=(64, 256))
+    if case == "scale_without_weight":
+        tensors["b.weight_scale_inv"] = torch.ones(1, 1)
     save_file(tensors, str(d / "model.safetensors"))
-    (d / "config.json").write_text(json.dumps(config))
+    (d / "config.json").write_text("{" if case == "bad_config" else json.dumps(config))
+    if case == "nested_header":
+        raw = b'{"__metadata__": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        (d / "model-2.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw)
     dst = {"inside": d / "out", "same": d}.get(case, tmp_path / "dst")
     assert main(["convert", str(d), str(dst), "--device", "cpu", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert needle in err and "Traceback" not in err
-    if case in ("no_scale", "bad_scale"):
+    if case in ("no_scale", "bad_scale", "contradicting_grid"):
         assert "a.weight" in err
     assert not (tmp_path / "dst").exists() or not any((tmp_path / "dst").iterdir())
-    assert sorted(p.name for p in d.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in d.iterdir()) == sorted(["config.json", "model.safetensors"] +
+                                                         (["model-2.safetensors"] if case == "nested_header" else []))
+
+
+def test_convert_reads_an_empty_tensor_of_huge_rows_without_walking_them(tmp_path):
+    """A [2^62, 0] tensor (no bytes; the safetensors library reads it) is written, not walked row by
+    row: the conversion ends at once and its output reads back."""
+    d = tmp_path / "src"
+    d.mkdir()
+    w, s = _fp8((64, 64), 7)
+    save_file({"a.weight": w, "a.weight_scale_inv": s}, str(d / "model-1.safetensors"))
+    raw = json.dumps({"e": {"dtype": "BF16", "shape": [2 ** 62, 0], "data_offsets": [0, 0]}}).encode()
+    raw += b" " * (-len(raw) % 8)
+    (d / "model-2.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw)
+    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert main(["convert", str(d), str(tmp_path / "dst"), "--device", "cpu", "--no-progress"]) == 0
+    out = load_file(str(tmp_path / "dst" / "model-2.safetensors"))
+    assert tuple(out["e"].shape) == (2 ** 62, 0)
 
 
 def _run_cli(args, **kw):

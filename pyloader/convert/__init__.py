@@ -32,7 +32,7 @@ from typing import List, Optional
 import torch
 
 from ..errors import PyloaderInputError
-from ..format.checkpoint import INDEX_NAME, open_checkpoint
+from ..format.checkpoint import INDEX_NAME, open_checkpoint, read_json_object
 from .outputs import file_complete, writes_for
 from .pipeline import ConvertReport, Converter
 from .planning import OutFile, plan_conversion
@@ -76,7 +76,7 @@ def convert(src, dst, device: str = "auto", out_dtype: str = "bfloat16", resume:
     odt = OUT_DTYPES[out_dtype]
     ck = open_checkpoint(src)
     config_path = src / "config.json"
-    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    config = read_json_object(config_path, "config") if config_path.is_file() else {}
     files = plan_conversion(ck, config, odt, max_shard_size)
     if dst.exists() and any(dst.iterdir()) and not resume and rank == 0:
         raise PyloaderInputError(f"{dst}: DST exists and is not empty; pass --resume to continue an interrupted run")

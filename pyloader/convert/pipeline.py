@@ -134,6 +134,8 @@ class Converter:
     def chunk(self, fd: int, t: OutTensor, file_offset: int, r0: int, rows: int, mapped: bool = False):
         """Convert rows r0..r0+rows of tensor t and write them at their offset."""
         try:
+            if t.nbytes == 0:
+                return
             info = t.source
             shape = info.shape
             cols = math.prod(shape[1:]) if len(shape) >= 2 else (shape[0] if shape else 1)
@@ -211,6 +213,8 @@ class Converter:
                 base = len(f.header) + begin
                 shape = t.shape
                 nrows = shape[0] if len(shape) >= 2 else 1
+                if t.nbytes == 0:  # nothing to write: its rows, however many, are never walked
+                    nrows = 0
                 out_row = t.nbytes // max(1, nrows)
                 step = max(1, CHUNK_BYTES // max(1, out_row))  # any row split is exact: (r0 % bm) offsets the grid
                 for r0 in range(0, max(nrows, 1), step):

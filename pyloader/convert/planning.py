@@ -9,7 +9,7 @@ import torch
 from ..dtypes import DTYPES, FP8_SAFETENSORS, TORCH_TO_SAFETENSORS
 from ..errors import PyloaderInputError
 from ..format.safetensors import CheckpointError, TensorInfo, write_safetensors_header
-from ..format.scales import find_scale, infer_block
+from ..format.scales import find_scale, scale_block, weight_of_scale
 
 
 @dataclass
@@ -64,7 +64,7 @@ def plan_conversion(ck, config: dict, out_dtype: torch.dtype, max_shard_size: Op
             if not info.shape or len(info.shape) > 2:
                 raise CheckpointError(info.file, f"{info.dtype} tensor of shape {list(info.shape)}: only 1-D and 2-D "
                                                  "blockwise weights are converted", name)
-            block = infer_block(info.shape, sinfo.shape, preferred, f"{info.file}, tensor {name!r}")
+            block = scale_block(info.shape, sinfo.shape, preferred, f"{sinfo.file}, tensor {s!r} (the scale of {name})")
             rows = info.shape[0] if len(info.shape) == 2 else 1
             cols = info.shape[-1]
             grid = (-(-rows // block[0]), -(-cols // block[1]))
@@ -75,6 +75,9 @@ def plan_conversion(ck, config: dict, out_dtype: torch.dtype, max_shard_size: Op
             continue
         if info.dtype == "F8_E8M0":
             raise CheckpointError(info.file, "an E8M0 tensor that scales no FP8 weight", name)
+        weight = weight_of_scale(name)
+        if weight is not None and weight not in names:
+            raise CheckpointError(info.file, f"a scale with no weight (no {weight} in the checkpoint)", name)
         out.append(OutTensor(name, info, info.dtype))  # copied byte for byte
     by_name = {t.name: t for t in out}
     files: List[OutFile] = []

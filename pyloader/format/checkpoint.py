@@ -40,20 +40,36 @@ def _file_in_directory(directory: Path, index_path: Path, fname) -> Path:
     p = Path(fname)
     if p.is_absolute() or ".." in p.parts:
         raise CheckpointError(index_path, f"weight_map file {fname!r} leaves the checkpoint directory")
-    full = directory / p
+    return confined(directory, directory / p, index_path, f"weight_map file {fname!r}")
+
+
+def confined(directory: Path, path: Path, where: Path, what: str) -> Path:
+    """``path`` if it resolves inside ``directory`` (a symlink may point elsewhere in it, not out of
+    it); one rule for the files an index names and the files a directory holds."""
     try:
-        full.resolve().relative_to(directory.resolve())
+        path.resolve().relative_to(directory.resolve())
     except ValueError:
-        raise CheckpointError(index_path, f"weight_map file {fname!r} resolves outside the checkpoint directory") from None
-    return full
+        raise CheckpointError(where, f"{what} resolves outside the checkpoint directory") from None
+    return path
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON file that must hold one object (config.json, an index, hf_quant_config.json): any
+    problem reading or parsing it is an input error naming the file, never a traceback."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"), object_pairs_hook=no_duplicate_keys)
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CheckpointError(path, f"cannot read the {what}: {e}") from None
+    except RecursionError:
+        raise CheckpointError(path, f"cannot read the {what}: JSON nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(path, f"the {what} is not a JSON object")
+    return obj
 
 
 def read_index(index_path: Path) -> Tuple[Dict[str, str], Dict[str, object]]:
-    try:
-        obj = json.loads(index_path.read_text(encoding="utf-8"), object_pairs_hook=no_duplicate_keys)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(index_path, f"cannot read the index: {e}") from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("weight_map"), dict):
+    obj = read_json_object(index_path, "index")
+    if not isinstance(obj.get("weight_map"), dict):
         raise CheckpointError(index_path, "index has no weight_map object")
     meta = obj.get("metadata") or {}
     if not isinstance(meta, dict):
@@ -99,7 +115,7 @@ def _open_checkpoint(source, require_files: bool) -> Checkpoint:
     index = path / INDEX_NAME
     if index.is_file():
         return _from_index(path, index, require_files)
-    files = sorted(path.glob("*.safetensors"))
+    files = [confined(path, f, f, f"{f.name}") for f in sorted(path.glob("*.safetensors"))]
     if not files:
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         hint = f" (found pickle files {pickles[:3]}: refused, they can run code; convert to safetensors)" if pickles else ""

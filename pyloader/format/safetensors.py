@@ -22,6 +22,11 @@ from ..dtypes import DTYPES
 from ..errors import PyloaderInputError
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own cap
+# A dimension must fit torch's int64 sizes (the safetensors library allows up to 2^64 - 1, which
+# no torch tensor can have), and the running product of the dimensions, taken in order as the
+# library takes it, must fit 64 bits: [2^40, 2^40, 0] is refused, [0, 2^40, 2^40] is an empty tensor.
+MAX_DIM = (1 << 63) - 1
+_PRODUCT_LIMIT = 1 << 64
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
@@ -96,6 +101,14 @@ def _keys_counted_once(obj, text: str) -> bool:
     return text.count(":") == len(obj) + sum(len(v) for v in obj.values() if type(v) is dict)
 
 
+def _refuse_surrogates(path, obj: dict, metadata: dict) -> None:
+    for text in (*obj, *metadata, *metadata.values()):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CheckpointError(path, f"name or metadata {text!r} is not a valid UTF-8 string (a lone surrogate)") from None
+
+
 def parse_header(path: Union[str, Path], head: bytes, file_size: int) -> SafetensorsFile:
     """Validate a header given the file's first bytes (at least ``8 + N``) and its size."""
     path = Path(path)
@@ -121,11 +134,15 @@ def parse_header(path: Union[str, Path], head: bytes, file_size: int) -> Safeten
             obj = json.loads(text, object_pairs_hook=no_duplicate_keys, parse_constant=_refuse_constant)
     except ValueError as e:  # JSONDecodeError is a ValueError
         raise CheckpointError(path, f"header is not well-formed JSON: {e}") from None
+    except RecursionError:
+        raise CheckpointError(path, "header nests JSON too deeply to be a safetensors header") from None
     if not isinstance(obj, dict):
         raise CheckpointError(path, "header is not a JSON object")
     metadata = obj.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise CheckpointError(path, "__metadata__ must map strings to strings")
+    if "\\u" in text:  # an escape may encode a lone surrogate, which is no UTF-8 string (and no file name)
+        _refuse_surrogates(path, obj, metadata)
     data_start = 8 + n
     data_len = file_size - data_start
     tensors: Dict[str, TensorInfo] = {}
@@ -139,14 +156,18 @@ def parse_header(path: Union[str, Path], head: bytes, file_size: int) -> Safeten
             raise CheckpointError(path, f"unknown dtype {dtype!r} (known: {', '.join(DTYPES)})", name)
         if type(shape) is not list:
             raise CheckpointError(path, f"shape {shape!r} must be a list of non-negative integers", name)
+        numel = 1
         for d in shape:  # a loop, not all(generator): this runs per dimension of every tensor
             if type(d) is not int or d < 0:
                 raise CheckpointError(path, f"shape {shape!r} must be a list of non-negative integers", name)
+            if d > MAX_DIM or numel * d >= _PRODUCT_LIMIT:
+                raise CheckpointError(path, f"shape {shape!r}: a dimension past 2^63 - 1 or a product past 64 bits",
+                                      name)
+            numel *= d
         if (type(offsets) is not list or len(offsets) != 2 or type(offsets[0]) is not int
                 or type(offsets[1]) is not int or not 0 <= offsets[0] <= offsets[1]):
             raise CheckpointError(path, f"data_offsets {offsets!r} must be [begin, end] with 0 <= begin <= end", name)
         bits = DTYPES[dtype][0]
-        numel = math.prod(shape)
         if (numel * bits) % 8:
             raise CheckpointError(path, f"{numel} elements of {bits}-bit {dtype} do not fill whole bytes", name)
         want = numel * bits // 8

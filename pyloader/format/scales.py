@@ -4,7 +4,10 @@
 A weight ``….weight`` is scaled by the tensor that replaces its final ``weight`` with one of
 :data:`SCALE_SUFFIXES` (``….weight_scale_inv`` in DeepSeek and Qwen FP8 releases,
 ``….weight_scale`` in compressed-tensors and ModelOpt ones, ``….scale_inv``). A block scale of a
-``[rows, cols]`` weight with ``bm x bn`` blocks is the grid ``[ceil(rows / bm), ceil(cols / bn)]``.
+``[rows, cols]`` weight with the declared ``bm x bn`` blocks (``weight_block_size``, 128x128 by
+default) is the grid ``[ceil(rows / bm), ceil(cols / bn)]``; one value is a per-tensor scale and
+``[rows]`` or ``[rows, 1]`` a per-channel one. Any other shape contradicts the declared format and
+is an error: a grid that some other block shape would fit is never taken for it.
 """
 
 import math
@@ -34,24 +37,30 @@ def block_grid(shape: Tuple[int, ...], block: Tuple[int, int]) -> Tuple[int, ...
     return tuple(shape[:-2]) + (-(-shape[-2] // block[0]), -(-shape[-1] // block[1]))
 
 
-def infer_block(shape, scale_shape, preferred: Tuple[int, int], what: str) -> Tuple[int, int]:
-    """The block shape whose grid is the scale's shape, the preferred (declared) one first;
-    per-tensor (one scale), per-channel and 1x32 grids included. ``what`` names the weight in errors."""
-    rows = shape[0] if len(shape) >= 1 else 1
-    cols = math.prod(shape[1:]) if len(shape) >= 2 else (shape[0] if shape else 1)
-    if len(shape) == 1:
-        rows, cols = 1, shape[0]
-    if math.prod(scale_shape) == 1:
-        return max(1, rows), max(1, cols)
+
+
+def weight_of_scale(name: str) -> Optional[str]:
+    """The weight a tensor named like a scale belongs to (None: not a scale's name)."""
+    for suffix in SCALE_SUFFIXES:
+        if name.endswith("." + suffix):
+            return name[: -len(suffix)] + "weight"
+    return None
+
+
+def scale_block(shape: Tuple[int, ...], scale_shape: Tuple[int, ...], declared: Tuple[int, int],
+                what: str) -> Tuple[int, int]:
+    """The block shape (bm, bn) that ``scale_shape`` gives a weight of ``shape`` (1-D or 2-D; a 1-D
+    weight is one row): the declared block when the scale is its grid, the whole tensor for one
+    value, (1, cols) for one value a row. Anything else raises, naming ``what``."""
+    rows, cols = (shape[0], math.prod(shape[1:])) if len(shape) >= 2 else (1, shape[0] if shape else 1)
     s = tuple(scale_shape)
-    if len(s) == 1:
-        s = (s[0], 1) if s[0] == rows and rows != 1 else (1, s[0])
-    if len(s) != 2:
-        raise PyloaderInputError(f"{what}: scale of shape {list(scale_shape)} is not a 2-D block grid for weight "
-                                 f"{list(shape)}")
-    for bm in dict.fromkeys((preferred[0], 128, 1, 32, 64, 256, rows)):
-        for bn in dict.fromkeys((preferred[1], 128, 32, 1, 64, 256, cols)):
-            if bm > 0 and bn > 0 and -(-rows // bm) == s[0] and -(-cols // bn) == s[1]:
-                return bm, bn
-    raise PyloaderInputError(f"{what}: scale shape {list(scale_shape)} matches no block shape for weight {list(shape)} "
-                             "(blockwise FP8 with 128x128, per-tensor, per-channel or 1x32 scales is supported)")
+    if math.prod(s) == 1:
+        return max(1, rows), max(1, cols)
+    if s == block_grid(tuple(shape), declared):
+        return tuple(declared)
+    if rows > 1 and s in ((rows,), (rows, 1)):
+        return 1, max(1, cols)
+    want = list(block_grid(tuple(shape), declared))
+    raise PyloaderInputError(
+        f"{what}: scale shape {list(s)} does not fit weight {list(shape)} with the declared {declared[0]}x{declared[1]} "
+        f"blocks (expected {want}; a per-tensor [1] or per-channel [{rows}, 1] scale is also read)")

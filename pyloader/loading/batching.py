@@ -50,8 +50,8 @@ def _pack(batches: List[Batch], piece: Piece, rows: int, first_byte: int, total:
     if row_bytes > slot_bytes:
         raise PyloaderInputError(f"{source.file}: tensor {source.name}: one row is {row_bytes} bytes, "
                                  f"larger than a staging slot ({slot_bytes}); raise slot_bytes")
-    if source.shape is None or len(source.shape) <= 1 or rows == 0:
-        chunks = [(0, rows, total)]
+    if source.shape is None or len(source.shape) <= 1 or rows == 0 or row_bytes == 0:
+        chunks = [(0, rows, total)]  # one part: an empty tensor's rows, however many, are never split
     else:
         per = max(1, (slot_bytes - ALIGN) // row_bytes)
         chunks = [(r, min(per, rows - r), min(per, rows - r) * row_bytes) for r in range(0, rows, per)]
@@ -124,7 +124,7 @@ def _job(piece: Piece, src, dst, scales, global_row0: int, c0: int) -> Transform
     if scale.numel() == 1:  # per-tensor
         return TransformJob(src, dst, scale.reshape(1, 1), (max(1, shape[0]), max(1, math.prod(shape[1:]) or 1)))
     bm, bn = piece.block_size
-    grid = scale if scale.dim() == 2 else scale.reshape(1, -1)
+    grid = scale.reshape(-(-(shape[0] if len(shape) >= 2 else 1) // bm), -1)  # [ceil(rows / bm), ceil(cols / bn)]
     return TransformJob(src, dst, grid[global_row0 // bm:, c0 // bn:], (bm, bn), (global_row0 % bm, c0 % bn))
 
 

@@ -17,7 +17,7 @@ from ..dtypes import FP8_SAFETENSORS, FP8_WEIGHT_DTYPES
 from ..errors import PyloaderInputError
 from ..format.checkpoint import Checkpoint, gc_paused
 from ..format.safetensors import TensorInfo
-from ..format.scales import block_grid
+from ..format.scales import scale_block
 from .layout import ShardPlacement, TargetSpec
 from .router import Route, Router, RoutingSummary, Rules, unexpected_error
 
@@ -291,11 +291,11 @@ def _check_piece(p: Piece, spec: TargetSpec, problems: List[str]):
                         f"{f', {cols} cols' if cols is not None else ''}) does not fit {p.target} {list(spec.shape)} "
                         f"at row {pl.offset}")
     if p.scale is not None:
-        s = p.scale.shape
-        want = block_grid(tuple(src_shape), p.block_size)
-        if tuple(s) != want and math.prod(s) != 1:
-            problems.append(f"{p.scale.name}: scale shape {list(s)} does not match {p.source.name} {list(src_shape)} "
-                            f"with {p.block_size[0]}x{p.block_size[1]} blocks (expected {list(want)})")
+        try:
+            p.block_size = scale_block(tuple(src_shape), tuple(p.scale.shape), p.block_size,
+                                       f"{p.scale.file}, tensor {p.scale.name!r} (the scale of {p.source.name})")
+        except PyloaderInputError as e:
+            problems.append(str(e))
 
 
 def coverage(pieces: List[Piece], targets: Dict[str, TargetSpec], problems: List[str]) -> List[str]:

@@ -45,6 +45,29 @@ def test_symlink_escaping_the_directory_is_refused(tmp_path):
     (ck / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "link.safetensors"}}))
     with pytest.raises(CheckpointError, match="outside"):
         open_checkpoint(ck)
+    (ck / "model.safetensors.index.json").unlink()  # the same link found by the glob: the same rule
+    with pytest.raises(CheckpointError, match="link.safetensors resolves outside"):
+        open_checkpoint(ck)
+    inside = ck / "real.bin.safetensors"
+    save_file({"y": torch.ones(3)}, str(inside))
+    (ck / "link.safetensors").unlink()
+    (ck / "alias.safetensors").symlink_to(inside)  # a link that stays inside is followed (and its tensor found twice)
+    with pytest.raises(CheckpointError, match="also present"):
+        open_checkpoint(ck)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("{", "cannot read the config"), ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ("[1, 2]", "not a JSON object"), ('{"a": 1, "a": 2}', "duplicate key"), (b"\xff\xfe", "cannot read the config"),
+])
+def test_a_bad_json_file_is_an_input_error_naming_it(tmp_path, text, needle):
+    from pyloader.format.checkpoint import read_json_object
+
+    p = tmp_path / "config.json"
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(CheckpointError, match=needle) as e:
+        read_json_object(p, "config")
+    assert str(p) in str(e.value)
 
 
 def test_index_only_and_glob_and_duplicates(tmp_path):

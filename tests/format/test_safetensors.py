@@ -101,7 +101,48 @@ MALFORMED = {
     "reversed offsets": (lambda tp: _file(tp, {"t": {"dtype": "U8", "shape": [0], "data_offsets": [1, 0]}}, b"\0"), "begin <= end"),
     "bad metadata": (lambda tp: _file(tp, {"__metadata__": {"a": 1}}), "__metadata__"),
     "pickle file": (lambda tp: _raw(tp, b"\x80\x04", "pytorch_model.bin"), "pickle"),
+    "dimension past 2^64 beside a zero": (lambda tp: _file(tp, {"t": {"dtype": "F32", "shape": [2 ** 70, 0],
+                                                                     "data_offsets": [0, 0]}}), "past 2^63"),
+    "dimension past 2^63 beside a zero": (lambda tp: _file(tp, {"t": {"dtype": "F32", "shape": [2 ** 63, 0],
+                                                                     "data_offsets": [0, 0]}}), "past 2^63"),
+    "product past 64 bits before a zero": (lambda tp: _file(tp, {"t": {"dtype": "U8", "shape": [2 ** 40, 2 ** 40, 0],
+                                                                      "data_offsets": [0, 0]}}), "past 64 bits"),
+    "lone surrogate in a name": (lambda tp: _file(tp, raw_header=b'{"bad\\ud800name": {"dtype": "U8", "shape": [1], '
+                                                              b'"data_offsets": [0, 1]}}', data=b"\0"), "surrogate"),
+    "lone surrogate in metadata": (lambda tp: _file(tp, raw_header=b'{"__metadata__": {"k": "\\udc00"}}'), "surrogate"),
+    "deeply nested JSON": (lambda tp: _file(tp, raw_header=b'{"__metadata__": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+                           "nests"),
 }
+# Refused by pyloader and accepted by the safetensors library: dimensions the library takes but no
+# torch tensor can have (it fails later, in torch), and repeated keys, of which the library keeps
+# the last without a word (a header that says two things about one tensor is not read).
+STRICTER = {"dimension past 2^63 beside a zero", "duplicate metadata key", "duplicate name with colons in strings",
+            "duplicate name", "duplicate field"}
+
+
+def test_every_malformed_case_is_refused_by_the_safetensors_library_too(tmp_path):
+    """The library's own rules are the reference: pyloader refuses nothing it accepts, except the
+    documented stricter checks (STRICTER)."""
+    accepted = []
+    for case, (make, _) in sorted(MALFORMED.items()):
+        d = tmp_path / case.replace(" ", "_").replace("^", "")
+        d.mkdir()
+        path = make(d)
+        try:
+            with safe_open(str(path), "pt") as f:
+                for k in f.keys():
+                    f.get_tensor(k)
+        except Exception:  # noqa: BLE001 - any refusal counts
+            continue
+        accepted.append(case)
+    assert set(accepted) <= STRICTER, accepted
+
+
+def test_an_empty_tensor_with_huge_later_dimensions_is_read_like_the_library(tmp_path):
+    path = _file(tmp_path, {"t": {"dtype": "F32", "shape": [0, 2 ** 40, 2 ** 40], "data_offsets": [0, 0]}})
+    assert read_safetensors_header(path).tensors["t"].shape == (0, 2 ** 40, 2 ** 40)
+    with safe_open(str(path), "pt") as f:
+        assert tuple(f.get_tensor("t").shape) == (0, 2 ** 40, 2 ** 40)
 
 
 @pytest.mark.parametrize("case", sorted(MALFORMED))

@@ -3,7 +3,7 @@
 import pytest
 
 from pyloader.errors import PyloaderInputError
-from pyloader.format.scales import SCALE_SUFFIXES, block_grid, find_scale, infer_block, scale_names
+from pyloader.format.scales import SCALE_SUFFIXES, block_grid, find_scale, scale_block, scale_names, weight_of_scale
 from pyloader.routing.router import Router, Rules
 
 
@@ -29,16 +29,30 @@ def test_block_grid_is_the_ceiling_of_each_dimension():
     assert block_grid((257,), (128, 128)) == (3,)
 
 
-@pytest.mark.parametrize("shape,scale,preferred,want", [
-    ((300, 257), (3, 3), (128, 128), (128, 128)),
-    ((40, 64), (1,), (128, 128), (40, 64)),       # per-tensor
-    ((64, 96), (64,), (128, 128), (1, 128)),      # per-channel, 1-D: one block spans the row
-    ((64, 96), (64, 3), (128, 128), (1, 32)),     # 1x32 (MX)
+@pytest.mark.parametrize("shape,scale,want", [
+    ((300, 257), (3, 3), (128, 128)),      # the declared grid, ragged edges
+    ((40, 64), (1,), (40, 64)),            # per-tensor
+    ((40, 64), (1, 1), (40, 64)),
+    ((64, 96), (64,), (1, 96)),            # per-channel
+    ((64, 96), (64, 1), (1, 96)),
+    ((1000,), (8,), (128, 128)),           # a 1-D weight is one row
 ])
-def test_infer_block_prefers_the_declared_block(shape, scale, preferred, want):
-    assert infer_block(shape, scale, preferred, "w") == want
+def test_scale_block_reads_the_declared_grid_per_tensor_and_per_channel(shape, scale, want):
+    assert scale_block(shape, scale, (128, 128), "w") == want
 
 
-def test_infer_block_refuses_a_grid_no_block_fits():
-    with pytest.raises(PyloaderInputError, match="w: scale shape \\[3, 7\\] matches no block shape"):
-        infer_block((256, 128), (3, 7), (128, 128), "w")
+@pytest.mark.parametrize("shape,scale", [
+    ((384, 1000), (6, 4)),     # fits 64x256 blocks, but 128x128 is declared: never guessed
+    ((256, 128), (3, 7)),      # fits nothing
+    ((64, 96), (96,)),         # one value a column is not a layout any release ships
+])
+def test_a_scale_that_contradicts_the_declared_blocks_is_an_error_naming_it(shape, scale):
+    with pytest.raises(PyloaderInputError, match=r"w\.weight_scale_inv: scale shape .* declared 128x128 blocks"):
+        scale_block(shape, scale, (128, 128), "w.weight_scale_inv")
+
+
+def test_weight_of_scale_inverts_scale_names():
+    for name in scale_names("model.layers.0.o.weight"):
+        assert weight_of_scale(name) == "model.layers.0.o.weight"
+    assert weight_of_scale("model.layers.0.o.weight") is None
+    assert weight_of_scale("model.layers.0.o.input_scale") is None

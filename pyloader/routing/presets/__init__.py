@@ -31,13 +31,13 @@ Parallel layouts (per rank, :class:`Parallel`):
 - expert parallel: contiguous balanced expert ranges; experts are then not tensor-parallel split.
 """
 
-import json
 from pathlib import Path
 from typing import List, Optional, Union
 
 import torch
 
 from ...errors import PyloaderInputError
+from ...format.checkpoint import read_json_object
 from ...parallel import Parallel
 from ..layout import ShardPlacement
 from ..router import Rules
@@ -53,11 +53,7 @@ def load_config(config: Union[str, Path, dict, None]) -> dict:
         return {}
     if isinstance(config, dict):
         return config
-    p = Path(config)
-    try:
-        return json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise PyloaderInputError(f"{p}: cannot read config: {e}") from None
+    return read_json_object(Path(config), "config")
 
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "half": torch.float16,
