@@ -81,9 +81,10 @@ def _pair(v, what) -> Tuple[int, int]:
 
 
 def _specs(tensors: Dict[str, torch.Tensor], preset_targets: Optional[Dict[str, TargetSpec]], rules: Rules):
-    """Target specs with the user's tensors' dtypes; preset layouts checked against the real shapes."""
+    """Target specs with the user's tensors' dtypes (preset layouts checked against the real shapes),
+    and the target tensors the preset does not fill (none without a preset: every tensor is a target)."""
     if preset_targets is None:
-        return targets_from_tensors(tensors, rules)
+        return targets_from_tensors(tensors, rules), []
     problems = []
     for name, spec in preset_targets.items():
         t = tensors.get(name)
@@ -94,16 +95,29 @@ def _specs(tensors: Dict[str, torch.Tensor], preset_targets: Optional[Dict[str, 
         else:
             spec.dtype = t.dtype
     extra = sorted(set(tensors) - set(preset_targets))
-    if extra:
-        logger.info("pyloader: %d model tensors are not filled by the preset: %s", len(extra), ", ".join(extra[:10]))
     if problems:
         raise PlanError(problems)
-    return preset_targets
+    return preset_targets, extra
+
+
+MISSING_POLICIES = ("error", "warn", "ignore")
+
+
+def check_unwritten(missing: List[str], policy: str) -> None:
+    """Targets that nothing in the source writes (wholly, or rows or expert slots of them): an
+    error listing them all under ``missing="error"``, before any byte is written; a warning under
+    ``"warn"``; under ``"ignore"`` only the report lists them."""
+    if not missing or policy == "ignore":
+        return
+    if policy == "error":
+        raise PlanError([f"{m}: no checkpoint tensor writes it (pass missing='warn' or 'ignore' for parameters "
+                         "left uninitialised on purpose)" for m in missing])
+    logger.warning("pyloader: %d targets are left unwritten: %s", len(missing), ", ".join(missing[:10]))
 
 
 def load(target, source: Source, *, config=None, preset: Optional[str] = None, rules: Optional[Rules] = None,
          tp=None, pp=None, ep=None, device=None, backend: Optional[str] = None, progress: bool = True,
-         unexpected: str = "error", executor: Optional[ExecutorConfig] = None,
+         unexpected: str = "error", missing: str = "error", executor: Optional[ExecutorConfig] = None,
          hooks: Optional[Callable[[Optional[int]], None]] = None) -> LoadReport:
     """Load ``source`` into ``target`` (an ``nn.Module`` or a dict of tensors, already allocated).
 
@@ -112,10 +126,15 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
     device); or an iterator of ``(name, tensor)`` (each tensor is consumed before the iterator
     advances, so sources that reuse one buffer are safe). ``tp``/``pp``/``ep``: ``(rank, size)``.
     ``hooks(layer)`` runs after each layer's last transform is enqueued (``None``: non-layer tensors).
+    ``missing``: targets (or rows, or expert slots of them) that nothing in the source writes, and
+    target tensors the preset does not know: ``"error"`` (raised before any byte is written),
+    ``"warn"`` or ``"ignore"`` (listed in ``report.missing``). A stream can only tell when it ends.
     Returns a :class:`LoadReport`; raises :class:`~pyloader.errors.PyloaderInputError` (with every
     problem listed) before any byte is written if the plan does not check out.
     """
     t0 = time.perf_counter()
+    if missing not in MISSING_POLICIES:
+        raise PyloaderInputError(f"missing must be one of {', '.join(map(repr, MISSING_POLICIES))}, not {missing!r}")
     tensors = _target_tensors(target)
     if not tensors:
         raise PyloaderInputError("the target has no parameters or buffers")
@@ -139,11 +158,12 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
         rules, preset_targets, preset_name, block = p.rules, p.targets, p.name, p.block_size
     else:
         preset_targets = None
-    specs = _specs(tensors, preset_targets, rules)
+    specs, unknown = _specs(tensors, preset_targets, rules)
     report = LoadReport(preset=preset_name)
     if checkpoint is not None:
         t_preset = time.perf_counter()
         plan = build_plan(checkpoint, specs, rules, unexpected=unexpected, block_size=block)
+        check_unwritten(plan.missing + unknown, missing)
         t_plan = time.perf_counter()
         ex = StreamingExecutor(tensors, dev, backend, executor, progress, hooks)
         report.timings = ex.run(plan)
@@ -153,14 +173,16 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
         report.readers = ex.readers_used
         t_finish = time.perf_counter()
     elif isinstance(source, Mapping):
-        plan = run_memory(source, specs, rules, tensors, dev, backend, unexpected, block, hooks, report)
+        plan = run_memory(source, specs, rules, tensors, dev, backend, unexpected, block, hooks, report,
+                          lambda p: check_unwritten(p.missing + unknown, missing))
     else:
         plan = run_stream(iter(source), specs, rules, tensors, dev, backend, unexpected, block, hooks, report)
+        check_unwritten(plan.missing + unknown, missing)
     _fill_tied(plan, tensors)
     report.loaded = sorted({p.target for p in plan.pieces} | {n for n, s in plan.targets.items() if s.fill_from})
     report.skipped = {r.name: r.reason for r in plan.summary.routes if r.kind == "skip"}
     report.unexpected = plan.summary.unexpected
-    report.missing = plan.missing
+    report.missing = plan.missing + unknown
     if report.timings.wall_s == 0:
         report.timings.wall_s = time.perf_counter() - t0
     if dev.type == "cuda":

@@ -2,7 +2,7 @@
 device to device) and a ``(name, tensor)`` iterator, planned and transformed with the same rules."""
 
 from pathlib import Path
-from typing import Iterator, Mapping, Tuple
+from typing import Callable, Iterator, Mapping, Tuple
 
 import torch
 
@@ -32,10 +32,12 @@ def source_rows(piece, t: torch.Tensor) -> torch.Tensor:
 
 
 def run_memory(source: Mapping[str, torch.Tensor], specs, rules, tensors, dev, backend, unexpected, block, hooks,
-                report) -> Plan:
-    """Tensors already in memory (the RL refit case, device to device): one launch per layer."""
+               report, check: Callable[[Plan], None]) -> Plan:
+    """Tensors already in memory (the RL refit case, device to device): one launch per layer, once
+    ``check(plan)`` passes."""
     ck = Checkpoint(None, [], {n: tensor_info(n, t) for n, t in source.items()})
     plan = build_plan(ck, specs, rules, unexpected=unexpected, block_size=block)
+    check(plan)
     chosen = resolve_backend(backend, dev, "load")
     scales = {p.scale.name: source[p.scale.name].to(dev) for p in plan.pieces if p.scale is not None}
     for layer, group in plan.by_layer():

@@ -3,6 +3,7 @@ reference built independently (each tensor read with the safetensors library, de
 the torch reference, concatenated by hand). CPU here (torch backend); bitwise on the GPU."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -356,3 +357,43 @@ def test_a_plan_that_fails_writes_nothing_and_leaves_nothing_open(tmp_path):
     assert len(os.listdir("/proc/self/fd")) == fds
 
 
+
+
+def _rewrite_without(d, drop):
+    """The checkpoint in ``d`` without the tensors whose names contain any of ``drop`` (index kept true)."""
+    from safetensors.torch import save_file
+
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    for f in sorted(set(index["weight_map"].values())):
+        kept = {n: t for n, t in load_file(str(d / f)).items() if not any(x in n for x in drop)}
+        save_file(kept, str(d / f))
+    index["weight_map"] = {n: f for n, f in index["weight_map"].items() if not any(x in n for x in drop)}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize("source", ["directory", "dict"])
+@pytest.mark.parametrize("hole", ["target the preset does not know", "expert slot", "stacked shard rows"])
+def test_targets_left_unwritten_fail_the_load_before_any_byte(tmp_path, hole, source):
+    """Every target is accounted for: a parameter the preset does not know, an expert slot no tensor
+    fills, a shard's rows of a fused target. missing='error' (the default) lists them before any
+    byte is written; 'ignore' loads the rest and reports them."""
+    c = dict(TINY["qwen3_moe"])
+    d = write_checkpoint(tmp_path / "m", c, fp8=False)
+    targets = {n: poison_(t) for n, t in allocate_targets(build_preset(c).targets, "cpu").items()}
+    if hole == "target the preset does not know":
+        targets["model.layers.0.mlp.extra_proj.weight"] = poison_(torch.empty(4, 4, dtype=torch.bfloat16))
+        want = "model.layers.0.mlp.extra_proj.weight"
+    elif hole == "expert slot":
+        _rewrite_without(d, ["layers.1.mlp.experts.3."])
+        want = "model.layers.1.mlp.experts.w13_weight (expert slots [3])"
+    else:
+        _rewrite_without(d, ["layers.0.self_attn.k_proj."])
+        want = "model.layers.0.self_attn.qkv_proj.weight"
+    src = d if source == "directory" else raw_tensors(d)
+    before = {n: t.clone() for n, t in targets.items()}
+    with pytest.raises(pyloader.PyloaderInputError, match=re.escape(want)):
+        pyloader.load(targets, src, config=c, backend="torch", progress=False)
+    for n, t in targets.items():
+        assert_bitwise_equal(t, before[n], what=n)  # nothing written
+    report = pyloader.load(targets, src, config=c, backend="torch", progress=False, missing="ignore")
+    assert want in report.missing
