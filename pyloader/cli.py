@@ -7,6 +7,8 @@ Exit codes: 0 ok, 2 bad input (the message names the file and tensor; no traceba
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -154,17 +156,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    """The command line. Every phase answers Ctrl-C the same way, the imports of torch and of the
+    kernels (inside the commands) included: "interrupted", exit 130, nothing left that looks complete."""
+    command = "pyloader"
     try:
+        args = build_parser().parse_args(argv)
+        command = f"pyloader {args.command}"
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
         return args.func(args)
     except PyloaderInputError as e:
-        print(f"pyloader {args.command}: error: {e}", file=sys.stderr)
+        print(f"{command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"pyloader {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
 
 
+def run() -> None:
+    """The ``pyloader`` command: :func:`main`, then the exit. An interrupted run leaves at once:
+    a Ctrl-C that arrived while an extension ran Python code during the imports marks the
+    interpreter to kill itself by SIGINT at exit, whatever main returned."""
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the work is done or undone: a late Ctrl-C changes neither
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
