@@ -390,3 +390,54 @@ def test_failure_opening_the_next_file_leaves_no_temporary_files(src, tmp_path, 
     with pytest.raises(PyloaderInputError, match="cannot create"):
         convert(d, tmp_path / "dst", device="cpu", max_shard_size=60_000, progress=False)
     assert not list((tmp_path / "dst").glob("*.safetensors*"))
+
+
+def test_a_failure_mid_file_leaves_nothing_under_its_final_name(src, tmp_path, monkeypatch):
+    """Files are written as NAME.tmp and renamed when complete: a conversion that fails part way
+    through a file leaves no file of that name, and a temporary file is removed."""
+    from pyloader.convert import pipeline
+
+    d, _, _ = src
+    real, calls = pipeline.Converter.chunk, []
+
+    def failing(self, fd, t, file_offset, r0, rows, mapped=False):
+        calls.append(t.name)
+        if len(calls) == 3:
+            self.inflight.release()
+            raise OSError(5, "Input/output error")
+        return real(self, fd, t, file_offset, r0, rows, mapped)
+
+    monkeypatch.setattr(pipeline, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(pipeline.Converter, "chunk", failing)
+    dst = tmp_path / "dst"
+    with pytest.raises(OSError):
+        convert(d, dst, device="cpu", progress=False, workers=1)
+    names = {p.name for p in dst.iterdir()}
+    assert not any(n.endswith(".safetensors") for n in names), names  # nothing that looks complete
+    assert not any(n.endswith(".tmp") for n in names), names
+
+
+def test_resume_redoes_a_damaged_output_and_a_file_that_fails_validation_is_never_renamed(src, tmp_path, monkeypatch):
+    """--resume keeps only finished files whose header and size check out; a file whose written
+    header does not read back is removed, not renamed into place."""
+    from pyloader.convert import pipeline
+
+    d, _, _ = src
+    ref, dst = tmp_path / "ref", tmp_path / "dst"
+    convert(d, ref, device="cpu", progress=False)
+    convert(d, dst, device="cpu", progress=False)
+    victim = sorted(dst.glob("*.safetensors"))[0]
+    victim.write_bytes(victim.read_bytes()[:-7])  # truncated
+    report = convert(d, dst, device="cpu", progress=False, resume=True)
+    assert victim.name in report.files_written
+    for f in ref.glob("*.safetensors"):
+        assert (dst / f.name).read_bytes() == f.read_bytes(), f.name
+    real_pwrite = pipeline.os.pwrite
+
+    def bad_header(fd, data, offset):
+        return real_pwrite(fd, b"\0" * len(data) if offset == 0 else data, offset)
+
+    monkeypatch.setattr(pipeline.os, "pwrite", bad_header)
+    with pytest.raises(PyloaderInputError, match="does not validate"):
+        convert(d, tmp_path / "bad", device="cpu", progress=False)
+    assert not list((tmp_path / "bad").glob("*.safetensors*"))

@@ -154,21 +154,23 @@ def test_poisoning_streaming_source_and_dict_source(tmp_path):
         assert_bitwise_equal(from_dict[n], ref[n], what=n)
 
 
-@pytest.mark.gpu
-def test_real_runai_streamer_as_a_source(tmp_path):
-    """The Nemotron Nano VL failure with the real run:ai streamer (a carried wheel on the device):
-    its tensors live in one reused buffer; the load must equal the directory load bitwise."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_real_runai_streamer_as_a_source(tmp_path, device):
+    """The Nemotron Nano VL failure with the real run:ai streamer (a dev dependency; a carried wheel
+    on the device): its tensors live in one reused buffer; the load must equal the directory load
+    bitwise."""
     runai = pytest.importorskip("runai_model_streamer")
     c = dict(TINY["qwen3_moe"], quantization_config={"quant_method": "fp8"})
     d = write_checkpoint(tmp_path / "r", c, scale_dtype=torch.bfloat16, shard_bytes=300_000)
     preset = build_preset(c)
-    ref = allocate_targets(preset.targets, "cuda")
-    pyloader.load(ref, d, progress=False)
-    out = {n: poison_(t) for n, t in allocate_targets(preset.targets, "cuda").items()}
+    backend = None if device == "cuda" else "torch"
+    ref = allocate_targets(preset.targets, device)
+    pyloader.load(ref, d, progress=False, backend=backend)
+    out = {n: poison_(t) for n, t in allocate_targets(preset.targets, device).items()}
     files = sorted(str(p) for p in d.glob("*.safetensors"))
     with runai.SafetensorsStreamer() as s:
         s.stream_files(files)
-        report = pyloader.load(out, s.get_tensors(), config=c, progress=False)
+        report = pyloader.load(out, s.get_tensors(), config=c, progress=False, backend=backend)
     assert report.missing == []
     for n in ref:
         assert_bitwise_equal(out[n], ref[n], what=n)
@@ -397,3 +399,18 @@ def test_targets_left_unwritten_fail_the_load_before_any_byte(tmp_path, hole, so
         assert_bitwise_equal(t, before[n], what=n)  # nothing written
     report = pyloader.load(targets, src, config=c, backend="torch", progress=False, missing="ignore")
     assert want in report.missing
+
+
+@pytest.mark.parametrize("pp_rank", [None, 1])
+def test_tied_embeddings_fill_the_head(tmp_path, pp_rank):
+    """A tied model's checkpoint has no lm_head: the head is the embedding, filled after the load
+    (whole model), or read from the embedding's rows on the last pipeline stage."""
+    c = dict(TINY["llama"], tie_word_embeddings=True)
+    d = write_checkpoint(tmp_path / "tied", c, fp8=False)
+    raw = raw_tensors(d)
+    assert "lm_head.weight" not in raw
+    pp = None if pp_rank is None else (pp_rank, 2)
+    par = Parallel() if pp is None else Parallel(pp_rank=pp_rank, pp_size=2)
+    targets = {n: poison_(t) for n, t in allocate_targets(build_preset(c, parallel=par).targets, "cpu").items()}
+    pyloader.load(targets, d, backend="torch", progress=False, pp=pp)
+    assert_bitwise_equal(targets["lm_head.weight"], raw["model.embed_tokens.weight"], what="lm_head")

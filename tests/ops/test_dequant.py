@@ -234,7 +234,12 @@ def check_backend(backend, w, s, block, out_dtype, offset=(0, 0), out=None, monk
 
 @pytest.mark.skipif(not CPU_BACKENDS or HAS_GPU, reason="interpreter tests: triton installed, no GPU")
 @pytest.mark.parametrize("case", SMALL_CASES, ids=case_id)
-def test_triton_interpreter_matches_reference(case):
+def test_triton_interpreter_matches_reference(case, monkeypatch):
+    """The bit-manipulation FP8 path (the one sm_80 takes; native FP8 casts need sm_89), named."""
+    from pyloader.triton_kernels import fp8_upcast_mode
+
+    monkeypatch.setenv("PYLOADER_TRITON_FP8_UPCAST", "bitcast")
+    assert fp8_upcast_mode(torch.device("cpu")) == "bitcast"
     shape, kind, wdtype, sdtype, out_dtype, all_bytes = case
     block = block_for(shape, kind)
     w, s = make_case(shape, block, wdtype, sdtype, seed=7, all_bytes=all_bytes)

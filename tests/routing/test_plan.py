@@ -91,3 +91,24 @@ def test_scale_without_its_weight_is_a_problem():
     assert "a.q_proj.weight_scale_inv: a scale with no weight" in str(e.value)
 
 
+
+
+@pytest.mark.parametrize("scale_shape", [(2, 1), (4, 4), (3,), (1, 2), (2, 3)])
+def test_a_scale_grid_that_contradicts_the_declared_blocks_is_a_plan_problem(scale_shape):
+    """A 256x256 FP8 weight with 128x128 blocks has a [2, 2] grid; per-tensor [1] and per-channel
+    [256, 1] are read too; any other scale shape is listed, naming the scale, before any read."""
+    t = torch.empty(256, 256)
+    ok = [("w.weight", (256, 256), "F8_E4M3"), ("w.weight_scale_inv", (2, 2), "F32")]
+    assert build_plan(synthetic(ok), {"w.weight": _spec("w.weight", t)}, Rules()).pieces[0].block_size == (128, 128)
+    for good, block in (((1,), (256, 256)), ((256, 1), (1, 256))):
+        ck = synthetic([ok[0], ("w.weight_scale_inv", good, "F32")])
+        assert build_plan(ck, {"w.weight": _spec("w.weight", t)}, Rules()).pieces[0].block_size == block
+    ck = synthetic([ok[0], ("w.weight_scale_inv", scale_shape, "F32")])
+    with pytest.raises(PlanError, match=r"w\.weight_scale_inv'? \(the scale of w\.weight\): scale shape"):
+        build_plan(ck, {"w.weight": _spec("w.weight", t)}, Rules())
+
+
+def _spec(name, t):
+    from pyloader.routing.layout import TargetSpec
+
+    return TargetSpec(name, tuple(t.shape), torch.bfloat16)
