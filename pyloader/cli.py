@@ -96,7 +96,8 @@ def cmd_convert(args) -> int:
     gb = report.bytes_in / 1e9
     print(f"converted {len(report.files_written)} file(s) ({report.dequantized} tensors dequantized, {report.copied} "
           f"copied) on {report.device} [{report.backend}]: {gb:.2f} GB in {report.seconds:.1f} s "
-          f"({gb / report.seconds if report.seconds else 0:.2f} GB/s in); resumed {len(report.files_resumed)}")
+          f"({gb / report.seconds if report.seconds else 0:.2f} GB/s in); resumed {len(report.files_resumed)}"
+          + (f"; peak resident {report.peak_rss / 2**30:.2f} GiB" if report.peak_rss else ""))
     for name, (nan, inf) in sorted(report.nonfinite.items()):
         print(f"  non-finite values in {name}: {nan} NaN, {inf} Inf")
     return 0

@@ -90,6 +90,7 @@ def test_convert_cpu_bitwise(src, tmp_path, out_dtype):
     report = convert(d, dst, device="cpu", out_dtype=out_dtype, progress=False)
     check_output(dst, expected, copied, getattr(torch, out_dtype))
     assert report.dequantized == 4 and report.copied == 3
+    assert report.peak_rss is None or 0 < report.peak_rss < 64 << 30
     assert {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()} == before  # SRC untouched
 
 

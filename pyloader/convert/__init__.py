@@ -33,6 +33,7 @@ import torch
 
 from ..errors import PyloaderInputError
 from ..format.checkpoint import INDEX_NAME, open_checkpoint, read_json_object
+from ..rss import peak_rss, reset_peak_rss
 from .outputs import file_complete, writes_for
 from .pipeline import ConvertReport, Converter
 from .planning import OutFile, plan_conversion
@@ -69,6 +70,7 @@ def convert(src, dst, device: str = "auto", out_dtype: str = "bfloat16", resume:
     ``"pwrite"`` (write(2), which one file's inode lock serializes) or ``"auto"`` (mmap on tmpfs,
     write(2) elsewhere)."""
     t0 = time.perf_counter()
+    measured = reset_peak_rss()
     src, dst = Path(src), Path(dst)
     _check_paths(src, dst)
     if out_dtype not in OUT_DTYPES:
@@ -115,6 +117,7 @@ def convert(src, dst, device: str = "auto", out_dtype: str = "bfloat16", resume:
     if rank == 0:
         _write_index_config_and_copy(src, dst, ck, config, files, out_dtype)
     report.seconds = time.perf_counter() - t0
+    report.peak_rss = peak_rss() if measured else None
     return report
 
 

@@ -44,6 +44,7 @@ class ConvertReport:
     read_s: float = 0.0       # summed over workers: reading input chunks
     transform_s: float = 0.0  # summed over workers: to the device, transform, census, back to pinned host memory
     write_s: float = 0.0      # summed over workers: writing output chunks
+    peak_rss: Optional[int] = None  # bytes: the process's resident peak during the conversion
 
 
 class Converter:

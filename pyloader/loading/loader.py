@@ -28,6 +28,7 @@ from ..routing.layout import TargetSpec
 from ..routing.plan import Plan, PlanError, build_plan, targets_from_tensors
 from ..routing.presets import build_preset, load_config
 from ..routing.router import Rules
+from ..rss import peak_rss, reset_peak_rss
 from .executor import ExecutorConfig, StreamingExecutor, Timings
 from .sources import run_memory, run_stream, tensor_info
 
@@ -48,6 +49,7 @@ class LoadReport:
     preset: Optional[str] = None
     io: str = ""                                                # the source: "files", "memory" or "stream"
     readers: str = ""                                           # GPU reads: "native" (C++) or "python" readers
+    peak_rss: Optional[int] = None                              # bytes: the process's resident peak during the load
 
     @property
     def gbps(self) -> float:
@@ -57,7 +59,8 @@ class LoadReport:
         t = self.timings
         return (f"loaded {len(self.loaded)} targets, {self.bytes_read / 1e9:.2f} GB in {t.wall_s:.2f} s "
                 f"({self.gbps:.1f} GB/s); read {t.read_s:.2f} thread-s (waited {t.wait_read_s:.2f} s), "
-                f"H2D {t.h2d_s:.2f} s, transforms {t.transform_s:.2f} s; backend {self.backend}")
+                f"H2D {t.h2d_s:.2f} s, transforms {t.transform_s:.2f} s; backend {self.backend}"
+                + (f"; peak resident {self.peak_rss / 2**30:.2f} GiB" if self.peak_rss else ""))
 
 
 def _target_tensors(target) -> Dict[str, torch.Tensor]:
@@ -133,6 +136,7 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
     problem listed) before any byte is written if the plan does not check out.
     """
     t0 = time.perf_counter()
+    measured = reset_peak_rss()
     if missing not in MISSING_POLICIES:
         raise PyloaderInputError(f"missing must be one of {', '.join(map(repr, MISSING_POLICIES))}, not {missing!r}")
     tensors = _target_tensors(target)
@@ -183,6 +187,7 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
     report.skipped = {r.name: r.reason for r in plan.summary.routes if r.kind == "skip"}
     report.unexpected = plan.summary.unexpected
     report.missing = plan.missing + unknown
+    report.peak_rss = peak_rss() if measured else None
     if report.timings.wall_s == 0:
         report.timings.wall_s = time.perf_counter() - t0
     if dev.type == "cuda":

@@ -73,6 +73,7 @@ def test_load_every_family_matches_hand_built_reference(tmp_path, family, fp8, d
     small = pyloader.ExecutorConfig(slot_bytes=1 << 16, num_slots=3, read_threads=4) if family in ("llama", "qwen2") else None
     report = pyloader.load(targets, d, backend=None if device == "cuda" else "torch", progress=False, executor=small)
     assert report.missing == [] and report.unexpected == []
+    assert report.peak_rss is None or 0 < report.peak_rss < 64 << 30
     assert report.io == "files"
     raw = raw_tensors(d)
     for name, t in targets.items():

@@ -1,0 +1,127 @@
+"""Remove each safeguard in turn and run the tests that should notice: a safeguard no test catches
+is a defect (docs/decisions.md#safeguards keeps the last table).
+
+    python scripts/mutation_check.py [--only NAME] [--timeout 300]
+
+Each mutation replaces one exact snippet of a copy of the package (the working tree is never
+touched) and runs its tests against that copy; "caught" means at least one test failed (or the run
+timed out: a hang is caught too).
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# name, file, snippet, replacement, tests (pytest arguments)
+MUTATIONS = [
+    ("header: tensors tile the data (no gap, no overlap)", "pyloader/format/safetensors.py",
+     "        if begin != pos:", "        if False:", ["tests/format"]),
+    ("header: byte length = shape x dtype", "pyloader/format/safetensors.py",
+     "        if offsets[1] - offsets[0] != want:", "        if False:", ["tests/format"]),
+    ("header: dimensions and their product bounded", "pyloader/format/safetensors.py",
+     "            if d > MAX_DIM or numel * d >= _PRODUCT_LIMIT:", "            if False:", ["tests/format"]),
+    ("header: names are UTF-8 strings", "pyloader/format/safetensors.py",
+     "    if \"\\\\u\" in text:", "    if False:", ["tests/format"]),
+    ("header: repeated keys refused", "pyloader/format/safetensors.py",
+     "        if not _keys_counted_once(obj, text):", "        if False:", ["tests/format"]),
+    ("header: nesting refused cleanly", "pyloader/format/safetensors.py",
+     "    except RecursionError:\n        raise CheckpointError(path, \"header nests",
+     "    except ZeroDivisionError:\n        raise CheckpointError(path, \"header nests", ["tests/format", "tests/test_convert.py"]),
+    ("pickle files refused", "pyloader/format/safetensors.py",
+     "    if path.suffix in PICKLE_SUFFIXES:", "    if False:", ["tests/format"]),
+    ("index: file names stay in the directory", "pyloader/format/checkpoint.py",
+     "    if p.is_absolute() or \"..\" in p.parts:", "    if False:", ["tests/format"]),
+    ("files resolve inside the directory (symlinks)", "pyloader/format/checkpoint.py",
+     "        path.resolve().relative_to(directory.resolve())", "        pass", ["tests/format"]),
+    ("JSON files: a bad one is an input error", "pyloader/format/checkpoint.py",
+     "    except RecursionError:\n        raise CheckpointError(path, f\"cannot read the {what}: JSON nested",
+     "    except ZeroDivisionError:\n        raise CheckpointError(path, f\"cannot read the {what}: JSON nested",
+     ["tests/format", "tests/test_convert.py"]),
+    ("plan: an FP8 weight needs its scale", "pyloader/routing/plan.py",
+     "            if scale_route is None:", "            if False:", ["tests/routing", "tests/loading/test_load.py"]),
+    ("plan: scale grid fits the declared blocks", "pyloader/routing/plan.py",
+     "        except PyloaderInputError as e:\n            problems.append(str(e))",
+     "        except PyloaderInputError as e:\n            pass", ["tests/routing"]),
+    ("plan: shapes checked", "pyloader/routing/plan.py",
+     "    if check_shapes and checkpoint.headers_read:", "    if False:", ["tests/routing", "tests/loading/test_load.py"]),
+    ("plan: coverage of every target", "pyloader/routing/plan.py",
+     "    missing = [] if partial else coverage(pieces, targets, problems)", "    missing = []",
+     ["tests/routing", "tests/loading/test_load.py"]),
+    ("router: layers of other pipeline stages skipped", "pyloader/routing/router.py",
+     "            if self._owned is not None and layer not in self._owned:", "            if False:",
+     ["tests/routing", "tests/loading/test_load.py"]),
+    ("load: targets left unwritten fail the load", "pyloader/loading/loader.py",
+     "    if not missing or policy == \"ignore\":", "    if True:", ["tests/loading/test_load.py"]),
+    ("load: tied targets filled", "pyloader/loading/loader.py",
+     "    _fill_tied(plan, tensors)", "    pass", ["tests/loading/test_load.py"]),
+    ("stream: each tensor copied before the source advances", "pyloader/loading/sources.py",
+     "        copy = t.to(dev, copy=True)", "        copy = t.to(dev)", ["tests/loading/test_load.py"]),
+    ("convert: an FP8 weight needs its scale", "pyloader/convert/planning.py",
+     "            if s is None:", "            if False:", ["tests/test_convert.py"]),
+    ("convert: a scale with no weight refused", "pyloader/convert/planning.py",
+     "        if weight is not None and weight not in names:", "        if False:", ["tests/test_convert.py"]),
+    ("scales: a grid that contradicts the declared blocks refused", "pyloader/format/scales.py",
+     "    want = list(block_grid(tuple(shape), declared))\n    raise",
+     "    return tuple(declared)\n    want = list(block_grid(tuple(shape), declared))\n    raise",
+     ["tests/format", "tests/routing", "tests/test_convert.py"]),
+    ("convert: written as NAME.tmp, renamed when complete", "pyloader/convert/pipeline.py",
+     "        tmp = path.with_name(path.name + \".tmp\")", "        tmp = path", ["tests/test_convert.py"]),
+    ("convert: each written file re-validated before the rename", "pyloader/convert/pipeline.py",
+     "        if not file_complete(h.tmp, h.f):", "        if False:", ["tests/test_convert.py"]),
+    ("convert: --resume keeps only files that validate", "pyloader/convert/outputs.py",
+     "    if not path.is_file() or path.stat().st_size != f.size:\n        return False",
+     "    return path.is_file()", ["tests/test_convert.py"]),
+    ("convert: an empty tensor's rows are never walked", "pyloader/convert/pipeline.py",
+     "                if t.nbytes == 0:  # nothing to write", "                if False:  # nothing to write",
+     ["tests/test_convert.py"]),
+    ("cli: Ctrl-C is exit 130", "pyloader/cli.py",
+     "    except KeyboardInterrupt:\n        print(f\"{command}: interrupted\", file=sys.stderr)\n        return 130",
+     "    except ZeroDivisionError:\n        return 130", ["tests/test_convert.py", "-k", "ctrl_c"]),
+]
+
+
+def run_one(name, rel, old, new, tests, timeout):
+    with tempfile.TemporaryDirectory(prefix="pyloader-mutant-") as tmp:
+        for part in ("pyloader", "tests", "pyproject.toml"):
+            src = ROOT / part
+            (shutil.copytree if src.is_dir() else shutil.copy)(src, Path(tmp) / part)
+        path = Path(tmp) / rel
+        text = path.read_text()
+        if text.count(old) != 1:
+            return "SNIPPET NOT FOUND", 0.0
+        path.write_text(text.replace(old, new))
+        env = dict(os.environ, PYTHONPATH=tmp)
+        t = time.perf_counter()
+        try:
+            done = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                                  cwd=tmp, env=env, capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return "caught (hang)", time.perf_counter() - t
+        return ("caught" if done.returncode != 0 else "MISSED"), time.perf_counter() - t
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", help="run the mutations whose name contains this")
+    ap.add_argument("--timeout", type=int, default=300)
+    args = ap.parse_args()
+    rows, missed = [], 0
+    print("| safeguard removed | tests run | result |\n|---|---|---|")
+    for name, rel, old, new, tests in MUTATIONS:
+        if args.only and args.only not in name:
+            continue
+        result, seconds = run_one(name, rel, old, new, tests, args.timeout)
+        missed += result != "caught" and not result.startswith("caught")
+        print(f"| {name} (`{rel}`) | {' '.join(tests)} | {result} ({seconds:.0f} s) |", flush=True)
+    sys.exit(1 if missed else 0)
+
+
+if __name__ == "__main__":
+    main()
