@@ -418,6 +418,41 @@ def test_a_failure_mid_file_leaves_nothing_under_its_final_name(src, tmp_path, m
     assert not any(n.endswith(".tmp") for n in names), names
 
 
+def test_killed_in_the_middle_of_a_file_leaves_no_file_under_its_name(src, tmp_path):
+    """SIGKILL while a file is half written (its third chunk never finishes): no cleanup runs, and
+    still nothing under a final name is incomplete (each file is written as NAME.tmp and renamed)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    d, _, _ = src
+    ref, dst, marker = tmp_path / "ref", tmp_path / "dst", tmp_path / "stalled"
+    assert _run_cli([d, ref, "--max-shard-size", "40000"]).wait() == 0
+    code = ("import sys, time; from pyloader.convert import pipeline; real = pipeline.Converter.chunk; n = [0]\n"
+            "def stall(self, *a, **k):\n"
+            "    n[0] += 1\n"
+            "    if n[0] == 3:\n"
+            f"        open({str(marker)!r}, 'w').close(); time.sleep(600)\n"
+            "    return real(self, *a, **k)\n"
+            "pipeline.Converter.chunk = stall\n"
+            "pipeline.CHUNK_BYTES = 4096\n"
+            "from pyloader.cli import main; sys.exit(main(sys.argv[1:]))")
+    p = subprocess.Popen([sys.executable, "-c", code, "convert", str(d), str(dst), "--max-shard-size", "40000",
+                          "--device", "cpu", "--no-progress", "--workers", "1"])
+    for _ in range(600):
+        if marker.exists() or p.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert marker.exists(), "the conversion never reached its third chunk"
+    time.sleep(0.2)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    for f in dst.glob("*.safetensors"):
+        assert f.read_bytes() == (ref / f.name).read_bytes(), f.name
+    assert list(dst.glob("*.tmp")), "the stalled file should be left as a temporary"
+
+
 def test_resume_redoes_a_damaged_output_and_a_file_that_fails_validation_is_never_renamed(src, tmp_path, monkeypatch):
     """--resume keeps only finished files whose header and size check out; a file whose written
     header does not read back is removed, not renamed into place."""
