@@ -113,3 +113,17 @@ def test_bench_takes_peers_on_and_off():
     parse = build_parser().parse_args
     assert parse(["bench"]).peers and parse(["bench", "--peers"]).peers
     assert not parse(["bench", "--no-peers"]).peers
+
+
+def test_every_argument_of_every_subcommand_has_help():
+    import argparse
+
+    from pyloader.cli import build_parser
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subs.choices.items():
+        for action in sub._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"pyloader {name} {'/'.join(action.option_strings) or action.dest}: no --help text"
