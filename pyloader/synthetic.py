@@ -107,7 +107,7 @@ def _random(shape, dtype, gen) -> torch.Tensor:
 
 def write_checkpoint(directory, config: dict, fp8: bool = True, scale_dtype=torch.float32, shard_bytes: int = 2 << 30,
                      seed: int = 0, progress: bool = False) -> Path:
-    """Write a checkpoint for ``config`` into ``directory``; returns its path."""
+    """Write a checkpoint for ``config`` into ``directory`` (a progress bar with ``progress``); returns its path."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
@@ -128,6 +128,12 @@ def write_checkpoint(directory, config: dict, fp8: bool = True, scale_dtype=torc
         files[-1].append(e)
         size += nbytes
     weight_map, total = {}, 0
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=sum(math.prod(e[1]) * torch.empty((), dtype=e[2]).element_size() for e in entries), unit="B",
+                   unit_scale=True, unit_divisor=1024, desc="writing the checkpoint", leave=False)
     for k, group in enumerate(files):
         fname = f"model-{k + 1:05d}-of-{len(files):05d}.safetensors"
         head, _ = write_safetensors_header([(n, TORCH_TO_SAFETENSORS[dt], s) for n, s, dt in group], {"format": "pt"})
@@ -142,7 +148,11 @@ def write_checkpoint(directory, config: dict, fp8: bool = True, scale_dtype=torc
                 f.write(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
                 weight_map[name] = fname
                 total += t.numel() * t.element_size()
+                if bar is not None:
+                    bar.update(t.numel() * t.element_size())
         os.replace(tmp, d / fname)
+    if bar is not None:
+        bar.close()
     (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
                                                                 "weight_map": weight_map}, indent=1))
     cfg = dict(config)

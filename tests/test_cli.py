@@ -91,17 +91,22 @@ def test_module_entry_point(index_only):
     assert r.returncode == 2 and "do not split over tp_size 3" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_bench_on_cpu_reports_the_best_load_and_its_phases(tmp_path, capsys):
-    """``pyloader bench`` on a CPU: a verified row whose phase times belong to the best repeat
-    (the executor's wall time fits inside that load's seconds)."""
+def test_bench_on_cpu_reports_the_median_load_its_spread_and_its_phases(tmp_path, capsys):
+    """``pyloader bench`` on a CPU: a row verified after every load, at the median load with the
+    spread of all of them, whose phase times belong to the median load (the executor's wall time
+    fits inside that load's seconds); the output says what was not measured."""
     out = tmp_path / "results.jsonl"
     assert main(["bench", "--device", "cpu", "--no-peers", "--size-gb", "0.02", "--repeats", "3",
                  "--results", str(out), "--tmpdir", str(tmp_path)]) == 0
     (logged,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert set(logged) == {"bench", "case", "provider", "gbps", "ceiling_gbps", "gpu", "commit", "date", "config"}
     row = dict(logged, **logged["config"])
-    assert row["provider"] == "pyloader" and row["note"].startswith("verified")
-    assert row["seconds"] == min(row["repeats"])
+    assert row["provider"] == "pyloader" and row["note"] == "every byte verified after each load"
+    assert row["seconds"] == sorted(row["repeats"])[1] and len(row["repeats"]) == 3
+    assert row["seconds_min"] == min(row["repeats"]) and row["seconds_max"] == max(row["repeats"])
+    assert row["ceiling_gbps"] is None and row["peak_rss"] > 0
+    out_text = capsys.readouterr().out
+    assert "no GPU: no host→device ceiling to measure" in out_text and "peer loaders: not measured" in out_text
     assert 0 < row["executor_wall_s"] <= row["seconds"] and row["outside_executor_s"] >= 0
     assert set(row["executor_setup_parts"]) >= {"batches", "staging", "scales_queued", "reads_queued"}
     assert all(v >= 0 for v in row["executor_setup_parts"].values()), row["executor_setup_parts"]  # steps in order

@@ -2,7 +2,9 @@
 per-tensor dequant and copy), fastsafetensors, run:ai's streamer and InstantTensor, each when
 installed. Raw modes load the bytes only; the note of each row says which mode it is."""
 
+import importlib.util
 import time
+from pathlib import Path
 from typing import Dict
 
 import torch
@@ -12,46 +14,66 @@ from ..ops import reference
 from .results import sync
 
 
-def fastsafetensors_load_raw(files, dev) -> None:
+def fastsafetensors_load_raw(files, dev) -> list:
     """fastsafetensors 0.5 without GDS (16 threads): every file to the device, every tensor made."""
     from fastsafetensors import SafeTensorsFileLoader
 
     loader = SafeTensorsFileLoader(None, f"cuda:{dev.index or 0}", nogds=True, max_threads=16)
     loader.add_filenames({0: files})
     fb = loader.copy_files_to_device()
-    for k in loader.get_keys():
+    keys = list(loader.get_keys())
+    for k in keys:
         fb.get_tensor(k)
     sync(dev)
     fb.close()
     loader.close()
+    return keys
 
 
-def run_peers(files, plan, targets, dev, prepare, record, repeats: int = 1):
-    """Each peer as often as pyloader (best of ``repeats``, the page cache prepared before each)."""
+def peer_providers(files, plan, targets, expected, dev):
+    """(label, run) for each installed peer; ``run()`` loads once and returns (seconds, extra).
+    Raw modes load the checkpoint's bytes only: checked by the names and bytes they return. The
+    engine-style path (safetensors, then a torch dequant with expanded scales and a copy a tensor)
+    fills the targets: checked byte for byte like pyloader."""
     from safetensors import safe_open
 
-    def best(label, fn):
-        times, how = [], ""
-        for _ in range(max(1, repeats)):
-            how = prepare()
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        record(label, min(times), how, repeats=[round(x, 3) for x in times])
+    from . import mismatches
+
+    names = {n for f in files for n in safe_open(f, "pt").keys()}
+    total = sum(p.stat().st_size for p in map(Path, files))
+    dst: Dict[str, torch.Tensor] = {}
+
+    def timed(label, fn, raw=True):
+        def run():
+            if not raw:
+                for t in targets.values():
+                    t.view(torch.uint8).fill_(0x5A)
+            t0 = time.perf_counter()
+            got = fn()
+            sync(dev)
+            seconds = time.perf_counter() - t0
+            if raw:
+                loaded = set(got) if got is not None else set(dst)
+                if loaded != names:
+                    raise SystemExit(f"{label} loaded {len(loaded)} of the checkpoint's {len(names)} tensors")
+                note = f"raw bytes of all {len(names)} tensors, no dequant or fusion"
+            else:
+                bad = mismatches(targets, expected)
+                if bad:
+                    raise SystemExit(f"{label}: {len(bad)} targets differ from the reference")
+                note = "every byte verified after each load"
+            return seconds, dict(note=note, files_bytes=total)
+        return label, run
 
     def safetensors_raw():
-        out = []
+        out = {}
         for f in files:
             with safe_open(f, "pt", device=str(dev)) as h:
                 for k in h.keys():
-                    out.append(h.get_tensor(k))
-        sync(dev)
+                    out[k] = h.get_tensor(k)
         return out
 
-    best("safetensors safe_open(device=cuda) raw", safetensors_raw)
-
     def safetensors_engine_style():
-        # What engines do today: raw tensors, then a torch dequant (expanded fp32 scales) and a copy_ per tensor.
         handles = {f: safe_open(f, "pt", device=str(dev)) for f in files}
         for p in plan.pieces:
             w = handles[str(p.source.file)].get_tensor(p.source.name)
@@ -63,10 +85,9 @@ def run_peers(files, plan, targets, dev, prepare, record, repeats: int = 1):
                     j.dst.copy_(reference.dequant_expanded_scales_torch(j.src, j.scale, j.block_size))
                 else:
                     j.dst.copy_(j.src)
-        sync(dev)
-
-    best("safetensors + per-tensor torch dequant + copy_", safetensors_engine_style)
-    dst: Dict[str, torch.Tensor] = {}
+        for name, spec in plan.targets.items():
+            if spec.fill_from is not None:
+                targets[name].copy_(targets[spec.fill_from])
 
     def into_preallocated(name, t):
         d = dst.get(name)
@@ -75,7 +96,7 @@ def run_peers(files, plan, targets, dev, prepare, record, repeats: int = 1):
         d.copy_(t)  # the peer may reuse its buffer: copy before advancing
 
     def fastsafetensors_raw():
-        fastsafetensors_load_raw(files, dev)
+        return fastsafetensors_load_raw(files, dev)
 
     def runai_raw():
         from runai_model_streamer import SafetensorsStreamer
@@ -84,7 +105,6 @@ def run_peers(files, plan, targets, dev, prepare, record, repeats: int = 1):
             s.stream_files(files)
             for name, t in s.get_tensors():
                 into_preallocated(name, t)
-        sync(dev)
 
     def instanttensor_raw(buffered):
         from instanttensor import BackendPolicy, safe_open as it_open
@@ -93,20 +113,15 @@ def run_peers(files, plan, targets, dev, prepare, record, repeats: int = 1):
         with it_open(files, framework="pt", device=dev.index or 0, copy=False, **kw) as f:
             for name, t in f.tensors():
                 into_preallocated(name, t)
-        sync(dev)
 
+    out = [timed("safetensors safe_open(device=cuda) raw", safetensors_raw),
+           timed("safetensors + per-tensor torch dequant + copy_", safetensors_engine_style, raw=False)]
     for label, module, fn in (("fastsafetensors 0.5 (nogds) raw", "fastsafetensors", fastsafetensors_raw),
                               ("run:ai streamer raw (copy to preallocated)", "runai_model_streamer", runai_raw),
                               ("InstantTensor buffered raw", "instanttensor", lambda: instanttensor_raw(True)),
                               ("InstantTensor default raw", "instanttensor", lambda: instanttensor_raw(False))):
-        try:
-            __import__(module)
-        except ImportError:
+        if importlib.util.find_spec(module) is None:
             print(f"  {label:44s} not installed: not measured")
             continue
-        try:
-            best(label, fn)  # the peer's destination tensors are allocated in its first run, reused after
-        except Exception as e:  # noqa: BLE001 - a peer that fails is reported, the others still run
-            print(f"  {label:44s} failed: {type(e).__name__}: {str(e)[:200]}")
-        dst.clear()
-        torch.cuda.empty_cache()
+        out.append(timed(label, fn))
+    return out
