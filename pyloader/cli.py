@@ -138,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the dequantized weights (default bfloat16)")
     c.add_argument("--resume", action="store_true", help="keep finished output files (validated) and continue")
     c.add_argument("--max-shard-size", help="repack output files up to this size (e.g. 5GB); default: SRC's layout")
-    c.add_argument("--workers", type=int, default=8, help="chunks converted concurrently (bounds memory: about workers x 128 MB)")
+    c.add_argument("--workers", type=int, default=None,
+                   help="chunks converted concurrently (bounds memory: about workers x 200 MB; default 8 on a GPU, "
+                        "on a CPU one per 8 cores, at most 4: torch's own threads already share the cores)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_convert)
     b = sub.add_parser("bench", help="load throughput against the machine's ceilings and peer loaders")

@@ -63,7 +63,7 @@ def _check_paths(src: Path, dst: Path):
 
 
 def convert(src, dst, device: str = "auto", out_dtype: str = "bfloat16", resume: bool = False,
-            max_shard_size: Optional[int] = None, workers: int = 8, backend: Optional[str] = None,
+            max_shard_size: Optional[int] = None, workers: Optional[int] = None, backend: Optional[str] = None,
             progress: bool = True, rank: int = 0, world_size: int = 1, writes: str = "auto") -> ConvertReport:
     """Convert the FP8 checkpoint directory ``src`` into ``dst`` (see the module docstring).
     ``writes``: ``"mmap"`` (output preallocated, chunks copied into mapped windows side by side),
@@ -97,6 +97,8 @@ def convert(src, dst, device: str = "auto", out_dtype: str = "bfloat16", resume:
                        unit_divisor=1024, desc=f"pyloader convert{f' rank {rank}' if world_size > 1 else ''}")
         except ImportError:
             pass
+    if workers is None:  # CPU: torch's threads already use the cores; more workers only add resident chunks
+        workers = 8 if dev.type == "cuda" else max(1, min(4, (os.cpu_count() or 1) // 8))
     conv = Converter(dev, backend, odt, workers, bar, writes_for(dst, writes))
     logger.info("pyloader convert: %s writes into %s", conv.writes, dst)
     try:

@@ -177,6 +177,11 @@ class Converter:
             self.inflight.release()
 
     def _census(self, name: str, x: torch.Tensor):
+        # One reduction: a NaN or an infinity makes the sum non-finite (so may an overflowing sum of
+        # finite values, and then the exact counts below find nothing); isfinite over the whole tensor
+        # costs many times a sum on CPUs.
+        if x.numel() == 0 or bool(torch.isfinite(x.sum())):
+            return
         counts = torch.stack([torch.isnan(x).sum(), torch.isinf(x).sum()]).tolist()  # one sync, not two
         nan, inf = int(counts[0]), int(counts[1])
         if nan or inf:
