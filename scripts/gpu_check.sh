@@ -12,7 +12,7 @@
 # PYTEST_ARGS (extra pytest arguments), BENCH_ARGS (extra arguments of the bench scripts, e.g. --quick),
 # E2E_ARGS, EXECUTOR_ARGS, CONVERT_ARGS (default --cpu), PYLOADER_COMMIT (the commit recorded in logs and rows),
 # AB_OLD (a tarball of the older tree, git archive --prefix=old/, default build/old.tar.gz), AB_OLD_COMMIT,
-# AB_ROUNDS (default 4), AB_SIZE_GB (default 16), AB_DEQUANT (set: bench_dequant in the ab stage too).
+# AB_ROUNDS (default 4), AB_SIZE_GB (default 16), AB_DEQUANT (set: bench_dequant in the ab stage too), AB_NO_ASSEMBLY (set: no bench_assembly there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -140,7 +140,7 @@ if has ab || has ab-cold; then
 fi
 if has ab; then  # this tree against an older one, interleaved round by round
   ab_pair "pyloader bench, warm" "${AB_ROUNDS:-4}" -m pyloader bench --checkpoint /tmp/ab/ck --no-peers --repeats 3
-  ab_pair "bench_assembly" 2 bench/bench_assembly.py --quick
+  [ -z "${AB_NO_ASSEMBLY:-}" ] && ab_pair "bench_assembly" 2 bench/bench_assembly.py --quick
   [ -n "${AB_DEQUANT:-}" ] && ab_pair "bench_dequant" 2 bench/bench_dequant.py --quick
 fi
 if has ab-cold; then
