@@ -5,9 +5,10 @@
 For each checkpoint size (synthetic DeepSeek-V3-shaped FP8, CPU shapes; the sizes should be at
 least 4x apart), in interleaved rounds:
 - ``pyloader convert --device cpu`` against the per-shard script people write (a shard read with
-  the safetensors library, each weight dequantized with expanded scales, ``save_file``), each in
-  its own process, which reports its own peak resident memory (VmHWM) when it ends. The bound is
-  the input read warm (as the runs find it) plus the output written alone with fsync.
+  the safetensors library, each weight dequantized with expanded scales, ``save_file``, and a sync
+  at the end: both outputs on disk when timed, as pyloader fsyncs every file), each in its own
+  process, which reports its own peak resident memory (VmHWM) when it ends. The bound is the input
+  read warm (as the runs find it) plus the output written alone with fsync.
 - ``pyloader.load`` of the checkpoint into preallocated CPU targets: the load's peak resident
   memory above what the process held before it (the targets themselves), from the load's report.
 Memory that grows with the model beyond the targets is the failure this guards against.
@@ -36,7 +37,7 @@ from pyloader.synthetic import write_checkpoint  # noqa: E402
 HWM = "int([l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]) * 1024"
 
 SCRIPT = f"""
-import json, sys, time, torch
+import json, os, sys, time, torch
 from pathlib import Path
 from safetensors.torch import load_file, save_file
 t = time.perf_counter()
@@ -56,6 +57,7 @@ for f in sorted(src.glob("*.safetensors")):
             out[k] = v
     save_file(out, str(dst / f.name), metadata={{"format": "pt"}})
     del tensors, out
+os.sync()  # on disk, as pyloader's output is when it returns (it fsyncs every file)
 print(json.dumps({{"seconds": time.perf_counter() - t, "peak_rss": {HWM}}}))
 """
 
