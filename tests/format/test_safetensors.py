@@ -209,6 +209,7 @@ def test_fuzzed_headers_never_crash_or_lie(data):
     except CheckpointError as e:
         assert "fuzz.safetensors" in str(e)
         return
+    _the_library_reads_it_the_same(raw, h)
     # Accepted: every tensor's byte range must be inside the file, sized by its shape, tiling the data.
     spans = sorted((t.start, t.end) for t in h.tensors.values())
     pos = h.data_start
@@ -218,3 +219,54 @@ def test_fuzzed_headers_never_crash_or_lie(data):
     assert pos == len(raw)
     for t in h.tensors.values():
         assert t.nbytes * 8 == t.numel * DTYPES[t.dtype][0]
+
+
+
+def _the_library_reads_it_the_same(raw: bytes, h) -> None:
+    """What pyloader accepts, the safetensors library accepts too, with the same names, dtypes,
+    shapes and bytes (pyloader may refuse more: STRICTER)."""
+    import os
+    import tempfile
+
+    fd, path = tempfile.mkstemp(suffix=".safetensors")
+    try:
+        os.write(fd, raw)
+        os.close(fd)
+        with safe_open(path, "pt") as f:
+            assert set(f.keys()) == set(h.tensors)
+            for name in f.keys():
+                t, info = f.get_tensor(name), h.tensors[name]
+                assert tuple(t.shape) == info.shape and t.dtype == info.torch_dtype, name
+                got = torch.frombuffer(bytearray(raw[info.start:info.end]) or bytearray(1), dtype=torch.uint8)
+                assert torch.equal(got[:info.nbytes], t.reshape(-1).contiguous().view(torch.uint8)), name
+    finally:
+        os.unlink(path)
+
+
+_DTYPE_NAMES = ["F32", "BF16", "F8_E4M3", "U8", "I64", "F7", "f32", ""]
+_entry = st.fixed_dictionaries({
+    "dtype": st.sampled_from(_DTYPE_NAMES),
+    "shape": st.lists(st.one_of(st.integers(0, 6), st.sampled_from([2 ** 31, 2 ** 40, 2 ** 63 - 1, 2 ** 63, 2 ** 64]),
+                                st.integers(-2, -1)), max_size=3),
+    "data_offsets": st.lists(st.integers(0, 64), min_size=2, max_size=2),
+})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.text(min_size=1, max_size=6), _entry, max_size=4), st.integers(0, 64),
+       st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=2))
+def test_generated_headers_are_refused_or_read_like_the_library(entries, data_len, metadata):
+    """Headers built field by field (unknown dtypes, huge and negative dimensions, offsets that
+    overlap, leave gaps or run past the data, odd names): pyloader's input error, or the library's
+    own reading of the same bytes."""
+    header = dict(entries)
+    if metadata:
+        header["__metadata__"] = metadata
+    text = json.dumps(header).encode()
+    raw = struct.pack("<Q", len(text)) + text + bytes(range(256))[:data_len]
+    try:
+        h = parse_header("gen.safetensors", raw, len(raw))
+    except CheckpointError as e:
+        assert "gen.safetensors" in str(e)
+        return
+    _the_library_reads_it_the_same(raw, h)

@@ -31,6 +31,7 @@ Parallel layouts (per rank, :class:`Parallel`):
 - expert parallel: contiguous balanced expert ranges; experts are then not tensor-parallel split.
 """
 
+import math
 from pathlib import Path
 from typing import List, Optional, Union
 
@@ -80,7 +81,8 @@ def choose_preset(config: dict) -> str:
     for preset, types in FAMILIES.items():
         if mt in types:
             return preset
-    archs = " ".join(config.get("architectures") or [])
+    archs = config.get("architectures")
+    archs = " ".join(a for a in archs if isinstance(a, str)) if isinstance(archs, list) else ""
     raise PyloaderInputError(
         f"no preset for model_type {mt!r} ({archs or 'no architectures'}); known: "
         f"{', '.join(t for ts in FAMILIES.values() for t in ts)}. Pass preset=… or your own rules and targets."
@@ -99,10 +101,41 @@ def build_preset(config: Union[str, Path, dict], preset: Optional[str] = None, p
     dtype = dtype or _DTYPES.get(str(c.get("torch_dtype") or c.get("dtype") or "bfloat16"), torch.bfloat16)
     if name == "nemotron_vl":
         return nemotron_vl(build_preset(nemotron_vl_language_config(c), "nemotron_h", parallel, dtype), dtype)
+    _check_sizes(c, name)
     try:
-        return _build(c, name, parallel, dtype)
+        preset = _build(c, name, parallel, dtype)
     except KeyError as e:  # a field the family needs is absent: name it, not a traceback
         raise PyloaderInputError(f"config.json has no {e.args[0]!r}, which the {name} preset needs") from None
+    except (TypeError, ValueError, ZeroDivisionError, IndexError) as e:  # fields of the wrong kind or that disagree
+        raise PyloaderInputError(f"config.json does not describe a {name} model: {type(e).__name__}: {e}") from None
+    for spec in preset.targets.values():  # a field left null gives a shape no tensor can have
+        if not all(type(d) is int and d >= 0 for d in spec.shape) or math.prod(spec.shape) >= 1 << 63:
+            raise PyloaderInputError(f"config.json gives {spec.name} the shape {list(spec.shape)} (the {name} preset; "
+                                     "a size field null or of the wrong kind?)")
+    return preset
+
+
+# Sizes the presets build targets and loops from: whole numbers no real model comes near the
+# bounds of, checked before any is used (a layer count of 2^40 would loop for hours).
+_SIZE_FIELDS = (
+    "hidden_size", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size", "vocab_size",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+    "qk_rope_head_dim", "v_head_dim", "index_head_dim", "index_n_heads", "mamba_num_heads", "mamba_head_dim",
+    "n_groups", "ssm_state_size", "conv_kernel", "moe_latent_size", "moe_shared_expert_intermediate_size",
+)
+_COUNT_FIELDS = ("num_hidden_layers", "num_experts", "n_routed_experts", "num_local_experts", "n_shared_experts",
+                 "first_k_dense_replace", "moe_layer_freq", "decoder_sparse_step")
+_MAX_SIZE, _MAX_COUNT = 1 << 24, 1 << 16
+
+
+def _check_sizes(c: dict, name: str) -> None:
+    for field, bound in [(f, _MAX_SIZE) for f in _SIZE_FIELDS] + [(f, _MAX_COUNT) for f in _COUNT_FIELDS]:
+        v = c.get(field)
+        if v is None:
+            continue
+        if type(v) is not int or not 0 <= v <= bound:
+            raise PyloaderInputError(f"config.json: {field} = {v!r} is not a whole number in [0, {bound}] "
+                                     f"(the {name} preset builds its targets from it)")
 
 
 def _build(c: dict, name: str, parallel: Parallel, dtype: torch.dtype) -> Preset:

@@ -12,8 +12,8 @@ def deepseek(b, c, par, layers, dsa: bool):
     nope, rope, vhd = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
     qk = nope + rope
     E = c.get("n_routed_experts")
-    first_dense = c.get("first_k_dense_replace", 0)
-    freq = c.get("moe_layer_freq", 1)
+    first_dense = c.get("first_k_dense_replace") or 0
+    freq = c.get("moe_layer_freq") or 1
     f32 = torch.float32
     for i in range(*layers):
         p = f"model.layers.{i}"

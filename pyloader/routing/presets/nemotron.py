@@ -51,7 +51,7 @@ def nemotron_h(b, c, par, layers):
         kind = pattern[i]
         if kind == "M":
             b.segmented_column(f"{m}.in_proj.weight", (d_inner + conv_dim + nh, H), in_proj, i)
-            b.segmented_column(f"{m}.conv1d.weight", (conv_dim, 1, c.get("conv_kernel", 4)), conv, i)
+            b.segmented_column(f"{m}.conv1d.weight", (conv_dim, 1, c.get("conv_kernel") or 4), conv, i)
             if c.get("use_conv_bias", True):
                 b.segmented_column(f"{m}.conv1d.bias", (conv_dim,), conv, i)
             for name in ("A_log", "D", "dt_bias"):
