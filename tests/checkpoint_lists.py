@@ -125,8 +125,3 @@ def dense_entries(c):
     return out
 
 
-def naive_load(names, target_names):
-    """What broke in the engines: every checkpoint name must be a parameter of this rank."""
-    for n in names:
-        if n not in target_names:
-            raise KeyError(n)

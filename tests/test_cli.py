@@ -1,6 +1,7 @@
 """``pyloader inspect``: JSON contract, human output, exit code 2 with a clear message on bad input."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -132,3 +133,31 @@ def test_every_argument_of_every_subcommand_has_help():
             if isinstance(action, argparse._HelpAction):
                 continue
             assert action.help, f"pyloader {name} {'/'.join(action.option_strings) or action.dest}: no --help text"
+
+
+def test_a_scale_grid_that_contradicts_the_declared_blocks_is_refused_by_inspect_load_and_convert(tmp_path, capsys):
+    """One decision for all three commands: a [4, 1] scale of a [256, 256] weight would fit 64x256
+    blocks, but the config declares 128x128; each command refuses it naming the scale."""
+    import pyloader
+    from safetensors.torch import load_file, save_file
+
+    from pyloader.routing.presets import build_preset
+    from pyloader.synthetic import allocate_targets, write_checkpoint
+    from tiny_models import TINY
+
+    c = dict(TINY["llama"], quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
+    d = write_checkpoint(tmp_path / "m", c)
+    name = "model.layers.0.self_attn.q_proj.weight_scale_inv"
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    f = d / index["weight_map"][name]
+    tensors = load_file(str(f))
+    assert tuple(tensors[name].shape) == (2, 2)
+    tensors[name] = torch.ones(4, 1)
+    save_file(tensors, str(f))
+    needle = f"{name}' (the scale of model.layers.0.self_attn.q_proj.weight): scale shape [4, 1]"
+    assert main(["inspect", str(d)]) == 2
+    assert needle in capsys.readouterr().err
+    with pytest.raises(pyloader.PyloaderInputError, match=re.escape(needle)):
+        pyloader.load(allocate_targets(build_preset(c).targets, "cpu"), d, backend="torch", progress=False)
+    assert main(["convert", str(d), str(tmp_path / "out"), "--device", "cpu", "--no-progress"]) == 2
+    assert needle in capsys.readouterr().err and not (tmp_path / "out" / "model.safetensors.index.json").exists()
