@@ -220,8 +220,7 @@ def cold_block_reads(files, threads: int, chunk: int, block: int, direct: bool) 
     front to back in ``chunk`` preads through one descriptor a file (buffered or O_DIRECT): with
     block = a whole file and a reader a file, a few long sequential streams; with block = chunk,
     many readers interleaved in file order, one ascending stream (fastsafetensors 0.5.0's nogds
-    shape with chunk = 512 KiB, see cold()). (The per-reader regions, spread and mmap probes of
-    session 5 are in bench_executor.py at f0fc549.)"""
+    shape with chunk = 512 KiB, see cold())."""
     sizes, units = _block_units(files, block)
     fds = [os.open(f, os.O_RDONLY | (os.O_DIRECT if direct else 0)) for f in files]
 

@@ -1,4 +1,4 @@
-"""Routing and planning time over real checkpoint tensor lists (../shared/checkpoints), CPU only.
+"""Routing and planning time over real checkpoint tensor lists (tests/data/checkpoints), CPU only.
 
     python bench/bench_router.py [--results FILE]
 

@@ -1,6 +1,6 @@
-"""Real checkpoint tensor lists (../shared/checkpoints/*/header_dump.rows.json) as header-only
-Checkpoints: names expanded (a name component ``a-b`` is every integer a..b), shapes and dtypes as
-published, byte offsets laid out contiguously per file."""
+"""Real checkpoint tensor lists (``data/checkpoints/*/header_dump.rows.json``, copied from published
+header dumps) as header-only Checkpoints: names expanded (a name component ``a-b`` is every integer
+a..b), shapes and dtypes as published, byte offsets laid out contiguously per file."""
 
 import itertools
 import json
