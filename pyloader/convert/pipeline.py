@@ -27,6 +27,7 @@ CHUNK_BYTES = 128 << 20  # output bytes a chunk: a tensor larger than this is co
 
 
 FILES_AHEAD = 1  # files whose chunks are queued while an earlier file finishes
+FILES_FINISHING = 2  # files whose fsync, check and rename may still run behind the queueing
 
 
 @dataclass
@@ -257,9 +258,27 @@ class Converter:
 
     def write_files(self, items: List[Tuple[Path, OutFile]], done: Callable[[str], None]) -> None:
         """Every file through one pipeline: the next file's chunks are queued while the previous
-        one finishes, so the workers never drain at a file boundary (FILES_AHEAD files open)."""
+        one finishes, so the workers never drain at a file boundary (FILES_AHEAD files open), and a
+        file's finish (its last chunks, fsync, check, rename) runs on a thread of its own, so the
+        fsync overlaps the next file's conversion instead of holding up its queue."""
         open_files: deque = deque()
+        finishing: deque = deque()  # (file, future) in file order, at most FILES_FINISHING
         upcoming: Optional[OpenFile] = None  # the next file, opened (and allocating) before it starts
+        finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyloader-finish")
+
+        failed: List[bool] = []
+
+        def finish(h: OpenFile) -> None:
+            if failed:  # an earlier file failed: no later one is renamed into place
+                h.abort()
+                return
+            try:
+                self.finish_file(h)
+            except BaseException:
+                failed.append(True)
+                raise
+            done(h.f.name)
+
         try:
             for i, (path, f) in enumerate(items):
                 h, upcoming = upcoming or self.open_file(path, f), None
@@ -269,13 +288,22 @@ class Converter:
                 self.start_file(h)
                 while len(open_files) > FILES_AHEAD:
                     h = open_files.popleft()
-                    self.finish_file(h)
-                    done(h.f.name)
+                    finishing.append((h, finisher.submit(finish, h)))
+                while len(finishing) > FILES_FINISHING:
+                    finishing.popleft()[1].result()
             while open_files:
                 h = open_files.popleft()
-                self.finish_file(h)
-                done(h.f.name)
+                finishing.append((h, finisher.submit(finish, h)))
+            while finishing:
+                finishing.popleft()[1].result()
         except BaseException:
             for h in list(open_files) + ([upcoming] if upcoming is not None else []):
                 h.abort()
+            for _, fut in finishing:  # each finish aborts its own file if it fails
+                try:
+                    fut.result()
+                except BaseException:  # noqa: BLE001 - the first error is the one raised
+                    pass
             raise
+        finally:
+            finisher.shutdown(wait=True)
