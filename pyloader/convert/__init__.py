@@ -11,7 +11,7 @@ tool loads.
   output file is allocated ahead of the writes, in steps on its own thread (a full disk is an
   error, never a SIGBUS), and chunks are copied into mapped windows of it, so the workers write
   one file side by side (write(2) to one file is serialized by its inode lock); on disks write(2)
-  measured faster and is used.
+  is used (docs/decisions.md#convert-writes).
 - Atomic and resumable: each file is written as ``NAME.tmp``, fsynced, re-validated and renamed;
   ``--resume`` keeps finished files whose headers and sizes check out. The index (new weight map,
   correct ``total_size``, other metadata kept) and ``config.json`` (no ``quantization_config``,

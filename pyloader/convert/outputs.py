@@ -44,7 +44,7 @@ def filesystem_type(path: Path) -> str:
 
 def writes_for(dst: Path, writes: str) -> str:
     """auto: mapped windows on memory filesystems, where one file's write(2) lock is the limit;
-    write(2) on disks, where it measured faster (docs/decisions.md#convert-writes)."""
+    write(2) on disks (docs/decisions.md#convert-writes)."""
     if writes != "auto":
         return writes
     return "mmap" if filesystem_type(dst) in ("tmpfs", "ramfs", "hugetlbfs") else "pwrite"
@@ -54,7 +54,7 @@ class Reservation:
     """Allocates an output file ahead of mapped writes, in steps, on its own thread: a mapped
     write that finds the disk full would kill the process (SIGBUS) instead of raising, so no chunk
     is written before its bytes are allocated. Steps let the first chunks go while the rest is
-    allocated (tmpfs allocates a page at a time: 4 GB took longer than converting 1 GB)."""
+    allocated (tmpfs allocates a page at a time, slowly)."""
 
     STEP = 256 << 20
 

@@ -123,7 +123,7 @@ class Converter:
             return
         start = file_offset - file_offset % mmap.ALLOCATIONGRANULARITY
         lead = file_offset - start
-        # faulted in page by page as the copy goes: MAP_POPULATE (one call a window) measured slower
+        # faulted in page by page as the copy goes, not with MAP_POPULATE (docs/decisions.md#convert-writes)
         window = mmap.mmap(fd, lead + src.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE,
                            offset=start)
         try:
@@ -179,8 +179,8 @@ class Converter:
 
     def _census(self, name: str, x: torch.Tensor):
         # One reduction: a NaN or an infinity makes the sum non-finite (so may an overflowing sum of
-        # finite values, and then the exact counts below find nothing); isfinite over the whole tensor
-        # costs many times a sum on CPUs.
+        # finite values, and then the exact counts below find nothing); isfinite over a whole bf16
+        # tensor is slow on CPUs (docs/decisions.md#convert-cpu).
         if x.numel() == 0 or bool(torch.isfinite(x.sum())):
             return
         counts = torch.stack([torch.isnan(x).sum(), torch.isinf(x).sum()]).tolist()  # one sync, not two

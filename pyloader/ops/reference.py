@@ -156,7 +156,7 @@ def dequant_2d_torch(
     if decoder is not None and decoder.factor != 1.0:
         # wf holds x * 2^-k: fold 2^k into the (small) scales; the product is the same real
         # number, so it rounds the same. Where a scale would overflow, the data is scaled instead.
-        lo, hi = torch.aminmax(s)  # one op: a check of three small ops cost as much as a data pass
+        lo, hi = torch.aminmax(s)  # one op: small ops each pay a fixed cost near a data pass's
         limit = _FLOAT32_OVERFLOW / decoder.factor
         scale_data = not (float(hi) < limit and float(lo) > -limit)  # NaN: scale the data
         if not scale_data:

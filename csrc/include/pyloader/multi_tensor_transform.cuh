@@ -221,10 +221,10 @@ __device__ __forceinline__ void dispatch_dst(const TransformJob& job, uint32_t f
 // The common kernel: byte copies and E4M3 -> BF16, the whole of a DeepSeek/Qwen FP8 or BF16
 // layer; the host picks it when every job of a table is one of those, and the general kernel
 // otherwise. One block a chunk (no persistent loop), two units a thread, and 2-D jobs cut into
-// tiles of 32 rows x 16 units: this shape came closest to the copy ceiling of those measured
-// (docs/decisions.md#common-kernel).
+// tiles of 32 rows x 16 units: short-lived blocks issue their loads at once, where a persistent
+// grid-stride walk keeps fewer requests in flight (docs/decisions.md#common-kernel).
 constexpr int kTileUnits = 16;  // units across a tile row; kThreads / kTileUnits rows a pass
-constexpr int kCommonUnits = 2;  // units a thread: 32-row tiles (64-row ones measured no faster)
+constexpr int kCommonUnits = 2;  // units a thread: 32-row tiles (docs/decisions.md#common-kernel)
 
 // kUnits units a thread: a tile is kUnits passes of 16 rows (32 or 64 rows).
 template <int kUnits>
