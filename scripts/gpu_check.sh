@@ -150,6 +150,7 @@ if has ab || has ab-cold; then
   grep -B1 -A30 "gbps_median" "$OUT/ab.log" | tail -120
 fi
 
+python3 bench/check_rows.py "$OUT" --results "$OUT/results.jsonl" > /dev/null 2>&1 || true  # tests and sanitizer as rows
 note "done, status $status"
 cat "$OUT/summary.txt"
 exit $status
