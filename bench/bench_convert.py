@@ -22,10 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dequant import per_block_triton  # noqa: E402
-from common import environment, print_table, write_rows  # noqa: E402
+from common import environment, print_table, write_alone, write_rows  # noqa: E402
 
 from pyloader.bench import synthetic_config  # noqa: E402
-from pyloader.bench.results import warm
+from pyloader.bench.results import warm  # noqa: E402
 from pyloader.convert import convert  # noqa: E402
 from pyloader.synthetic import write_checkpoint  # noqa: E402
 
@@ -34,26 +34,6 @@ def timed(fn):
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
-
-
-def write_alone(directory: Path, nbytes: int) -> float:
-    directory.mkdir(parents=True, exist_ok=True)
-    block = os.urandom(64 << 20)
-    path = directory / "write_probe.bin"
-
-    def run():
-        with open(path, "wb") as f:
-            left = nbytes
-            while left > 0:
-                n = min(left, len(block))
-                f.write(block[:n])
-                left -= n
-            f.flush()
-            os.fsync(f.fileno())
-
-    t = timed(run)
-    path.unlink()
-    return t
 
 
 def baseline(src: Path, dst: Path):

@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, print_table, write_rows  # noqa: E402
+from common import environment, print_table, write_alone, write_rows  # noqa: E402
 
 from pyloader.bench import synthetic_config  # noqa: E402
 from pyloader.bench.results import warm  # noqa: E402
 from pyloader.synthetic import write_checkpoint  # noqa: E402
 
-HWM = "int([l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]) * 1024"
+HWM = "__import__('pyloader.rss', fromlist=['peak_rss']).peak_rss()"  # the whole process's high-water mark
 
 SCRIPT = f"""
 import json, os, sys, time, torch
@@ -95,22 +95,6 @@ def child(code, *args) -> dict:
     if done.returncode != 0:
         raise SystemExit(f"child failed: {done.stderr[-2000:]}")
     return dict(json.loads(done.stdout.strip().splitlines()[-1]), wall=wall)
-
-
-def write_alone(directory: Path, nbytes: int) -> float:
-    path = directory / "write_probe.bin"
-    block = os.urandom(64 << 20)
-    t = time.perf_counter()
-    with open(path, "wb") as f:
-        left = nbytes
-        while left > 0:
-            f.write(block[:min(left, len(block))])
-            left -= min(left, len(block))
-        f.flush()
-        os.fsync(f.fileno())
-    seconds = time.perf_counter() - t
-    path.unlink()
-    return seconds
 
 
 def main():

@@ -1,5 +1,6 @@
 """Shared benchmark plumbing: timing (CUDA graphs + events, median), ceilings, result rows (appended\nto the one results log, bench/results/results.jsonl)."""
 
+import os
 import statistics
 import subprocess
 import time
@@ -157,3 +158,26 @@ def print_table(rows, cols):
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
     for r in rows:
         print("  ".join(f"{r.get(c, '')}".ljust(w) for c, w in zip(cols, widths)))
+
+
+def write_alone(directory: Path, nbytes: int) -> float:
+    """Seconds to write ``nbytes`` of random data to a new file in ``directory`` and fsync it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    block = os.urandom(64 << 20)
+    path = directory / "write_probe.bin"
+
+    def run():
+        with open(path, "wb") as f:
+            left = nbytes
+            while left > 0:
+                n = min(left, len(block))
+                f.write(block[:n])
+                left -= n
+            f.flush()
+            os.fsync(f.fileno())
+
+    t = time.perf_counter()
+    run()
+    t = time.perf_counter() - t
+    path.unlink()
+    return t

@@ -105,10 +105,10 @@ def cmd_convert(args) -> int:
 
 def cmd_bench(args) -> int:
     from .bench import run_bench
-    from .bench.plot import plot_rows
+    from .bench.plot import plot_rows, require_matplotlib
 
     if args.plot:
-        plot_rows([], None)  # no matplotlib: refused before the benchmark runs, not after
+        require_matplotlib()  # refused before the benchmark runs, not after
 
     rows = run_bench(checkpoint=args.checkpoint, size_gb=args.size_gb, preset=args.preset, device=args.device,
                      cold=args.cold, peers=args.peers, repeats=args.repeats, results_path=args.results, keep=args.tmpdir)

@@ -10,7 +10,6 @@ NONE, BYTE, E4M3, E5M2, BF16, F16, F32, E8M0 = range(8)
 _E8M0_TORCH = getattr(torch, "float8_e8m0fnu", None)
 
 FP8_WEIGHT_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-FP8_SAFETENSORS = ("F8_E4M3", "F8_E5M2")  # the same two, as safetensors names them
 FLOAT_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # uint8 scales are raw E8M0 exponents (MX formats, MiniMax, gpt-oss *_scales).
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.uint8) + ((_E8M0_TORCH,) if _E8M0_TORCH else ())
@@ -60,3 +59,4 @@ DTYPES: Dict[str, Tuple[int, Optional[torch.dtype]]] = {
     "F4": (4, None), "F6_E2M3": (6, None), "F6_E3M2": (6, None),
 }
 TORCH_TO_SAFETENSORS = {t: name for name, (_, t) in DTYPES.items() if t is not None}
+FP8_SAFETENSORS = tuple(name for name, (_, t) in DTYPES.items() if t in FP8_WEIGHT_DTYPES)  # as safetensors names them

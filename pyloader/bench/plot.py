@@ -3,9 +3,8 @@
 from ..errors import PyloaderInputError
 
 
-def plot_rows(rows, path) -> None:
-    """A bar chart of the rows' GB/s (one case), with the ceiling of the first row, written to ``path``
-    (None: only check that matplotlib is there). Without matplotlib: an input error."""
+def require_matplotlib():
+    """``matplotlib.pyplot`` (headless), or an input error saying how to install it."""
     try:
         import matplotlib
 
@@ -13,8 +12,12 @@ def plot_rows(rows, path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise PyloaderInputError("--plot needs matplotlib, which is not installed: pip install 'pyloader-kernels[plot]'") from None
-    if path is None:
-        return
+    return plt
+
+
+def plot_rows(rows, path) -> None:
+    """A bar chart of the rows' GB/s (one case), with the ceiling of the first row, written to ``path``."""
+    plt = require_matplotlib()
     fig, ax = plt.subplots(figsize=(8, 0.6 * len(rows) + 1.5))
     ax.barh([r["provider"] for r in rows], [r["gbps"] for r in rows])
     if rows and rows[0].get("ceiling_gbps"):

@@ -7,7 +7,7 @@ Inside an engine's own ``load_weights`` (vLLM-style), with its fused parameters 
         return set(report.loaded)
 
 The preset is chosen from the checkpoint's ``config.json`` (``preset=`` overrides; ``rules=``
-replaces it with your own :class:`~pyloader.router.Rules`, the layout then being inferred from
+replaces it with your own :class:`~pyloader.routing.router.Rules`, the layout then being inferred from
 your module). BF16/FP16/FP32 targets receive dequantized values; the output dtype is always the
 target's own.
 """

@@ -3,7 +3,7 @@
 Engines hold fused parameters (``qkv_proj`` ``[q+k+v, H]``, ``gate_up_proj`` ``[2I, H]``,
 ``experts.w13_weight`` ``[E, 2I, H]``, ``experts.w2_weight`` ``[E, H, I]``); checkpoints store the
 pieces, often in FP8 with block scales. Each function here turns the pieces into a list of
-:class:`~pyloader.transform.TransformJob` (copy, cast or blockwise dequant of one 2-D view into
+:class:`~pyloader.ops.jobs.TransformJob` (copy, cast or blockwise dequant of one 2-D view into
 one 2-D view of the destination) and runs the whole list as one multi-tensor launch::
 
     from pyloader.ops import Shard, stack_shards, assemble_experts, tp_range, ep_expert_map

@@ -1,6 +1,6 @@
 """Triton kernels of pyloader (installed as pyloader.triton_kernels).
 
-Each has a public wrapper here and a torch reference in pyloader.reference.
+Each has a public wrapper here and a torch reference in pyloader.ops.reference.
 """
 
 from .quantize import quantize_blockwise_triton
