@@ -12,7 +12,7 @@ namespace {
 
 bool is_float_value(int32_t d) { return d == kE4M3 || d == kE5M2 || d == kBF16 || d == kF16 || d == kF32; }
 bool is_float_out(int32_t d) { return d == kBF16 || d == kF16 || d == kF32; }
-bool is_scale(int32_t d) { return d == kF32 || d == kBF16 || d == kF16 || d == kE8M0; }
+bool is_scale(int32_t d) { return d == kF32 || d == kBF16 || d == kF16 || d == kE8M0 || d == kE4M3; }
 
 std::string job_error(int64_t index, const std::string& what) {
   return "multi_tensor_transform: job " + std::to_string(index) + ": " + what;
@@ -44,7 +44,13 @@ class TableLauncher {
     }
     table_->jobs[table_->num_jobs++] = job;
     bound_ += most;
-    common_ = common_ && (job.src_dtype == kByte || (job.src_dtype == kE4M3 && job.dst_dtype == kBF16));
+    const bool to_bf16 = job.dst_dtype == kBF16;
+    const bool plain = job.amax == nullptr && job.global == nullptr &&
+                       (job.src_dtype == kByte || (job.src_dtype == kE4M3 && to_bf16));
+    const bool wide = job.src_dtype == kByte ||
+                      (to_bf16 && (job.src_dtype == kE4M3 || job.src_dtype == kE2M1 || job.src_dtype == kI4));
+    common_ = common_ && (plain || wide);
+    wide_ = wide_ || !plain;
     return cudaSuccess;
   }
 
@@ -63,8 +69,10 @@ class TableLauncher {
     }
     const uint32_t total = table_->chunk_start[n];
     if (total > 0) {
-      if (common_) {
-        common_transform_kernel<kCommonUnits><<<total, kThreads, 0, stream_>>>(*table_);  // a block a chunk
+      if (common_ && wide_) {
+        common_transform_kernel<kCommonUnits, true><<<total, kThreads, 0, stream_>>>(*table_);  // a block a chunk
+      } else if (common_) {
+        common_transform_kernel<kCommonUnits, false><<<total, kThreads, 0, stream_>>>(*table_);
       } else {
         const uint32_t grid = std::min<uint32_t>(total, static_cast<uint32_t>(sm_count()) * kAllBlocksPerSm);
         multi_tensor_transform_kernel<<<grid, kThreads, 0, stream_>>>(*table_);
@@ -81,10 +89,12 @@ class TableLauncher {
     table_->num_jobs = 0;
     table_->chunk_start[0] = 0;
     common_ = true;
+    wide_ = false;
     bound_ = 0;
   }
   cudaStream_t stream_;
-  bool common_ = true;
+  bool common_ = true;  // every job fits the common kernel (else the general one runs the table)
+  bool wide_ = false;   // some job needs its wide variant (packed source or gate)
   uint64_t bound_ = 0;
   std::unique_ptr<TransformTable> table_;
 };
@@ -100,10 +110,11 @@ cudaError_t launch_multi_tensor_transform(const int64_t* packed_jobs, int64_t nu
     const int32_t dst_dtype = static_cast<int32_t>(f[kFieldDstDtype]);
     const int32_t scale_dtype = static_cast<int32_t>(f[kFieldScaleDtype]);
     if (rows < 0 || cols < 0) throw std::invalid_argument(job_error(j, "negative rows or cols"));
+    const int64_t global_mode = f[kFieldGlobalMode];
     if (src_dtype == kByte || dst_dtype == kByte) {
-      if (src_dtype != dst_dtype || scale_dtype != kNone)
-        throw std::invalid_argument(job_error(j, "byte copies take byte source and destination and no scale"));
-    } else if (!is_float_value(src_dtype) || !is_float_out(dst_dtype)) {
+      if (src_dtype != dst_dtype || scale_dtype != kNone || f[kFieldAmax] != 0)
+        throw std::invalid_argument(job_error(j, "byte copies take byte source and destination, no scale and no gate"));
+    } else if (!(is_float_value(src_dtype) || is_packed(src_dtype)) || !is_float_out(dst_dtype)) {
       throw std::invalid_argument(job_error(j, std::string("unsupported dtype pair ") + dtype_name(src_dtype) +
                                                    " -> " + dtype_name(dst_dtype)));
     }
@@ -117,15 +128,27 @@ cudaError_t launch_multi_tensor_transform(const int64_t* packed_jobs, int64_t nu
       if (f[kFieldR0] + rows > INT32_MAX || f[kFieldC0] + cols > INT32_MAX)
         throw std::invalid_argument(job_error(j, "block offset + extent exceeds int32"));
     }
+    if (global_mode != kGlobalNone) {
+      if (global_mode != kGlobalMul && global_mode != kGlobalDiv)
+        throw std::invalid_argument(job_error(j, "unknown second-level scale mode"));
+      if (f[kFieldGlobal] == 0 || scale_dtype == kNone)
+        throw std::invalid_argument(job_error(j, "a second-level scale needs its address and a block scale"));
+    } else if (f[kFieldGlobal] != 0) {
+      throw std::invalid_argument(job_error(j, "second-level scale address given without a mode"));
+    }
+    if (f[kFieldAmax] % 4 != 0) throw std::invalid_argument(job_error(j, "gate slot must be 4-byte aligned"));
     if (cols > INT32_MAX) throw std::invalid_argument(job_error(j, "more than 2^31 columns"));
     if (rows == 0 || cols == 0) continue;  // empty jobs launch nothing
     if (f[kFieldSrc] == 0 || f[kFieldDst] == 0) throw std::invalid_argument(job_error(j, "null pointer"));
 
+    const bool packed = is_packed(src_dtype);
     const int vec = vec_width_of(src_dtype, dst_dtype);
-    const int64_t src_row_bytes = f[kFieldSrcRowStride] * dtype_bytes(src_dtype);
+    const int64_t src_row_bytes = packed ? f[kFieldSrcRowStride] : f[kFieldSrcRowStride] * dtype_bytes(src_dtype);
     const int64_t dst_row_bytes = f[kFieldDstRowStride] * dtype_bytes(dst_dtype);
-    // Vector accesses need every row start aligned to the access width of each side.
-    const int64_t src_access = int64_t(vec) * dtype_bytes(src_dtype), dst_access = int64_t(vec) * dtype_bytes(dst_dtype);
+    // Vector accesses need every row start aligned to the access width of each side (fp32 out of
+    // a packed source: two 16-byte stores).
+    const int64_t src_access = packed ? vec / 2 : int64_t(vec) * dtype_bytes(src_dtype);
+    const int64_t dst_access = std::min<int64_t>(16, int64_t(vec) * dtype_bytes(dst_dtype));
     bool vec_ok = f[kFieldSrc] % src_access == 0 && f[kFieldDst] % dst_access == 0 &&
                   (rows == 1 || (src_row_bytes % src_access == 0 && dst_row_bytes % dst_access == 0));
     if (scale_dtype != kNone) {
@@ -142,6 +165,8 @@ cudaError_t launch_multi_tensor_transform(const int64_t* packed_jobs, int64_t nu
     job.dst_row_stride = f[kFieldDstRowStride];
     job.scale_row_stride = f[kFieldScaleRowStride];
     job.scale_col_stride = f[kFieldScaleColStride];
+    job.global = global_mode == kGlobalNone ? nullptr : reinterpret_cast<const float*>(f[kFieldGlobal]);
+    job.amax = reinterpret_cast<uint32_t*>(f[kFieldAmax]);
     job.cols = static_cast<int32_t>(cols);
     job.block_rows = scale_dtype == kNone ? 1 : static_cast<int32_t>(f[kFieldBlockRows]);
     job.block_cols = scale_dtype == kNone ? 1 : static_cast<int32_t>(f[kFieldBlockCols]);
@@ -152,7 +177,7 @@ cudaError_t launch_multi_tensor_transform(const int64_t* packed_jobs, int64_t nu
     job.src_dtype = static_cast<uint8_t>(src_dtype);
     job.dst_dtype = static_cast<uint8_t>(dst_dtype);
     job.scale_dtype = static_cast<uint8_t>(scale_dtype);
-    job.flags = vec_ok ? kVecOk : 0;
+    job.flags = (vec_ok ? kVecOk : 0) | (global_mode == kGlobalDiv ? kDivideGlobal : 0);
 
     // Split by rows so that unit indices of one job fit 32 bits; each piece keeps its global
     // block-grid row offset, so scales stay indexed at the right block.

@@ -6,8 +6,8 @@ raises a clear error instead of failing somewhere deeper.
 """
 
 cuda_built = False
-job_fields = 16
-max_jobs_per_launch = 256
+job_fields = 19
+max_jobs_per_launch = 224
 
 _WHY = (
     "pyloader was installed without its CUDA extension (no nvcc at build time, or "

@@ -387,7 +387,7 @@ def expert_table(out: torch.Tensor, experts, expert_map: Optional[Mapping[int, i
 def multi_tensor_transform(jobs: Sequence[TransformJob], backend: Optional[str] = None) -> None:
     """Run transform jobs (copy / cast / blockwise dequant of 2-D views) in as few launches as possible.
 
-    ``cuda``: one launch per 256 jobs (large jobs are split into chunks across the grid);
+    ``cuda``: one launch per 224 jobs (large jobs are split into chunks across the grid);
     ``triton``: one launch per distinct (source, destination, scale) dtype signature; ``torch``: job by job.
     """
     first = next((j for j in jobs if j.src.numel() > 0), None)
@@ -466,7 +466,7 @@ def assemble_layer(experts: Sequence[Tuple[torch.Tensor, object]] = (),
                                 (w2, {e: Shard(w2_[e], s2[e]) for e in emap})],
                        stacks=[(qkv, [q, k, v])], expert_map=emap)
 
-    The destinations must be on one device. (The cuda backend runs 256 jobs a launch: a layer of
+    The destinations must be on one device. (The cuda backend runs 224 jobs a launch: a layer of
     more jobs is still one call and one pass over the table.)"""
     outs = [o for o, _ in experts] + [o for o, _ in stacks]
     if not outs:

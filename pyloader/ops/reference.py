@@ -2,7 +2,11 @@
 
 Numerics are the contract every backend must meet bit for bit on the GPU:
 
-    out[..., i, j] = round_to_nearest_even(float32(w[..., i, j]) * float32(s[..., (i + r0) // bm, (j + c0) // bn]))
+    out[..., i, j] = round_to_nearest_even(decode(w)[..., i, j] * S[..., (i + r0) // bm, (j + c0) // bn])
+
+``decode``: float32 of the element, or of a packed 4-bit code (E2M1 value, or INT4 q - 8);
+``S``: the block scale as float32, times or divided by a second-level float32 scale (NVFP4)
+in one rounding (:func:`effective_scale`).
 
 The dequant never materializes a full-size expanded scale: rows are processed in chunks, and
 inside a chunk each run of columns that shares a scale column is scaled through a broadcast view.
@@ -29,6 +33,45 @@ def scale_to_float32(scale: torch.Tensor) -> torch.Tensor:
         bits = torch.where(e == 255, torch.full_like(e, 0x7FC00000), bits)
         return bits.view(torch.float32)
     return scale.to(torch.float32)
+
+
+def effective_scale(scale: torch.Tensor, global_scale: Optional[torch.Tensor] = None, mode: str = "mul") -> torch.Tensor:
+    """The float32 scale grid with a second-level scale applied: ``s * g`` (ModelOpt's
+    weight_scale_2) or ``s / g`` (compressed-tensors' weight_global_scale), rounded once."""
+    s = scale_to_float32(scale)
+    if global_scale is None:
+        return s
+    g = global_scale.reshape(()).to(device=s.device, dtype=torch.float32)
+    return s * g if mode == "mul" else s / g  # tensor / tensor: a true division, also on CUDA
+
+
+def _pair_table(packing: str) -> torch.Tensor:
+    """float32 [256, 2]: the two values of each packed byte, low nibble first."""
+    lo = torch.arange(256) & 15
+    hi = torch.arange(256) >> 4
+    if packing == "e2m1":
+        values = torch.tensor(dtypes.E2M1_VALUES, dtype=torch.float32)
+        return torch.stack([values[lo], values[hi]], dim=1)
+    return torch.stack([lo, hi], dim=1).to(torch.float32) - 8.0
+
+
+_PAIR_TABLES = {}
+
+
+def decode_packed(w: torch.Tensor, cols: int, packing: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """float32 [rows, cols] of a packed source (bytes [rows, >= ceil(cols / 2)], or int32 words).
+    ``out``: a float32 [rows, 2 * bytes] buffer to decode into (its first ``cols`` columns are returned)."""
+    wb = dtypes.as_packed_bytes(w)
+    rows, nbytes = wb.shape
+    key = (packing, wb.device)
+    table = _PAIR_TABLES.get(key)
+    if table is None:
+        table = _PAIR_TABLES[key] = _pair_table(packing).to(wb.device)
+    if out is None:
+        out = torch.empty((rows, 2 * nbytes), dtype=torch.float32, device=wb.device)
+    flat = out.view(rows * nbytes, 2)
+    torch.index_select(table, 0, wb.reshape(-1).to(torch.int32), out=flat)
+    return out[:, :cols]
 
 
 def _column_runs(cols: int, c0: int, bn: int):
@@ -129,31 +172,46 @@ def _mul_block_scales(wf: torch.Tensor, s: torch.Tensor, g0: int, bm: int, bn: i
             wf[:, start:stop].mul_(per_row[:, sc:sc + 1])
 
 
-def dequant_2d_torch(
-    w: torch.Tensor, s: torch.Tensor, out: torch.Tensor, block_size: Tuple[int, int], block_offset: Tuple[int, int] = (0, 0)
-) -> torch.Tensor:
-    """out[i, j] = rne(float32(w[i, j]) * s[(i + r0) // bm, (j + c0) // bn]) for 2-D w, out; s already float32 2-D.
+def _abs_max(x: torch.Tensor) -> torch.Tensor:
+    """max |x| as a float32 0-d tensor (NaN if any; 0 for an empty x)."""
+    if x.numel() == 0:
+        return torch.zeros((), dtype=torch.float32, device=x.device)
+    return torch.linalg.vector_norm(x, float("inf")).to(torch.float32)
 
-    w may be FP8 (decoded by integer ops) or any float dtype.
+
+def dequant_2d_torch(
+    w: torch.Tensor, s: Optional[torch.Tensor], out: torch.Tensor, block_size: Tuple[int, int] = (1, 1),
+    block_offset: Tuple[int, int] = (0, 0), packing: Optional[str] = None, amax: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """out[i, j] = rne(decode(w)[i, j] * s[(i + r0) // bm, (j + c0) // bn]) for 2-D w, out; s already
+    float32 2-D, or None (decode and round only).
+
+    w may be FP8 (decoded by integer ops), any float dtype, or packed 4-bit codes (``packing``;
+    bytes or int32 words, half the columns). ``amax``: a float32 [2] gate slot raised to
+    max |result before rounding| and max |decoded w|.
     """
     bm, bn = block_size
     r0, c0 = block_offset
-    rows, cols = w.shape
+    rows, cols = out.shape
     if rows == 0 or cols == 0:
         return out
-    fp8 = w.dtype in dtypes.FP8_WEIGHT_DTYPES
-    on_cpu = w.device.type == "cpu" and out.device.type == "cpu" and s.device.type == "cpu"
-    runs = list(_column_runs(cols, c0, bn))
+    fp8 = packing is None and w.dtype in dtypes.FP8_WEIGHT_DTYPES
+    on_cpu = w.device.type == "cpu" and out.device.type == "cpu" and (s is None or s.device.type == "cpu")
+    runs = list(_column_runs(cols, c0, bn)) if s is not None else []
+    width = cols
+    if packing is not None:
+        w = dtypes.as_packed_bytes(w)
+        width = 2 * w.shape[1]  # decoded in whole bytes, then sliced to cols
     if on_cpu:
         # a chunk is split over torch's threads: each thread's part of the float32 buffer stays in its L2
-        chunk_rows = max(1, min(rows, CPU_CHUNK_ELEMS_PER_THREAD * max(1, torch.get_num_threads()) // cols))
-        wf_buf = _scratch(chunk_rows * cols, torch.float32).view(chunk_rows, cols)
+        chunk_rows = max(1, min(rows, CPU_CHUNK_ELEMS_PER_THREAD * max(1, torch.get_num_threads()) // width))
+        wf_buf = _scratch(chunk_rows * width, torch.float32).view(chunk_rows, width)
     else:
-        chunk_rows = max(1, min(rows, _CHUNK_ELEMS.get(w.device.type, 1 << 20) // cols))
-        wf_buf = torch.empty((chunk_rows, cols), dtype=torch.float32, device=w.device)
+        chunk_rows = max(1, min(rows, _CHUNK_ELEMS.get(w.device.type, 1 << 20) // width))
+        wf_buf = torch.empty((chunk_rows, width), dtype=torch.float32, device=w.device)
     decoder = _Fp8Decoder(w, (chunk_rows, cols)) if fp8 else None
     scale_data = False
-    if decoder is not None and decoder.factor != 1.0:
+    if s is not None and decoder is not None and decoder.factor != 1.0:
         # wf holds x * 2^-k: fold 2^k into the (small) scales; the product is the same real
         # number, so it rounds the same. Where a scale would overflow, the data is scaled instead.
         lo, hi = torch.aminmax(s)  # one op: small ops each pay a fixed cost near a data pass's
@@ -161,17 +219,34 @@ def dequant_2d_torch(
         scale_data = not (float(hi) < limit and float(lo) > -limit)  # NaN: scale the data
         if not scale_data:
             s = s * decoder.factor
+    if decoder is not None and s is None:
+        scale_data = decoder.factor != 1.0  # no scale to fold the factor into
+    maxima = []
     for i0 in range(0, rows, chunk_rows):
         i1 = min(rows, i0 + chunk_rows)
-        wf = wf_buf[: i1 - i0]
-        if decoder is None:
+        if packing is not None:
+            wf = decode_packed(w[i0:i1], cols, packing, wf_buf[: i1 - i0])
+        elif decoder is None:
+            wf = wf_buf[: i1 - i0]
             wf.copy_(w[i0:i1])
         else:
+            wf = wf_buf[: i1 - i0]
             decoder.decode(w[i0:i1], wf)
             if scale_data:
                 wf.mul_(decoder.factor)
-        _mul_block_scales(wf, s, i0 + r0, bm, bn, runs)
+        if amax is not None:
+            src_max = _abs_max(wf)
+            if decoder is not None and not scale_data:
+                src_max = src_max * decoder.factor  # a power of two: exact
+        if s is not None:
+            _mul_block_scales(wf, s, i0 + r0, bm, bn, runs)
+        if amax is not None:
+            maxima.append(torch.stack([_abs_max(wf), src_max]))
         out[i0:i1].copy_(wf)
+    if amax is not None:
+        per_chunk = torch.stack(maxima).to(amax.device)
+        new = torch.stack([per_chunk[:, 0].max(), per_chunk[:, 1].max()])
+        amax.copy_(torch.maximum(amax, new))  # NaN propagates
     return out
 
 

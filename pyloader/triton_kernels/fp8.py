@@ -23,6 +23,16 @@ def e5m2_bits_to_float32(b):
 
 
 @triton.jit
+def e2m1_bits_to_float32(n):
+    """4-bit E2M1 code (int32 0..15) -> fp32: the 3-bit magnitude at fp16 bits 9..11 reads as the
+    value times 2^-14 (code 1, 0.5, is the fp16 subnormal 2^-15); the sign goes in as a bit."""
+    h = ((n & 7) << 9).to(tl.uint16)
+    mag = h.to(tl.float16, bitcast=True).to(tl.float32) * 16384.0
+    sign = (n & 8).to(tl.uint32) << 28
+    return (mag.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def e8m0_bits_to_float32(e):
     """E8M0 exponent byte -> fp32 2^(e-127); e = 0 is the subnormal 2^-127, e = 255 is NaN."""
     e32 = e.to(tl.int32)

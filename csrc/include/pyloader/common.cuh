@@ -60,12 +60,40 @@ struct FastDiv {
   }
 };
 
+// Packed nibbles. E2M1: the 3-bit magnitude placed at fp16 bits 9..11 reads as the value times
+// 2^-14 (code 1, 0.5, is the subnormal 2^-15), so one fp16 -> fp32 conversion and an exact
+// multiply decode it; the sign bit goes to bit 15. INT4: q - 8.
+__device__ __forceinline__ float e2m1_to_float(uint32_t n) {
+  const unsigned short h = static_cast<unsigned short>(((n & 8u) << 12) | ((n & 7u) << 9));
+  return __half2float(__ushort_as_half(h)) * 16384.0f;
+}
+__device__ __forceinline__ float int4_to_float(uint32_t n) { return static_cast<float>(static_cast<int32_t>(n & 15u) - 8); }
+
+// Four bytes of packed nibbles (eight values, low nibble of the lowest byte first) -> fp32.
+template <bool kInt4>
+__device__ __forceinline__ void nibbles_to_float8(uint32_t w, float (&out)[8]) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const uint32_t n = (w >> (4 * i)) & 15u;
+    out[i] = kInt4 ? int4_to_float(n) : e2m1_to_float(n);
+  }
+}
+template <bool kInt4>
+__device__ __forceinline__ float nibble_at(const uint8_t* row, uint32_t c) {
+  const uint32_t n = (row[c >> 1] >> ((c & 1u) * 4)) & 15u;
+  return kInt4 ? int4_to_float(n) : e2m1_to_float(n);
+}
+
+// |x| as ordered bits: a NaN (any payload) sorts above +inf, so a max over bits keeps it.
+__device__ __forceinline__ uint32_t abs_bits(float v) { return __float_as_uint(v) & 0x7FFFFFFFu; }
+
 __device__ __forceinline__ float load_scale(const void* base, int32_t dtype, int64_t index) {
   switch (dtype) {
     case kF32: return __ldg(static_cast<const float*>(base) + index);
     case kBF16: return __bfloat162float(__ldg(static_cast<const __nv_bfloat16*>(base) + index));
     case kF16: return __half2float(__ldg(static_cast<const __half*>(base) + index));
     case kE8M0: return e8m0_to_float(__ldg(static_cast<const uint8_t*>(base) + index));
+    case kE4M3: return to_float(e4m3_t{__ldg(static_cast<const uint8_t*>(base) + index)});
     default: return 1.0f;
   }
 }

@@ -32,16 +32,26 @@ enum DType : int32_t {
   kF16 = 5,
   kF32 = 6,
   kE8M0 = 7,   // scale only: 2^(e-127), e = 255 is NaN (float8_e8m0fnu or raw uint8)
+  kE2M1 = 8,   // source only: FP4 codes, two a byte, low nibble first
+  kI4 = 9,     // source only: signed INT4 stored offset by 8, two a byte, low nibble first (I32 words, LSB first)
 };
 
-// One job as Python packs it: kJobFields int64 values per job, in this order.
+inline bool is_packed(int32_t code) { return code == kE2M1 || code == kI4; }
+
+// One job as Python packs it: kJobFields int64 values per job, in this order. Strides are in
+// elements, except a packed source's row stride, which is in bytes. kFieldGlobal: address of a
+// float32 second-level scale (0: none), applied to every block scale as kFieldGlobalMode says
+// (kGlobalMul: s * g, kGlobalDiv: s / g). kFieldAmax: address of two uint32 (0: none) that receive
+// the bits of max |output before rounding| and max |decoded source| (atomicMax: |x| orders as its bits).
 enum JobField : int {
   kFieldSrc = 0, kFieldDst, kFieldScale, kFieldRows, kFieldCols, kFieldSrcRowStride, kFieldDstRowStride,
   kFieldScaleRowStride, kFieldScaleColStride, kFieldBlockRows, kFieldBlockCols, kFieldR0, kFieldC0,
-  kFieldSrcDtype, kFieldDstDtype, kFieldScaleDtype, kJobFields
+  kFieldSrcDtype, kFieldDstDtype, kFieldScaleDtype, kFieldGlobal, kFieldGlobalMode, kFieldAmax, kJobFields
 };
 
-constexpr int kMaxJobsPerLaunch = 256;
+enum GlobalMode : int32_t { kGlobalNone = 0, kGlobalMul = 1, kGlobalDiv = 2 };
+
+constexpr int kMaxJobsPerLaunch = 224;  // the table is a kernel parameter: 32 KB at most
 
 // Validates the packed jobs, splits jobs too large for 32-bit unit indexing, and launches as
 // many times as the table fills. Throws std::invalid_argument on a bad job.
@@ -68,6 +78,8 @@ inline const char* dtype_name(int32_t code) {
     case kF16: return "float16";
     case kF32: return "float32";
     case kE8M0: return "e8m0";
+    case kE2M1: return "e2m1 (packed fp4)";
+    case kI4: return "int4 (packed)";
     default: return "unknown";
   }
 }

@@ -36,17 +36,20 @@ struct TransformJob {
   int32_t block_cols;      // bn
   int32_t r0;              // block-grid offset of row 0 (tensor-parallel slices)
   int32_t c0;
+  const float* global;     // nullptr: no second-level scale
+  uint32_t* amax;          // nullptr: no gate; else [max |out| bits, max |source| bits]
   FastDiv units_per_row;   // ceil(cols / vector width of the dtype pair)
   FastDiv block_rows_div;
   FastDiv block_cols_div;
   uint8_t src_dtype;
   uint8_t dst_dtype;
   uint8_t scale_dtype;
-  uint8_t flags;           // kVecOk | kTiled
+  uint8_t flags;           // kVecOk | kTiled | kDivideGlobal
 };
 
 constexpr uint8_t kVecOk = 1;  // aligned for vector accesses, vectors never straddle a scale block
 constexpr uint8_t kTiled = 2;  // common kernel: chunks are tiles of 16-unit rows (else flat runs of units)
+constexpr uint8_t kDivideGlobal = 4;  // block scale / global (compressed-tensors NVFP4), else * global
 
 struct TransformTable {
   TransformJob jobs[kMaxJobsPerLaunch];
@@ -65,8 +68,12 @@ __host__ __device__ constexpr int vec_width() {
 
 inline int dtype_bytes(int32_t d) { return (d == kByte || d == kE4M3 || d == kE5M2 || d == kE8M0) ? 1 : (d == kF32 ? 4 : 2); }
 
+// Packed sources move 8 values (4 bytes) a unit: a 16-byte store of bf16/fp16, two of fp32.
+constexpr int kPackedVec = 8;
+
 // Host-side mirror of vec_width for dtype codes (byte copies move 16 bytes per unit).
 inline int vec_width_of(int32_t src, int32_t dst) {
+  if (is_packed(src)) return kPackedVec;
   const int a = dtype_bytes(src), b = dtype_bytes(dst);
   return 16 / (a > b ? a : b);
 }
@@ -135,52 +142,140 @@ __device__ __forceinline__ void from_float_vec(const float (&v)[N], __half (&out
 }
 
 // Block-grid indices stay in 32 bits: the launcher guarantees r0 + rows and c0 + cols < 2^31.
+// The second-level scale applies to the block scale first (s * g or s / g, one rounding), then
+// the product with the value: the order of compressed-tensors' and ModelOpt's own dequant.
 __device__ __forceinline__ float job_scale(const TransformJob& job, uint32_t r, uint32_t c) {
   const uint32_t sr = job.block_rows_div.div(r + static_cast<uint32_t>(job.r0));
   const uint32_t sc = job.block_cols_div.div(c + static_cast<uint32_t>(job.c0));
-  return load_scale(job.scale, job.scale_dtype,
-                    static_cast<int64_t>(sr) * job.scale_row_stride + static_cast<int64_t>(sc) * job.scale_col_stride);
+  float s = load_scale(job.scale, job.scale_dtype,
+                       static_cast<int64_t>(sr) * job.scale_row_stride + static_cast<int64_t>(sc) * job.scale_col_stride);
+  if (job.global != nullptr) {
+    const float g = __ldg(job.global);
+    s = (job.flags & kDivideGlobal) ? __fdiv_rn(s, g) : __fmul_rn(s, g);
+  }
+  return s;
 }
+
+// Stores of 8 converted values (one 16-byte access for 2-byte outputs, two for fp32).
+template <typename Dst>
+__device__ __forceinline__ void store8(Dst* out, const float (&v)[8]) {
+  Packed<Dst, 8> p;
+  from_float_vec(v, p.elems);
+  *reinterpret_cast<uint4*>(out) = p.vec;
+}
+template <>
+__device__ __forceinline__ void store8<float>(float* out, const float (&v)[8]) {
+  reinterpret_cast<float4*>(out)[0] = make_float4(v[0], v[1], v[2], v[3]);
+  reinterpret_cast<float4*>(out)[1] = make_float4(v[4], v[5], v[6], v[7]);
+}
+
+// The gate's per-thread maxima (bits of |x|), published once a block (gate_publish).
+struct GateMax {
+  uint32_t out = 0, src = 0;
+  __device__ __forceinline__ void add(float decoded, float result) {
+    src = max(src, abs_bits(decoded));
+    out = max(out, abs_bits(result));
+  }
+};
+
+// Block maximum of every thread's GateMax, one atomicMax pair a block. Every thread of the block
+// must call it (it synchronizes), and the block's chunk must belong to one job.
+__device__ __forceinline__ void gate_publish(GateMax m, uint32_t* slot) {
+  __shared__ uint32_t warp_max[2][kThreads / 32];
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) {
+    m.out = max(m.out, __shfl_xor_sync(0xFFFFFFFFu, m.out, d));
+    m.src = max(m.src, __shfl_xor_sync(0xFFFFFFFFu, m.src, d));
+  }
+  const int warp = threadIdx.x / 32;
+  if ((threadIdx.x & 31) == 0) {
+    warp_max[0][warp] = m.out;
+    warp_max[1][warp] = m.src;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    uint32_t o = 0, s = 0;
+#pragma unroll
+    for (int w = 0; w < kThreads / 32; ++w) {
+      o = max(o, warp_max[0][w]);
+      s = max(s, warp_max[1][w]);
+    }
+    atomicMax(slot, o);
+    atomicMax(slot + 1, s);
+  }
+  __syncthreads();  // warp_max is reused by the block's next chunk
+}
+
+// How the general kernel reads a source and writes a destination, per dtype pair: kVec values a
+// unit, a vector load and store of them, and the scalar forms for ragged tails.
+template <typename Src, typename Dst>
+struct ValueIO {
+  static constexpr int kVec = vec_width<Src, Dst>();
+  using Elem = Src;  // row strides count these
+  __device__ static __forceinline__ void load(const Src* row, uint32_t c, float (&v)[kVec]) {
+    Packed<Src, kVec> in;
+    in.vec = *reinterpret_cast<const typename VecOf<kVec * sizeof(Src)>::type*>(row + c);
+    to_float_vec(in.elems, v);
+  }
+  __device__ static __forceinline__ float one(const Src* row, uint32_t c) { return to_float(row[c]); }
+  __device__ static __forceinline__ void store(Dst* out, const float (&v)[kVec]) {
+    Packed<Dst, kVec> p;
+    from_float_vec(v, p.elems);
+    *reinterpret_cast<typename VecOf<kVec * sizeof(Dst)>::type*>(out) = p.vec;
+  }
+};
+
+// Packed nibble sources (E2M1, INT4): 8 values, 4 source bytes, a unit; row strides in bytes.
+template <bool kInt4, typename Dst>
+struct NibbleIO {
+  static constexpr int kVec = kPackedVec;
+  using Elem = uint8_t;
+  __device__ static __forceinline__ void load(const uint8_t* row, uint32_t c, float (&v)[kVec]) {
+    nibbles_to_float8<kInt4>(*reinterpret_cast<const uint32_t*>(row + c / 2), v);
+  }
+  __device__ static __forceinline__ float one(const uint8_t* row, uint32_t c) { return nibble_at<kInt4>(row, c); }
+  __device__ static __forceinline__ void store(Dst* out, const float (&v)[kVec]) { store8(out, v); }
+};
 
 // One chunk of one job in the general kernel: each thread handles kUnitsPerThread units, one at a
 // time (with every dtype pair inlined, registers allow no more in flight).
-template <typename Src, typename Dst>
-__device__ __forceinline__ void transform_chunk(const TransformJob& job, uint32_t first_unit) {
-  constexpr int kVec = vec_width<Src, Dst>();
-  using SrcVec = typename VecOf<kVec * sizeof(Src)>::type;
-  const Src* __restrict__ src = static_cast<const Src*>(job.src);
+template <typename IO, typename Dst>
+__device__ __forceinline__ void transform_chunk(const TransformJob& job, uint32_t first_unit, GateMax& gate) {
+  constexpr int kVec = IO::kVec;
+  using Elem = typename IO::Elem;
+  const Elem* __restrict__ src = static_cast<const Elem*>(job.src);
   Dst* __restrict__ dst = static_cast<Dst*>(job.dst);
   const uint32_t total_units = static_cast<uint32_t>(job.rows) * job.units_per_row.d;
   const uint32_t cols = static_cast<uint32_t>(job.cols);
   const bool has_scale = job.scale != nullptr;
+  const bool gated = job.amax != nullptr;
 #pragma unroll 1
   for (int g = 0; g < kUnitsPerThread; ++g) {
     const uint32_t u = first_unit + g * kThreads + threadIdx.x;
     if (u >= total_units) return;
     const uint32_t r = job.units_per_row.div(u);
     const uint32_t c = (u - r * job.units_per_row.d) * kVec;
-    const Src* in_row = src + r * job.src_row_stride;
+    const Elem* in_row = src + r * job.src_row_stride;
     Dst* out_row = dst + r * job.dst_row_stride;
     if ((job.flags & kVecOk) && c + kVec <= cols) {
-      Packed<Src, kVec> in;
-      in.vec = *reinterpret_cast<const SrcVec*>(in_row + c);
       float v[kVec];
-      to_float_vec(in.elems, v);
-      if (has_scale) {
-        const float s = job_scale(job, r, c);
+      IO::load(in_row, c, v);
+      const float s = has_scale ? job_scale(job, r, c) : 1.0f;
 #pragma unroll
-        for (int i = 0; i < kVec; ++i) v[i] *= s;
+      for (int i = 0; i < kVec; ++i) {
+        const float x = v[i];
+        if (has_scale) v[i] *= s;
+        if (gated) gate.add(x, v[i]);
       }
-      Packed<Dst, kVec> out;
-      from_float_vec(v, out.elems);
-      *reinterpret_cast<typename VecOf<kVec * sizeof(Dst)>::type*>(out_row + c) = out.vec;
+      IO::store(out_row + c, v);
     } else {
       // Scalar path: ragged row tails and jobs whose pointers, strides or scale blocks do not
       // allow vector accesses.
-      for (int i = 0; i < kVec && c + i < cols; ++i) {
-        float v = to_float(in_row[c + i]);
-        if (has_scale) v *= job_scale(job, r, c + i);
-        out_row[c + i] = from_float<Dst>(v);
+      for (uint32_t i = c; i < c + kVec && i < cols; ++i) {
+        const float x = IO::one(in_row, i);
+        const float v = has_scale ? x * job_scale(job, r, i) : x;
+        if (gated) gate.add(x, v);
+        out_row[i] = from_float<Dst>(v);
       }
     }
   }
@@ -208,21 +303,24 @@ __device__ __forceinline__ void copy_chunk(const TransformJob& job, uint32_t fir
   }
 }
 
-template <typename Src>
-__device__ __forceinline__ void dispatch_dst(const TransformJob& job, uint32_t first_unit) {
+template <template <typename> class IOFor>
+__device__ __forceinline__ void dispatch_dst(const TransformJob& job, uint32_t first_unit, GateMax& gate) {
   switch (job.dst_dtype) {
-    case kBF16: transform_chunk<Src, __nv_bfloat16>(job, first_unit); break;
-    case kF16: transform_chunk<Src, __half>(job, first_unit); break;
-    case kF32: transform_chunk<Src, float>(job, first_unit); break;
+    case kBF16: transform_chunk<IOFor<__nv_bfloat16>, __nv_bfloat16>(job, first_unit, gate); break;
+    case kF16: transform_chunk<IOFor<__half>, __half>(job, first_unit, gate); break;
+    case kF32: transform_chunk<IOFor<float>, float>(job, first_unit, gate); break;
     default: break;  // rejected by the launcher
   }
 }
+template <typename Src> struct ValueFrom { template <typename Dst> using IO = ValueIO<Src, Dst>; };
+template <bool kInt4> struct NibblesFrom { template <typename Dst> using IO = NibbleIO<kInt4, Dst>; };
 
 // The common kernel: byte copies and E4M3 -> BF16, the whole of a DeepSeek/Qwen FP8 or BF16
 // layer; the host picks it when every job of a table is one of those, and the general kernel
 // otherwise. One block a chunk (no persistent loop), two units a thread, and 2-D jobs cut into
 // tiles of 32 rows x 16 units: short-lived blocks issue their loads at once, where a persistent
-// grid-stride walk keeps fewer requests in flight (docs/decisions.md#common-kernel).
+// grid-stride walk keeps fewer requests in flight (docs/decisions.md#common-kernel). Its wide
+// variant (kWide) adds packed E2M1/INT4 -> BF16 and the gate: the plain one stays as it was.
 constexpr int kTileUnits = 16;  // units across a tile row; kThreads / kTileUnits rows a pass
 constexpr int kCommonUnits = 2;  // units a thread: 32-row tiles (docs/decisions.md#common-kernel)
 
@@ -233,16 +331,41 @@ struct CommonShape {
   static constexpr uint32_t kFlatChunkUnits = kThreads * kUnits;  // flat chunks (1-row, narrow jobs)
 };
 
-template <bool kCopy, int kUnits>
-__device__ __forceinline__ void common_chunk(const TransformJob& job, uint32_t chunk) {
+// What a common-kernel job does with its bytes; every kind's unit is 8 values (16 bytes for copies).
+enum CommonKind : int { kKindCopy, kKindE4M3, kKindE2M1, kKindI4 };
+
+template <int kKind>
+struct CommonIO {
+  static constexpr bool kCopy = kKind == kKindCopy;
+  static constexpr bool kPacked = kKind == kKindE2M1 || kKind == kKindI4;
+  static constexpr int kVec = kCopy ? 16 : 8;                           // values a unit
+  static constexpr int kSrcBytes = kCopy ? 16 : (kPacked ? 4 : 8);      // source bytes a unit
+  using SrcVec = typename VecOf<kSrcBytes>::type;
+  __device__ static __forceinline__ uint32_t src_offset(uint32_t c) { return kPacked ? c / 2 : c; }
+  __device__ static __forceinline__ void decode(const SrcVec& raw, float (&v)[8]) {
+    if constexpr (kPacked) {
+      nibbles_to_float8<kKind == kKindI4>(raw, v);
+    } else {
+      Packed<e4m3_t, 8> in;
+      in.vec = raw;
+      to_float_vec(in.elems, v);
+    }
+  }
+  __device__ static __forceinline__ float decode_one(const uint8_t* row, uint32_t c) {
+    if constexpr (kPacked) return nibble_at<kKind == kKindI4>(row, c);
+    else return to_float(e4m3_t{row[c]});
+  }
+};
+
+template <int kKind, int kUnits, bool kGate>
+__device__ __forceinline__ void common_chunk(const TransformJob& job, uint32_t chunk, GateMax& gate) {
   using Shape = CommonShape<kUnits>;
-  using Src = typename std::conditional<kCopy, uint8_t, e4m3_t>::type;
-  using Dst = typename std::conditional<kCopy, uint8_t, __nv_bfloat16>::type;
-  constexpr int kVec = kCopy ? 16 : vec_width<e4m3_t, __nv_bfloat16>();
-  using SrcVec = typename VecOf<kVec * sizeof(Src)>::type;
-  using DstVec = typename VecOf<kVec * sizeof(Dst)>::type;
-  const Src* __restrict__ src = static_cast<const Src*>(job.src);
-  Dst* __restrict__ dst = static_cast<Dst*>(job.dst);
+  using IO = CommonIO<kKind>;
+  constexpr int kVec = IO::kVec;
+  using SrcVec = typename IO::SrcVec;
+  // Every common-kernel source has 1-byte storage (packed: two values a byte), so its row
+  // stride in elements is its row stride in bytes.
+  const uint8_t* __restrict__ src = static_cast<const uint8_t*>(job.src);
   const uint32_t upr = job.units_per_row.d;
   const uint32_t rows = static_cast<uint32_t>(job.rows);
   const uint32_t cols = static_cast<uint32_t>(job.cols);
@@ -268,43 +391,45 @@ __device__ __forceinline__ void common_chunk(const TransformJob& job, uint32_t c
   // Every load before any store: kUnits independent accesses in flight a thread. The scales are
   // fetched in the same phase, so their latency hides under the data loads' instead of adding
   // to each block's lifetime.
-  Packed<Src, kVec> in[kUnits];
+  SrcVec in[kUnits];
   float scale[kUnits];
 #pragma unroll
   for (int k = 0; k < kUnits; ++k) {
     scale[k] = 1.0f;
     if (vec_ok && c[k] + kVec <= cols) {
-      in[k].vec = *reinterpret_cast<const SrcVec*>(src + r[k] * job.src_row_stride + c[k]);
-      if (!kCopy && job.scale != nullptr) scale[k] = job_scale(job, r[k], c[k]);
+      in[k] = *reinterpret_cast<const SrcVec*>(src + r[k] * job.src_row_stride + IO::src_offset(c[k]));
+      if (!IO::kCopy && job.scale != nullptr) scale[k] = job_scale(job, r[k], c[k]);
     }
   }
 #pragma unroll
   for (int k = 0; k < kUnits; ++k) {
     if (c[k] >= cols) continue;
-    const Src* in_row = src + r[k] * job.src_row_stride;
-    Dst* out_row = dst + r[k] * job.dst_row_stride;
-    if (vec_ok && c[k] + kVec <= cols) {
-      if constexpr (kCopy) {
-        *reinterpret_cast<DstVec*>(out_row + c[k]) = in[k].vec;
-      } else {
-        float v[kVec];
-        to_float_vec(in[k].elems, v);
-        if (job.scale != nullptr) {
-#pragma unroll
-          for (int i = 0; i < kVec; ++i) v[i] *= scale[k];
-        }
-        Packed<Dst, kVec> out;
-        from_float_vec(v, out.elems);
-        *reinterpret_cast<DstVec*>(out_row + c[k]) = out.vec;
+    const uint8_t* in_row = src + r[k] * job.src_row_stride;
+    if constexpr (IO::kCopy) {
+      uint8_t* out_row = static_cast<uint8_t*>(job.dst) + r[k] * job.dst_row_stride;
+      if (vec_ok && c[k] + kVec <= cols) {
+        *reinterpret_cast<uint4*>(out_row + c[k]) = in[k];
+      } else {  // ragged row tail, or a job whose pointers or strides forbid vectors
+        for (uint32_t i = c[k]; i < c[k] + kVec && i < cols; ++i) out_row[i] = in_row[i];
       }
-    } else {  // ragged row tail, or a job whose pointers, strides or scale blocks forbid vectors
-      for (uint32_t i = c[k]; i < c[k] + kVec && i < cols; ++i) {
-        if constexpr (kCopy) {
-          out_row[i] = in_row[i];
-        } else {
-          float v = to_float(in_row[i]);
-          if (job.scale != nullptr) v *= job_scale(job, r[k], i);
-          out_row[i] = from_float<Dst>(v);
+    } else {
+      __nv_bfloat16* out_row = static_cast<__nv_bfloat16*>(job.dst) + r[k] * job.dst_row_stride;
+      if (vec_ok && c[k] + kVec <= cols) {
+        float v[kVec];
+        IO::decode(in[k], v);
+#pragma unroll
+        for (int i = 0; i < kVec; ++i) {
+          const float x = v[i];
+          if (job.scale != nullptr) v[i] *= scale[k];
+          if (kGate) gate.add(x, v[i]);
+        }
+        store8(out_row + c[k], v);
+      } else {  // ragged row tail, or a job whose pointers, strides or scale blocks forbid vectors
+        for (uint32_t i = c[k]; i < c[k] + kVec && i < cols; ++i) {
+          const float x = IO::decode_one(in_row, i);
+          const float v = job.scale != nullptr ? x * job_scale(job, r[k], i) : x;
+          if (kGate) gate.add(x, v);
+          out_row[i] = from_float<__nv_bfloat16>(v);
         }
       }
     }
@@ -347,29 +472,44 @@ __device__ __forceinline__ int find_job(const TransformTable& table, uint32_t ch
 }
 
 // Resident blocks an SM: the common kernel at 2 units a thread fits 32 registers (8 blocks), at
-// 4 units 48 (5 blocks: at 6 it spilled); the general one, with every dtype path inlined and one
-// load at a time, 40 registers (6 blocks).
-template <int kUnits>
-constexpr int common_blocks_per_sm() { return kUnits == 2 ? 8 : 5; }
+// 4 units 48 (5 blocks: at 6 it spilled); its wide variant and the general kernel (every dtype
+// path inlined, one load at a time) 40 registers (6 blocks).
+template <int kUnits, bool kWide>
+constexpr int common_blocks_per_sm() { return kWide ? 6 : (kUnits == 2 ? 8 : 5); }
 constexpr int kAllBlocksPerSm = 6;
 
-template <int kUnits>
-__global__ void __launch_bounds__(kThreads, common_blocks_per_sm<kUnits>()) common_transform_kernel(const __grid_constant__ TransformTable table) {
+template <int kUnits, bool kWide>
+__global__ void __launch_bounds__(kThreads, common_blocks_per_sm<kUnits, kWide>()) common_transform_kernel(const __grid_constant__ TransformTable table) {
   const uint32_t chunk = blockIdx.x;
   const int j = find_job(table, chunk);
   const TransformJob& job = table.jobs[j];
-  if (job.src_dtype == kByte) common_chunk<true, kUnits>(job, chunk - table.chunk_start[j]);
-  else common_chunk<false, kUnits>(job, chunk - table.chunk_start[j]);
+  const uint32_t local = chunk - table.chunk_start[j];
+  GateMax gate;
+  if constexpr (kWide) {
+    switch (job.src_dtype) {
+      case kByte: common_chunk<kKindCopy, kUnits, true>(job, local, gate); break;
+      case kE4M3: common_chunk<kKindE4M3, kUnits, true>(job, local, gate); break;
+      case kE2M1: common_chunk<kKindE2M1, kUnits, true>(job, local, gate); break;
+      case kI4: common_chunk<kKindI4, kUnits, true>(job, local, gate); break;
+      default: break;
+    }
+    if (job.amax != nullptr) gate_publish(gate, job.amax);  // uniform: the block's one job
+  } else {
+    if (job.src_dtype == kByte) common_chunk<kKindCopy, kUnits, false>(job, local, gate);
+    else common_chunk<kKindE4M3, kUnits, false>(job, local, gate);
+  }
 }
 
-__device__ __forceinline__ void run_chunk_all(const TransformJob& job, uint32_t first_unit) {
+__device__ __forceinline__ void run_chunk_all(const TransformJob& job, uint32_t first_unit, GateMax& gate) {
   switch (job.src_dtype) {
     case kByte: copy_chunk(job, first_unit); break;
-    case kE4M3: dispatch_dst<e4m3_t>(job, first_unit); break;
-    case kE5M2: dispatch_dst<e5m2_t>(job, first_unit); break;
-    case kBF16: dispatch_dst<__nv_bfloat16>(job, first_unit); break;
-    case kF16: dispatch_dst<__half>(job, first_unit); break;
-    case kF32: dispatch_dst<float>(job, first_unit); break;
+    case kE4M3: dispatch_dst<ValueFrom<e4m3_t>::IO>(job, first_unit, gate); break;
+    case kE5M2: dispatch_dst<ValueFrom<e5m2_t>::IO>(job, first_unit, gate); break;
+    case kBF16: dispatch_dst<ValueFrom<__nv_bfloat16>::IO>(job, first_unit, gate); break;
+    case kF16: dispatch_dst<ValueFrom<__half>::IO>(job, first_unit, gate); break;
+    case kF32: dispatch_dst<ValueFrom<float>::IO>(job, first_unit, gate); break;
+    case kE2M1: dispatch_dst<NibblesFrom<false>::IO>(job, first_unit, gate); break;
+    case kI4: dispatch_dst<NibblesFrom<true>::IO>(job, first_unit, gate); break;
     default: break;
   }
 }
@@ -379,7 +519,9 @@ __global__ void __launch_bounds__(kThreads, kAllBlocksPerSm) multi_tensor_transf
   const uint32_t total_chunks = table.chunk_start[table.num_jobs];
   for (uint32_t chunk = blockIdx.x; chunk < total_chunks; chunk += gridDim.x) {
     const int j = find_job(table, chunk);
-    run_chunk_all(table.jobs[j], (chunk - table.chunk_start[j]) * kChunkUnits);
+    GateMax gate;
+    run_chunk_all(table.jobs[j], (chunk - table.chunk_start[j]) * kChunkUnits, gate);
+    if (table.jobs[j].amax != nullptr) gate_publish(gate, table.jobs[j].amax);  // uniform: the chunk's one job
   }
 }
 
