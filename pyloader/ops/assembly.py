@@ -32,17 +32,23 @@ from .. import dtypes
 from ..backend import resolve_backend
 from ..errors import PyloaderInputError
 from ..parallel import Range
-from .jobs import F_DST, F_SCALE, F_SRC, JOB_FIELDS, TransformJob, append_job_row, launch_table, run_jobs
+from .jobs import (F_AMAX, F_DST, F_GLOBAL, F_SCALE, F_SRC, JOB_FIELDS, TransformJob, append_job_row, launch_table,
+                   packed_bytes, run_jobs)
 
 @dataclass
 class Shard:
-    """One checkpoint tensor (optionally FP8 with a block-scale grid) and the part of it to take.
+    """One checkpoint tensor (optionally quantized, with its scale grid) and the part of it to take.
 
     ``weight`` is 1-D, 2-D ``[M, N]`` or, for pre-stacked experts, 3-D ``[E, M, N]``. ``scale`` is the
     scale grid of the *whole* weight (``[ceil(M/bm), ceil(N/bn)]``, ``[E, ...]`` for 3-D; a single
     element means per-tensor). ``rows``/``cols`` are global ``[start, stop)`` ranges to take (a
     tensor-parallel slice); the scale block of each element is found from its global position, so a
     slice may start inside a block.
+
+    Packed 4-bit weights (``packing`` ``"e2m1"`` or ``"int4"``): ``weight`` holds two values a byte
+    (uint8/int8 ``[M, N/2]``, or int32 words ``[M, N/8]``); ``N`` is ``packed_cols`` (default two a
+    byte), and column ranges start on a byte. ``global_scale``/``global_mode``: NVFP4's second-level
+    scale (see :class:`~pyloader.ops.jobs.TransformJob`); ``amax``: a gate slot for this shard.
     """
 
     weight: torch.Tensor
@@ -50,9 +56,16 @@ class Shard:
     block_size: Tuple[int, int] = (128, 128)
     rows: Optional[Range] = None
     cols: Optional[Range] = None
+    packing: Optional[str] = None
+    packed_cols: Optional[int] = None
+    global_scale: Optional[torch.Tensor] = None
+    global_mode: str = "mul"
+    amax: Optional[torch.Tensor] = None
 
     def _matrix(self) -> torch.Tensor:
         w = self.weight
+        if self.packing is not None:
+            w = dtypes.as_packed_bytes(w)
         if w.dim() == 1:
             return w.unsqueeze(0)
         if w.dim() != 2:
@@ -67,8 +80,21 @@ class Shard:
 
     def _resolved(self):
         """(2-D weight, row range, column range): computed once a job (host time is most of an
-        eager call's time for a layer of hundreds of small experts)."""
+        eager call's time for a layer of hundreds of small experts). A packed weight is its byte
+        matrix; the ranges count values."""
         w = self.weight
+        if self.packing is not None:
+            w = self._matrix()
+            n = self.packed_cols if self.packed_cols is not None else 2 * w.shape[1]
+            if self.packing not in dtypes.PACKINGS:
+                raise PyloaderInputError(f"unknown packing {self.packing!r}; expected one of {sorted(dtypes.PACKINGS)}")
+            if w.shape[1] not in packed_bytes(n, self.packing):
+                raise PyloaderInputError(
+                    f"packed {self.packing} shard of {tuple(w.shape)} bytes does not hold {n} values a row")
+            rows, cols = self._span(w.shape[0], n)
+            if cols[0] % 2:
+                raise PyloaderInputError(f"a packed shard's column range must start on a byte, got {cols}")
+            return w, rows, cols
         if w.dim() != 2:
             w = self._matrix()
         elif self.rows is None and self.cols is None:  # the common case: the whole 2-D tensor
@@ -87,15 +113,17 @@ class Shard:
                 raise PyloaderInputError(f"{what} range {(a, b)} is outside the shard's {size} {what}")
         return rows, cols
 
-    def _scale_grid(self, w: torch.Tensor, a: int, c: int):
+    def _scale_grid(self, w: torch.Tensor, a: int, c: int, n: int):
         """``(2-D scale grid, first block row, first block column, (bm, bn), (r0, c0))`` for the part of
-        the 2-D weight ``w`` that starts at row ``a``, column ``c``; None without a scale."""
+        the 2-D weight ``w`` (``n`` values a row) that starts at row ``a``, column ``c``; None without a scale."""
         if self.scale is None:
+            if self.global_scale is not None:
+                raise PyloaderInputError("a second-level scale was given without a block scale")
             return None
-        if w.dtype not in dtypes.FP8_WEIGHT_DTYPES:
-            raise PyloaderInputError(f"a scale was given for a {w.dtype} weight; only FP8 weights are dequantized")
+        if self.packing is None and w.dtype not in dtypes.FP8_WEIGHT_DTYPES:
+            raise PyloaderInputError(f"a scale was given for a {w.dtype} weight; only FP8 and packed weights are dequantized")
         s = self.scale
-        m, n = w.shape
+        m = w.shape[0]
         shape = s.shape
         if math.prod(shape) == 1:  # per-tensor: one block covers the whole weight
             return s.reshape(1, 1), 0, 0, (max(1, m), max(1, n)), (0, 0)
@@ -116,18 +144,28 @@ class Shard:
         # Index the scale from the slice's first block; the offset inside that block goes to (r0, c0).
         return s, a // bm, c // bn, (bm, bn), (a % bm, c % bn)
 
+    def _values_a_row(self, w: torch.Tensor) -> int:
+        if self.packing is None:
+            return w.shape[1]
+        return self.packed_cols if self.packed_cols is not None else 2 * w.shape[1]
+
     def job(self, dst: torch.Tensor, resolved=None) -> TransformJob:
         """The transform job that writes this shard's part into the 2-D view ``dst``."""
         w, (a, b), (c, d) = resolved or self._resolved()
-        m, n = w.shape
-        src = w if (a, b, c, d) == (0, m, 0, n) else w[a:b, c:d]
-        grid = self._scale_grid(w, a, c)
+        m, n = w.shape[0], self._values_a_row(w)
+        if self.packing is not None:
+            whole_rows = c == 0 and d == n  # keeps an INT4 row's padded last word
+            src = w[a:b] if whole_rows else w[a:b, c // 2:c // 2 + -(-(d - c) // 2)]
+        else:
+            src = w if (a, b, c, d) == (0, m, 0, n) else w[a:b, c:d]
+        extras = dict(packing=self.packing, global_scale=self.global_scale, global_mode=self.global_mode, amax=self.amax)
+        grid = self._scale_grid(w, a, c, n)
         if grid is None:
-            return TransformJob(src, dst)
+            return TransformJob(src, dst, **extras)
         s, bi, bj, block, offset = grid
         if bi or bj:
             s = s[bi:, bj:]
-        return TransformJob(src, dst, s, block, offset)
+        return TransformJob(src, dst, s, block, offset, **extras)
 
     def append_row(self, table: List[int], index: int, resolved, dst: int, dst_dtype: torch.dtype, dst_strides,
                    device: torch.device) -> None:
@@ -137,9 +175,11 @@ class Shard:
             raise PyloaderInputError(f"job {index}: source on {w.device}, destination on {device}")
         ws = w.stride()
         src = w.data_ptr()
-        if a or c:
+        if self.packing is not None:
+            src += a * ws[0] + c // 2  # bytes
+        elif a or c:
             src += (a * ws[0] + c * ws[1]) * w.element_size()
-        grid = self._scale_grid(w, a, c)
+        grid = self._scale_grid(w, a, c, self._values_a_row(w))
         scale = None
         if grid is not None:
             s, bi, bj, (bm, bn), (r0, c0) = grid
@@ -150,7 +190,18 @@ class Shard:
             if bi or bj:
                 s_ptr += (bi * ss[0] + bj * ss[1]) * s.element_size()
             scale = (s_ptr, s.dtype, ss[0], ss[1], bm, bn, r0, c0)
-        append_job_row(table, index, src, w.dtype, ws, dst, dst_dtype, dst_strides, b - a, d - c, scale)
+        g = None
+        if self.global_scale is not None:
+            if self.global_scale.device != device or self.global_scale.dtype != torch.float32 or self.global_scale.numel() != 1:
+                raise PyloaderInputError(f"job {index}: second-level scale must be one float32 on {device}")
+            g = (self.global_scale.data_ptr(), self.global_mode)
+        amax = 0
+        if self.amax is not None:
+            if self.amax.device != device or self.amax.dtype != torch.float32 or self.amax.numel() != 2:
+                raise PyloaderInputError(f"job {index}: gate slot must be a float32 [2] on {device}")
+            amax = self.amax.data_ptr()
+        append_job_row(table, index, src, w.dtype, ws, dst, dst_dtype, dst_strides, b - a, d - c, scale, self.packing, g,
+                       amax)
 
 
 ShardLike = Union[torch.Tensor, Shard]
@@ -179,7 +230,8 @@ def unstack_experts(stacked: ShardLike, first_expert: int = 0) -> Dict[int, Shar
             scales = [s.scale.reshape(1, 1)] * E
         else:
             raise PyloaderInputError(f"scale shape {tuple(s.scale.shape)} does not match stacked weight {tuple(s.weight.shape)}")
-    return {first_expert + e: Shard(s.weight[e], scales[e] if scales else None, s.block_size, s.rows, s.cols)
+    return {first_expert + e: Shard(s.weight[e], scales[e] if scales else None, s.block_size, s.rows, s.cols, s.packing,
+                                    s.packed_cols, s.global_scale, s.global_mode, s.amax)
             for e in range(E)}
 
 
@@ -268,6 +320,10 @@ def _stack_rows(table: List[int], out: torch.Tensor, dst: int, dst_shape, dst_st
             row[F_DST] -= dst
             if row[F_SCALE]:
                 row[F_SCALE] -= shard.scale.data_ptr()
+            if row[F_GLOBAL]:
+                row[F_GLOBAL] -= shard.global_scale.data_ptr()
+            if row[F_AMAX]:
+                row[F_AMAX] -= shard.amax.data_ptr()
             template.append((k, row))
     return template
 
@@ -276,9 +332,11 @@ def _signature(x):
     """What a shard's job-table rows depend on besides its addresses (None: not cacheable)."""
     if type(x) is Shard:
         w, s = x.weight, x.scale
+        extras = (x.packing, x.packed_cols, x.global_mode, x.global_scale is not None, x.amax is not None)
         if s is None:
-            return w.shape, w.stride(), w.dtype, w.device, x.block_size, x.rows, x.cols
-        return w.shape, w.stride(), w.dtype, w.device, s.shape, s.stride(), s.dtype, s.device, x.block_size, x.rows, x.cols
+            return w.shape, w.stride(), w.dtype, w.device, x.block_size, x.rows, x.cols, extras
+        return (w.shape, w.stride(), w.dtype, w.device, s.shape, s.stride(), s.dtype, s.device, x.block_size, x.rows,
+                x.cols, extras)
     if type(x) is torch.Tensor or type(x) is torch.nn.Parameter:
         return x.shape, x.stride(), x.dtype, x.device
     return None
@@ -366,14 +424,18 @@ def expert_table(out: torch.Tensor, experts, expert_map: Optional[Mapping[int, i
         if rows is not None:
             for k, row in rows:
                 x = parts[k]
-                if type(x) is Shard:
-                    src, scale = x.weight.data_ptr(), (x.scale.data_ptr() if x.scale is not None else 0)
-                else:
-                    src, scale = x.data_ptr(), 0
                 table += row
-                table[-JOB_FIELDS + F_SRC] += src
+                if type(x) is Shard:
+                    table[-JOB_FIELDS + F_SRC] += x.weight.data_ptr()
+                    if x.scale is not None:
+                        table[-JOB_FIELDS + F_SCALE] += x.scale.data_ptr()
+                    if x.global_scale is not None:
+                        table[-JOB_FIELDS + F_GLOBAL] += x.global_scale.data_ptr()
+                    if x.amax is not None:
+                        table[-JOB_FIELDS + F_AMAX] += x.amax.data_ptr()
+                else:
+                    table[-JOB_FIELDS + F_SRC] += x.data_ptr()
                 table[-JOB_FIELDS + F_DST] += dst
-                table[-JOB_FIELDS + F_SCALE] += scale
             continue
         try:
             rows = _stack_rows(table, out, dst, shape, (s1, s2), parts, dim)

@@ -357,3 +357,72 @@ def test_errors_name_the_problem():
     same = torch.zeros(2, 2)
     with pytest.raises(PyloaderInputError, match="no gate"):
         TransformJob(same, torch.empty(2, 2), amax=torch.zeros(2)).validate()
+
+
+# ---------------------------------------------------------------- whole MoE layers of packed experts
+
+def packed_layer(device, gen, E=6, I=48, H=64, packing="e2m1"):
+    """Per-expert gate/up/down of one layer as packed shards (FP4 + E8M0, or INT4 + bf16 with a
+    padded last word), a gate slot per expert, and the torch expected w13/w2."""
+    def weight(m, n):
+        if packing == "e2m1":
+            return torch.randint(0, 256, (m, n // 2), dtype=torch.uint8, generator=gen)
+        return torch.randint(-2 ** 31, 2 ** 31 - 1, (m, -(-n // 8)), dtype=torch.int64, generator=gen).to(torch.int32)
+
+    def scale(m, n):
+        if packing == "e2m1":
+            return torch.randint(115, 135, (m, -(-n // 32)), dtype=torch.uint8, generator=gen)
+        return (torch.rand(m, -(-n // 32), generator=gen) + 0.25).to(torch.bfloat16)
+
+    def shard(m, n):
+        w, s = weight(m, n), scale(m, n)
+        return ops.Shard(w.to(device), s.to(device), (1, 32), packing=packing, packed_cols=n,
+                         amax=torch.zeros(2, device=device))
+
+    experts = {e: [shard(I, H), shard(I, H)] for e in range(E)}
+    down = {e: shard(H, I + 4 if packing == "int4" else I) for e in range(E)}
+    return experts, down
+
+
+@pytest.mark.parametrize("packing", ["e2m1", "int4"])
+def test_assemble_packed_experts_with_tp_slices(packing):
+    """w13 from gate/up (rows of a TP rank) and w2 (columns of a TP rank, starting inside a scale
+    group) of packed experts, against each expert dequantized whole and then sliced."""
+    gen = torch.Generator().manual_seed(21)
+    experts, down = packed_layer("cpu", gen, packing=packing)
+    I, H = 48, 64
+    n_down = down[0].packed_cols
+    rows = (12, 36)  # a rank's rows of gate/up
+    cols = (16, n_down)  # a rank's columns of down: starts inside group 0
+    w13 = poison_(torch.empty(len(experts), 2 * (rows[1] - rows[0]), H, dtype=torch.bfloat16))
+    w2 = poison_(torch.empty(len(experts), H, cols[1] - cols[0], dtype=torch.bfloat16))
+    ex = {e: [ops.Shard(**{**p.__dict__, "rows": rows}) for p in parts] for e, parts in experts.items()}
+    dn = {e: ops.Shard(**{**p.__dict__, "cols": cols}) for e, p in down.items()}
+    ops.assemble_layer(experts=[(w13, ex), (w2, dn)], backend="torch")
+    for e in experts:
+        whole = [ops.dequant_packed(p.weight, p.scale, packing, cols=H, backend="torch") for p in experts[e]]
+        assert_bitwise_equal(w13[e], torch.cat([t[rows[0]:rows[1]] for t in whole]), f"w13 expert {e}")
+        d = ops.dequant_packed(down[e].weight, down[e].scale, packing, cols=n_down, backend="torch")
+        assert_bitwise_equal(w2[e], d[:, cols[0]:cols[1]], f"w2 expert {e}")
+        assert float(ex[e][0].amax[1]) > 0 and float(dn[e].amax[0]) > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("packing", ["e2m1", "int4"])
+def test_gpu_assemble_packed_experts(backend, packing):
+    """One launch for a packed layer (templates reused across alike experts, each with its own
+    gate slot) against the torch backend, bitwise, slots included."""
+    results = []
+    for be in ("torch", backend):
+        gen = torch.Generator().manual_seed(22)
+        experts, down = packed_layer("cuda", gen, E=40, packing=packing)
+        w13 = poison_(torch.empty(40, 96, 64, dtype=torch.bfloat16, device="cuda"))
+        w2 = poison_(torch.empty(40, 64, down[0].packed_cols, dtype=torch.bfloat16, device="cuda"))
+        ops.assemble_layer(experts=[(w13, experts), (w2, down)], backend=be)
+        slots = torch.stack([p.amax for parts in experts.values() for p in parts] + [p.amax for p in down.values()])
+        results.append((w13, w2, slots))
+    (a13, a2, aslots), (b13, b2, bslots) = results
+    assert_bitwise_equal(b13, a13, "w13")
+    assert_bitwise_equal(b2, a2, "w2")
+    assert torch.equal(aslots, bslots)

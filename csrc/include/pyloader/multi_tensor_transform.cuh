@@ -144,12 +144,14 @@ __device__ __forceinline__ void from_float_vec(const float (&v)[N], __half (&out
 // Block-grid indices stay in 32 bits: the launcher guarantees r0 + rows and c0 + cols < 2^31.
 // The second-level scale applies to the block scale first (s * g or s / g, one rounding), then
 // the product with the value: the order of compressed-tensors' and ModelOpt's own dequant.
+// kGlobal = false: the caller's jobs have none (the plain common kernel: no registers spent on it).
+template <bool kGlobal = true>
 __device__ __forceinline__ float job_scale(const TransformJob& job, uint32_t r, uint32_t c) {
   const uint32_t sr = job.block_rows_div.div(r + static_cast<uint32_t>(job.r0));
   const uint32_t sc = job.block_cols_div.div(c + static_cast<uint32_t>(job.c0));
   float s = load_scale(job.scale, job.scale_dtype,
                        static_cast<int64_t>(sr) * job.scale_row_stride + static_cast<int64_t>(sc) * job.scale_col_stride);
-  if (job.global != nullptr) {
+  if (kGlobal && job.global != nullptr) {
     const float g = __ldg(job.global);
     s = (job.flags & kDivideGlobal) ? __fdiv_rn(s, g) : __fmul_rn(s, g);
   }
@@ -357,7 +359,7 @@ struct CommonIO {
   }
 };
 
-template <int kKind, int kUnits, bool kGate>
+template <int kKind, int kUnits, bool kWide>
 __device__ __forceinline__ void common_chunk(const TransformJob& job, uint32_t chunk, GateMax& gate) {
   using Shape = CommonShape<kUnits>;
   using IO = CommonIO<kKind>;
@@ -398,7 +400,7 @@ __device__ __forceinline__ void common_chunk(const TransformJob& job, uint32_t c
     scale[k] = 1.0f;
     if (vec_ok && c[k] + kVec <= cols) {
       in[k] = *reinterpret_cast<const SrcVec*>(src + r[k] * job.src_row_stride + IO::src_offset(c[k]));
-      if (!IO::kCopy && job.scale != nullptr) scale[k] = job_scale(job, r[k], c[k]);
+      if (!IO::kCopy && job.scale != nullptr) scale[k] = job_scale<kWide>(job, r[k], c[k]);
     }
   }
 #pragma unroll
@@ -421,14 +423,14 @@ __device__ __forceinline__ void common_chunk(const TransformJob& job, uint32_t c
         for (int i = 0; i < kVec; ++i) {
           const float x = v[i];
           if (job.scale != nullptr) v[i] *= scale[k];
-          if (kGate) gate.add(x, v[i]);
+          if (kWide) gate.add(x, v[i]);
         }
         store8(out_row + c[k], v);
       } else {  // ragged row tail, or a job whose pointers, strides or scale blocks forbid vectors
         for (uint32_t i = c[k]; i < c[k] + kVec && i < cols; ++i) {
           const float x = IO::decode_one(in_row, i);
-          const float v = job.scale != nullptr ? x * job_scale(job, r[k], i) : x;
-          if (kGate) gate.add(x, v);
+          const float v = job.scale != nullptr ? x * job_scale<kWide>(job, r[k], i) : x;
+          if (kWide) gate.add(x, v);
           out_row[i] = from_float<__nv_bfloat16>(v);
         }
       }
