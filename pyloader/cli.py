@@ -1,5 +1,5 @@
 """``pyloader`` command line: ``inspect`` (how every checkpoint name routes), ``bench`` (load throughput),
-``convert`` (FP8 checkpoint → BF16 checkpoint).
+``convert`` (quantized checkpoint → BF16 checkpoint).
 
 Exit codes: 0 ok, 2 bad input (the message names the file and tensor; no traceback), 1 internal error.
 """
@@ -90,7 +90,8 @@ def cmd_convert(args) -> int:
     try:
         report = convert(args.src, args.dst, device=device, out_dtype=args.out_dtype, resume=args.resume,
                          max_shard_size=parse_size(args.max_shard_size) if args.max_shard_size else None,
-                         workers=args.workers, progress=not args.no_progress, rank=rank, world_size=world)
+                         workers=args.workers, progress=not args.no_progress, rank=rank, world_size=world,
+                         gate=args.gate, gate_limit=args.gate_limit)
     except OSError as e:  # no permission, disk full, a file vanished: the user's to fix, not a crash
         raise PyloaderInputError(f"{e.filename or args.dst}: {e.strerror or e}") from None
     gb = report.bytes_in / 1e9
@@ -100,6 +101,8 @@ def cmd_convert(args) -> int:
           + (f"; peak resident {report.peak_rss / 2**30:.2f} GiB" if report.peak_rss else ""))
     for name, (nan, inf) in sorted(report.nonfinite.items()):
         print(f"  non-finite values in {name}: {nan} NaN, {inf} Inf")
+    for warning in report.gate_warnings:
+        print(f"  gate: {warning}")
     return 0
 
 
@@ -130,8 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{what}-size", type=int, default=1, help=f"{name}-parallel size (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_inspect)
-    c = sub.add_parser("convert", help="FP8 checkpoint directory → BF16 (or FP16/FP32) checkpoint directory")
-    c.add_argument("src", help="the FP8 checkpoint directory (safetensors files, an index, config.json)")
+    c = sub.add_parser("convert", help="quantized checkpoint directory (FP8, MXFP8, FP4, NVFP4, MXFP4, INT4) → BF16 "
+                                       "(or FP16/FP32) checkpoint directory")
+    c.add_argument("src", help="the quantized checkpoint directory (safetensors files, an index, config.json, "
+                               "hf_quant_config.json if ModelOpt wrote one)")
     c.add_argument("dst", help="the output directory (new or empty; with --resume, a partial one)")
     c.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto: the GPU if there is one)")
     c.add_argument("--out-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
@@ -142,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chunks converted concurrently (bounds memory: about workers x 200 MB; default 8 on a GPU, "
                         "on a CPU one per 8 cores, at most 4: torch's own threads already share the cores)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
+    c.add_argument("--gate", default="error", choices=["error", "warn", "off"],
+                   help="a dequantized tensor beyond --gate-limit, or all zero while its codes are not: stop with its "
+                        "name (error, default), report it (warn), or do not check (off)")
+    c.add_argument("--gate-limit", type=float, default=1e4, help="largest plausible |weight| (default 1e4)")
     c.set_defaults(func=cmd_convert)
     b = sub.add_parser("bench", help="load throughput against the machine's ceilings and peer loaders")
     b.add_argument("--checkpoint", help="a real checkpoint directory (default: a synthetic DeepSeek-V3-shaped FP8 slice)")

@@ -140,15 +140,19 @@ def test_convert_census_reports_nonfinite(tmp_path):
     d.mkdir()
     w = torch.tensor([[0x7F, 0x38]], dtype=torch.uint8).view(torch.float8_e4m3fn)  # NaN, 1.0
     save_file({"a.weight": w, "a.weight_scale_inv": torch.tensor([[1.0]])}, str(d / "model.safetensors"))
-    report = convert(d, tmp_path / "dst", device="cpu", progress=False)
+    with pytest.raises(PyloaderInputError, match="a.weight: NaN values"):  # the gate stops it by default
+        convert(d, tmp_path / "dst", device="cpu", progress=False)
+    report = convert(d, tmp_path / "dst2", device="cpu", progress=False, gate="warn")
     assert report.nonfinite == {"a.weight": (1, 0)}
+    assert len(report.gate_warnings) == 1 and "NaN values" in report.gate_warnings[0]
+    assert report.maxima["a.weight"][0] != report.maxima["a.weight"][0]  # NaN: the evidence the gate read
 
 
 @pytest.mark.parametrize("case,needle", [
     ("no_scale", "has no scale tensor"),
     ("inside", "must not be SRC or inside it"),
     ("same", "must not be SRC or inside it"),
-    ("nvfp4", "is not blockwise FP8"),
+    ("awq", "quant_method 'awq' is not a format pyloader reads"),
     ("bad_scale", "does not fit weight [64, 64] with the declared 128x128 blocks"),
     # a grid that 64x256 blocks would fit, under a config that declares 128x128: never guessed
     ("contradicting_grid", "does not fit weight [384, 1000] with the declared 128x128 blocks (expected [3, 8]"),
@@ -164,8 +168,8 @@ def test_convert_bad_input_exit_2_nothing_written(tmp_path, capsys, case, needle
     config = {"model_type": "llama", "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
     if case == "no_scale":
         tensors = {"a.weight": w}
-    if case == "nvfp4":
-        config["quantization_config"] = {"quant_method": "modelopt"}
+    if case == "awq":  # its I32 qweight would otherwise be copied as if plain
+        config["quantization_config"] = {"quant_method": "awq"}
     if case == "bad_scale":
         tensors["a.weight_scale_inv"] = torch.ones(3, 7)
     if case == "contradicting_grid":

@@ -1,9 +1,14 @@
-"""``pyloader convert SRC DST``: an FP8 checkpoint directory → a BF16 (or FP16/FP32) one that any
-tool loads.
+"""``pyloader convert SRC DST``: a quantized checkpoint directory (block/per-tensor/per-channel FP8,
+MXFP8, FP4 with E8M0 or NVFP4 scales, gpt-oss MXFP4, INT4 pack-quantized; mixed ones too) → a
+BF16 (or FP16/FP32) one that any tool loads.
 
-- Every shard is read with pyloader's validated reader; each quantized weight is paired with its
-  scale wherever it is (``weight_scale_inv``, ``weight_scale`` or ``.scale`` names, any file).
-  All pairing and format checks run before anything is written.
+- Every shard is read with pyloader's validated reader; every quantized weight, its scales and
+  its format are recognized from the tensors' layouts and checked against the config
+  (:mod:`pyloader.format.quant`), before anything is written. Scales and activation scales are
+  dropped; packed weights are written under their dequantized names (``weight_packed`` →
+  ``weight``, ``X_blocks`` → ``X``).
+- The sanity gate stops a tensor whose values no weight has (max |x| above ``gate_limit``, or all
+  zero while its codes are not) before its file is renamed into place (``gate="warn"``: reported).
 - Output headers are known before any data (every shape and dtype is), so data is written at
   computed offsets, tensor by tensor, in row chunks: resident memory stays at a few chunks
   whatever the model size. Reads, transforms (GPU with the CUDA/Triton backend, or the CPU torch
@@ -14,8 +19,9 @@ tool loads.
   is used (docs/decisions.md#convert-writes).
 - Atomic and resumable: each file is written as ``NAME.tmp``, fsynced, re-validated and renamed;
   ``--resume`` keeps finished files whose headers and sizes check out. The index (new weight map,
-  correct ``total_size``, other metadata kept) and ``config.json`` (no ``quantization_config``,
-  the new ``torch_dtype``) are written last; every other file of SRC is copied unchanged.
+  correct ``total_size``, other metadata kept) and ``config.json`` (no ``quantization_config`` or
+  ``expert_dtype``, the new ``torch_dtype``) are written last; ``hf_quant_config.json`` is not
+  copied; every other file of SRC is copied unchanged.
 - A census of NaN/Inf per output tensor is reported (not fatal).
 - ``torchrun --nproc-per-node N -m pyloader convert …``: output files are split across ranks;
   rank 0 writes the index and config after a barrier.
@@ -33,6 +39,8 @@ import torch
 
 from ..errors import PyloaderInputError
 from ..format.checkpoint import INDEX_NAME, open_checkpoint, read_json_object
+from ..format.safetensors import CheckpointError
+from ..gate import DEFAULT_LIMIT, Gate
 from ..rss import peak_rss, reset_peak_rss
 from .outputs import file_complete, writes_for
 from .pipeline import ConvertReport, Converter
@@ -41,6 +49,21 @@ from .planning import OutFile, plan_conversion
 logger = logging.getLogger("pyloader")
 
 OUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+HF_QUANT_CONFIG = "hf_quant_config.json"  # ModelOpt's quantization description
+
+
+def read_small_ints(info) -> List[int]:
+    """The values of a small integer tensor (``weight_shape``), read from its file."""
+    if info.dtype not in ("I32", "I64") or info.nbytes > 64:
+        raise CheckpointError(info.file, f"expected a small I32/I64 tensor, got {info.dtype} of {info.nbytes} bytes",
+                              info.name)
+    with open(info.file, "rb") as f:
+        f.seek(info.start)
+        raw = f.read(info.nbytes)
+    if len(raw) != info.nbytes:
+        raise CheckpointError(info.file, f"file ended inside tensor data (truncated?)", info.name)
+    size = 4 if info.dtype == "I32" else 8
+    return [int.from_bytes(raw[i:i + size], "little", signed=True) for i in range(0, len(raw), size)]
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -64,8 +87,10 @@ def _check_paths(src: Path, dst: Path):
 
 def convert(src, dst, device: str = "auto", out_dtype: str = "bfloat16", resume: bool = False,
             max_shard_size: Optional[int] = None, workers: Optional[int] = None, backend: Optional[str] = None,
-            progress: bool = True, rank: int = 0, world_size: int = 1, writes: str = "auto") -> ConvertReport:
-    """Convert the FP8 checkpoint directory ``src`` into ``dst`` (see the module docstring).
+            progress: bool = True, rank: int = 0, world_size: int = 1, writes: str = "auto", gate: str = "error",
+            gate_limit: float = DEFAULT_LIMIT) -> ConvertReport:
+    """Convert the quantized checkpoint directory ``src`` into ``dst`` (see the module docstring).
+    ``gate``: ``"error"``, ``"warn"`` or ``"off"`` (see :mod:`pyloader.gate`).
     ``writes``: ``"mmap"`` (output preallocated, chunks copied into mapped windows side by side),
     ``"pwrite"`` (write(2), which one file's inode lock serializes) or ``"auto"`` (mmap on tmpfs,
     write(2) elsewhere)."""
@@ -76,10 +101,13 @@ def convert(src, dst, device: str = "auto", out_dtype: str = "bfloat16", resume:
     if out_dtype not in OUT_DTYPES:
         raise PyloaderInputError(f"--out-dtype {out_dtype!r}: expected one of {', '.join(OUT_DTYPES)}")
     odt = OUT_DTYPES[out_dtype]
+    checker = Gate(gate, gate_limit)
     ck = open_checkpoint(src)
     config_path = src / "config.json"
     config = read_json_object(config_path, "config") if config_path.is_file() else {}
-    files = plan_conversion(ck, config, odt, max_shard_size)
+    hq_path = src / HF_QUANT_CONFIG
+    hf_quant = read_json_object(hq_path, "hf_quant_config") if hq_path.is_file() else None
+    files = plan_conversion(ck, config, odt, max_shard_size, hf_quant, read_small_ints)
     if dst.exists() and any(dst.iterdir()) and not resume and rank == 0:
         raise PyloaderInputError(f"{dst}: DST exists and is not empty; pass --resume to continue an interrupted run")
     dst.mkdir(parents=True, exist_ok=True)
@@ -99,7 +127,7 @@ def convert(src, dst, device: str = "auto", out_dtype: str = "bfloat16", resume:
             pass
     if workers is None:  # CPU: torch's threads already use the cores; more workers only add resident chunks
         workers = 8 if dev.type == "cuda" else max(1, min(4, (os.cpu_count() or 1) // 8))
-    conv = Converter(dev, backend, odt, workers, bar, writes_for(dst, writes))
+    conv = Converter(dev, backend, odt, workers, bar, writes_for(dst, writes), checker)
     logger.info("pyloader convert: %s writes into %s", conv.writes, dst)
     try:
         conv.write_files([(dst / f.name, f) for f in todo], conv.report.files_written.append)
@@ -131,7 +159,7 @@ def _write_index_config_and_copy(src: Path, dst: Path, ck, config: dict, files: 
     tmp = dst / (INDEX_NAME + ".tmp")
     tmp.write_text(json.dumps({"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
     os.replace(tmp, dst / INDEX_NAME)
-    skip = {p.name for p in ck.files} | {INDEX_NAME, "config.json"}
+    skip = {p.name for p in ck.files} | {INDEX_NAME, "config.json", HF_QUANT_CONFIG}
     for path in sorted(src.rglob("*")):
         rel = path.relative_to(src)
         if path.is_dir() or (len(rel.parts) == 1 and (rel.name in skip or rel.suffix == ".safetensors")):
@@ -141,7 +169,12 @@ def _write_index_config_and_copy(src: Path, dst: Path, ck, config: dict, files: 
         shutil.copy2(path, target)
     if config:
         c = dict(config)
-        c.pop("quantization_config", None)
+        if isinstance(c.get("text_config"), dict):  # multimodal configs keep the language model's inside
+            c["text_config"] = dict(c["text_config"])
+        for part in (c, c.get("text_config")):
+            if isinstance(part, dict):
+                part.pop("quantization_config", None)
+                part.pop("expert_dtype", None)  # DeepSeek-V4: experts are no longer FP4
         if "dtype" in c:
             c["dtype"] = out_dtype
         c["torch_dtype"] = out_dtype

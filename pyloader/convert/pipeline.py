@@ -19,6 +19,7 @@ from ..backend import resolve_backend
 from ..errors import PyloaderInputError
 from ..format.safetensors import CheckpointError, TensorInfo
 from ..ops.jobs import TransformJob, run_jobs
+from ..gate import Gate, merge_maxima
 from .outputs import OpenFile, Reservation, file_complete, free_bytes
 from .planning import OutFile, OutTensor
 
@@ -40,6 +41,9 @@ class ConvertReport:
     bytes_out: int = 0
     seconds: float = 0.0
     nonfinite: Dict[str, Tuple[int, int]] = field(default_factory=dict)  # tensor → (NaN count, Inf count)
+    # dequantized tensor → (max |value|, max |decoded code|): the sanity gate's evidence
+    maxima: Dict[str, Tuple[float, float]] = field(default_factory=dict)
+    gate_warnings: List[str] = field(default_factory=list)  # gate="warn": what would have stopped it
     device: str = ""
     backend: str = ""
     read_s: float = 0.0       # summed over workers: reading input chunks
@@ -50,10 +54,11 @@ class ConvertReport:
 
 class Converter:
     def __init__(self, device: torch.device, backend: Optional[str], out_dtype: torch.dtype, workers: int, bar,
-                 writes: str):
+                 writes: str, gate: Optional[Gate] = None):
         if writes not in ("mmap", "pwrite"):
             raise PyloaderInputError(f"writes must be 'auto', 'mmap' or 'pwrite', not {writes!r}")
         self.device, self.out_dtype, self.bar = device, out_dtype, bar
+        self.gate = gate or Gate()
         self.writes = writes
         self.backend = resolve_backend(backend, device, "convert")
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="pyloader-convert")
@@ -139,25 +144,31 @@ class Converter:
             if t.nbytes == 0:
                 return
             info = t.source
-            shape = info.shape
-            cols = math.prod(shape[1:]) if len(shape) >= 2 else (shape[0] if shape else 1)
-            nrows = shape[0] if len(shape) >= 2 else 1
+            nrows = t.rows
+            cols = t.cols
             in_row = info.nbytes // max(1, nrows)
             t_read = time.perf_counter()
             raw = self.read(info, info.start + r0 * in_row, rows * in_row)
             t_transform = time.perf_counter()
-            if t.scale is None:
+            if t.quant is None:
                 out_bytes = raw
                 if info.dtype in ("BF16", "F16", "F32") and raw.numel():
                     self._census(t.name, raw.view(info.torch_dtype))
             else:
-                grid = self.scale(t.scale).reshape(t.grid)
+                q = t.quant
+                grid = self.scale(q.scale).reshape(t.grid)
+                g = self.scale(q.global_scale).reshape(1) if q.global_scale is not None else None
                 stream = self.stream()
                 with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                    w = raw.view(info.torch_dtype).view(rows, cols).to(self.device, non_blocking=True)
+                    if q.packing is not None:  # packed codes travel as their bytes
+                        w = raw.view(rows, in_row).to(self.device, non_blocking=True)
+                    else:
+                        w = raw.view(info.torch_dtype).view(rows, cols).to(self.device, non_blocking=True)
                     out = torch.empty(rows, cols, dtype=self.out_dtype, device=self.device)
-                    bm, bn = t.block
-                    run_jobs([TransformJob(w, out, grid[r0 // bm:], (bm, bn), (r0 % bm, 0))], self.backend)
+                    slot = torch.zeros(2, device=self.device) if self.gate.on else None
+                    bm, bn = q.block
+                    run_jobs([TransformJob(w, out, grid[r0 // bm:], (bm, bn), (r0 % bm, 0), q.packing, g,
+                                           q.global_mode, slot)], self.backend)
                     self._census(t.name, out)
                     if stream is not None:
                         out_bytes = self._pinned(out.numel() * out.element_size())
@@ -165,6 +176,10 @@ class Converter:
                         stream.synchronize()
                     else:
                         out_bytes = out.view(-1).view(torch.uint8)
+                    if slot is not None:
+                        seen = slot.tolist()
+                        with self.lock:
+                            self.report.maxima[t.name] = merge_maxima(self.report.maxima.get(t.name), seen)
             t_write = time.perf_counter()
             self._write(fd, file_offset, out_bytes, mapped)
             t_end = time.perf_counter()
@@ -218,8 +233,7 @@ class Converter:
             for t in f.tensors:
                 begin, _ = f.offsets[t.name]
                 base = len(f.header) + begin
-                shape = t.shape
-                nrows = shape[0] if len(shape) >= 2 else 1
+                nrows = t.rows
                 if t.nbytes == 0:  # nothing to write: its rows, however many, are never walked
                     nrows = 0
                 out_row = t.nbytes // max(1, nrows)
@@ -230,7 +244,7 @@ class Converter:
                         h.reservation.wait(base + (r0 + rows) * out_row)
                     self.inflight.acquire()
                     h.futures.append(self.pool.submit(self.chunk, fd, t, base + r0 * out_row, r0, rows, mapped))
-                if t.scale is not None:
+                if t.quant is not None:
                     self.report.dequantized += 1
                 else:
                     self.report.copied += 1
@@ -243,6 +257,12 @@ class Converter:
         try:
             for fut in h.futures:
                 fut.result()
+            for t in h.f.tensors:  # before the file can look complete: a tensor the gate stops leaves no file
+                if t.quant is not None and t.name in self.report.maxima:
+                    warning = self.gate.check(t.name, t.source, self.report.maxima[t.name])
+                    if warning:
+                        with self.lock:
+                            self.report.gate_warnings.append(warning)
             if h.reservation is not None:
                 h.reservation.join()
             os.fsync(h.fd)

@@ -8,8 +8,8 @@ import torch
 
 from ..dtypes import DTYPES, FP8_SAFETENSORS, TORCH_TO_SAFETENSORS
 from ..errors import PyloaderInputError
+from ..format.quant import Quantized, check_methods, recognize
 from ..format.safetensors import CheckpointError, TensorInfo, write_safetensors_header
-from ..format.scales import find_scale, scale_block, weight_of_scale
 
 
 @dataclass
@@ -17,13 +17,36 @@ class OutTensor:
     name: str
     source: TensorInfo
     dtype: str                                  # safetensors dtype of the output
-    scale: Optional[TensorInfo] = None
-    block: Tuple[int, int] = (128, 128)
-    grid: Tuple[int, int] = (1, 1)                # the scale viewed as a 2-D block grid
+    quant: Optional[Quantized] = None           # None: copied byte for byte
 
     @property
     def shape(self):
-        return self.source.shape
+        return self.quant.shape if self.quant is not None else self.source.shape
+
+    @property
+    def scale(self) -> Optional[TensorInfo]:
+        return self.quant.scale if self.quant is not None else None
+
+    @property
+    def rows(self) -> int:
+        """Rows of the 2-D view chunks walk (a quantized tensor's leading dims folded in)."""
+        if self.quant is not None:
+            return self.quant.rows
+        shape = self.shape
+        return shape[0] if len(shape) >= 2 else 1
+
+    @property
+    def cols(self) -> int:
+        if self.quant is not None:
+            return self.quant.cols
+        shape = self.shape
+        return math.prod(shape[1:]) if len(shape) >= 2 else (shape[0] if shape else 1)
+
+    @property
+    def grid(self) -> Tuple[int, int]:
+        """The scale viewed as the 2-D block grid of the values' 2-D view."""
+        q = self.quant
+        return -(-q.rows // q.block[0]), -(-q.cols // q.block[1])
 
     @property
     def nbytes(self) -> int:
@@ -42,44 +65,32 @@ class OutFile:
         return len(self.header) + sum(t.nbytes for t in self.tensors)
 
 
-def plan_conversion(ck, config: dict, out_dtype: torch.dtype, max_shard_size: Optional[int]) -> List[OutFile]:
-    q = config.get("quantization_config") or {}
-    method = q.get("quant_method")
-    if method not in (None, "fp8"):
-        raise PyloaderInputError(f"quantization_config.quant_method {method!r} is not blockwise FP8: "
-                                 "only FP8 weights with block scales are converted")
-    preferred = tuple(q.get("weight_block_size") or (128, 128))
-    names = set(ck.tensors)
-    scales_used = {}
+def plan_conversion(ck, config: dict, out_dtype: torch.dtype, max_shard_size: Optional[int],
+                    hf_quant_config: Optional[dict] = None, read_small=None) -> List[OutFile]:
+    """Every output tensor and file: quantized weights (as :func:`pyloader.format.quant.recognize`
+    finds them) dequantized under their dequantized names, their scales dropped, the rest copied."""
+    try:
+        check_methods(config)
+    except ValueError as e:
+        raise PyloaderInputError(str(e)) from None
+    rec = recognize(ck.tensors, config, hf_quant_config, read_small)
     out: List[OutTensor] = []
+    names = set()
     for name, info in ck.tensors.items():
-        if info.dtype in FP8_SAFETENSORS:
-            s = find_scale(name, names)
-            if s is None:
-                raise CheckpointError(info.file, f"{info.dtype} weight has no scale tensor ({name}_scale_inv, "
-                                                 f"{name}_scale or .scale_inv): not a blockwise FP8 weight", name)
-            sinfo = ck.tensors[s]
-            if sinfo.dtype not in ("F32", "BF16", "F16", "F8_E8M0", "U8"):
-                raise CheckpointError(sinfo.file, f"scale dtype {sinfo.dtype} is not a supported scale format", s)
-            if not info.shape or len(info.shape) > 2:
-                raise CheckpointError(info.file, f"{info.dtype} tensor of shape {list(info.shape)}: only 1-D and 2-D "
-                                                 "blockwise weights are converted", name)
-            block = scale_block(info.shape, sinfo.shape, preferred, f"{sinfo.file}, tensor {s!r} (the scale of {name})")
-            rows = info.shape[0] if len(info.shape) == 2 else 1
-            cols = info.shape[-1]
-            grid = (-(-rows // block[0]), -(-cols // block[1]))
-            scales_used[s] = name
-            out.append(OutTensor(name, info, TORCH_TO_SAFETENSORS[out_dtype], sinfo, block, grid))
-    for name, info in ck.tensors.items():
-        if info.dtype in FP8_SAFETENSORS or name in scales_used:
+        q = rec.quantized.get(name)
+        if q is not None:
+            out.append(OutTensor(q.name, info, TORCH_TO_SAFETENSORS[out_dtype], q))
+        elif name in rec.consumed:
             continue
-        if info.dtype == "F8_E8M0":
-            raise CheckpointError(info.file, "an E8M0 tensor that scales no FP8 weight", name)
-        weight = weight_of_scale(name)
-        if weight is not None and weight not in names:
-            raise CheckpointError(info.file, f"a scale with no weight (no {weight} in the checkpoint)", name)
-        out.append(OutTensor(name, info, info.dtype))  # copied byte for byte
-    by_name = {t.name: t for t in out}
+        elif info.dtype in FP8_SAFETENSORS:
+            raise CheckpointError(info.file, f"{info.dtype} tensor that is not a quantized weight with its scale: "
+                                             "FP8 values are never copied into a dequantized checkpoint", name)
+        else:
+            out.append(OutTensor(name, info, info.dtype))  # copied byte for byte
+        if out and out[-1].name in names:
+            raise CheckpointError(info.file, f"two tensors would be written as {out[-1].name!r}", name)
+        names.add(out[-1].name)
+    by_name = {t.source.name: t for t in out}
     files: List[OutFile] = []
     if max_shard_size is None:  # keep the source's file layout
         groups: Dict[str, List[OutTensor]] = {}

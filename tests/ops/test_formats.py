@@ -12,54 +12,9 @@ from pyloader.errors import PyloaderInputError
 from pyloader.ops import TransformJob, multi_tensor_transform
 
 from helpers import HAS_TRITON, assert_bitwise_equal, assert_equal_within_ulp, poison_
+from quantizers import E8M0, formula
 
-E8M0 = getattr(torch, "float8_e8m0fnu", None)
-E2M1 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6], dtype=np.float32)
 OUT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-
-
-# ---------------------------------------------------------------- the independent formula
-
-def e4m3_value(b: np.ndarray) -> np.ndarray:
-    """float32 of E4M3 (fn) bytes from the format's fields: bias 7, subnormals m/8 * 2^-6, 0x7F/0xFF NaN."""
-    b = b.astype(np.int64)
-    sign = np.where(b & 0x80, -1.0, 1.0)
-    e, m = (b >> 3) & 15, b & 7
-    mag = np.where(e == 0, m / 8.0 * 2.0 ** -6, (1 + m / 8.0) * 2.0 ** (e - 7))
-    return np.where((b & 0x7F) == 0x7F, np.nan, sign * mag).astype(np.float32)
-
-
-def scale_value(s: torch.Tensor) -> np.ndarray:
-    if s.dtype == torch.uint8 or (E8M0 is not None and s.dtype == E8M0):
-        e = s.view(torch.uint8).numpy().astype(np.int64)
-        return np.where(e == 255, np.nan, np.ldexp(1.0, e - 127)).astype(np.float32)
-    if s.dtype == torch.float8_e4m3fn:
-        return e4m3_value(s.view(torch.uint8).numpy())
-    return s.to(torch.float64).numpy().astype(np.float32)  # bf16/f16/f32 widen exactly
-
-
-def codes_of(w: torch.Tensor, cols: int) -> np.ndarray:
-    b = w.contiguous().view(torch.uint8).numpy().astype(np.int64)
-    return np.stack([b & 15, b >> 4], axis=-1).reshape(*b.shape[:-1], -1)[..., :cols]
-
-
-def formula(w, cols, packing, scale, block, offset=(0, 0), g=None, mode="mul", out_dtype=torch.bfloat16):
-    """rne(decode(code) * S) in numpy float32; S = scale (* or / g, one float32 rounding)."""
-    codes = codes_of(w, cols)
-    vals = E2M1[codes] if packing == "e2m1" else (codes - 8).astype(np.float32)
-    with np.errstate(all="ignore"):
-        if scale is None:
-            v = vals
-        else:
-            s = scale_value(scale)
-            if g is not None:
-                gv = np.float32(g.item())
-                s = (s * gv if mode == "mul" else s / gv).astype(np.float32)
-            rows = vals.shape[-2]
-            ri = (np.arange(rows) + offset[0]) // block[0]
-            ci = (np.arange(cols) + offset[1]) // block[1]
-            v = vals * s[..., ri, :][..., :, ci]
-    return torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).to(out_dtype)
 
 
 def formula_maxima(w, cols, packing, scale, block, offset=(0, 0), g=None, mode="mul"):

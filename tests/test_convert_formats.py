@@ -1,0 +1,243 @@
+"""``pyloader convert`` of every quantized format, end to end on CPU: a small checkpoint of each
+family (real tensor names, shrunk shapes, written with the tests' own quantizers) → a BF16
+directory whose every tensor is bitwise the independent formula (dequantized) or the source
+bytes (copied), that ``safetensors`` reads, whose config no longer declares a quantization, and
+whose scales are gone. The sanity gate stops each shipped misreading of a scale."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pyloader.cli import main
+from pyloader.convert import convert
+from pyloader.errors import PyloaderInputError
+
+from helpers import assert_bitwise_equal
+from quantizers import formula, quantize_fp4_e8m0, quantize_fp8, quantize_int4, quantize_nvfp4
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+def write(d, tensors, config, hf_quant=None, files=1):
+    d.mkdir(parents=True)
+    names = sorted(tensors)
+    weight_map = {}
+    for i in range(files):
+        part = {n: tensors[n] for n in names[i::files]}
+        fname = f"model-{i + 1:05d}-of-{files:05d}.safetensors"
+        save_file(part, str(d / fname))
+        weight_map.update({n: fname for n in part})
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (d / "config.json").write_text(json.dumps(config))
+    if hf_quant is not None:
+        (d / "hf_quant_config.json").write_text(json.dumps(hf_quant))
+
+
+def read_all(d):
+    out = {}
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    for f in sorted(set(index["weight_map"].values())):
+        with safe_open(str(d / f), "pt") as h:
+            for k in h.keys():
+                out[k] = h.get_tensor(k)
+    assert set(out) == set(index["weight_map"])
+    return out
+
+
+def deepseek_v4():
+    """DeepSeek-V4-Flash names: FP8 attention/shared experts with F8_E8M0 128x128 scales, FP4 routed
+    experts (I8 codes, E8M0 per-32), BF16 norms and embeddings."""
+    t, expect = {}, {}
+    for name, shape in (("layers.0.attn.wq_a.weight", (256, 384)), ("layers.0.ffn.shared_experts.w1.weight", (200, 384))):
+        q, s = quantize_fp8(rand(*shape, seed=len(name)), e8m0=True)
+        t[name], t[name[:-len("weight")] + "scale"] = q, s
+        expect[name] = formula(q, shape[1], None, s, (128, 128))
+    for e in range(2):
+        for w, shape in (("w1", (96, 128)), ("w2", (128, 96)), ("w3", (96, 128))):
+            name = f"layers.0.ffn.experts.{e}.{w}.weight"
+            q, s = quantize_fp4_e8m0(rand(*shape, seed=e * 10 + len(w)), int8=True)
+            t[name], t[name[:-len("weight")] + "scale"] = q, s.view(torch.float8_e8m0fnu)
+            expect[name] = formula(q, shape[1], "e2m1", s, (1, 32))
+    t["layers.0.attn_norm.weight"] = rand(384, seed=9).to(torch.bfloat16)
+    t["embed.weight"] = rand(64, 384, seed=8).to(torch.bfloat16)
+    config = {"model_type": "deepseek_v4", "expert_dtype": "fp4", "torch_dtype": "bfloat16",
+              "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128], "scale_fmt": "ue8m0",
+                                      "fmt": "e4m3", "activation_scheme": "dynamic"}}
+    return t, expect, config, None
+
+
+def nvfp4_modelopt():
+    """A Qwen3-MoE NVFP4 release as ModelOpt writes it: U8 codes, E4M3 per-16, weight_scale_2
+    (multiplier), input_scale; attention and router excluded (BF16)."""
+    t, expect = {}, {}
+    for e in range(2):
+        for w, shape in (("gate_proj", (64, 128)), ("down_proj", (128, 64))):
+            name = f"model.layers.0.mlp.experts.{e}.{w}.weight"
+            q, s, g = quantize_nvfp4(rand(*shape, seed=e + len(w)))
+            base = name[:-len("weight")]
+            t[name], t[base + "weight_scale"], t[base + "weight_scale_2"] = q, s, g.reshape(())
+            t[base + "input_scale"] = torch.tensor(0.5)
+            expect[name] = formula(q, shape[1], "e2m1", s, (1, 16), g=g, mode="mul")
+    t["model.layers.0.self_attn.q_proj.weight"] = rand(128, 128, seed=3).to(torch.bfloat16)
+    t["model.layers.0.mlp.gate.weight"] = rand(2, 128, seed=4).to(torch.bfloat16)
+    config = {"model_type": "qwen3_moe", "torch_dtype": "bfloat16"}
+    hq = {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "NVFP4", "group_size": 16,
+                                                             "exclude_modules": ["lm_head", "*self_attn*", "*mlp.gate"]}}
+    return t, expect, config, hq
+
+
+def nvfp4_compressed_tensors():
+    """compressed-tensors NVFP4 (Kimi-K2.5-NVFP4 style names): weight_packed, E4M3 per-16,
+    weight_global_scale (a divisor), input_global_scale."""
+    t, expect = {}, {}
+    for w, shape in (("gate_proj", (64, 160)), ("up_proj", (64, 160))):
+        name = f"language_model.model.layers.1.mlp.experts.0.{w}.weight_packed"
+        q, s, g = quantize_nvfp4(rand(*shape, seed=len(w)), divisor=True)
+        base = name[:-len("weight_packed")]
+        t[name], t[base + "weight_scale"], t[base + "weight_global_scale"] = q, s, g
+        t[base + "input_global_scale"] = torch.tensor([2.0])
+        expect[base + "weight"] = formula(q, shape[1], "e2m1", s, (1, 16), g=g, mode="div")
+    t["language_model.model.layers.1.self_attn.o_proj.weight"] = rand(64, 64, seed=5).to(torch.bfloat16)
+    config = {"model_type": "kimi_k25", "quantization_config": {
+        "quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized",
+        "config_groups": {"group_0": {"weights": {"num_bits": 4, "type": "float", "group_size": 16},
+                                      "targets": ["Linear"]}},
+        "ignore": ["language_model.lm_head", "re:.*self_attn.*"]}}
+    return t, expect, config, None
+
+
+def int4_kimi():
+    """Kimi-K2.5 INT4 experts (compressed-tensors pack-quantized W4A16): I32 weight_packed, BF16
+    per-32 scales, weight_shape; one expert whose K (44) pads its last word."""
+    t, expect = {}, {}
+    for e, k in ((0, 128), (1, 44)):
+        name = f"language_model.model.layers.1.mlp.experts.{e}.down_proj.weight_packed"
+        q, s, ws = quantize_int4(rand(64, k, seed=e))
+        base = name[:-len("weight_packed")]
+        t[name], t[base + "weight_scale"], t[base + "weight_shape"] = q, s, ws
+        expect[base + "weight"] = formula(q, k, "int4", s, (1, 32))
+    t["language_model.model.embed_tokens.weight"] = rand(32, 64, seed=6).to(torch.bfloat16)
+    config = {"model_type": "kimi_k25", "text_config": {"model_type": "deepseek_v3", "quantization_config": {
+        "quant_method": "compressed-tensors", "format": "pack-quantized",
+        "config_groups": {"group_0": {"weights": {"num_bits": 4, "type": "int", "group_size": 32, "strategy": "group",
+                                                  "symmetric": True}, "targets": ["Linear"]}}}}}
+    return t, expect, config, None
+
+
+def mxfp8_minimax():
+    """MiniMax-M3 MXFP8: F8_E4M3 weights with U8 (not F8_E8M0) per-32 exponents."""
+    t, expect = {}, {}
+    for w in ("q_proj", "o_proj"):
+        name = f"model.layers.0.self_attn.{w}.weight"
+        q, s = quantize_fp8(rand(64, 96, seed=len(w)), block=(1, 32), scale_dtype=torch.uint8, e8m0=True)
+        t[name], t[name + "_scale"] = q, s
+        expect[name] = formula(q, 96, None, s, (1, 32))
+    config = {"model_type": "minimax_m3", "quantization_config": {"quant_method": "mxfp8", "weight_block_size": [1, 32]}}
+    return t, expect, config, None
+
+
+FAMILIES = {"deepseek-v4": deepseek_v4, "nvfp4-modelopt": nvfp4_modelopt, "nvfp4-compressed-tensors":
+            nvfp4_compressed_tensors, "int4-kimi": int4_kimi, "mxfp8-minimax": mxfp8_minimax}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_convert_family_bitwise(tmp_path, family):
+    tensors, expect, config, hq = FAMILIES[family]()
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write(src, tensors, config, hq, files=2)
+    (src / "tokenizer.json").write_text("{}")
+    report = convert(src, dst, device="cpu", progress=False, max_shard_size=None)
+    assert report.dequantized == len(expect) and report.gate_warnings == []
+    out = read_all(dst)
+    plain = {n for n in tensors if tensors[n].dtype in (torch.bfloat16, torch.float32) and
+             not any(n.endswith(s) for s in ("_scale", "_scale_2", "_global_scale", "input_scale"))}
+    assert set(out) == set(expect) | plain  # scales, activation scales and weight_shape are gone
+    for name, want in expect.items():
+        assert_bitwise_equal(out[name], want, name)
+    for name in plain:
+        assert_bitwise_equal(out[name], tensors[name], name)
+    cfg = json.loads((dst / "config.json").read_text())
+    assert "quantization_config" not in cfg and "quantization_config" not in cfg.get("text_config", {})
+    assert "expert_dtype" not in cfg and cfg["torch_dtype"] == "bfloat16"
+    assert not (dst / "hf_quant_config.json").exists() and (dst / "tokenizer.json").exists()
+    for name in expect:  # the gate's maximum is taken before rounding: rounded, it is the output's
+        got = torch.tensor(report.maxima[name][0]).to(torch.bfloat16)
+        assert got == expect[name].abs().max(), (name, report.maxima[name])
+
+
+def test_convert_nested_text_config_quantization_is_removed(tmp_path):
+    tensors, expect, config, hq = int4_kimi()
+    write(tmp_path / "src", tensors, config)
+    convert(tmp_path / "src", tmp_path / "dst", device="cpu", progress=False)
+    cfg = json.loads((tmp_path / "dst" / "config.json").read_text())
+    assert "quantization_config" not in cfg["text_config"]
+
+
+def test_converted_directory_reads_with_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tensors, expect, config, hq = nvfp4_modelopt()
+    config.update({"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 128, "num_hidden_layers": 1,
+                   "num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 64,
+                   "moe_intermediate_size": 64, "num_experts": 2, "vocab_size": 32})
+    write(tmp_path / "src", tensors, config, hq)
+    convert(tmp_path / "src", tmp_path / "dst", device="cpu", progress=False)
+    cfg = transformers.AutoConfig.from_pretrained(str(tmp_path / "dst"))
+    assert cfg.model_type == "qwen3_moe" and getattr(cfg, "quantization_config", None) is None
+
+
+# ---------------------------------------------------------------- the gate against shipped failures
+
+def _one_fp8(tmp_path, scale, block=(1, 32), config=None):
+    q, _ = quantize_fp8(rand(64, 96, seed=1), block=(1, 32), scale_dtype=torch.uint8, e8m0=True)
+    write(tmp_path / "src", {"m.w.weight": q, "m.w.weight_scale": scale},
+          config or {"quantization_config": {"quant_method": "fp8", "weight_block_size": list(block)}})
+    return tmp_path / "src"
+
+
+def test_gate_stops_u8_e8m0_read_as_linear(tmp_path, capsys):
+    """MiniMax-M3's U8 exponents taken for linear values (a converter that cast them to float):
+    x 2^127-e too large; the gate names the tensor, exit 2, no file left looking complete."""
+    _, s = quantize_fp8(rand(64, 96, seed=1), block=(1, 32), scale_dtype=torch.uint8, e8m0=True)
+    src = _one_fp8(tmp_path, s.to(torch.float32))
+    assert main(["convert", str(src), str(tmp_path / "dst"), "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "m.w.weight: max |x|" in err and "misread scale" in err and "Traceback" not in err
+    assert not list((tmp_path / "dst").glob("*.safetensors"))
+
+
+def test_gate_stops_e8m0_handed_over_as_float(tmp_path):
+    """DeepSeek-V4's E8M0 exponent bytes reinterpreted as float32 scales (four exponents a float):
+    ~1e38 after dequantization."""
+    q, s = quantize_fp4_e8m0(rand(64, 128, seed=2))
+    as_float = s.contiguous().view(torch.float32)  # [64, 1]: one 'float' of four exponent bytes
+    write(tmp_path / "src", {"x.weight": q.view(torch.float8_e4m3fn), "x.weight_scale": as_float},
+          {"quantization_config": {"quant_method": "fp8"}})
+    with pytest.raises(PyloaderInputError, match=r"x.weight: (max \|x\||NaN values)"):
+        convert(tmp_path / "src", tmp_path / "dst", device="cpu", progress=False)
+
+
+def test_gate_stops_fp4_bytes_given_as_fp8(tmp_path):
+    """FP4 experts taken for FP8 (expert_dtype dropped from a converted config): the packed bytes
+    decode to values no weight has."""
+    q, _ = quantize_fp4_e8m0(rand(128, 256, seed=3))
+    s = torch.full((1, 1), 0.01)  # the 128x128 grid of the [128, 128] bytes
+    write(tmp_path / "src", {"x.weight": q.view(torch.float8_e4m3fn), "x.weight_scale_inv": s},
+          {"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}})
+    with pytest.raises(PyloaderInputError, match="x.weight: NaN values"):
+        convert(tmp_path / "src", tmp_path / "dst", device="cpu", progress=False)
+    report = convert(tmp_path / "src", tmp_path / "dst2", device="cpu", progress=False, gate="warn")
+    assert len(report.gate_warnings) == 1
+
+
+def test_gate_stops_all_zero_from_nonzero_codes(tmp_path):
+    """Scales of zero (a scale tensor written before it was filled) make every value zero."""
+    q, s = quantize_fp8(rand(200, 300, seed=4))
+    write(tmp_path / "src", {"x.weight": q, "x.weight_scale_inv": torch.zeros_like(s)}, {})
+    with pytest.raises(PyloaderInputError, match="all zero after dequantization"):
+        convert(tmp_path / "src", tmp_path / "dst", device="cpu", progress=False)
+    convert(tmp_path / "src", tmp_path / "dst2", device="cpu", progress=False, gate="off")
