@@ -241,3 +241,32 @@ def test_gate_stops_all_zero_from_nonzero_codes(tmp_path):
     with pytest.raises(PyloaderInputError, match="all zero after dequantization"):
         convert(tmp_path / "src", tmp_path / "dst", device="cpu", progress=False)
     convert(tmp_path / "src", tmp_path / "dst2", device="cpu", progress=False, gate="off")
+
+
+def test_convert_gpt_oss_mxfp4_into_transformers_layout(tmp_path, monkeypatch):
+    """gpt-oss *_blocks [E, N, G, 16] / *_scales [E, N, G] → the BF16 expert tensors transformers'
+    GptOss holds ([E, in, out]: each expert's dequantized [N, K] transposed), biases and
+    attention copied; chunks hold whole experts (a chunk here is smaller than one)."""
+    from pyloader.convert import pipeline
+
+    monkeypatch.setattr(pipeline, "CHUNK_BYTES", 1000)
+    E, N, K = 3, 40, 64
+    gen = torch.Generator().manual_seed(7)
+    blocks = torch.randint(0, 256, (E, N, K // 32, 16), dtype=torch.uint8, generator=gen)
+    scales = torch.randint(118, 130, (E, N, K // 32), dtype=torch.uint8, generator=gen)
+    t = {"model.layers.0.mlp.experts.gate_up_proj_blocks": blocks,
+         "model.layers.0.mlp.experts.gate_up_proj_scales": scales,
+         "model.layers.0.mlp.experts.gate_up_proj_bias": rand(E, N, seed=1).to(torch.bfloat16),
+         "model.layers.0.self_attn.q_proj.weight": rand(64, 64, seed=2).to(torch.bfloat16)}
+    config = {"model_type": "gpt_oss", "quantization_config": {
+        "quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                            "model.embed_tokens", "lm_head"]}}
+    write(tmp_path / "src", t, config)
+    convert(tmp_path / "src", tmp_path / "dst", device="cpu", progress=False)
+    out = read_all(tmp_path / "dst")
+    assert set(out) == {"model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.gate_up_proj_bias",
+                        "model.layers.0.self_attn.q_proj.weight"}
+    want = formula(blocks.reshape(E, N, K // 2), K, "e2m1", scales, (1, 32)).transpose(1, 2).contiguous()
+    assert_bitwise_equal(out["model.layers.0.mlp.experts.gate_up_proj"], want)
+    assert_bitwise_equal(out["model.layers.0.mlp.experts.gate_up_proj_bias"],
+                         t["model.layers.0.mlp.experts.gate_up_proj_bias"])

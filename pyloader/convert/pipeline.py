@@ -170,6 +170,9 @@ class Converter:
                     run_jobs([TransformJob(w, out, grid[r0 // bm:], (bm, bn), (r0 % bm, 0), q.packing, g,
                                            q.global_mode, slot)], self.backend)
                     self._census(t.name, out)
+                    if q.transpose:  # whole planes (row_group): each written as its transpose
+                        n = q.shape[-2]
+                        out = out.view(rows // n, n, cols).transpose(1, 2).contiguous()
                     if stream is not None:
                         out_bytes = self._pinned(out.numel() * out.element_size())
                         out_bytes.copy_(out.view(-1).view(torch.uint8), non_blocking=True)
@@ -237,7 +240,9 @@ class Converter:
                 if t.nbytes == 0:  # nothing to write: its rows, however many, are never walked
                     nrows = 0
                 out_row = t.nbytes // max(1, nrows)
+                group = t.row_group
                 step = max(1, CHUNK_BYTES // max(1, out_row))  # any row split is exact: (r0 % bm) offsets the grid
+                step = max(group, step // group * group)
                 for r0 in range(0, max(nrows, 1), step):
                     rows = min(step, nrows - r0) if nrows else 0
                     if mapped:

@@ -21,7 +21,13 @@ class OutTensor:
 
     @property
     def shape(self):
-        return self.quant.shape if self.quant is not None else self.source.shape
+        return self.quant.out_shape if self.quant is not None else self.source.shape
+
+    @property
+    def row_group(self) -> int:
+        """Rows a chunk must hold whole: a transposed tensor is written a whole plane at a time."""
+        q = self.quant
+        return q.shape[-2] if q is not None and q.transpose else 1
 
     @property
     def scale(self) -> Optional[TensorInfo]:

@@ -12,7 +12,7 @@ Formats (docs: formats table in the README):
   ``.scale``), one value, or one a row; ``mxfp8``: F8 ``weight`` with U8/E8M0 ``[N, K/32]`` scales.
 - ``fp4-e8m0``: FP4 codes (U8/I8 ``[N, K/2]``) with E8M0 ``[N, K/32]`` scales (DeepSeek-V4
   experts, compressed-tensors MXFP4); ``mxfp4``: gpt-oss ``*_blocks`` ``[E, N, G, 16]`` with
-  ``*_scales`` ``[E, N, G]``.
+  ``*_scales`` ``[E, N, G]``, dequantized as ``[E, 32 G, N]`` (transformers' BF16 layout).
 - ``nvfp4``: FP4 codes with F8_E4M3 ``[N, K/16]`` scales and a second-level F32 scale:
   ``weight_scale_2`` multiplies (ModelOpt), ``weight_global_scale`` divides (compressed-tensors).
 - ``int4``: compressed-tensors pack-quantized I32 ``weight_packed`` ``[N, K/8]`` with
@@ -54,6 +54,14 @@ class Quantized:
     global_scale: Optional[TensorInfo] = None
     global_mode: str = "mul"
     consumed: Tuple[str, ...] = ()  # every tensor this weight takes, values included
+    transpose: bool = False         # the dequantized tensor is [..., K, N] (gpt-oss experts in transformers' layout)
+
+    @property
+    def out_shape(self) -> Tuple[int, ...]:
+        """Shape of the dequantized tensor as written."""
+        if self.transpose:
+            return self.shape[:-2] + (self.shape[-1], self.shape[-2])
+        return self.shape
 
     @property
     def rows(self) -> int:
@@ -278,8 +286,9 @@ def _mxfp4_blocks(tensors, module: str, leaf: str, values: TensorInfo) -> Quanti
         raise CheckpointError(values.file, f"MXFP4 blocks {values.dtype} {list(shape)} with scales {scales.dtype} "
                                            f"{list(scales.shape or ())}: expected U8 [..., N, G, 16] and U8 [..., N, G]",
                               values.name)
+    # transformers' dequantized GptOss experts are [E, in, out]: gate_up_proj [E, H, 2I], down_proj [E, I, H]
     return Quantized(_join(module, base), values, "mxfp4", scales, (1, 32), shape[:-2] + (shape[-2] * 32,), "e2m1",
-                     consumed=(values.name, scales.name))
+                     consumed=(values.name, scales.name), transpose=True)
 
 
 # quant_method values whose layouts recognize() reads; compressed-tensors formats likewise.
