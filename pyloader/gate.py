@@ -8,7 +8,9 @@ is reported (``warn``)."""
 import logging
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
 
 from .errors import PyloaderInputError
 
@@ -42,7 +44,9 @@ class Gate:
 
     def problem(self, name: str, source, maxima: Tuple[float, float]) -> Optional[str]:
         out_max, code_max = maxima
-        where = f"{source.file}, tensor {source.name!r}" if source is not None else "its source"
+        where = "its source"
+        if source is not None:
+            where = f"{source.file}, tensor {source.name!r}" if getattr(source, "file", None) else f"tensor {source.name!r}"
         if math.isnan(out_max):
             return (f"{name}: NaN values after dequantization (no shipped weight has them: codes of another "
                     f"format, or a NaN scale?) ({where})")
@@ -63,3 +67,44 @@ class Gate:
             raise PyloaderInputError(msg + "; pass --gate warn (gate='warn') to write it anyway")
         logger.warning("pyloader gate: %s", msg)
         return msg
+
+    def enforce(self, maxima: Dict[str, Tuple[float, float]], sources: Dict[str, object]) -> List[str]:
+        """Check every tensor at once: raise one error listing them all (policy error), or return the
+        warnings (policy warn)."""
+        problems = [m for m in (self.problem(n, sources.get(n), v) for n, v in sorted(maxima.items())) if m]
+        if not problems or not self.on:
+            return []
+        if self.policy == "error":
+            raise PyloaderInputError(f"sanity gate: {len(problems)} dequantized tensor(s) hold values no weight has "
+                                     "(pass gate='warn' to load them anyway):\n  " + "\n  ".join(problems))
+        for m in problems:
+            logger.warning("pyloader gate: %s", m)
+        return problems
+
+
+class GateSlots:
+    """One float32 [2] gate slot per dequantized checkpoint tensor, in one device tensor: jobs of
+    a tensor split over batches share its slot; one read at the end gives every maximum."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.rows: Dict[str, Tuple[torch.Tensor, int]] = {}
+        self.blocks: List[torch.Tensor] = []
+
+    def reserve(self, names: Iterable[str]) -> None:
+        new = [n for n in dict.fromkeys(names) if n not in self.rows]
+        if not new:
+            return
+        block = torch.zeros(len(new), 2, dtype=torch.float32, device=self.device)
+        self.blocks.append(block)
+        for i, n in enumerate(new):
+            self.rows[n] = (block, i)
+
+    def slot(self, name: str) -> Optional[torch.Tensor]:
+        hit = self.rows.get(name)
+        return None if hit is None else hit[0][hit[1]]
+
+    def maxima(self) -> Dict[str, Tuple[float, float]]:
+        host = [b.cpu().tolist() for b in self.blocks]  # waits for the transforms that fill them
+        index = {id(b): k for k, b in enumerate(self.blocks)}
+        return {n: tuple(host[index[id(b)]][i]) for n, (b, i) in self.rows.items()}

@@ -89,9 +89,10 @@ def as_matrix(t: torch.Tensor) -> torch.Tensor:
 
 
 def piece_jobs(piece: Piece, src: torch.Tensor, row0: int, target: torch.Tensor,
-               scales: Dict[str, torch.Tensor], experts: Optional[Dict[int, int]]) -> List[TransformJob]:
+               scales: Dict[str, torch.Tensor], experts: Optional[Dict[int, int]], slots=None) -> List[TransformJob]:
     """Jobs writing ``src`` (rows ``row0..`` of what this rank reads of ``piece.source``, already
-    viewed with the source dtype and shape) into ``target``."""
+    viewed with the source dtype and shape) into ``target``; a dequantized piece gets its gate
+    slot from ``slots`` (:class:`~pyloader.gate.GateSlots`) when one is given."""
     pl = piece.placement
     jobs = []
     if experts is not None and piece.expert_id is None:  # pre-stacked experts: one job per owned expert
@@ -103,7 +104,7 @@ def piece_jobs(piece: Piece, src: torch.Tensor, row0: int, target: torch.Tensor,
     if plane.dim() <= 1:  # 1-D target (norm, bias): elements
         dst = plane.reshape(-1)[pl.offset:pl.offset + src.numel()].unsqueeze(0)
         s = src.reshape(1, -1)
-        return [_job(piece, s, dst, scales, 0, 0)]
+        return [_job(piece, s, dst, scales, 0, 0, slots)]
     src2 = as_matrix(src)
     rows_base = pl.src_rows[0] if (pl.src_rows is not None and pl.src_cols is None) else 0
     c0 = 0
@@ -113,19 +114,22 @@ def piece_jobs(piece: Piece, src: torch.Tensor, row0: int, target: torch.Tensor,
     global_row0 = rows_base + row0
     dst_row0 = pl.offset + (global_row0 - (pl.src_rows[0] if pl.src_rows is not None else 0))
     dst = as_matrix(plane)[dst_row0:dst_row0 + src2.shape[0]]
-    return [_job(piece, src2, dst, scales, global_row0, c0)]
+    return [_job(piece, src2, dst, scales, global_row0, c0, slots)]
 
 
-def _job(piece: Piece, src, dst, scales, global_row0: int, c0: int) -> TransformJob:
+def _job(piece: Piece, src, dst, scales, global_row0: int, c0: int, slots=None) -> TransformJob:
     if piece.transform != "dequant":
         return TransformJob(src, dst)
     scale = scales[piece.scale.name]
     shape = piece.source.shape
+    amax = slots.slot(piece.source.name) if slots is not None else None
     if scale.numel() == 1:  # per-tensor
-        return TransformJob(src, dst, scale.reshape(1, 1), (max(1, shape[0]), max(1, math.prod(shape[1:]) or 1)))
+        return TransformJob(src, dst, scale.reshape(1, 1), (max(1, shape[0]), max(1, math.prod(shape[1:]) or 1)),
+                            amax=amax)
     bm, bn = piece.block_size
     grid = scale.reshape(-(-(shape[0] if len(shape) >= 2 else 1) // bm), -1)  # [ceil(rows / bm), ceil(cols / bn)]
-    return TransformJob(src, dst, grid[global_row0 // bm:, c0 // bn:], (bm, bn), (global_row0 % bm, c0 % bn))
+    return TransformJob(src, dst, grid[global_row0 // bm:, c0 // bn:], (bm, bn), (global_row0 % bm, c0 % bn),
+                        amax=amax)
 
 
 def view_source(raw: torch.Tensor, info: TensorInfo, rows: int) -> torch.Tensor:

@@ -141,7 +141,7 @@ class StreamingExecutor:
 
     def __init__(self, tensors: Dict[str, torch.Tensor], device: torch.device,
                  backend: Optional[str] = None, config: Optional[ExecutorConfig] = None,
-                 progress: bool = True, hooks: Optional[Callable[[Optional[int]], None]] = None):
+                 progress: bool = True, hooks: Optional[Callable[[Optional[int]], None]] = None, slots=None):
         config = config or ExecutorConfig()
         for what, value, allowed in (("readers", config.readers, ("auto", "native", "python")),
                                      ("cold_reads", config.cold_reads, ("auto", "direct", "buffered"))):
@@ -153,6 +153,7 @@ class StreamingExecutor:
         self.backend = resolve_backend(backend, self.device, "load")
         self.progress = progress
         self.hooks = hooks
+        self.slots = slots  # gate slots (pyloader.gate.GateSlots) of the dequantized pieces, or None
         self.timings = Timings()
         self.bytes_read = 0
         self.readers_used = ""  # "native" or "python" (GPU pinned-buffer path), see ExecutorConfig.readers
@@ -265,6 +266,8 @@ class StreamingExecutor:
             with gc_paused():  # a part a piece (45K for DeepSeek-R1): see format.checkpoint.gc_paused
                 pieces = [p for _, group in plan.by_layer() for p in group]
                 batches = split_into_batches(pieces, cfg.slot_bytes)
+                if self.slots is not None:
+                    self.slots.reserve(p.source.name for p in pieces if p.transform == "dequant")
             self._marks.append(("batches", time.perf_counter()))
             self._open(list(dict.fromkeys(str(p.source.file) for p in pieces)), max(1, min(cfg.num_slots, len(batches))))
             return self._run(batches)
@@ -323,7 +326,7 @@ class StreamingExecutor:
                     raw = staging[slot][part.slot_offset:part.slot_offset + part.nbytes]
                     src = view_source(raw, p.source, part.rows if p.source.shape else 1)
                     spec = self.plan.targets[p.target]
-                    jobs += piece_jobs(p, src, part.row0, self.tensors[p.target], scales, spec.experts)
+                    jobs += piece_jobs(p, src, part.row0, self.tensors[p.target], scales, spec.experts, self.slots)
                 t0 = torch.cuda.Event(enable_timing=True) if cuda else None
                 if cuda:
                     t0.record()

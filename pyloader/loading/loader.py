@@ -29,6 +29,7 @@ from ..routing.plan import Plan, PlanError, build_plan, targets_from_tensors
 from ..routing.presets import build_preset, load_config
 from ..routing.router import Rules
 from ..rss import peak_rss, reset_peak_rss
+from ..gate import DEFAULT_LIMIT, Gate, GateSlots
 from .executor import ExecutorConfig, StreamingExecutor, Timings
 from .sources import run_memory, run_stream, tensor_info
 
@@ -50,6 +51,9 @@ class LoadReport:
     io: str = ""                                                # the source: "files", "memory" or "stream"
     readers: str = ""                                           # GPU reads: "native" (C++) or "python" readers
     peak_rss: Optional[int] = None                              # bytes: the process's resident peak during the load
+    # dequantized checkpoint tensor → (max |value|, max |decoded code|): the sanity gate's evidence
+    maxima: Dict[str, Tuple[float, float]] = field(default_factory=dict)
+    gate_warnings: List[str] = field(default_factory=list)     # gate="warn": what would have stopped the load
 
     @property
     def gbps(self) -> float:
@@ -121,7 +125,8 @@ def check_unwritten(missing: List[str], policy: str) -> None:
 def load(target, source: Source, *, config=None, preset: Optional[str] = None, rules: Optional[Rules] = None,
          tp=None, pp=None, ep=None, device=None, backend: Optional[str] = None, progress: bool = True,
          unexpected: str = "error", missing: str = "error", executor: Optional[ExecutorConfig] = None,
-         hooks: Optional[Callable[[Optional[int]], None]] = None) -> LoadReport:
+         hooks: Optional[Callable[[Optional[int]], None]] = None, gate: str = "error",
+         gate_limit: float = DEFAULT_LIMIT) -> LoadReport:
     """Load ``source`` into ``target`` (an ``nn.Module`` or a dict of tensors, already allocated).
 
     ``source``: a checkpoint directory, an index file or a list of ``.safetensors`` files (the fast
@@ -132,11 +137,16 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
     ``missing``: targets (or rows, or expert slots of them) that nothing in the source writes, and
     target tensors the preset does not know: ``"error"`` (raised before any byte is written),
     ``"warn"`` or ``"ignore"`` (listed in ``report.missing``). A stream can only tell when it ends.
+    ``gate``: every dequantized tensor's largest magnitude is taken in the transform that writes it
+    (``report.maxima``); ``"error"`` raises, once the load is done, listing each tensor whose
+    values no weight has (beyond ``gate_limit``, NaN, or all zero from non-zero codes: a misread
+    scale format); ``"warn"`` lists them in ``report.gate_warnings``; ``"off"`` skips it.
     Returns a :class:`LoadReport`; raises :class:`~pyloader.errors.PyloaderInputError` (with every
     problem listed) before any byte is written if the plan does not check out.
     """
     t0 = time.perf_counter()
     measured = reset_peak_rss()
+    checker = Gate(gate, gate_limit)
     if missing not in MISSING_POLICIES:
         raise PyloaderInputError(f"missing must be one of {', '.join(map(repr, MISSING_POLICIES))}, not {missing!r}")
     tensors = _target_tensors(target)
@@ -164,12 +174,13 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
         preset_targets = None
     specs, unknown = _specs(tensors, preset_targets, rules)
     report = LoadReport(preset=preset_name)
+    slots = GateSlots(dev) if checker.on else None
     if checkpoint is not None:
         t_preset = time.perf_counter()
         plan = build_plan(checkpoint, specs, rules, unexpected=unexpected, block_size=block)
         check_unwritten(plan.missing + unknown, missing)
         t_plan = time.perf_counter()
-        ex = StreamingExecutor(tensors, dev, backend, executor, progress, hooks)
+        ex = StreamingExecutor(tensors, dev, backend, executor, progress, hooks, slots)
         report.timings = ex.run(plan)
         report.timings.prepare_parts = {"headers": round(t_headers - t0, 6), "preset": round(t_preset - t_headers, 6),
                                         "plan": round(t_plan - t_preset, 6)}
@@ -178,9 +189,9 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
         t_finish = time.perf_counter()
     elif isinstance(source, Mapping):
         plan = run_memory(source, specs, rules, tensors, dev, backend, unexpected, block, hooks, report,
-                          lambda p: check_unwritten(p.missing + unknown, missing))
+                          lambda p: check_unwritten(p.missing + unknown, missing), slots)
     else:
-        plan = run_stream(iter(source), specs, rules, tensors, dev, backend, unexpected, block, hooks, report)
+        plan = run_stream(iter(source), specs, rules, tensors, dev, backend, unexpected, block, hooks, report, slots)
         check_unwritten(plan.missing + unknown, missing)
     _fill_tied(plan, tensors)
     report.loaded = sorted({p.target for p in plan.pieces} | {n for n, s in plan.targets.items() if s.fill_from})
@@ -188,6 +199,9 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
     report.unexpected = plan.summary.unexpected
     report.missing = plan.missing + unknown
     report.peak_rss = peak_rss() if measured else None
+    if slots is not None and slots.rows:
+        report.maxima = slots.maxima()
+        report.gate_warnings = checker.enforce(report.maxima, {p.source.name: p.source for p in plan.pieces})
     if report.timings.wall_s == 0:
         report.timings.wall_s = time.perf_counter() - t0
     if dev.type == "cuda":

@@ -32,7 +32,7 @@ def source_rows(piece, t: torch.Tensor) -> torch.Tensor:
 
 
 def run_memory(source: Mapping[str, torch.Tensor], specs, rules, tensors, dev, backend, unexpected, block, hooks,
-               report, check: Callable[[Plan], None]) -> Plan:
+               report, check: Callable[[Plan], None], slots=None) -> Plan:
     """Tensors already in memory (the RL refit case, device to device): one launch per layer, once
     ``check(plan)`` passes."""
     ck = Checkpoint(None, [], {n: tensor_info(n, t) for n, t in source.items()})
@@ -40,11 +40,13 @@ def run_memory(source: Mapping[str, torch.Tensor], specs, rules, tensors, dev, b
     check(plan)
     chosen = resolve_backend(backend, dev, "load")
     scales = {p.scale.name: source[p.scale.name].to(dev) for p in plan.pieces if p.scale is not None}
+    if slots is not None:
+        slots.reserve(p.source.name for p in plan.pieces if p.transform == "dequant")
     for layer, group in plan.by_layer():
         jobs = []
         for p in group:
             src = source_rows(p, source[p.source.name]).to(dev)
-            jobs += piece_jobs(p, src, 0, tensors[p.target], scales, plan.targets[p.target].experts)
+            jobs += piece_jobs(p, src, 0, tensors[p.target], scales, plan.targets[p.target].experts, slots)
         run_jobs([j for j in jobs if j.src.numel()], chosen)
         report.bytes_read += sum(p.read_bytes for p in group)
         if hooks is not None:
@@ -54,7 +56,7 @@ def run_memory(source: Mapping[str, torch.Tensor], specs, rules, tensors, dev, b
 
 
 def run_stream(items: Iterator[Tuple[str, torch.Tensor]], specs, rules, tensors, dev, backend, unexpected, block,
-                hooks, report) -> Plan:
+                hooks, report, slots=None) -> Plan:
     """A ``(name, tensor)`` iterator. Every yielded tensor is copied out (to the device, or into
     its target) before the iterator advances: sources that reuse one buffer (run:ai's streamer)
     cannot corrupt earlier tensors. An FP8 weight waits on the device for its scale (and a scale
@@ -91,9 +93,11 @@ def run_stream(items: Iterator[Tuple[str, torch.Tensor]], specs, rules, tensors,
         plan = build_plan(ck, specs, rules, unexpected="ignore", block_size=block, partial=True)
         scales = {p.scale.name: mini[p.scale.name] for p in plan.pieces if p.scale is not None}
         jobs = []
+        if slots is not None:
+            slots.reserve(p.source.name for p in plan.pieces if p.transform == "dequant")
         for p in plan.pieces:
             jobs += piece_jobs(p, source_rows(p, mini[p.source.name]), 0, tensors[p.target], scales,
-                               specs[p.target].experts)
+                               specs[p.target].experts, slots)
         run_jobs([j for j in jobs if j.src.numel()], chosen)
         report.bytes_read += sum(x.numel() * x.element_size() for x in mini.values())
         pieces += plan.pieces

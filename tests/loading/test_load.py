@@ -415,3 +415,40 @@ def test_tied_embeddings_fill_the_head(tmp_path, pp_rank):
     targets = {n: poison_(t) for n, t in allocate_targets(build_preset(c, parallel=par).targets, "cpu").items()}
     pyloader.load(targets, d, backend="torch", progress=False, pp=pp)
     assert_bitwise_equal(targets["lm_head.weight"], raw["model.embed_tokens.weight"], what="lm_head")
+
+
+@pytest.mark.parametrize("source", ["files", "dict", "stream"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_sanity_gate_reports_maxima_and_stops_implausible_tensors(tmp_path, source, device):
+    """Every dequantized tensor's max |x| comes back in the report; a scale read as ~1e38 (E8M0
+    bytes taken for a float) stops the load with the tensor's name, or is listed with gate='warn'."""
+    c = dict(TINY["llama"], quantization_config={"quant_method": "fp8"})
+    d = write_checkpoint(tmp_path / "g", c)
+    raw = raw_tensors(d)
+    victim = next(n for n in sorted(raw) if n.endswith("weight_scale_inv"))
+    bad = dict(raw)
+    bad[victim] = torch.full_like(raw[victim], 3.0e38)
+    if source == "files":
+        from safetensors.torch import save_file
+
+        shard = tmp_path / "bad"
+        shard.mkdir()
+        save_file(bad, str(shard / "model.safetensors"))
+        (shard / "config.json").write_text(json.dumps(c))
+    preset = build_preset(c)
+
+    def src(tensors, where):
+        return where if source == "files" else (tensors if source == "dict" else iter(tensors.items()))
+
+    good = pyloader.load(allocate_targets(preset.targets, device), src(raw, d), config=c, progress=False)
+    weight = victim[: -len("_scale_inv")]
+    assert weight in good.maxima and 0 < good.maxima[weight][0] < 1e4 and good.gate_warnings == []
+    assert all(m[1] <= 448.0 for m in good.maxima.values())  # max |code| of E4M3
+    with pytest.raises(pyloader.PyloaderInputError, match=re.escape(weight) + ": max"):
+        pyloader.load(allocate_targets(preset.targets, device), src(bad, tmp_path / "bad"), config=c, progress=False)
+    warned = pyloader.load(allocate_targets(preset.targets, device), src(bad, tmp_path / "bad"), config=c,
+                           progress=False, gate="warn")
+    assert len(warned.gate_warnings) == 1 and weight in warned.gate_warnings[0]
+    off = pyloader.load(allocate_targets(preset.targets, device), src(bad, tmp_path / "bad"), config=c,
+                        progress=False, gate="off")
+    assert off.maxima == {}
