@@ -40,6 +40,7 @@ def test_inspect_json_contract_from_an_index_alone(index_only, capsys):
     t = out["targets"]["model.layers.12.mlp.experts.w13_weight"]
     assert t["shape"] == [64, 1536, 2048] and t["dtype"] == "bfloat16" and len(t["sources"]) == 64 * 2
     assert out["read_bytes"] is None  # index only: no shard headers
+    assert out["formats"] is None  # and no dtypes to recognize formats by
 
 
 def test_inspect_real_files_and_human_output(tmp_path, capsys):
@@ -60,9 +61,11 @@ def test_inspect_real_files_and_human_output(tmp_path, capsys):
     save_file(t, str(tmp_path / "model.safetensors"))
     out = run_json(capsys, tmp_path)
     assert out["missing"] == [] and out["read_bytes"] == sum(v.numel() * 2 for v in t.values())
+    assert out["formats"] == {}
     assert out["targets"]["lm_head.weight"]["sources"] == ["tied: model.embed_tokens.weight"]
     assert main(["inspect", str(tmp_path)]) == 0
-    assert "every target is covered" in capsys.readouterr().out
+    human = capsys.readouterr().out
+    assert "every target is covered" in human and "formats      no quantized weights" in human
     # a wrong shape is a clear error with exit code 2
     t["model.layers.1.mlp.up_proj.weight"] = torch.zeros(47, 32, dtype=torch.bfloat16)
     save_file(t, str(tmp_path / "model.safetensors"))

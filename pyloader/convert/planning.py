@@ -75,10 +75,7 @@ def plan_conversion(ck, config: dict, out_dtype: torch.dtype, max_shard_size: Op
                     hf_quant_config: Optional[dict] = None, read_small=None) -> List[OutFile]:
     """Every output tensor and file: quantized weights (as :func:`pyloader.format.quant.recognize`
     finds them) dequantized under their dequantized names, their scales dropped, the rest copied."""
-    try:
-        check_methods(config)
-    except ValueError as e:
-        raise PyloaderInputError(str(e)) from None
+    check_methods(config)
     rec = recognize(ck.tensors, config, hf_quant_config, read_small)
     out: List[OutTensor] = []
     names = set()

@@ -29,6 +29,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
+from ..errors import PyloaderInputError
 from .safetensors import CheckpointError, TensorInfo
 from .scales import scale_block
 
@@ -100,8 +101,12 @@ class Declared:
     def is_excluded(self, module: str) -> bool:
         for pat in self.excluded:
             if pat.startswith("re:"):
-                if re.fullmatch(pat[3:], module) or re.fullmatch(pat[3:], module + "."):
-                    return True
+                try:
+                    if re.fullmatch(pat[3:], module) or re.fullmatch(pat[3:], module + "."):
+                        return True
+                except re.error as e:
+                    raise PyloaderInputError(f"quantization exclude pattern {pat!r} is not a valid regular expression: "
+                                             f"{e}") from None
             elif fnmatch.fnmatchcase(module, pat) or module == pat or module.endswith("." + pat):
                 return True
         return False
@@ -306,12 +311,12 @@ def check_methods(config: Mapping) -> None:
             continue
         method = q.get("quant_method")
         if method is not None and method not in KNOWN_METHODS:
-            raise ValueError(f"quantization_config.quant_method {method!r} is not a format pyloader reads "
+            raise PyloaderInputError(f"quantization_config.quant_method {method!r} is not a format pyloader reads "
                              f"(it reads {', '.join(KNOWN_METHODS)})")
         formats = [q.get("format")] + [_as_dict(g).get("format") for g in _as_dict(q.get("config_groups")).values()]
         for f in formats:
             if f is not None and f not in KNOWN_CT_FORMATS:
-                raise ValueError(f"compressed-tensors format {f!r} is not a format pyloader reads "
+                raise PyloaderInputError(f"compressed-tensors format {f!r} is not a format pyloader reads "
                                  f"(it reads {', '.join(KNOWN_CT_FORMATS)})")
 
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from pyloader.errors import PyloaderInputError
 from pyloader.format.quant import check_methods, declared_from, recognize
 from pyloader.format.safetensors import CheckpointError, TensorInfo
 
@@ -115,7 +116,7 @@ def test_ambiguous_or_inconsistent_is_an_error_naming_the_tensor(items, config, 
 def test_unknown_methods_are_refused():
     for q in ({"quant_method": "awq"}, {"quant_method": "gptq"}, {"quant_method": "bitsandbytes"},
               {"quant_method": "compressed-tensors", "format": "marlin-24"}):
-        with pytest.raises(ValueError, match="not a format pyloader reads"):
+        with pytest.raises(PyloaderInputError, match="not a format pyloader reads"):
             check_methods({"quantization_config": q})
     check_methods({"quantization_config": {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized"}})
 
@@ -133,3 +134,67 @@ def test_declared_reads_real_configs():
     nv = json.loads((root / "deepseek-v4-flash-nvfp4" / "hf_quant_config.json").read_text())
     d = declared_from(json.loads((root / "deepseek-v4-flash-nvfp4" / "config.json").read_text()), nv)
     assert d.is_excluded("layers.0.attn.wq_a") and d.is_excluded("mtp.0.ffn") and not d.is_excluded("layers.0.ffn.experts.1")
+
+
+# ---------------------------------------------------------------- fuzzed quantization declarations
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_leaf = st.one_of(st.none(), st.booleans(), st.integers(-3, 300), st.sampled_from([2 ** 40, 10 ** 30, 16, 32]),
+                  st.floats(allow_nan=True), st.text(max_size=4),
+                  st.sampled_from(["NVFP4", "FP8", "MIXED_PRECISION", "fp8", "mxfp4", "compressed-tensors", "modelopt",
+                                   "int", "float", "re:.*", "re:(", "*", "[", "pack-quantized"]))
+_json = st.recursive(_leaf, lambda kids: st.one_of(st.lists(kids, max_size=3),
+                                                   st.dictionaries(st.sampled_from(
+                                                       ["quant_method", "quant_algo", "weight_block_size", "ignore",
+                                                        "exclude_modules", "modules_to_not_convert", "config_groups",
+                                                        "weights", "num_bits", "type", "group_size", "format",
+                                                        "quantization", "quantized_layers", "expert_dtype", "x"]),
+                                                       kids, max_size=4)), max_leaves=12)
+NVFP4_TENSORS = tensors(("m.experts.0.up_proj.weight", "U8", (64, 128)),
+                        ("m.experts.0.up_proj.weight_scale", "F8_E4M3", (64, 16)),
+                        ("m.experts.0.up_proj.weight_scale_2", "F32", ()),
+                        ("m.self_attn.q_proj.weight", "F8_E4M3", (256, 256)),
+                        ("m.self_attn.q_proj.weight_scale_inv", "F32", (2, 2)),
+                        ("m.down.weight_packed", "I32", (16, 6)), ("m.down.weight_scale", "BF16", (16, 2)))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.one_of(_json, st.dictionaries(st.sampled_from(["quantization_config", "text_config", "expert_dtype"]), _json,
+                                        max_size=3)),
+       st.one_of(st.none(), _json, st.fixed_dictionaries({"quantization": _json})))
+def test_fuzzed_quantization_configs_are_read_or_refused(config, hf_quant):
+    """config.json quantization declarations and hf_quant_config.json, fuzzed: recognition gives
+    a result or pyloader's input error (naming what is wrong), never another exception."""
+    try:
+        check_methods(config if isinstance(config, dict) else {})
+        rec = recognize(NVFP4_TENSORS, config if isinstance(config, dict) else {}, hf_quant)
+    except PyloaderInputError as e:
+        assert str(e)
+        return
+    assert set(rec.quantized) <= set(NVFP4_TENSORS)
+
+
+def test_fuzzed_hf_quant_config_file_through_convert(tmp_path, capsys):
+    """An unreadable hf_quant_config.json is refused by convert with exit 2 and its name."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pyloader.cli import main
+
+    d = tmp_path / "src"
+    d.mkdir()
+    save_file({"a.weight": torch.zeros(4, 4, dtype=torch.bfloat16)}, str(d / "model.safetensors"))
+    (d / "config.json").write_text("{}")
+    for text in ("{", "[1, 2]", '{"quantization": ' + "[" * 50_000 + "]" * 50_000 + "}"):
+        (d / "hf_quant_config.json").write_text(text)
+        assert main(["convert", str(d), str(tmp_path / "out"), "--device", "cpu", "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "hf_quant_config.json" in err and "Traceback" not in err
+
+
+def test_an_invalid_exclude_regex_is_an_input_error():
+    cfg = {"quantization_config": {"quant_method": "compressed-tensors", "ignore": ["re:(unclosed"]}}
+    with pytest.raises(PyloaderInputError, match="not a valid regular expression"):
+        recognize(NVFP4_TENSORS, cfg)
