@@ -26,21 +26,9 @@ def _human_bytes(n: Optional[int]) -> str:
     return str(n)
 
 
-def _formats(ck, config: dict, folder: Path):
-    """Quantized weights per format (pyloader.format.quant, the rule convert and load use), or None
-    when only an index was read; a checkpoint whose formats do not check out is an input error."""
-    from .format.checkpoint import read_json_object
-    from .format.quant import check_methods, recognize
-
-    if not ck.headers_read:
-        return None
-    check_methods(config)
-    hq = folder / "hf_quant_config.json"
-    return recognize(ck.tensors, config, read_json_object(hq, "hf_quant_config") if hq.is_file() else None).counts()
-
-
 def cmd_inspect(args) -> int:
     from .format.checkpoint import open_checkpoint
+    from .format.quant import recognize_checkpoint
     from .parallel import Parallel
     from .routing.plan import build_plan, plan_report
     from .routing.presets import build_preset, load_config
@@ -53,13 +41,13 @@ def cmd_inspect(args) -> int:
     config = load_config(config_path)
     parallel = Parallel(tp_rank=args.tp_rank, tp_size=args.tp_size, pp_rank=args.pp_rank, pp_size=args.pp_size,
                         ep_rank=args.ep_rank, ep_size=args.ep_size)
-    formats = _formats(ck, config, config_path.parent)
+    quant = recognize_checkpoint(ck, config)
     preset = build_preset(config, args.preset, parallel)
     preset.add_passthrough(ck.tensors)
-    plan = build_plan(ck, preset.targets, preset.rules, unexpected="ignore", block_size=preset.block_size)
+    plan = build_plan(ck, preset.targets, preset.rules, unexpected="ignore", block_size=preset.block_size, quant=quant)
     plan.owned_layers = preset.owned_layers
     report = plan_report(plan, preset.name)
-    report["formats"] = formats
+    report["formats"] = quant.counts() if quant is not None else None
     if args.json:
         json.dump(report, sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -74,9 +62,10 @@ def cmd_inspect(args) -> int:
     for p in {p.source.name: p for p in plan.pieces}.values():  # a segmented source counts once
         transforms[p.transform] = transforms.get(p.transform, 0) + 1
     print(f"transforms   {', '.join(f'{k} {v}' for k, v in sorted(transforms.items()))}")
-    if formats is None:
+    if quant is None:
         print("formats      not recognized: an index alone has no dtypes (needs the safetensors headers)")
     else:
+        formats = quant.counts()
         print(f"formats      {', '.join(f'{k} {v}' for k, v in sorted(formats.items())) or 'no quantized weights'}")
     for reason, n in report["skipped"].items():
         print(f"skipped      {n:7d}  {reason}")

@@ -39,7 +39,7 @@ import torch
 
 from ..errors import PyloaderInputError
 from ..format.checkpoint import INDEX_NAME, open_checkpoint, read_json_object
-from ..format.safetensors import CheckpointError
+from ..format.quant import HF_QUANT_CONFIG, read_small_ints
 from ..gate import DEFAULT_LIMIT, Gate
 from ..rss import peak_rss, reset_peak_rss
 from .outputs import file_complete, writes_for
@@ -49,21 +49,7 @@ from .planning import OutFile, plan_conversion
 logger = logging.getLogger("pyloader")
 
 OUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-HF_QUANT_CONFIG = "hf_quant_config.json"  # ModelOpt's quantization description
 
-
-def read_small_ints(info) -> List[int]:
-    """The values of a small integer tensor (``weight_shape``), read from its file."""
-    if info.dtype not in ("I32", "I64") or info.nbytes > 64:
-        raise CheckpointError(info.file, f"expected a small I32/I64 tensor, got {info.dtype} of {info.nbytes} bytes",
-                              info.name)
-    with open(info.file, "rb") as f:
-        f.seek(info.start)
-        raw = f.read(info.nbytes)
-    if len(raw) != info.nbytes:
-        raise CheckpointError(info.file, f"file ended inside tensor data (truncated?)", info.name)
-    size = 4 if info.dtype == "I32" else 8
-    return [int.from_bytes(raw[i:i + size], "little", signed=True) for i in range(0, len(raw), size)]
 
 
 def _resolve_device(device: str) -> torch.device:

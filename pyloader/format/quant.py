@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 from ..errors import PyloaderInputError
+from .checkpoint import read_json_object
 from .safetensors import CheckpointError, TensorInfo
 from .scales import scale_block
 
@@ -294,6 +295,36 @@ def _mxfp4_blocks(tensors, module: str, leaf: str, values: TensorInfo) -> Quanti
     # transformers' dequantized GptOss experts are [E, in, out]: gate_up_proj [E, H, 2I], down_proj [E, I, H]
     return Quantized(_join(module, base), values, "mxfp4", scales, (1, 32), shape[:-2] + (shape[-2] * 32,), "e2m1",
                      consumed=(values.name, scales.name), transpose=True)
+
+
+HF_QUANT_CONFIG = "hf_quant_config.json"  # ModelOpt's quantization description, beside config.json
+
+
+def read_small_ints(info) -> List[int]:
+    """The values of a small integer tensor (``weight_shape``), read from its file."""
+    if info.dtype not in ("I32", "I64") or info.nbytes > 64:
+        raise CheckpointError(info.file, f"expected a small I32/I64 tensor, got {info.dtype} of {info.nbytes} bytes",
+                              info.name)
+    with open(info.file, "rb") as f:
+        f.seek(info.start)
+        raw = f.read(info.nbytes)
+    if len(raw) != info.nbytes:
+        raise CheckpointError(info.file, "file ended inside tensor data (truncated?)", info.name)
+    size = 4 if info.dtype == "I32" else 8
+    return [int.from_bytes(raw[i:i + size], "little", signed=True) for i in range(0, len(raw), size)]
+
+
+def recognize_checkpoint(ck, config: Optional[Mapping]) -> Optional[Recognition]:
+    """:func:`recognize` for a checkpoint directory (its ``hf_quant_config.json`` and its
+    ``weight_shape`` values read from the files); None when only an index was read (no dtypes)."""
+    if not ck.headers_read:
+        return None
+    check_methods(config or {})
+    hq = None
+    folder = ck.directory if ck.directory is not None else (ck.files[0].parent if ck.files else None)
+    if folder is not None and (folder / HF_QUANT_CONFIG).is_file():
+        hq = read_json_object(folder / HF_QUANT_CONFIG, "hf_quant_config")
+    return recognize(ck.tensors, config or {}, hq, read_small_ints)
 
 
 # quant_method values whose layouts recognize() reads; compressed-tensors formats likewise.

@@ -110,7 +110,10 @@ def piece_jobs(piece: Piece, src: torch.Tensor, row0: int, target: torch.Tensor,
     c0 = 0
     if pl.src_cols is not None:
         c0 = pl.src_cols[0]
-        src2 = src2[:, pl.src_cols[0]:pl.src_cols[1]]
+        if piece.quant is not None:  # packed: the bytes of the columns (the plan checked c0 is even)
+            src2 = src2[:, c0 // 2:-(-pl.src_cols[1] // 2)]
+        else:
+            src2 = src2[:, pl.src_cols[0]:pl.src_cols[1]]
     global_row0 = rows_base + row0
     dst_row0 = pl.offset + (global_row0 - (pl.src_rows[0] if pl.src_rows is not None else 0))
     dst = as_matrix(plane)[dst_row0:dst_row0 + src2.shape[0]]
@@ -128,11 +131,19 @@ def _job(piece: Piece, src, dst, scales, global_row0: int, c0: int, slots=None) 
                             amax=amax)
     bm, bn = piece.block_size
     grid = scale.reshape(-(-(shape[0] if len(shape) >= 2 else 1) // bm), -1)  # [ceil(rows / bm), ceil(cols / bn)]
+    q = piece.quant
+    if q is not None:
+        g = scales[q.global_scale.name].reshape(1) if q.global_scale is not None else None
+        return TransformJob(src, dst, grid[global_row0 // bm:, c0 // bn:], (bm, bn), (global_row0 % bm, c0 % bn),
+                            q.packing, g, q.global_mode, amax)
     return TransformJob(src, dst, grid[global_row0 // bm:, c0 // bn:], (bm, bn), (global_row0 % bm, c0 % bn),
                         amax=amax)
 
 
-def view_source(raw: torch.Tensor, info: TensorInfo, rows: int) -> torch.Tensor:
+def view_source(raw: torch.Tensor, info: TensorInfo, rows: int, packed: bool = False) -> torch.Tensor:
+    """The staged bytes of ``rows`` rows as the source tensor (a packed source: its bytes, a row each)."""
+    if packed:
+        return raw.view(torch.uint8).view(rows, -1)
     dtype = info.torch_dtype
     shape = info.shape
     t = raw.view(dtype)

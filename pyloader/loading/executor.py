@@ -324,7 +324,7 @@ class StreamingExecutor:
                 for part in batch.parts:
                     p = part.piece
                     raw = staging[slot][part.slot_offset:part.slot_offset + part.nbytes]
-                    src = view_source(raw, p.source, part.rows if p.source.shape else 1)
+                    src = view_source(raw, p.source, part.rows if p.source.shape else 1, p.quant is not None)
                     spec = self.plan.targets[p.target]
                     jobs += piece_jobs(p, src, part.row0, self.tensors[p.target], scales, spec.experts, self.slots)
                 t0 = torch.cuda.Event(enable_timing=True) if cuda else None

@@ -29,6 +29,7 @@ from ..routing.plan import Plan, PlanError, build_plan, targets_from_tensors
 from ..routing.presets import build_preset, load_config
 from ..routing.router import Rules
 from ..rss import peak_rss, reset_peak_rss
+from ..format.quant import recognize_checkpoint
 from ..gate import DEFAULT_LIMIT, Gate, GateSlots
 from .executor import ExecutorConfig, StreamingExecutor, Timings
 from .sources import run_memory, run_stream, tensor_info
@@ -161,10 +162,11 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
     if config is None and checkpoint is not None and checkpoint.config_path is not None:
         config = checkpoint.config_path
     preset_name, block = None, (128, 128)
+    cfg = load_config(config)
     if rules is None:
         if config is None:
             raise PyloaderInputError("no config: pass config= (a config.json path or dict), preset=, or rules=")
-        p = build_preset(load_config(config), preset, Parallel(tpr, tps, ppr, pps, epr, eps))
+        p = build_preset(cfg, preset, Parallel(tpr, tps, ppr, pps, epr, eps))
         if checkpoint is not None:
             p.add_passthrough(checkpoint.tensors)
         elif isinstance(source, Mapping):
@@ -177,7 +179,8 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
     slots = GateSlots(dev) if checker.on else None
     if checkpoint is not None:
         t_preset = time.perf_counter()
-        plan = build_plan(checkpoint, specs, rules, unexpected=unexpected, block_size=block)
+        quant = recognize_checkpoint(checkpoint, cfg)
+        plan = build_plan(checkpoint, specs, rules, unexpected=unexpected, block_size=block, quant=quant)
         check_unwritten(plan.missing + unknown, missing)
         t_plan = time.perf_counter()
         ex = StreamingExecutor(tensors, dev, backend, executor, progress, hooks, slots)

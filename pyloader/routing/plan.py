@@ -17,6 +17,7 @@ from ..dtypes import FP8_SAFETENSORS, FP8_WEIGHT_DTYPES
 from ..errors import PyloaderInputError
 from ..format.checkpoint import Checkpoint, gc_paused
 from ..format.safetensors import TensorInfo
+from ..format.quant import Quantized, Recognition
 from ..format.scales import scale_block
 from .layout import ShardPlacement, TargetSpec
 from .router import Route, Router, RoutingSummary, Rules, unexpected_error
@@ -52,6 +53,7 @@ class Piece:
     block_size: Tuple[int, int] = (128, 128)
     layer: Optional[int] = None
     read_range: Tuple[int, int] = (0, 0)   # absolute file offsets this rank reads
+    quant: Optional[Quantized] = None      # a packed source (FP4/INT4) dequantized: its format and scales
 
     @property
     def read_bytes(self) -> int:
@@ -126,6 +128,7 @@ def build_plan(
     block_size: Tuple[int, int] = (128, 128),
     check_shapes: bool = True,
     partial: bool = False,
+    quant: Optional[Recognition] = None,
 ) -> Plan:
     """Route, pair, check and place every tensor of ``checkpoint`` into ``targets``.
 
@@ -133,17 +136,44 @@ def build_plan(
     hints), ``"warn"`` or ``"ignore"``. ``partial``: a plan for some tensors of a stream (no
     coverage check; a scale whose weight is elsewhere is not an error). Raises :class:`PlanError` listing every shape, dtype,
     pairing and coverage problem; a target left unwritten is a problem unless it is tied.
+    ``quant``: the checkpoint's formats (:func:`pyloader.format.quant.recognize`); a packed weight
+    (FP4, INT4) whose dequantized name routes to a float target is read as that name, its scales
+    with it.
     """
     if unexpected not in ("error", "warn", "ignore"):
         raise PyloaderInputError(f"unexpected must be 'error', 'warn' or 'ignore', not {unexpected!r}")
     with gc_paused():  # a route and a piece a tensor: collections would rescan them all, again and again
-        return _build_plan(checkpoint, targets, rules, unexpected, block_size, check_shapes, partial)
+        return _build_plan(checkpoint, targets, rules, unexpected, block_size, check_shapes, partial, quant)
+
+
+def _dequantized_view(tensors: Mapping[str, TensorInfo], quant: Recognition, router: Router,
+                      targets: Dict[str, TargetSpec]) -> Tuple[Dict[str, TensorInfo], Dict[str, Quantized]]:
+    """The checkpoint as a loader of dequantized targets sees it: each packed 2-D weight whose
+    dequantized name routes to a float target under that name and its logical shape (its bytes
+    where they are), the tensors it consumes (scales, second levels, activation scales) gone."""
+    view, chosen = dict(tensors), {}
+    for q in quant.quantized.values():
+        if q.packing is None or len(q.shape) != 2 or q.transpose:
+            continue
+        r = router.route(q.name)
+        if r.kind != "weight" or targets[r.target].dtype not in FLOAT_TARGETS:
+            continue
+        for n in q.consumed:
+            view.pop(n, None)
+        v = q.values
+        view[q.name] = TensorInfo(q.name, v.dtype, q.shape, v.file, v.start, v.end)
+        chosen[q.name] = q
+    return view, chosen
 
 
 def _build_plan(checkpoint: Checkpoint, targets: Dict[str, TargetSpec], rules: Rules, unexpected: str,
-                block_size: Tuple[int, int], check_shapes: bool, partial: bool) -> Plan:
+                block_size: Tuple[int, int], check_shapes: bool, partial: bool,
+                quant: Optional[Recognition] = None) -> Plan:
     router = Router(rules, targets)
-    routes = router.route_all(checkpoint.tensors)
+    tensors, packed = checkpoint.tensors, {}
+    if quant is not None:
+        tensors, packed = _dequantized_view(checkpoint.tensors, quant, router, targets)
+    routes = router.route_all(tensors)
     summary = RoutingSummary.of(routes)
     if summary.unexpected:
         if unexpected == "error":
@@ -181,11 +211,14 @@ def _build_plan(checkpoint: Checkpoint, targets: Dict[str, TargetSpec], rules: R
     for key, r in weights.items():
         target, shard_id, expert_id = key
         spec = targets[target]
-        src = checkpoint.tensors[r.name]
+        src = tensors[r.name]
         scale_route = scales.get(key)
         fp8_src = src.dtype in FP8_SAFETENSORS
         fp8_dst = spec.dtype in FP8_WEIGHT_DTYPES
-        if fp8_src and not fp8_dst:
+        q = packed.get(r.name)
+        if q is not None:
+            transform = "dequant"  # to a float target (the view chose it for that)
+        elif fp8_src and not fp8_dst:
             if scale_route is None:
                 problems.append(f"{r.name} ({src.dtype}) has no scale tensor ({r.name}_scale_inv or weight_scale_inv); "
                                 f"cannot dequantize it into {target} ({spec.dtype})")
@@ -213,8 +246,12 @@ def _build_plan(checkpoint: Checkpoint, targets: Dict[str, TargetSpec], rules: R
         if placement is None:  # inferred below from the source shapes
             placement = ShardPlacement(-1, -1, src_shape=src.shape)
         scale_info = checkpoint.tensors[scale_route.name] if scale_route is not None and transform == "dequant" else None
+        block = block_size
+        if q is not None:
+            scale_info, block = q.scale, q.block
         for pl in placement.segments or (placement,):  # a segmented source: one piece per row range
-            pieces.append(Piece(src, target, shard_id, expert_id, slot, pl, transform, scale_info, block_size, r.layer))
+            pieces.append(Piece(src, target, shard_id, expert_id, slot, pl, transform, scale_info, block, r.layer,
+                                quant=q))
     for key, r in scales.items():
         if key not in used_scales and key in weights:
             continue  # scale of a non-FP8 weight: an FP8 weight with no scale is reported above
@@ -233,6 +270,7 @@ def _build_plan(checkpoint: Checkpoint, targets: Dict[str, TargetSpec], rules: R
     if problems:
         raise PlanError(problems)
     scale_infos = [p.scale for p in pieces if p.scale is not None]
+    scale_infos += [p.quant.global_scale for p in pieces if p.quant is not None and p.quant.global_scale is not None]
     return Plan(targets, pieces, summary, missing, scales=scale_infos)
 
 
@@ -290,7 +328,10 @@ def _check_piece(p: Piece, spec: TargetSpec, problems: List[str]):
         problems.append(f"{p.source.name}: shape {list(src_shape)} (taking {rows} rows"
                         f"{f', {cols} cols' if cols is not None else ''}) does not fit {p.target} {list(spec.shape)} "
                         f"at row {pl.offset}")
-    if p.scale is not None:
+    if p.quant is not None and pl.src_cols is not None and pl.src_cols[0] % 2:
+        problems.append(f"{p.source.name}: a packed {p.quant.scheme} weight sliced from column {pl.src_cols[0]}: "
+                        "column slices of packed weights start on a byte (an even column)")
+    if p.scale is not None and p.quant is None:  # a packed weight's scale grid was checked when it was recognized
         try:
             p.block_size = scale_block(tuple(src_shape), tuple(p.scale.shape), p.block_size,
                                        f"{p.scale.file}, tensor {p.scale.name!r} (the scale of {p.source.name})")

@@ -452,3 +452,67 @@ def test_sanity_gate_reports_maxima_and_stops_implausible_tensors(tmp_path, sour
     off = pyloader.load(allocate_targets(preset.targets, device), src(bad, tmp_path / "bad"), config=c,
                         progress=False, gate="off")
     assert off.maxima == {}
+
+
+def _requantized(d, out, quantize, names):
+    """Rewrite the BF16 checkpoint ``d`` into ``out`` with the tensors ``names`` picks quantized by
+    ``quantize(name, w) -> (dict of checkpoint tensors, dequantized bf16)``; returns the same
+    checkpoint with those weights replaced by their dequantized values (the reference)."""
+    from safetensors.torch import save_file
+
+    raw = raw_tensors(d)
+    quantized, reference = {}, {}
+    for name, w in raw.items():
+        if names(name):
+            parts, deq = quantize(name, w)
+            quantized.update(parts)
+            reference[name] = deq
+        else:
+            quantized[name] = reference[name] = w
+    for folder, tensors in ((out / "q", quantized), (out / "ref", reference)):
+        folder.mkdir(parents=True)
+        save_file(tensors, str(folder / "model.safetensors"))
+        (folder / "config.json").write_text((d / "config.json").read_text())
+    return out / "q", out / "ref"
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4-modelopt", "nvfp4-ct", "int4", "fp4-e8m0"])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_load_packed_experts_into_bf16_targets(tmp_path, fmt, device):
+    """A Qwen3-MoE whose experts are NVFP4 (both second-level forms), INT4 pack-quantized or FP4
+    with E8M0 scales loads into the preset's BF16 targets (w13/w2 assembled) exactly as the same
+    checkpoint holding the dequantized values does; with tensor parallel 2 the column-parallel
+    down_proj slice starts inside a scale group on rank 1."""
+    from quantizers import formula, quantize_fp4_e8m0, quantize_int4, quantize_nvfp4
+
+    c = dict(TINY["qwen3_moe"])
+    d = write_checkpoint(tmp_path / "bf16", c, fp8=False)
+
+    def quantize(name, w):
+        base = name[: -len("weight")]
+        if fmt.startswith("nvfp4"):
+            q, s, g = quantize_nvfp4(w.float(), divisor=fmt == "nvfp4-ct")
+            deq = formula(q, w.shape[1], "e2m1", s, (1, 16), g=g, mode="div" if fmt == "nvfp4-ct" else "mul")
+            if fmt == "nvfp4-ct":
+                return {base + "weight_packed": q, base + "weight_scale": s, base + "weight_global_scale": g}, deq
+            return {name: q, base + "weight_scale": s, base + "weight_scale_2": g.reshape(()),
+                    base + "input_scale": torch.tensor(1.0)}, deq
+        if fmt == "int4":
+            q, s, ws = quantize_int4(w.float())
+            return {base + "weight_packed": q, base + "weight_scale": s, base + "weight_shape": ws}, \
+                formula(q, w.shape[1], "int4", s, (1, 32))
+        q, s = quantize_fp4_e8m0(w.float())
+        return {name: q, base + "weight_scale": s}, formula(q, w.shape[1], "e2m1", s, (1, 32))
+
+    qdir, refdir = _requantized(d, tmp_path, quantize, lambda n: ".mlp.experts." in n)
+    for tp in (1, 2):
+        for rank in range(tp):
+            preset = build_preset(c, parallel=Parallel(tp_rank=rank, tp_size=tp))
+            got = {n: poison_(t) for n, t in allocate_targets(preset.targets, device).items()}
+            want = allocate_targets(preset.targets, device)
+            report = pyloader.load(got, qdir, tp=(rank, tp), progress=False)
+            pyloader.load(want, refdir, tp=(rank, tp), progress=False)
+            assert report.missing == [] and report.unexpected == []
+            assert len(report.maxima) == 2 * 6 * 3 and report.gate_warnings == []
+            for n in want:
+                assert_bitwise_equal(got[n], want[n], what=f"{fmt} tp{rank}/{tp} {n}")
