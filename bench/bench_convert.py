@@ -3,10 +3,13 @@ measured in the same run, and against the common FP8 → BF16 script's method (p
 ``safe_open(device="cuda")``, a one-program-per-128x128-block Triton dequant per tensor,
 ``.cpu()``, ``save_file``; ``os.sync()`` at the end).
 
-    python bench/bench_convert.py [--size-gb 4] [--out-dirs /tmp/pyl-out,/dev/shm/pyl-out] [--results FILE]
+    python bench/bench_convert.py [--size-gb 4] [--format fp8|fp4|int4] [--out-dirs /tmp/pyl-out,/dev/shm/pyl-out] [--results FILE]
 
-Input: a synthetic DeepSeek-V3-shaped FP8 checkpoint in the page cache (warm), as every timed
-run finds it. Bound = input bytes / (time to only read the warm input + time to only write the
+Input: a synthetic DeepSeek-V3-shaped FP8 checkpoint, or (``--format fp4``) DeepSeek-V4-Flash-shaped
+FP4 experts with E8M0 per-32 scales, or (``--format int4``) Kimi-K2.5-shaped INT4 pack-quantized
+experts, in the page cache (warm), as every timed run finds it. Packed formats are compared with
+the same per-file script dequantizing with torch (unpack the nibbles, look the codes up, expand
+the scales), on the GPU and, with ``--cpu``, on the CPU (rates per core). Bound = input bytes / (time to only read the warm input + time to only write the
 output with fsync): like with like. Resident memory and the CPU path against a per-shard script:
 ``bench_memory.py``.
 """
@@ -61,18 +64,89 @@ def baseline(src: Path, dst: Path):
     os.sync()
 
 
+def write_packed_checkpoint(d: Path, size_gb: float, fmt: str) -> Path:
+    """Experts only, ~``size_gb`` GB of packed weights: DeepSeek-V4-Flash w1/w2/w3 (I8 [2048, 2048]
+    codes = [2048, 4096] values, F8_E8M0 [2048, 128]) or Kimi-K2.5 gate/up/down (I32 [2048, 896] =
+    [2048, 7168], BF16 [2048, 224], weight_shape), 3 GB a file."""
+    import json
+
+    from safetensors.torch import save_file
+
+    d.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    per_tensor = 2048 * 2048 if fmt == "fp4" else 2048 * 896 * 4
+    count = max(3, int(size_gb * 1e9 // per_tensor) // 3 * 3)
+    files, cur, cur_bytes, weight_map = [], {}, 0, {}
+    for i in range(count):
+        layer, expert, which = i // 768, (i // 3) % 256, i % 3
+        if fmt == "fp4":
+            base = f"layers.{layer}.ffn.experts.{expert}.w{which + 1}."
+            cur[base + "weight"] = torch.randint(-128, 128, (2048, 2048), dtype=torch.int8, generator=gen)
+            cur[base + "scale"] = torch.randint(110, 135, (2048, 128), dtype=torch.uint8,
+                                                generator=gen).view(torch.float8_e8m0fnu)
+        else:
+            base = f"model.layers.{layer}.mlp.experts.{expert}.{('gate', 'up', 'down')[which]}_proj."
+            cur[base + "weight_packed"] = torch.randint(-2 ** 31, 2 ** 31 - 1, (2048, 896), dtype=torch.int32,
+                                                        generator=gen)
+            cur[base + "weight_scale"] = (torch.rand(2048, 224, generator=gen) * 1e-2 + 1e-4).to(torch.bfloat16)
+            cur[base + "weight_shape"] = torch.tensor([2048, 7168], dtype=torch.int32)
+        cur_bytes += per_tensor
+        if cur_bytes >= 3e9 or i == count - 1:
+            name = f"model-{len(files) + 1:05d}.safetensors"
+            save_file(cur, str(d / name))
+            weight_map.update({k: name for k in cur})
+            files.append(name)
+            cur, cur_bytes = {}, 0
+    (d / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = ({"model_type": "deepseek_v4", "expert_dtype": "fp4"} if fmt == "fp4" else
+              {"model_type": "kimi_k25", "quantization_config": {
+                  "quant_method": "compressed-tensors", "format": "pack-quantized",
+                  "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int", "group_size": 32}}}}})
+    (d / "config.json").write_text(json.dumps(config))
+    return d
+
+
+def packed_script(src: Path, dst: Path, device: str):
+    """The per-file script for packed experts: whole shard on the device, a torch dequant per
+    tensor (bench_assembly's torch_packed_dequant), save_file per file."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from bench_assembly import torch_packed_dequant
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.glob("*.safetensors")):
+        out = {}
+        with safe_open(str(f), "pt", device=device) as h:
+            tensors = {k: h.get_tensor(k) for k in h.keys()}
+        for k, v in tensors.items():
+            if k.endswith(("scale", "weight_shape")):
+                continue
+            if k.endswith("weight_packed"):
+                base = k[: -len("weight_packed")]
+                out[base + "weight"] = torch_packed_dequant(v, tensors[base + "weight_scale"], "int4").cpu()
+            elif v.dtype == torch.int8:
+                out[k] = torch_packed_dequant(v, tensors[k[: -len("weight")] + "scale"], "e2m1").cpu()
+            else:
+                out[k] = v.cpu()
+        save_file(out, str(dst / f.name), metadata={"format": "pt"})
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gb", type=float, default=4.0)
     ap.add_argument("--out-dirs", default="/tmp/pyloader-convert-out,/dev/shm/pyloader-convert-out")
     ap.add_argument("--work", default="/tmp/pyloader-convert-in")
     ap.add_argument("--cpu", action="store_true", help="also measure the CPU path (torch reference)")
+    ap.add_argument("--format", default="fp8", choices=["fp8", "fp4", "int4"], help="what the checkpoint holds")
     ap.add_argument("--results", help="append the result rows to this JSON-lines results log")
     args = ap.parse_args()
     env = environment()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = synthetic_config(args.size_gb, dev)
-    src = write_checkpoint(Path(args.work) / "src", cfg, shard_bytes=2 << 30)
+    if args.format == "fp8":
+        src = write_checkpoint(Path(args.work) / "src", synthetic_config(args.size_gb, dev), shard_bytes=2 << 30)
+    else:
+        src = write_packed_checkpoint(Path(args.work) / "src", args.size_gb, args.format)
     files = sorted(str(p) for p in src.glob("*.safetensors"))
     in_bytes = sum(os.path.getsize(p) for p in files)
     warm(files)
@@ -82,7 +156,7 @@ def main():
         if not out_root.parent.exists():
             continue
         shutil.rmtree(out_root, ignore_errors=True)
-        out_bytes = 2 * in_bytes  # BF16 output is about twice the FP8 input
+        out_bytes = {"fp8": 2, "fp4": 4, "int4": 4}[args.format] * in_bytes  # BF16 output against the input
         t_write = write_alone(out_root, out_bytes)
         disk_bound = in_bytes / (t_read + t_write)
         providers = [("pyloader convert (cuda, mapped writes)",
@@ -91,8 +165,15 @@ def main():
                       lambda d: convert(src, d, device="cuda", progress=False, writes="pwrite"))] if dev.type == "cuda" else []
         if args.cpu or dev.type != "cuda":
             providers.append(("pyloader convert (cpu)", lambda d: convert(src, d, device="cpu", progress=False)))
-        if dev.type == "cuda":
+        if dev.type == "cuda" and args.format == "fp8":
             providers.append(("common script (safe_open cuda + triton per-block + save_file)", lambda d: baseline(src, d)))
+        if args.format != "fp8":
+            if dev.type == "cuda":
+                providers.append(("common script (safe_open cuda + torch unpack/lookup/expand + save_file)",
+                                  lambda d: packed_script(src, d, "cuda")))
+            if args.cpu or dev.type != "cuda":
+                providers.append(("common script (safe_open cpu + torch unpack/lookup/expand + save_file)",
+                                  lambda d: packed_script(src, d, "cpu")))
         for name, fn in providers:
             d = out_root / "out"
             shutil.rmtree(d, ignore_errors=True)
@@ -103,14 +184,16 @@ def main():
             stages = {k: round(getattr(rep, k), 2) for k in ("read_s", "transform_s", "write_s")
                       if hasattr(rep, k)}
             gbps = in_bytes / t / 1e9
-            rows.append(dict(env, bench="convert", case=f"{in_bytes / 1e9:.1f} GB fp8 -> {out_root}", provider=name,
+            rows.append(dict(env, bench="convert", case=f"{in_bytes / 1e9:.1f} GB {args.format} -> {out_root}", provider=name,
                              gbps=round(gbps, 3), disk_bound_gbps=round(disk_bound / 1e9, 3),
                              fraction_of_disk_bound=round(gbps / (disk_bound / 1e9), 3), seconds=round(t, 2),
                              read_warm_alone_s=round(t_read, 2), write_alone_s=round(t_write, 2),
-                             ceiling_gbps=round(disk_bound / 1e9, 3), **stages))
+                             ceiling_gbps=round(disk_bound / 1e9, 3), threads=torch.get_num_threads(),
+                             gbps_per_core=round(gbps / max(1, torch.get_num_threads()), 4) if "cpu" in name else None,
+                             **stages))
             shutil.rmtree(d, ignore_errors=True)
         shutil.rmtree(out_root, ignore_errors=True)
-    base = {r["case"]: r["gbps"] for r in rows if r["provider"].startswith("common")}
+    base = {r["case"]: r["gbps"] for r in rows if r["provider"].startswith("common") and "cuda" in r["provider"]}
     for r in rows:
         if r["case"] in base:
             r["speedup_vs_common_script"] = round(r["gbps"] / base[r["case"]], 2)
