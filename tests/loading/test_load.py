@@ -516,3 +516,64 @@ def test_load_packed_experts_into_bf16_targets(tmp_path, fmt, device):
             assert len(report.maxima) == 2 * 6 * 3 and report.gate_warnings == []
             for n in want:
                 assert_bitwise_equal(got[n], want[n], what=f"{fmt} tp{rank}/{tp} {n}")
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4-ct"])
+def test_kimi_k25_language_model_with_packed_experts_and_vision_tower(tmp_path, fmt):
+    """Kimi-K2.5: a DeepSeek-V3 language model under language_model. (INT4 pack-quantized or NVFP4
+    experts, dequantized into the BF16 targets), the vision tower and projector passed through,
+    with pipeline parallel 2: the same values as the checkpoint holding the dequantized weights."""
+    from safetensors.torch import save_file
+
+    from quantizers import formula, quantize_int4, quantize_nvfp4
+
+    text = dict(TINY["deepseek_v3"])
+    d = write_checkpoint(tmp_path / "ds", text, fp8=False)
+    raw = raw_tensors(d)
+    gen = torch.Generator().manual_seed(5)
+    tower = {"vision_tower.encoder.blocks.0.wqkv.weight": torch.randn(96, 32, generator=gen).to(torch.bfloat16),
+             "vision_tower.patch_embed.proj.bias": torch.randn(32, generator=gen).to(torch.bfloat16),
+             "mm_projector.proj.0.weight": torch.randn(256, 128, generator=gen).to(torch.bfloat16)}
+    quantized, reference = dict(tower), dict(tower)
+    for name, w in raw.items():
+        out = "language_model." + name
+        if ".mlp.experts." in name and name.endswith(".weight"):
+            base = out[: -len("weight")]
+            if fmt == "int4":
+                q, s, ws = quantize_int4(w.float())
+                quantized.update({base + "weight_packed": q, base + "weight_scale": s, base + "weight_shape": ws})
+                reference[out] = formula(q, w.shape[1], "int4", s, (1, 32))
+            else:
+                q, s, g = quantize_nvfp4(w.float(), divisor=True)
+                quantized.update({base + "weight_packed": q, base + "weight_scale": s, base + "weight_global_scale": g})
+                reference[out] = formula(q, w.shape[1], "e2m1", s, (1, 16), g=g, mode="div")
+        else:
+            quantized[out] = reference[out] = w
+    group = {"int4": {"num_bits": 4, "type": "int", "group_size": 32}, "nvfp4-ct": {"num_bits": 4, "type": "float",
+                                                                                   "group_size": 16}}[fmt]
+    config = {"model_type": "kimi_k25", "architectures": ["KimiK25ForConditionalGeneration"], "text_config": text,
+              "quantization_config": {"quant_method": "compressed-tensors", "config_groups": {"g": {"weights": group}},
+                                      "ignore": ["re:.*self_attn.*", "re:.*shared_experts.*", "re:.*vision_tower.*",
+                                                 "re:.*mm_projector.*", "language_model.lm_head"]}}
+    for folder, tensors in (("q", quantized), ("ref", reference)):
+        (tmp_path / folder).mkdir()
+        save_file(tensors, str(tmp_path / folder / "model.safetensors"))
+        (tmp_path / folder / "config.json").write_text(json.dumps(config))
+    for rank in range(2):
+        preset = build_preset(config, parallel=Parallel(pp_rank=rank, pp_size=2))
+        preset.add_passthrough({n: _info(n, t) for n, t in tower.items()})
+        got = {n: poison_(t) for n, t in allocate_targets(preset.targets, "cpu").items()}
+        want = allocate_targets(preset.targets, "cpu")
+        report = pyloader.load(got, tmp_path / "q", pp=(rank, 2), progress=False)
+        pyloader.load(want, tmp_path / "ref", pp=(rank, 2), progress=False)
+        assert report.missing == [] and report.unexpected == [] and report.preset == "kimi_k25"
+        assert any(n.startswith("vision_tower.") for n in got) == (rank == 0)
+        assert (len(report.maxima) > 0) == (rank == 1) and report.gate_warnings == []  # experts: layer 1
+        for n in want:
+            assert_bitwise_equal(got[n], want[n], what=f"{fmt} pp{rank} {n}")
+
+
+def _info(name, t):
+    from pyloader.loading.sources import tensor_info
+
+    return tensor_info(name, t)

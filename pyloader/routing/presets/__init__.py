@@ -11,6 +11,7 @@ Target names and layouts follow vLLM's for each family:
 | ``deepseek_dsa`` | deepseek_v32, glm_moe_dsa (GLM-5) | ``deepseek`` plus the sparse-attention indexer: ``self_attn.indexer.wk_weights_proj`` (wk, weights_proj) ``[index_head_dim + index_n_heads, H]``, ``indexer.wq_b``, ``indexer.k_norm`` |
 | ``nemotron_h`` | nemotron_h (Nemotron-H, Nemotron 3 Nano/Super/Ultra hybrids) | ``backbone.*`` renamed to ``model.*`` (``embeddings`` → ``embed_tokens``, ``norm_f`` → ``norm``); Mamba2 mixers as stored (``in_proj``, ``conv1d``, ``A_log``, ``D``, ``dt_bias``, ``norm``, ``out_proj``; ``A_log`` kept raw for the engine's post-load hook); attention ``mixer.qkv_proj``; relu2 (non-gated) experts ``mixer.experts.w13_weight`` ``[E, I, H]`` (up only) and ``w2_weight``; LatentMoE (``moe_latent_size``, Nemotron 3 Super/Ultra): ``fc1_latent_proj``/``fc2_latent_proj`` and experts of width ``moe_latent_size``; ``mtp.*`` skipped; tensor parallel as vLLM's MambaMixer2 (in_proj ``[z|x|B|C|dt]`` and conv1d ``[x|B|C]`` split segment by segment: heads, and groups or one replicated group; ``A_log``/``D``/``dt_bias``/``norm`` by heads; ``out_proj`` by columns) |
 | ``nemotron_vl`` | NemotronH_Nano_VL_V2, NemotronH_Nano_Omni_Reasoning_V3 | the ``nemotron_h`` language model under ``language_model.`` (from ``llm_config``/``text_config``); ``vision_model.*`` (RADIO tower and its ``input_conditioner.norm_mean``/``norm_std`` buffers), ``mlp1.*``, ``sound_encoder.*``, ``sound_projection.*`` pass through under their checkpoint names and stored shapes, on the first stage |
+| ``kimi_k25`` | kimi_k25 (Kimi-K2.5, K2.6) | the ``deepseek`` language model under ``language_model.`` (from ``text_config``); ``vision_tower.*`` and ``mm_projector.*`` pass through on the first stage; INT4 or NVFP4 experts dequantized into the BF16 targets |
 | ``gpt_oss`` | gpt_oss | ``self_attn.qkv_proj`` with bias, ``self_attn.sinks``, ``mlp.router``, MXFP4 experts kept packed: ``mlp.experts.w13_weight`` (uint8 blocks), ``w13_weight_scale`` (E8M0), ``w13_bias``, same for ``w2`` |
 
 Derived targets have the config's dtype (``torch_dtype``/``dtype``): FP8 checkpoint weights are
@@ -45,6 +46,7 @@ from ..router import Rules
 from .builder import LLAMA_STACKED, Builder, Preset, embeddings, expert_params_mapping, layer_range
 from .deepseek import deepseek
 from .gpt_oss import GPT_OSS_RENAMES, gpt_oss
+from .kimi import kimi_k25, kimi_language_config
 from .llama import dense_or_moe
 from .nemotron import NEMOTRON_H_RENAMES, nemotron_h, nemotron_pattern, nemotron_vl, nemotron_vl_language_config
 
@@ -70,10 +72,12 @@ FAMILIES = {
     "gpt_oss": ("gpt_oss",),
     "nemotron_h": ("nemotron_h",),
     "nemotron_vl": ("NemotronH_Nano_VL_V2", "NemotronH_Nano_Omni_Reasoning_V3"),
+    "kimi_k25": ("kimi_k25",),
 }
 
 
 PRESETS = tuple(FAMILIES)
+WRAPPERS = ("nemotron_vl", "kimi_k25")  # a language model's preset under a prefix, towers passed through
 
 
 def choose_preset(config: dict) -> str:
@@ -94,13 +98,17 @@ def build_preset(config: Union[str, Path, dict], preset: Optional[str] = None, p
     """Rules and this rank's targets (shapes per rank) for ``config``."""
     c = load_config(config)
     name = preset or choose_preset(c)
-    if name != "nemotron_vl" and isinstance(c.get("text_config"), dict) and "hidden_size" not in c:
+    if name not in WRAPPERS and isinstance(c.get("text_config"), dict) and "hidden_size" not in c:
         raise PyloaderInputError("multimodal configs (text_config) have no preset yet; pass rules and targets")
     if name not in FAMILIES:
         raise PyloaderInputError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
     dtype = dtype or _DTYPES.get(str(c.get("torch_dtype") or c.get("dtype") or "bfloat16"), torch.bfloat16)
     if name == "nemotron_vl":
         return nemotron_vl(build_preset(nemotron_vl_language_config(c), "nemotron_h", parallel, dtype), dtype)
+    if name == "kimi_k25":
+        if not isinstance(c.get("text_config"), dict):
+            raise PyloaderInputError("kimi_k25: config has no text_config for the language model")
+        return kimi_k25(build_preset(kimi_language_config(c), "deepseek", parallel, dtype), dtype)
     _check_sizes(c, name)
     try:
         preset = _build(c, name, parallel, dtype)

@@ -2,6 +2,7 @@
 row-parallel, stacked and segmented targets; attention heads; experts), embeddings, llama-style
 attention, vLLM's expert mapping, and the ``Preset`` record."""
 
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, Sequence, Tuple
 
@@ -50,6 +51,37 @@ def passthrough_targets(tensors, prefixes: Sequence[str], dtype: torch.dtype) ->
         keep = src if (src is not None and (not src.is_floating_point or src == torch.float32)) else dtype
         out[name] = TargetSpec(name, shape, keep, None, shards={None: ShardPlacement(0, rows, src_shape=shape)})
     return out
+
+
+def language_model_under(lm: Preset, name: str, pre: str, passthrough: Tuple[str, ...], dtype: torch.dtype,
+                         renames: Sequence[Tuple[str, str, str]] = (),
+                         extra_skips: Sequence[Tuple[str, str, str]] = ()) -> Preset:
+    """A multimodal model from its language model's preset ``lm``: every target and mapping under
+    ``pre`` (``language_model.``), and the towers under ``passthrough`` prefixes passed through
+    under their checkpoint names and stored shapes, on the first pipeline stage. The language
+    model's own renames and skips are not carried (they are anchored at its names): ``renames``
+    and ``extra_skips`` give the prefixed ones it needs; pipeline skips are made here."""
+    targets = {}
+    for tname, spec in lm.targets.items():
+        spec.name = pre + tname
+        if spec.fill_from:
+            spec.fill_from = pre + spec.fill_from
+        targets[pre + tname] = spec
+    r = lm.rules
+    first, last = lm.owned_layers[0] == 0, lm.owned_layers[1] == lm.num_layers
+    skips = list(extra_skips)
+    if not first:
+        skips += [("regex", "^" + re.escape(pre) + r"model\.embed_tokens\.", "embeddings live on the first pipeline stage")]
+        skips += [("prefix", p, "vision and audio towers live on the first pipeline stage") for p in passthrough]
+    if not last:
+        skips += [("regex", "^" + re.escape(pre) + r"(model\.norm\.|lm_head\.)",
+                   "final norm and head live on the last pipeline stage")]
+    rules = Rules(stacked_params_mapping=r.stacked_params_mapping, expert_params_mapping=r.expert_params_mapping,
+                  renames=list(renames), skips=skips,
+                  tie_word_embeddings=r.tie_word_embeddings, tied_source=pre + r.tied_source,
+                  tied_target=pre + r.tied_target, num_layers=r.num_layers, owned_layers=r.owned_layers)
+    return Preset(name, rules, targets, lm.num_layers, lm.owned_layers, lm.block_size, lm.quantized,
+                  passthrough=passthrough if first else (), dtype=dtype)
 
 
 class Builder:

@@ -6,7 +6,7 @@ import torch
 
 from ...errors import PyloaderInputError
 from ..router import Rules
-from .builder import Preset
+from .builder import Preset, language_model_under
 
 
 def nemotron_pattern(c: dict) -> str:
@@ -112,26 +112,8 @@ def nemotron_vl(lm: Preset, dtype) -> Preset:
     (``vision_model.radio_model.*``, input-conditioner buffers included), the ``mlp1`` projector and
     the audio arm passed through under their checkpoint names, on the first pipeline stage."""
     pre = "language_model."
-    targets = {}
-    for name, spec in lm.targets.items():
-        spec.name = pre + name
-        if spec.fill_from:
-            spec.fill_from = pre + spec.fill_from
-        targets[pre + name] = spec
-    r = lm.rules
-    first, last = lm.owned_layers[0] == 0, lm.owned_layers[1] == lm.num_layers
-    skips = [("prefix", pre + "mtp.", "MTP draft module (loaded by the draft model)")]
-    if not first:
-        skips += [("regex", r"^language_model\.model\.embed_tokens\.", "embeddings live on the first pipeline stage"),
-                  ("prefix", VL_PASSTHROUGH, "vision and audio towers live on the first pipeline stage")]
-    if not last:
-        skips += [("regex", r"^language_model\.(model\.norm\.|lm_head\.)", "final norm and head live on the last pipeline stage")]
-    skips = [(k, p, why) for k, ps, why in skips for p in (ps if isinstance(ps, tuple) else (ps,))]
-    rules = Rules(stacked_params_mapping=r.stacked_params_mapping, expert_params_mapping=r.expert_params_mapping,
-                  renames=[("prefix", pre + "backbone.embeddings.", pre + "model.embed_tokens."),
-                           ("prefix", pre + "backbone.norm_f.", pre + "model.norm."),
-                           ("prefix", pre + "backbone.", pre + "model.")],
-                  skips=skips, tie_word_embeddings=r.tie_word_embeddings, tied_source=pre + r.tied_source,
-                  tied_target=pre + r.tied_target, num_layers=r.num_layers, owned_layers=r.owned_layers)
-    return Preset("nemotron_vl", rules, targets, lm.num_layers, lm.owned_layers, lm.block_size, lm.quantized,
-                  passthrough=VL_PASSTHROUGH if first else (), dtype=dtype)
+    return language_model_under(lm, "nemotron_vl", pre, VL_PASSTHROUGH, dtype,
+                                renames=[("prefix", pre + "backbone.embeddings.", pre + "model.embed_tokens."),
+                                         ("prefix", pre + "backbone.norm_f.", pre + "model.norm."),
+                                         ("prefix", pre + "backbone.", pre + "model.")],
+                                extra_skips=[("prefix", pre + "mtp.", "MTP draft module (loaded by the draft model)")])
