@@ -99,7 +99,7 @@ def cmd_convert(args) -> int:
         report = convert(args.src, args.dst, device=device, out_dtype=args.out_dtype, resume=args.resume,
                          max_shard_size=parse_size(args.max_shard_size) if args.max_shard_size else None,
                          workers=args.workers, progress=not args.no_progress, rank=rank, world_size=world,
-                         gate=args.gate, gate_limit=args.gate_limit)
+                         gate=args.gate, gate_limit=args.gate_limit, to=args.to, scale_fmt=args.scale_fmt)
     except OSError as e:  # no permission, disk full, a file vanished: the user's to fix, not a crash
         raise PyloaderInputError(f"{e.filename or args.dst}: {e.strerror or e}") from None
     gb = report.bytes_in / 1e9
@@ -111,6 +111,9 @@ def cmd_convert(args) -> int:
         print(f"  non-finite values in {name}: {nan} NaN, {inf} Inf")
     for warning in report.gate_warnings:
         print(f"  gate: {warning}")
+    if report.nonexact_blocks:
+        print(f"  fp8-block transcode: {report.nonexact_blocks} 128x128 blocks rounded (sub-scales spanning more "
+              "than 2^14)")
     return 0
 
 
@@ -159,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a dequantized tensor beyond --gate-limit, or all zero while its codes are not: stop with its "
                         "name (error, default), report it (warn), or do not check (off)")
     c.add_argument("--gate-limit", type=float, default=1e4, help="largest plausible |weight| (default 1e4)")
+    c.add_argument("--to", default="float", choices=["float", "fp8-block"],
+                   help="float: dequantize to --out-dtype (default); fp8-block: 128x128 block FP8 with F32 scales "
+                        "(DeepSeek recipe; FP4 with E8M0 scales transcoded without rounding where it can be)")
+    c.add_argument("--scale-fmt", default="float32", choices=["float32", "ue8m0"],
+                   help="with --to fp8-block: float32 scales, or powers of two (ue8m0) stored as float32")
     c.set_defaults(func=cmd_convert)
     b = sub.add_parser("bench", help="load throughput against the machine's ceilings and peer loaders")
     b.add_argument("--checkpoint", help="a real checkpoint directory (default: a synthetic DeepSeek-V3-shaped FP8 slice)")

@@ -270,3 +270,86 @@ def test_convert_gpt_oss_mxfp4_into_transformers_layout(tmp_path, monkeypatch):
     assert_bitwise_equal(out["model.layers.0.mlp.experts.gate_up_proj"], want)
     assert_bitwise_equal(out["model.layers.0.mlp.experts.gate_up_proj_bias"],
                          t["model.layers.0.mlp.experts.gate_up_proj_bias"])
+
+
+# ---------------------------------------------------------------- --to fp8-block
+
+def test_to_fp8_block_from_bf16_and_back(tmp_path):
+    """BF16 linear weights become 128x128 block FP8 by the DeepSeek recipe (F32 weight_scale_inv);
+    embeddings, norms, routers and the head stay BF16; the result loads and converts back."""
+    from pyloader.ops import reference
+
+    t = {"model.embed_tokens.weight": rand(64, 256, seed=1).to(torch.bfloat16),
+         "model.layers.0.self_attn.q_proj.weight": rand(300, 256, seed=2).to(torch.bfloat16),
+         "model.layers.0.mlp.gate.weight": rand(4, 256, seed=3).to(torch.bfloat16),
+         "model.layers.0.input_layernorm.weight": rand(256, seed=4).to(torch.bfloat16),
+         "lm_head.weight": rand(64, 256, seed=5).to(torch.bfloat16)}
+    write(tmp_path / "src", t, {"model_type": "llama"})
+    report = convert(tmp_path / "src", tmp_path / "fp8", device="cpu", progress=False, to="fp8-block")
+    out = read_all(tmp_path / "fp8")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    q, s = reference.quantize_blockwise_torch(t[name].float(), (128, 128))
+    assert out[name].dtype == torch.float8_e4m3fn and out[name + "_scale_inv"].shape == (3, 2)
+    assert torch.equal(out[name].view(torch.uint8), q.view(torch.uint8))
+    assert_bitwise_equal(out[name + "_scale_inv"], s)
+    for keep in ("model.embed_tokens.weight", "model.layers.0.mlp.gate.weight", "model.layers.0.input_layernorm.weight",
+                 "lm_head.weight"):
+        assert_bitwise_equal(out[keep], t[keep], keep)
+    cfg = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    assert cfg["quantization_config"] == {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                          "weight_block_size": [128, 128]}
+    assert report.dequantized == 1
+    convert(tmp_path / "fp8", tmp_path / "back", device="cpu", progress=False)
+    back = read_all(tmp_path / "back")
+    assert_bitwise_equal(back[name], formula(q, 256, None, s, (128, 128)))
+
+
+def test_to_fp8_block_ue8m0_scales_are_powers_of_two(tmp_path):
+    w = rand(256, 384, seed=6).to(torch.bfloat16)
+    write(tmp_path / "src", {"a.proj.weight": w}, {})
+    convert(tmp_path / "src", tmp_path / "fp8", device="cpu", progress=False, to="fp8-block", scale_fmt="ue8m0")
+    out = read_all(tmp_path / "fp8")
+    s = out["a.proj.weight_scale_inv"]
+    assert torch.equal(torch.exp2(torch.log2(s).round()), s)  # powers of two
+    blocks = w.float().view(2, 128, 3, 128).abs().amax(dim=(1, 3))
+    assert bool((blocks / s <= 448).all()) and bool((blocks / s > 224).all())  # the smallest power that fits
+    assert json.loads((tmp_path / "fp8" / "config.json").read_text())["quantization_config"]["scale_fmt"] == "ue8m0"
+
+
+def test_to_fp8_block_transcodes_fp4_experts_without_rounding(tmp_path, capsys):
+    """DeepSeek-V4 FP4 experts (E8M0 per-32) → block FP8: every value exact where a block's
+    sub-scale exponents span at most 14; a block spanning more is counted (and printed)."""
+    q, s = quantize_fp4_e8m0(rand(256, 256, seed=7))
+    s[:128, 0] = 100  # block (0, 0): exponents 100 .. ~125: beyond 14 apart
+    s[:128, 1:4] = 127
+    name = "layers.0.ffn.experts.0.w1.weight"
+    write(tmp_path / "src", {name: q, name[:-len("weight")] + "scale": s.view(torch.float8_e8m0fnu)},
+          {"expert_dtype": "fp4"})
+    report = convert(tmp_path / "src", tmp_path / "fp8", device="cpu", progress=False, to="fp8-block")
+    assert report.nonexact_blocks == 1
+    out = read_all(tmp_path / "fp8")
+    w8, sc = out[name], out[name + "_scale_inv"]
+    assert w8.dtype == torch.float8_e4m3fn and sc.shape == (2, 2)
+    back = formula(w8, 256, None, sc, (128, 128), out_dtype=torch.float32)
+    exact = formula(q, 256, "e2m1", s, (1, 32), out_dtype=torch.float32)
+    assert torch.equal(back[128:], exact[128:]) and torch.equal(back[:128, 128:], exact[:128, 128:])
+    assert not torch.equal(back[:128, :128], exact[:128, :128])  # the one block with too wide a span
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "fp8b"), "--device", "cpu", "--no-progress",
+                 "--to", "fp8-block"]) == 0
+    assert "1 128x128 blocks rounded" in capsys.readouterr().out
+
+
+def test_to_fp8_block_from_nvfp4_requantizes_the_dequantized_values(tmp_path):
+    from pyloader.ops import reference
+
+    tensors, expect, config, hq = nvfp4_modelopt()
+    write(tmp_path / "src", tensors, config, hq)
+    convert(tmp_path / "src", tmp_path / "fp8", device="cpu", progress=False, to="fp8-block")
+    out = read_all(tmp_path / "fp8")
+    for name in expect:
+        x = formula(tensors[name], expect[name].shape[1], "e2m1", tensors[name[:-len("weight")] + "weight_scale"],
+                    (1, 16), g=tensors[name[:-len("weight")] + "weight_scale_2"], out_dtype=torch.float32)
+        q, s = reference.quantize_blockwise_torch(x, (128, 128))
+        assert torch.equal(out[name].view(torch.uint8), q.view(torch.uint8)), name
+        assert_bitwise_equal(out[name + "_scale_inv"], s)
+    assert not any(n.endswith(("weight_scale_2", "input_scale")) for n in out)

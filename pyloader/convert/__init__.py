@@ -74,9 +74,12 @@ def _check_paths(src: Path, dst: Path):
 def convert(src, dst, device: str = "auto", out_dtype: str = "bfloat16", resume: bool = False,
             max_shard_size: Optional[int] = None, workers: Optional[int] = None, backend: Optional[str] = None,
             progress: bool = True, rank: int = 0, world_size: int = 1, writes: str = "auto", gate: str = "error",
-            gate_limit: float = DEFAULT_LIMIT) -> ConvertReport:
+            gate_limit: float = DEFAULT_LIMIT, to: str = "float", scale_fmt: str = "float32") -> ConvertReport:
     """Convert the quantized checkpoint directory ``src`` into ``dst`` (see the module docstring).
-    ``gate``: ``"error"``, ``"warn"`` or ``"off"`` (see :mod:`pyloader.gate`).
+    ``gate``: ``"error"``, ``"warn"`` or ``"off"`` (see :mod:`pyloader.gate`). ``to="fp8-block"``:
+    quantized weights and float linear weights (not embeddings, head, norms, routers) become
+    128x128 block FP8 with F32 ``weight_scale_inv`` (``scale_fmt="ue8m0"``: powers of two), FP4
+    with E8M0 scales by the lossless transcode (``report.nonexact_blocks`` counts blocks it rounded).
     ``writes``: ``"mmap"`` (output preallocated, chunks copied into mapped windows side by side),
     ``"pwrite"`` (write(2), which one file's inode lock serializes) or ``"auto"`` (mmap on tmpfs,
     write(2) elsewhere)."""
@@ -84,6 +87,10 @@ def convert(src, dst, device: str = "auto", out_dtype: str = "bfloat16", resume:
     measured = reset_peak_rss()
     src, dst = Path(src), Path(dst)
     _check_paths(src, dst)
+    if to not in ("float", "fp8-block"):
+        raise PyloaderInputError(f"--to {to!r}: expected float (the --out-dtype) or fp8-block")
+    if scale_fmt not in ("float32", "ue8m0"):
+        raise PyloaderInputError(f"--scale-fmt {scale_fmt!r}: expected float32 or ue8m0")
     if out_dtype not in OUT_DTYPES:
         raise PyloaderInputError(f"--out-dtype {out_dtype!r}: expected one of {', '.join(OUT_DTYPES)}")
     odt = OUT_DTYPES[out_dtype]
@@ -93,7 +100,7 @@ def convert(src, dst, device: str = "auto", out_dtype: str = "bfloat16", resume:
     config = read_json_object(config_path, "config") if config_path.is_file() else {}
     hq_path = src / HF_QUANT_CONFIG
     hf_quant = read_json_object(hq_path, "hf_quant_config") if hq_path.is_file() else None
-    files = plan_conversion(ck, config, odt, max_shard_size, hf_quant, read_small_ints)
+    files = plan_conversion(ck, config, odt, max_shard_size, hf_quant, read_small_ints, to)
     if dst.exists() and any(dst.iterdir()) and not resume and rank == 0:
         raise PyloaderInputError(f"{dst}: DST exists and is not empty; pass --resume to continue an interrupted run")
     dst.mkdir(parents=True, exist_ok=True)
@@ -107,13 +114,15 @@ def convert(src, dst, device: str = "auto", out_dtype: str = "bfloat16", resume:
         try:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=sum(t.source.nbytes for f in todo for t in f.tensors), unit="B", unit_scale=True,
+            bar = tqdm(total=sum(t.source.nbytes for f in todo for t in f.tensors if t.scale_of is None), unit="B",
+                       unit_scale=True,
                        unit_divisor=1024, desc=f"pyloader convert{f' rank {rank}' if world_size > 1 else ''}")
         except ImportError:
             pass
     if workers is None:  # CPU: torch's threads already use the cores; more workers only add resident chunks
         workers = 8 if dev.type == "cuda" else max(1, min(4, (os.cpu_count() or 1) // 8))
     conv = Converter(dev, backend, odt, workers, bar, writes_for(dst, writes), checker)
+    conv.ue8m0 = scale_fmt == "ue8m0"
     logger.info("pyloader convert: %s writes into %s", conv.writes, dst)
     try:
         conv.write_files([(dst / f.name, f) for f in todo], conv.report.files_written.append)
@@ -124,20 +133,27 @@ def convert(src, dst, device: str = "auto", out_dtype: str = "bfloat16", resume:
             bar.close()
     report = conv.report
     report.files_resumed = [f.name for f in done]
-    report.bytes_in = sum(t.source.nbytes + (t.scale.nbytes if t.scale else 0) for f in todo for t in f.tensors)
+    report.bytes_in = sum(t.source.nbytes + (t.scale.nbytes if t.scale else 0) for f in todo for t in f.tensors
+                          if t.scale_of is None)
     report.bytes_out = sum(f.size for f in todo)
     if world_size > 1:
         import torch.distributed as dist
 
         dist.barrier()
     if rank == 0:
-        _write_index_config_and_copy(src, dst, ck, config, files, out_dtype)
+        fp8 = None
+        if to == "fp8-block":
+            fp8 = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+            if scale_fmt == "ue8m0":
+                fp8["scale_fmt"] = "ue8m0"
+        _write_index_config_and_copy(src, dst, ck, config, files, out_dtype, fp8)
     report.seconds = time.perf_counter() - t0
     report.peak_rss = peak_rss() if measured else None
     return report
 
 
-def _write_index_config_and_copy(src: Path, dst: Path, ck, config: dict, files: List[OutFile], out_dtype: str):
+def _write_index_config_and_copy(src: Path, dst: Path, ck, config: dict, files: List[OutFile], out_dtype: str,
+                                 quantization: Optional[dict] = None):
     weight_map = {t.name: f.name for f in files for t in f.tensors}
     total = sum(t.nbytes for f in files for t in f.tensors)
     meta = dict(ck.index_metadata or {})
@@ -153,7 +169,7 @@ def _write_index_config_and_copy(src: Path, dst: Path, ck, config: dict, files: 
         target = dst / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)
-    if config:
+    if (src / "config.json").is_file():  # rewritten whenever SRC has one, an empty one included
         c = dict(config)
         if isinstance(c.get("text_config"), dict):  # multimodal configs keep the language model's inside
             c["text_config"] = dict(c["text_config"])
@@ -164,6 +180,8 @@ def _write_index_config_and_copy(src: Path, dst: Path, ck, config: dict, files: 
         if "dtype" in c:
             c["dtype"] = out_dtype
         c["torch_dtype"] = out_dtype
+        if quantization is not None:  # --to fp8-block: the block FP8 the files now hold
+            c["quantization_config"] = quantization
         tmpc = dst / "config.json.tmp"
         tmpc.write_text(json.dumps(c, indent=2) + "\n")
         os.replace(tmpc, dst / "config.json")

@@ -44,6 +44,7 @@ class ConvertReport:
     # dequantized tensor → (max |value|, max |decoded code|): the sanity gate's evidence
     maxima: Dict[str, Tuple[float, float]] = field(default_factory=dict)
     gate_warnings: List[str] = field(default_factory=list)  # gate="warn": what would have stopped it
+    nonexact_blocks: int = 0  # --to fp8-block from FP4: 128x128 blocks the transcode had to round
     device: str = ""
     backend: str = ""
     read_s: float = 0.0       # summed over workers: reading input chunks
@@ -59,6 +60,7 @@ class Converter:
             raise PyloaderInputError(f"writes must be 'auto', 'mmap' or 'pwrite', not {writes!r}")
         self.device, self.out_dtype, self.bar = device, out_dtype, bar
         self.gate = gate or Gate()
+        self.ue8m0 = False  # --to fp8-block: power-of-two scales
         self.writes = writes
         self.backend = resolve_backend(backend, device, "convert")
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="pyloader-convert")
@@ -138,8 +140,10 @@ class Converter:
         finally:
             window.close()
 
-    def chunk(self, fd: int, t: OutTensor, file_offset: int, r0: int, rows: int, mapped: bool = False):
-        """Convert rows r0..r0+rows of tensor t and write them at their offset."""
+    def chunk(self, fd: int, t: OutTensor, file_offset: int, r0: int, rows: int, mapped: bool = False,
+              scale_offset: int = -1):
+        """Convert rows r0..r0+rows of tensor t and write them at their offset (a requantized
+        tensor: its block scales for those rows too, at ``scale_offset``)."""
         try:
             if t.nbytes == 0:
                 return
@@ -150,7 +154,10 @@ class Converter:
             t_read = time.perf_counter()
             raw = self.read(info, info.start + r0 * in_row, rows * in_row)
             t_transform = time.perf_counter()
-            if t.quant is None:
+            if t.requant:
+                out_bytes, scale_bytes = self._requant(t, raw, r0, rows, in_row)
+                self._write(fd, scale_offset + (r0 // t.row_group) * t.scale_out.cols * 4, scale_bytes, mapped)
+            elif t.quant is None:
                 out_bytes = raw
                 if info.dtype in ("BF16", "F16", "F32") and raw.numel():
                     self._census(t.name, raw.view(info.torch_dtype))
@@ -195,6 +202,56 @@ class Converter:
         finally:
             self.inflight.release()
 
+    def _values(self, t: OutTensor, raw: torch.Tensor, r0: int, rows: int, in_row: int, scale: bool = True):
+        """Rows r0.. of t's values as float32 on the device (dequantized; ``scale=False``: the
+        packed codes' values alone)."""
+        info, q = t.source, t.quant
+        if q is None:
+            return raw.view(info.torch_dtype).view(rows, t.cols).to(self.device, non_blocking=True).float()
+        w = raw.view(rows, in_row) if q.packing is not None else raw.view(info.torch_dtype).view(rows, t.cols)
+        w = w.to(self.device, non_blocking=True)
+        out = torch.empty(rows, t.cols, dtype=torch.float32, device=self.device)
+        if not scale:
+            run_jobs([TransformJob(w, out, packing=q.packing)], self.backend)
+            return out
+        grid = self.scale(q.scale).reshape(t.grid)
+        g = self.scale(q.global_scale).reshape(1) if q.global_scale is not None else None
+        bm, bn = q.block
+        run_jobs([TransformJob(w, out, grid[r0 // bm:], (bm, bn), (r0 % bm, 0), q.packing, g, q.global_mode)],
+                 self.backend)
+        return out
+
+    def _requant(self, t: OutTensor, raw: torch.Tensor, r0: int, rows: int, in_row: int):
+        """(e4m3 bytes, float32 block-scale bytes) of rows r0.. (whole 128-row blocks) of t."""
+        from ..ops.quantize import quantize_blockwise, quantize_fp8_block_pow2, transcode_fp4_e8m0_to_fp8_block
+
+        q = t.quant
+        stream = self.stream()
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            if q is not None and q.scheme in ("fp4-e8m0", "mxfp4"):  # the lossless transcode
+                codes = self._values(t, raw, r0, rows, in_row, scale=False)
+                exps = self.scale(q.scale).reshape(t.grid)[r0:r0 + rows].to(self.device)
+                w8, s, nonexact = transcode_fp4_e8m0_to_fp8_block(codes, exps)
+                with self.lock:
+                    self.report.nonexact_blocks += nonexact
+            else:
+                x = self._values(t, raw, r0, rows, in_row)
+                if self.ue8m0:
+                    w8, s = quantize_fp8_block_pow2(x)
+                else:
+                    w8, s = quantize_blockwise(x, (128, 128), backend=self.backend)
+            pair = []
+            for tensor in (w8.view(torch.uint8).reshape(-1), s.reshape(-1).view(torch.uint8)):
+                if stream is not None:
+                    host = self._pinned(tensor.numel())
+                    host.copy_(tensor, non_blocking=True)
+                    pair.append(host)
+                else:
+                    pair.append(tensor.contiguous())
+            if stream is not None:
+                stream.synchronize()
+        return pair[0], pair[1]
+
     def _census(self, name: str, x: torch.Tensor):
         # One reduction: a NaN or an infinity makes the sum non-finite (so may an overflowing sum of
         # finite values, and then the exact counts below find nothing); isfinite over a whole bf16
@@ -234,8 +291,11 @@ class Converter:
         try:
             mapped = h.reservation is not None and h.reservation.supported()
             for t in f.tensors:
+                if t.scale_of is not None:
+                    continue  # written by its weight's chunks
                 begin, _ = f.offsets[t.name]
                 base = len(f.header) + begin
+                scale_base = len(f.header) + f.offsets[t.scale_out.name][0] if t.scale_out is not None else -1
                 nrows = t.rows
                 if t.nbytes == 0:  # nothing to write: its rows, however many, are never walked
                     nrows = 0
@@ -246,10 +306,14 @@ class Converter:
                 for r0 in range(0, max(nrows, 1), step):
                     rows = min(step, nrows - r0) if nrows else 0
                     if mapped:
-                        h.reservation.wait(base + (r0 + rows) * out_row)
+                        end = base + (r0 + rows) * out_row
+                        if t.scale_out is not None:  # its scales lie after it in the file
+                            end = max(end, scale_base + -(-(r0 + rows) // group) * t.scale_out.cols * 4)
+                        h.reservation.wait(end)
                     self.inflight.acquire()
-                    h.futures.append(self.pool.submit(self.chunk, fd, t, base + r0 * out_row, r0, rows, mapped))
-                if t.quant is not None:
+                    extra = {"scale_offset": scale_base} if t.scale_out is not None else {}
+                    h.futures.append(self.pool.submit(self.chunk, fd, t, base + r0 * out_row, r0, rows, mapped, **extra))
+                if t.quant is not None or t.requant:
                     self.report.dequantized += 1
                 else:
                     self.report.copied += 1

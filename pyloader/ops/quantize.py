@@ -60,3 +60,47 @@ def quantize_blockwise(
             torch.cuda.current_stream(x.device).cuda_stream,
         )
     return q, scale
+
+
+def quantize_fp8_block_pow2(x: torch.Tensor, block_size: Sequence[int] = (128, 128)) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise e4m3fn with UE8M0 scales (DeepSeek-V3.1+ ``scale_fmt: ue8m0``): ``scale_inv =
+    2^ceil(log2(amax / 448))`` a block (1.0 for an all-zero block), ``q = saturate(rne(x / scale_inv))``;
+    the power of two is exact, so ``q * scale_inv`` loses only the FP8 rounding. 2-D, any device."""
+    bm, bn = int_pair(block_size, "block_size")
+    M, N = x.shape
+    gr, gc = -(-M // bm), -(-N // bn)
+    xp = torch.nn.functional.pad(x.to(torch.float32), (0, gc * bn - N, 0, gr * bm - M)).view(gr, bm, gc, bn)
+    amax = xp.abs().amax(dim=(1, 3))
+    e = torch.ceil(torch.log2(amax / 448.0)).clamp(-127, 127)
+    scale = torch.where(amax > 0, torch.exp2(e), torch.ones_like(amax))
+    q = (xp / scale[:, None, :, None]).clamp_(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return q.view(gr * bm, gc * bn)[:M, :N].contiguous(), scale
+
+
+def transcode_fp4_e8m0_to_fp8_block(values: torch.Tensor, exponents: torch.Tensor,
+                                    block_size: Sequence[int] = (128, 128)) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """MXFP4 / FP4-with-E8M0 → 128x128 block e4m3fn without rounding where possible: a block's scale
+    is its largest sub-scale / 2^6, every FP4 value times its sub-scale over that is exact in E4M3
+    while the block's sub-scale exponents span at most 14. ``values``: the decoded E2M1 values
+    (float32 [M, N]); ``exponents``: the E8M0 bytes of each 1x32 group ([M, ceil(N/32)]).
+    Returns ``(q, scale_inv, blocks that were not exact)``."""
+    bm, bn = int_pair(block_size, "block_size")
+    if bn % 32:
+        raise PyloaderInputError(f"block columns {bn} must be a multiple of the 32-value groups")
+    M, N = values.shape
+    gr, gc = -(-M // bm), -(-N // bn)
+    e = exponents.view(torch.uint8).to(torch.int32)
+    if (e == 255).any():
+        raise PyloaderInputError("an E8M0 sub-scale is NaN (255): no FP8 block holds it")
+    G = e.shape[1]
+    ep = torch.nn.functional.pad(e, (0, gc * (bn // 32) - G, 0, gr * bm - M), value=0)
+    emax = ep.view(gr, bm, gc, bn // 32).amax(dim=(1, 3))  # [gr, gc]
+    scale = torch.exp2((emax - 127 - 6).to(torch.float32))  # exact powers of two (float32 subnormals included)
+    rel = (e - emax.repeat_interleave(bm, 0)[:M].repeat_interleave(bn // 32, 1)[:, :G] + 6).to(torch.float32)
+    factor = torch.exp2(rel).repeat_interleave(32, 1)[:, :N]
+    target = values * factor  # what each value must be in units of the block scale
+    q = target.to(torch.float8_e4m3fn)
+    wrong = (q.to(torch.float32) != target)
+    wp = torch.nn.functional.pad(wrong, (0, gc * bn - N, 0, gr * bm - M))
+    nonexact = int(wp.view(gr, bm, gc, bn).any(dim=3).any(dim=1).sum())
+    return q, scale, nonexact
