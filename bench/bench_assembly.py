@@ -229,6 +229,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--results", help="append the result rows to this JSON-lines results log")
     ap.add_argument("--quick", action="store_true", help="two cases only")
+    ap.add_argument("--only", help="the cases whose names contain this text")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU: run on the device machine")
@@ -238,7 +239,8 @@ def main():
     import triton.testing
 
     rows = []
-    for case in (QUICK if args.quick else CASES):
+    cases = [c for c in (QUICK if args.quick else CASES) if args.only is None or args.only in c]
+    for case in cases:
         pieces, outs = CASES[case]()
         pieces_flat = [piece for per_expert in pieces.values() for parts in per_expert for piece in parts]
         kind = ("packed" if any(fmt for _, _, fmt in pieces_flat) else
