@@ -100,7 +100,12 @@ def convert(src, dst, device: str = "auto", out_dtype: str = "bfloat16", resume:
     config = read_json_object(config_path, "config") if config_path.is_file() else {}
     hq_path = src / HF_QUANT_CONFIG
     hf_quant = read_json_object(hq_path, "hf_quant_config") if hq_path.is_file() else None
-    files = plan_conversion(ck, config, odt, max_shard_size, hf_quant, read_small_ints, to)
+    fds = {}
+    try:
+        files = plan_conversion(ck, config, odt, max_shard_size, hf_quant, lambda info: read_small_ints(info, fds), to)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
     if dst.exists() and any(dst.iterdir()) and not resume and rank == 0:
         raise PyloaderInputError(f"{dst}: DST exists and is not empty; pass --resume to continue an interrupted run")
     dst.mkdir(parents=True, exist_ok=True)

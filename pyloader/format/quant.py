@@ -300,14 +300,25 @@ def _mxfp4_blocks(tensors, module: str, leaf: str, values: TensorInfo) -> Quanti
 HF_QUANT_CONFIG = "hf_quant_config.json"  # ModelOpt's quantization description, beside config.json
 
 
-def read_small_ints(info) -> List[int]:
-    """The values of a small integer tensor (``weight_shape``), read from its file."""
+def read_small_ints(info, fds: Optional[Dict[str, int]] = None) -> List[int]:
+    """The values of a small integer tensor (``weight_shape``), read from its file (``fds``: open
+    descriptors by path, kept for the next call: a Kimi-K2.5 checkpoint has 70K of these)."""
+    import os
+
     if info.dtype not in ("I32", "I64") or info.nbytes > 64:
         raise CheckpointError(info.file, f"expected a small I32/I64 tensor, got {info.dtype} of {info.nbytes} bytes",
                               info.name)
-    with open(info.file, "rb") as f:
-        f.seek(info.start)
-        raw = f.read(info.nbytes)
+    key = str(info.file)
+    fd = fds.get(key) if fds is not None else None
+    if fd is None:
+        fd = os.open(key, os.O_RDONLY)
+        if fds is not None:
+            fds[key] = fd
+    try:
+        raw = os.pread(fd, info.nbytes, info.start)
+    finally:
+        if fds is None:
+            os.close(fd)
     if len(raw) != info.nbytes:
         raise CheckpointError(info.file, "file ended inside tensor data (truncated?)", info.name)
     size = 4 if info.dtype == "I32" else 8
@@ -324,7 +335,14 @@ def recognize_checkpoint(ck, config: Optional[Mapping]) -> Optional[Recognition]
     folder = ck.directory if ck.directory is not None else (ck.files[0].parent if ck.files else None)
     if folder is not None and (folder / HF_QUANT_CONFIG).is_file():
         hq = read_json_object(folder / HF_QUANT_CONFIG, "hf_quant_config")
-    return recognize(ck.tensors, config or {}, hq, read_small_ints)
+    fds: Dict[str, int] = {}
+    try:
+        return recognize(ck.tensors, config or {}, hq, lambda info: read_small_ints(info, fds))
+    finally:
+        import os
+
+        for fd in fds.values():
+            os.close(fd)
 
 
 # quant_method values whose layouts recognize() reads; compressed-tensors formats likewise.
