@@ -75,7 +75,7 @@ def _convert_tile(
             srow = (offs_m + r0) // block_rows
             scol = (offs_n + c0) // block_cols
             s_off = srow.to(tl.int64)[:, None] * scale_stride_r + scol.to(tl.int64)[None, :] * scale_stride_c
-            s = tl.load(scale_ptr + s_off, mask=mask, other=1)
+            s = tl.load(scale_ptr + s_off, mask=mask)  # no fill value: FP8 scales take none, and masked lanes are never stored
             if SCALE_MODE == 1:
                 s = e8m0_bits_to_float32(s)
             elif SCALE_MODE == 2:
