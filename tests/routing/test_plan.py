@@ -108,3 +108,30 @@ def _spec(name, t):
     from pyloader.routing.layout import TargetSpec
 
     return TargetSpec(name, tuple(t.shape), torch.bfloat16)
+
+
+def test_a_packed_weight_sliced_from_an_odd_column_is_refused():
+    """Two FP4 codes share a byte: a column slice starting between them cannot be read as bytes."""
+    from pathlib import Path
+
+    from pyloader.format.checkpoint import Checkpoint
+    from pyloader.format.quant import recognize
+    from pyloader.format.safetensors import TensorInfo
+    from pyloader.routing.layout import ShardPlacement, TargetSpec
+    from pyloader.routing.plan import PlanError, build_plan
+    from pyloader.routing.router import Rules
+
+    f = Path("/ck/model.safetensors")
+    tensors = {"a.weight": TensorInfo("a.weight", "U8", (8, 32), f, 0, 256),
+               "a.weight_scale": TensorInfo("a.weight_scale", "F8_E8M0", (8, 2), f, 256, 272)}
+    ck = Checkpoint(None, [f], tensors)
+    for start, ok in ((16, True), (3, False)):
+        spec = TargetSpec("a.weight", (8, 32), torch.bfloat16,
+                          shards={None: ShardPlacement(0, 8, src_cols=(start, start + 32 - 16), src_shape=(8, 64))})
+        spec.shape = (8, 16)
+        plan_args = (ck, {"a.weight": spec}, Rules())
+        if ok:
+            build_plan(*plan_args, quant=recognize(tensors))
+        else:
+            with pytest.raises(PlanError, match="start on a byte"):
+                build_plan(*plan_args, quant=recognize(tensors))
