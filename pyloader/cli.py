@@ -159,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "on a CPU one per 8 cores, at most 4: torch's own threads already share the cores)")
     c.add_argument("--no-progress", action="store_true", help="no progress bar")
     c.add_argument("--gate", default="error", choices=["error", "warn", "off"],
-                   help="a dequantized tensor beyond --gate-limit, with NaN values, or all zero while its codes are not: stop with its "
-                        "name (error, default), report it (warn), or do not check (off)")
+                   help="a dequantized tensor beyond --gate-limit, with NaN values, or all zero while its codes are "
+                        "not: stop with its name (error, default), report it (warn), or do not check (off)")
     c.add_argument("--gate-limit", type=float, default=1e4, help="largest plausible |weight| (default 1e4)")
     c.add_argument("--to", default="float", choices=["float", "fp8-block"],
                    help="float: dequantize to --out-dtype (default); fp8-block: 128x128 block FP8 with F32 scales "
