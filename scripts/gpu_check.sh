@@ -3,16 +3,18 @@
 # $OUT (the device tool brings back at most 8 files, so each stage writes one log).
 #
 #   scripts/gpu_check.sh [build] [test] [sanitize] [bench] [bench-cpu] [e2e] [executor] [convert]
-#   [assembly] [e2e-warm] [ab] [ab-cold]   (default: build test sanitize bench bench-cpu e2e convert;
+#   [assembly] [e2e-warm] [ab] [ab-cold] [ab-load]   (default: build test sanitize bench bench-cpu e2e convert;
 #   executor is the executor-settings sweep beside the host ceilings; assembly and e2e-warm are parts of
-#   bench and e2e; ab and ab-cold compare this tree with an older one, interleaved, see ab_setup)
+#   bench and e2e; ab, ab-cold and ab-load compare this tree with an older one, interleaved, see ab_setup;
+# ab-load times both with bench/ab_load.py, one protocol)
 #
 # Every bench appends its rows to $OUT/results.jsonl (fold them into bench/results/results.jsonl).
 # Environment: PYLOADER_CUDA_ARCHS (default 90 here; release builds use setup.py's default),
 # PYTEST_ARGS (extra pytest arguments), BENCH_ARGS (extra arguments of the bench scripts, e.g. --quick),
 # E2E_ARGS, EXECUTOR_ARGS, CONVERT_ARGS (default --cpu), PYLOADER_COMMIT (the commit recorded in logs and rows),
 # AB_OLD (a tarball of the older tree, git archive --prefix=old/, default build/old.tar.gz), AB_OLD_COMMIT,
-# AB_ROUNDS (default 4), AB_SIZE_GB (default 16), AB_DEQUANT (set: bench_dequant in the ab stage too), AB_NO_ASSEMBLY (set: no bench_assembly there).
+# AB_ROUNDS (default 4), AB_SIZE_GB (default 16), AB_DEQUANT (set: bench_dequant in the ab stage too), AB_NO_ASSEMBLY (set: no bench_assembly there),
+# AB_NO_E2E (set: no warm pyloader bench there).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -135,18 +137,22 @@ ab_pair() {  # label, rounds, then the command's arguments after python3 (old tr
     --run new="PYTHONPATH=$PWD PYLOADER_COMMIT=${PYLOADER_COMMIT:-new} python3 $* --results {out}" \
     >> "$OUT/ab.log" 2>&1 || status=1
 }
-if has ab || has ab-cold; then
+if has ab || has ab-cold || has ab-load; then
   ab_setup || { note "ab setup failed"; tail -20 "$OUT/ab.log"; exit 1; }
 fi
 if has ab; then  # this tree against an older one, interleaved round by round
-  ab_pair "pyloader bench, warm" "${AB_ROUNDS:-4}" -m pyloader bench --checkpoint /tmp/ab/ck --no-peers --repeats 3
+  [ -z "${AB_NO_E2E:-}" ] && ab_pair "pyloader bench, warm" "${AB_ROUNDS:-4}" -m pyloader bench --checkpoint /tmp/ab/ck --no-peers --repeats 3
   [ -z "${AB_NO_ASSEMBLY:-}" ] && ab_pair "bench_assembly" 2 bench/bench_assembly.py --quick
   [ -n "${AB_DEQUANT:-}" ] && ab_pair "bench_dequant" 2 bench/bench_dequant.py --quick
+fi
+if has ab-load; then  # the same load protocol for both trees (their pyloader bench methods differ)
+  ab_pair "pyloader.load, warm" "${AB_ROUNDS:-4}" "$PWD/bench/ab_load.py" --checkpoint /tmp/ab/ck --loads 5
+  ab_pair "pyloader.load, cold" 2 "$PWD/bench/ab_load.py" --checkpoint /tmp/ab/ck --loads 2 --cold
 fi
 if has ab-cold; then
   ab_pair "pyloader bench, cold" 2 -m pyloader bench --checkpoint /tmp/ab/ck --no-peers --cold --repeats 1
 fi
-if has ab || has ab-cold; then
+if has ab || has ab-cold || has ab-load; then
   grep -B1 -A30 "gbps_median" "$OUT/ab.log" | tail -120
 fi
 
