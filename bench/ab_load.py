@@ -57,6 +57,7 @@ def main():
     ap.add_argument("--cold", action="store_true")
     ap.add_argument("--loads", type=int, default=5)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--gate", help="the sanity gate's policy (trees that have one; default: theirs)")
     ap.add_argument("--json", "--results", dest="out", required=True, help="write the row here (JSON lines)")
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -65,12 +66,13 @@ def main():
     files = sorted(str(p) for p in ck.glob("*.safetensors"))
     nbytes = sum(os.path.getsize(p) for p in files)
     targets = allocate_targets(build_preset(load_config(ck / "config.json")).targets, dev)
+    gate = {"gate": args.gate} if args.gate else {}
     times = []
     for _ in range(args.loads):
         evict(files) if args.cold else warm(files)
         sync(dev)
         t = time.perf_counter()
-        pyloader.load(targets, str(ck), progress=False, executor=ExecutorConfig())
+        pyloader.load(targets, str(ck), progress=False, executor=ExecutorConfig(), **gate)
         sync(dev)
         times.append(time.perf_counter() - t)
     checksum = 0
@@ -78,7 +80,7 @@ def main():
         checksum = (checksum * 1000003 + int(targets[name].view(torch.uint8).view(-1).to(torch.int64).sum())) % (1 << 61)
     steady = times[1:] or times
     med = statistics.median(steady)
-    row = {"bench": "e2e_ab", "case": f"{ck.name} {'cold' if args.cold else 'warm'}", "provider": "pyloader.load (defaults)",
+    row = {"bench": "e2e_ab", "case": f"{ck.name} {'cold' if args.cold else 'warm'}", "provider": "pyloader.load" + (f" (gate={args.gate})" if args.gate else " (defaults)"),
            "gbps": round(nbytes / med / 1e9, 2), "ceiling_gbps": None, "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "none (cpu)",
            "commit": os.environ.get("PYLOADER_COMMIT", "unknown"),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

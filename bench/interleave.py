@@ -49,8 +49,9 @@ def main():
                 done = subprocess.run(command.format(out=out), shell=True, env=dict(os.environ))
                 if done.returncode != 0:
                     raise SystemExit(f"{label} failed in round {rnd} (exit {done.returncode})")
-                rows += [dict(r, version=label, round=rnd, interleaved=True) for r in read_rows(out)]
-    write_rows(rows, args.results)
+                tagged = [dict(r, version=label, round=rnd, interleaved=True) for r in read_rows(out)]
+                write_rows(tagged, args.results)  # at once: a run stopped at its time limit keeps its rounds
+                rows += tagged
     summary = {}
     for r in rows:
         if r.get("gbps") is None:
