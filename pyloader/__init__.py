@@ -17,6 +17,7 @@ logging.getLogger("pyloader").addHandler(logging.NullHandler())
 
 _LAZY = {
     "ops": ("pyloader.ops", None),
+    "refit": ("pyloader.refit", None),
     "load": ("pyloader.loading.loader", "load"),
     "LoadReport": ("pyloader.loading.loader", "LoadReport"),
     "ExecutorConfig": ("pyloader.loading.executor", "ExecutorConfig"),

@@ -2,8 +2,8 @@
 # The device-machine run: build, GPU tests, compute-sanitizer, benchmarks. Logs and JSON go to
 # $OUT (the device tool brings back at most 8 files, so each stage writes one log).
 #
-#   scripts/gpu_check.sh [build] [test] [sanitize] [bench] [bench-cpu] [e2e] [executor] [convert]
-#   [assembly] [e2e-warm] [ab] [ab-cold] [ab-load]   (default: build test sanitize bench bench-cpu e2e convert;
+#   scripts/gpu_check.sh [build] [test] [sanitize] [bench] [bench-cpu] [e2e] [executor] [convert] [refit]
+#   [assembly] [e2e-warm] [ab] [ab-cold] [ab-load]   (default: build test sanitize bench bench-cpu e2e convert refit;
 #   executor is the executor-settings sweep beside the host ceilings; assembly and e2e-warm are parts of
 #   bench and e2e; ab, ab-cold and ab-load compare this tree with an older one, interleaved, see ab_setup;
 # ab-load times both with bench/ab_load.py, one protocol)
@@ -11,7 +11,7 @@
 # Every bench appends its rows to $OUT/results.jsonl (fold them into bench/results/results.jsonl).
 # Environment: PYLOADER_CUDA_ARCHS (default 90 here; release builds use setup.py's default),
 # PYTEST_ARGS (extra pytest arguments), BENCH_ARGS (extra arguments of the bench scripts, e.g. --quick),
-# E2E_ARGS, EXECUTOR_ARGS, CONVERT_ARGS (default --cpu), PYLOADER_COMMIT (the commit recorded in logs and rows),
+# E2E_ARGS, EXECUTOR_ARGS, CONVERT_ARGS (default --cpu), REFIT_ARGS, PYLOADER_COMMIT (the commit recorded in logs and rows),
 # AB_OLD (a tarball of the older tree, git archive --prefix=old/, default build/old.tar.gz), AB_OLD_COMMIT,
 # AB_ROUNDS (default 4), AB_SIZE_GB (default 16), AB_DEQUANT (set: bench_dequant in the ab stage too), AB_NO_ASSEMBLY (set: no bench_assembly there),
 # AB_NO_E2E (set: no warm pyloader bench there).
@@ -20,7 +20,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-stages=${*:-build test sanitize bench bench-cpu e2e convert}
+stages=${*:-build test sanitize bench bench-cpu e2e convert refit}
 status=0
 has() { [[ " $stages " == *" $1 "* ]]; }
 note() { echo "== $(date +%T) $*" | tee -a "$OUT/summary.txt"; }
@@ -106,6 +106,12 @@ if has convert; then
   note "bench_convert (GPU and CPU paths, disk and tmpfs output, common-script baseline)"
   python3 bench/bench_convert.py --results "$OUT/results.jsonl" ${CONVERT_ARGS---cpu} > "$OUT/convert.log" 2>&1 || status=1
   tail -12 "$OUT/convert.log"
+fi
+
+if has refit; then
+  note "bench_refit (BF16 buckets -> BF16 and FP8 parameters, per-tensor loops beside)"
+  python3 bench/bench_refit.py --results "$OUT/results.jsonl" ${REFIT_ARGS:-} > "$OUT/refit.log" 2>&1 || status=1
+  tail -16 "$OUT/refit.log"
 fi
 
 if has bench-cpu; then

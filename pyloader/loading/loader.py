@@ -68,7 +68,7 @@ class LoadReport:
                 + (f"; peak resident {self.peak_rss / 2**30:.2f} GiB" if self.peak_rss else ""))
 
 
-def _target_tensors(target) -> Dict[str, torch.Tensor]:
+def target_tensors(target) -> Dict[str, torch.Tensor]:
     if isinstance(target, torch.nn.Module):
         tensors = {n: p.data for n, p in target.named_parameters()}
         tensors.update({n: b for n, b in target.named_buffers()})
@@ -78,7 +78,7 @@ def _target_tensors(target) -> Dict[str, torch.Tensor]:
     raise PyloaderInputError(f"target must be an nn.Module or a dict of tensors, not {type(target).__name__}")
 
 
-def _pair(v, what) -> Tuple[int, int]:
+def rank_pair(v, what) -> Tuple[int, int]:
     if v is None:
         return 0, 1
     try:
@@ -88,7 +88,7 @@ def _pair(v, what) -> Tuple[int, int]:
         raise PyloaderInputError(f"{what} must be (rank, size), got {v!r}") from None
 
 
-def _specs(tensors: Dict[str, torch.Tensor], preset_targets: Optional[Dict[str, TargetSpec]], rules: Rules):
+def target_specs(tensors: Dict[str, torch.Tensor], preset_targets: Optional[Dict[str, TargetSpec]], rules: Rules):
     """Target specs with the user's tensors' dtypes (preset layouts checked against the real shapes),
     and the target tensors the preset does not fill (none without a preset: every tensor is a target)."""
     if preset_targets is None:
@@ -150,11 +150,11 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
     checker = Gate(gate, gate_limit)
     if missing not in MISSING_POLICIES:
         raise PyloaderInputError(f"missing must be one of {', '.join(map(repr, MISSING_POLICIES))}, not {missing!r}")
-    tensors = _target_tensors(target)
+    tensors = target_tensors(target)
     if not tensors:
         raise PyloaderInputError("the target has no parameters or buffers")
     dev = torch.device(device) if device is not None else next(iter(tensors.values())).device
-    (tpr, tps), (ppr, pps), (epr, eps) = _pair(tp, "tp"), _pair(pp, "pp"), _pair(ep, "ep")
+    (tpr, tps), (ppr, pps), (epr, eps) = rank_pair(tp, "tp"), rank_pair(pp, "pp"), rank_pair(ep, "ep")
     is_files = isinstance(source, (str, Path)) or (isinstance(source, (list, tuple)) and source and
                                                      isinstance(source[0], (str, Path)))
     checkpoint = open_checkpoint(source) if is_files else None
@@ -174,7 +174,7 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
         rules, preset_targets, preset_name, block = p.rules, p.targets, p.name, p.block_size
     else:
         preset_targets = None
-    specs, unknown = _specs(tensors, preset_targets, rules)
+    specs, unknown = target_specs(tensors, preset_targets, rules)
     report = LoadReport(preset=preset_name)
     slots = GateSlots(dev) if checker.on else None
     if checkpoint is not None:
@@ -196,7 +196,7 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
     else:
         plan = run_stream(iter(source), specs, rules, tensors, dev, backend, unexpected, block, hooks, report, slots)
         check_unwritten(plan.missing + unknown, missing)
-    _fill_tied(plan, tensors)
+    fill_tied(plan, tensors)
     report.loaded = sorted({p.target for p in plan.pieces} | {n for n, s in plan.targets.items() if s.fill_from})
     report.skipped = {r.name: r.reason for r in plan.summary.routes if r.kind == "skip"}
     report.unexpected = plan.summary.unexpected
@@ -217,7 +217,7 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
     return report
 
 
-def _fill_tied(plan: Plan, tensors: Dict[str, torch.Tensor]):
+def fill_tied(plan: Plan, tensors: Dict[str, torch.Tensor]):
     for name, spec in plan.targets.items():
         if spec.fill_from is not None and name in tensors and spec.fill_from in tensors:
             dst, src = tensors[name], tensors[spec.fill_from]

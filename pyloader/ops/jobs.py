@@ -259,3 +259,24 @@ def run_jobs(jobs: Sequence[TransformJob], backend: str) -> None:
     else:
         for job in jobs:
             run_job_torch(job)
+
+
+class CompiledJobs:
+    """Jobs packed once and run many times (a refit step): their tensors must stay alive and in
+    place. On ``cuda`` a run is one extension call on the packed table, no per-job Python."""
+
+    def __init__(self, jobs: Sequence[TransformJob], backend: str):
+        self.jobs = [j for j in jobs if j.src.numel()]
+        self.backend = backend
+        self.device = self.jobs[0].dst.device if self.jobs else None
+        self._packed = array("q", job_rows(self.jobs)) if backend == "cuda" and self.jobs else None
+
+    def run(self) -> None:
+        if self._packed is None:
+            run_jobs(self.jobs, self.backend)
+            return
+        from .. import _C
+
+        with torch.cuda.device(self.device):
+            stream = torch.cuda.current_stream(self.device).cuda_stream
+            _C.multi_tensor_transform(self._packed.buffer_info()[0], len(self.jobs), stream)

@@ -62,6 +62,46 @@ def quantize_blockwise(
     return q, scale
 
 
+def requant_into(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, block_size: Sequence[int] = (128, 128),
+                 scale_fmt: str = "float", backend: Optional[str] = None) -> None:
+    """Quantize ``x`` ([M, N] float) blockwise into existing ``q`` (FP8 [M, N], rows contiguous)
+    and ``scale`` (float32 [ceil(M/bm), ceil(N/bn)], contiguous): the refit of an FP8 parameter in
+    place, pointers unchanged. ``scale_fmt``: ``"float"`` (:func:`quantize_blockwise`, e4m3fn or
+    e5m2) or ``"ue8m0"`` (:func:`quantize_fp8_block_pow2`, e4m3fn, on the torch path)."""
+    bm, bn = int_pair(block_size, "block_size")
+    M, N = x.shape
+    grid = (-(-M // bm), -(-N // bn))
+    if q.shape != x.shape or q.dtype not in dtypes.FP8_WEIGHT_DTYPES:
+        raise PyloaderInputError(f"requant: q must be FP8 {list(x.shape)}, got {q.dtype} {list(q.shape)}")
+    if tuple(scale.shape) != grid or scale.dtype != torch.float32:
+        raise PyloaderInputError(f"requant: scale must be float32 {list(grid)}, got {scale.dtype} {list(scale.shape)}")
+    if scale_fmt not in ("float", "ue8m0"):
+        raise PyloaderInputError(f"requant: scale_fmt must be 'float' or 'ue8m0', not {scale_fmt!r}")
+    if scale_fmt == "ue8m0" and q.dtype != torch.float8_e4m3fn:
+        raise PyloaderInputError("requant: UE8M0 scales are for float8_e4m3fn")
+    chosen = "torch" if scale_fmt == "ue8m0" else resolve_backend(backend, x.device, "quantize_blockwise")
+    direct = q.is_contiguous() and scale.is_contiguous() and (x.stride(-1) == 1 or N <= 1)
+    if chosen == "torch" or not direct:
+        qq, ss = quantize_fp8_block_pow2(x, (bm, bn)) if scale_fmt == "ue8m0" else \
+            reference.quantize_blockwise_torch(x, (bm, bn), q.dtype) if chosen == "torch" else \
+            quantize_blockwise(x, (bm, bn), q.dtype, chosen)
+        q.copy_(qq)
+        scale.copy_(ss)
+        return
+    if chosen == "triton":
+        from ..triton_kernels import quantize_blockwise_triton
+
+        quantize_blockwise_triton(x, q, scale, (bm, bn))
+        return
+    from .. import _C
+
+    with torch.cuda.device(x.device):
+        _C.quantize_blockwise(
+            x.data_ptr(), dtypes.value_code(x.dtype), 0, x.stride(0), q.data_ptr(), dtypes.value_code(q.dtype),
+            scale.data_ptr(), 1, M, N, bm, bn, torch.cuda.current_stream(x.device).cuda_stream,
+        )
+
+
 def quantize_fp8_block_pow2(x: torch.Tensor, block_size: Sequence[int] = (128, 128)) -> Tuple[torch.Tensor, torch.Tensor]:
     """Blockwise e4m3fn with UE8M0 scales (DeepSeek-V3.1+ ``scale_fmt: ue8m0``): ``scale_inv =
     2^ceil(log2(amax / 448))`` a block (1.0 for an all-zero block), ``q = saturate(rne(x / scale_inv))``;

@@ -48,7 +48,7 @@ class Piece:
     expert_id: Optional[int]
     slot: Optional[int]            # local expert slot of an expert target
     placement: ShardPlacement
-    transform: str                 # "copy" | "cast" | "dequant"
+    transform: str                 # "copy" | "cast" | "dequant" | "requant" (refit into FP8)
     scale: Optional[TensorInfo] = None
     block_size: Tuple[int, int] = (128, 128)
     layer: Optional[int] = None
@@ -129,6 +129,7 @@ def build_plan(
     check_shapes: bool = True,
     partial: bool = False,
     quant: Optional[Recognition] = None,
+    requant: bool = False,
 ) -> Plan:
     """Route, pair, check and place every tensor of ``checkpoint`` into ``targets``.
 
@@ -138,12 +139,13 @@ def build_plan(
     pairing and coverage problem; a target left unwritten is a problem unless it is tied.
     ``quant``: the checkpoint's formats (:func:`pyloader.format.quant.recognize`); a packed weight
     (FP4, INT4) whose dequantized name routes to a float target is read as that name, its scales
-    with it.
+    with it. ``requant``: a float source into an FP8 target is quantized blockwise (transform
+    ``"requant"``, the refit of an FP8 rollout model) instead of refused.
     """
     if unexpected not in ("error", "warn", "ignore"):
         raise PyloaderInputError(f"unexpected must be 'error', 'warn' or 'ignore', not {unexpected!r}")
     with gc_paused():  # a route and a piece a tensor: collections would rescan them all, again and again
-        return _build_plan(checkpoint, targets, rules, unexpected, block_size, check_shapes, partial, quant)
+        return _build_plan(checkpoint, targets, rules, unexpected, block_size, check_shapes, partial, quant, requant)
 
 
 def _dequantized_view(tensors: Mapping[str, TensorInfo], quant: Recognition, router: Router,
@@ -168,7 +170,7 @@ def _dequantized_view(tensors: Mapping[str, TensorInfo], quant: Recognition, rou
 
 def _build_plan(checkpoint: Checkpoint, targets: Dict[str, TargetSpec], rules: Rules, unexpected: str,
                 block_size: Tuple[int, int], check_shapes: bool, partial: bool,
-                quant: Optional[Recognition] = None) -> Plan:
+                quant: Optional[Recognition] = None, requant: bool = False) -> Plan:
     router = Router(rules, targets)
     tensors, packed = checkpoint.tensors, {}
     if quant is not None:
@@ -235,6 +237,8 @@ def _build_plan(checkpoint: Checkpoint, targets: Dict[str, TargetSpec], rules: R
                 used_scales.add(key)  # travels to the FP8 target's scale parameter (executor)
         elif src.dtype in _FLOAT_SOURCES and spec.dtype in FLOAT_TARGETS:
             transform = "cast"
+        elif requant and fp8_dst and src.dtype in _FLOAT_SOURCES:
+            transform = "requant"
         else:
             problems.append(f"{r.name}: cannot load {src.dtype} into {target} ({spec.dtype})")
             continue
