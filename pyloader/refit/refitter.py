@@ -43,7 +43,7 @@ class RefitReport:
     bytes: int = 0                                          # bucket payload bytes applied
     seconds: float = 0.0                                    # from the first apply to the device being done
     checksums: Dict[int, int] = field(default_factory=dict)  # bucket → payload checksum, as packed and as received
-    written: List[str] = field(default_factory=list)        # parameters written (every element once)
+    written: List[str] = field(default_factory=list)        # parameters written (every element once; tied ones copied)
     verified: bool = False                                  # versions and checksums checked before the writes
     host_seconds: float = 0.0                               # Python time of the step before its final sync
 
@@ -168,6 +168,7 @@ class Refitter:
         self._jobs = [CompiledJobs(j, self.backend) for j in jobs]
         self._requants = requants
         self._targets = targets
+        self._tied = {n for n, spec in plan.targets.items() if spec.fill_from and n in self.tensors}
         self._checks = [Checksum(b) for b in self.buckets]
         self._applied: Dict[int, int] = {}
         self._t0: Optional[float] = None
@@ -243,7 +244,7 @@ class Refitter:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         report = RefitReport(version, self.layout.payload_bytes, time.perf_counter() - t0, dict(self._sums),
-                             sorted(set().union(*self._targets)), self.verify, host)
+                             sorted(set().union(*self._targets, self._tied)), self.verify, host)
         self._reset()
         return report
 

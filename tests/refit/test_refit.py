@@ -158,21 +158,29 @@ def test_buckets_and_parameters_are_reused_across_steps(tmp_path):
     assert [b.data_ptr() for b in sender.buckets] == buckets
 
 
-def test_refit_follows_the_load_routing_under_tensor_and_pipeline_parallelism(tmp_path):
+@pytest.mark.parametrize("tp,pp,ep,tied", [((1, 2), None, None, False), ((0, 2), (1, 2), None, False),
+                                           (None, None, (1, 2), False), ((1, 2), None, None, True)],
+                         ids=["tp", "tp+pp", "ep", "tied"])
+def test_refit_follows_the_load_routing_under_parallelism(tmp_path, tp, pp, ep, tied):
     from pyloader.parallel import Parallel
 
-    c = ALIGNED["qwen3_moe"]
+    c = dict(ALIGNED["qwen3_moe"], tie_word_embeddings=tied)
     raw = trainer_tensors(tmp_path, c)
+    assert tied == ("lm_head.weight" not in raw)
     layout = BucketLayout.of(raw)
     sender = Sender(layout, "cpu")
     sender.pack(raw, version=1)
-    for tp, pp in (((1, 2), None), ((0, 2), (1, 2))):
-        par = Parallel(tp[0], tp[1], *(pp or (0, 1)))
-        params = rollout_params(c, "cpu", parallel=par)
-        loaded = {n: torch.empty_like(t) for n, t in params.items()}
-        pyloader.load(loaded, raw, config=c, tp=tp, pp=pp, progress=False, backend="torch")
-        Refitter(params, layout, sender.buckets, config=c, tp=tp, pp=pp).step(1)
-        check(params, loaded, f"tp={tp} pp={pp}")
+    par = Parallel(*(tp or (0, 1)), *(pp or (0, 1)), *(ep or (0, 1)))
+    params = rollout_params(c, "cpu", parallel=par)
+    loaded = {n: torch.empty_like(t) for n, t in params.items()}
+    pyloader.load(loaded, raw, config=c, tp=tp, pp=pp, ep=ep, progress=False, backend="torch")
+    report = Refitter(params, layout, sender.buckets, config=c, tp=tp, pp=pp, ep=ep).step(1)
+    check(params, loaded, f"tp={tp} pp={pp} ep={ep}")
+    if ep:
+        assert params["model.layers.0.mlp.experts.w13_weight"].shape[0] == c["num_experts"] // 2
+    if tied:
+        assert "lm_head.weight" in params and torch.equal(params["lm_head.weight"], params["model.embed_tokens.weight"])
+        assert "lm_head.weight" in report.written
 
 
 def test_stale_or_foreign_buckets_are_refused_before_any_write(tmp_path):
@@ -337,6 +345,8 @@ def test_pack_and_refitter_refuse_tensors_and_buckets_of_another_layout(tmp_path
         Refitter(params, layout, sender.buckets[:-1], config=c)
     with pytest.raises(pyloader.PyloaderInputError, match="buckets given, the layout has"):
         Refitter(params, layout, [torch.zeros(b.numel() + 256, dtype=torch.uint8) for b in sender.buckets], config=c)
+    with pytest.raises(pyloader.PyloaderInputError, match="on the parameters' device"):
+        Refitter(params, layout, [b.to("meta") for b in sender.buckets], config=c)
 
 
 def test_the_readme_example_runs(tmp_path):
