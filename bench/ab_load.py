@@ -31,6 +31,7 @@ except ImportError:  # the flat layout before it
     from pyloader.presets import build_preset, load_config
 
 
+# evict and warm repeat pyloader.bench.results' own: the older tree has no such module
 def evict(paths):
     os.sync()
     try:

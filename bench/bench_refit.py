@@ -25,8 +25,9 @@ from common import copy_ceiling_gbps, environment, print_table, write_rows  # no
 
 from pyloader.ops.quantize import quantize_blockwise  # noqa: E402
 from pyloader.refit import BucketLayout, Refitter, Sender  # noqa: E402
+from pyloader.refit.refitter import scale_rows  # noqa: E402
 from pyloader.routing.presets import build_preset  # noqa: E402
-from pyloader.synthetic import allocate_targets, checkpoint_tensors  # noqa: E402
+from pyloader.synthetic import allocate_targets, trainer_tensors, with_fp8_weights  # noqa: E402
 
 CASES = {
     "qwen3-30b-a3b": {"model_type": "qwen3_moe", "hidden_size": 2048, "moe_intermediate_size": 768,
@@ -41,27 +42,11 @@ CASES = {
                           "first_k_dense_replace": 1, "num_hidden_layers": 61, "vocab_size": 129280,
                           "topk_method": "noaux_tc", "tie_word_embeddings": False, "torch_dtype": "bfloat16"},
 }
-FP8_SUFFIXES = ("_proj.weight", "experts.w13_weight", "experts.w2_weight")
-
-
-def trainer_tensors(c, device):
-    gen = torch.Generator(device=device).manual_seed(0)
-    out = {}
-    for name, shape, _ in checkpoint_tensors(c):
-        dt = torch.float32 if name.endswith("e_score_correction_bias") else torch.bfloat16
-        out[name] = (torch.randn(shape, generator=gen, device=device) * 0.05).to(dt)
-    return out
 
 
 def rollout_params(c, device, fp8):
     params = allocate_targets(build_preset(c).targets, device)
-    if fp8:
-        for name in [n for n, t in params.items() if t.dim() >= 2 and n.endswith(FP8_SUFFIXES) and "lm_head" not in n]:
-            t = params[name]
-            params[name] = torch.empty(t.shape, dtype=torch.float8_e4m3fn, device=device)
-            params[name + "_scale_inv"] = torch.empty(tuple(t.shape[:-2]) + (-(-t.shape[-2] // 128), -(-t.shape[-1] // 128)),
-                                                      dtype=torch.float32, device=device)
-    return params
+    return with_fp8_weights(params) if fp8 else params
 
 
 def per_tensor_loop(refitter, trainer, params, fp8):
@@ -80,9 +65,8 @@ def per_tensor_loop(refitter, trainer, params, fp8):
                 for job in piece_jobs(p, source_rows(p, t), 0, params[p.target], {}, spec.experts):
                     if p.transform == "requant":
                         q, s = quantize_blockwise(job.src)
-                        r = refitter._requant(p, job, params[p.target], [])
                         job.dst.copy_(q)
-                        r.scale.copy_(s)
+                        scale_rows(params[p.target], params[refitter.scale_of[p.target]], job.dst, refitter.block).copy_(s)
                     else:
                         job.dst.copy_(job.src)
     return step

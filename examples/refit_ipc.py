@@ -16,7 +16,7 @@ import torch.multiprocessing as mp
 from pyloader.ops import dequant_blockwise
 from pyloader.refit import BucketLayout, Refitter, Sender, open_shared, share
 from pyloader.routing.presets import build_preset
-from pyloader.synthetic import allocate_targets, checkpoint_tensors
+from pyloader.synthetic import allocate_targets, trainer_tensors, with_fp8_weights
 
 CONFIG = {"model_type": "qwen3_moe", "hidden_size": 256, "intermediate_size": 384, "moe_intermediate_size": 128,
           "num_experts": 8, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
@@ -24,19 +24,11 @@ CONFIG = {"model_type": "qwen3_moe", "hidden_size": 256, "intermediate_size": 38
 
 
 def trainer_state(step: int, device) -> dict:
-    gen = torch.Generator(device=device).manual_seed(step)
-    return {name: (torch.randn(shape, generator=gen, device=device) * 0.05).to(torch.bfloat16)
-            for name, shape, _ in checkpoint_tensors(CONFIG)}
+    return trainer_tensors(CONFIG, device, seed=step)
 
 
 def rollout_model(device) -> dict:
-    params = allocate_targets(build_preset(CONFIG).targets, device)
-    for name in [n for n, t in params.items() if t.dim() >= 2 and ("_proj." in n or ".experts." in n)]:
-        shape = params[name].shape
-        params[name] = torch.empty(shape, dtype=torch.float8_e4m3fn, device=device)
-        params[name + "_scale_inv"] = torch.empty(tuple(shape[:-2]) + (-(-shape[-2] // 128), -(-shape[-1] // 128)),
-                                                  dtype=torch.float32, device=device)
-    return params
+    return with_fp8_weights(allocate_targets(build_preset(CONFIG).targets, device))
 
 
 def rollout(layout_json, handles, device, steps, go, done):

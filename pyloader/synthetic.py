@@ -168,3 +168,31 @@ def allocate_targets(preset_targets, device, dtype=None) -> Dict[str, torch.Tens
     for name, spec in preset_targets.items():
         out[name] = torch.empty(spec.shape, dtype=dtype or spec.dtype, device=device)
     return out
+
+
+# vLLM-layout parameters a block-FP8 model holds in FP8 (fused projections, expert stacks); the
+# head, embeddings, norms and routers stay in the model's dtype.
+FP8_PARAM_SUFFIXES = ("_proj.weight", "experts.w13_weight", "experts.w2_weight")
+
+
+def trainer_tensors(config: dict, device, seed: int = 0) -> Dict[str, torch.Tensor]:
+    """A trainer's state for ``config``: every HF-named tensor, random BF16 (float32 where the
+    checkpoints keep it), made on ``device``."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = {}
+    for name, shape, _ in checkpoint_tensors(config):
+        dt = torch.float32 if name.endswith("e_score_correction_bias") else torch.bfloat16
+        out[name] = (torch.randn(shape, generator=gen, device=device) * 0.05).to(dt)
+    return out
+
+
+def with_fp8_weights(params: Dict[str, torch.Tensor], block: int = 128) -> Dict[str, torch.Tensor]:
+    """``params`` (allocated targets) as a block-FP8 rollout model holds them: each FP8 linear
+    weight e4m3fn, beside a float32 ``…weight_scale_inv`` grid of ``block``-square blocks."""
+    out = dict(params)
+    for name, t in params.items():
+        if t.dim() >= 2 and name.endswith(FP8_PARAM_SUFFIXES) and "lm_head" not in name:
+            out[name] = torch.empty(t.shape, dtype=torch.float8_e4m3fn, device=t.device)
+            grid = tuple(t.shape[:-2]) + (-(-t.shape[-2] // block), -(-t.shape[-1] // block))
+            out[name + "_scale_inv"] = torch.empty(grid, dtype=torch.float32, device=t.device)
+    return out

@@ -28,7 +28,7 @@ MUTATIONS = [
     ("refit: a version finished with buckets not applied", "pyloader/refit/refitter.py",
      "        if stale_buckets:", "        if False:", ["tests/refit"]),
     ("refit: requant only on whole scale blocks", "pyloader/refit/refitter.py",
-     "        if row0 % bm or (rows % bm and row0 + rows != M):", "        if False:", ["tests/refit"]),
+     "    if row0 % bm or (rows % bm and row0 + rows != M):", "    if False:", ["tests/refit"]),
     ("refit: an FP8 parameter needs its scale parameter", "pyloader/refit/refitter.py",
      "                if s is None:", "                if False:", ["tests/refit"]),
     ("refit: buckets match the layout", "pyloader/refit/refitter.py",

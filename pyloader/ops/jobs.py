@@ -219,14 +219,16 @@ def pack_jobs(jobs: Sequence[TransformJob]) -> torch.Tensor:
     return torch.tensor(job_rows(jobs), dtype=torch.int64).view(-1, JOB_FIELDS)
 
 
-def launch_table(table: List[int], device: torch.device) -> None:
-    """Run packed job rows on ``device``'s current stream (one launch per 224 jobs, in the extension)."""
+def launch_table(table, device: torch.device) -> None:
+    """Run packed job rows (a list, or an ``array("q")`` packed once) on ``device``'s current
+    stream (one launch per 224 jobs, in the extension)."""
     from .. import _C
 
     n = len(table) // JOB_FIELDS
     if not n:
         return
-    packed = array("q", table)  # read on the host during the call: the launches copy it into kernel parameters
+    # read on the host during the call: the launches copy it into kernel parameters
+    packed = table if isinstance(table, array) else array("q", table)
     with torch.cuda.device(device):
         stream = torch.cuda.current_stream(device).cuda_stream
         _C.multi_tensor_transform(packed.buffer_info()[0], n, stream)
@@ -274,9 +276,5 @@ class CompiledJobs:
     def run(self) -> None:
         if self._packed is None:
             run_jobs(self.jobs, self.backend)
-            return
-        from .. import _C
-
-        with torch.cuda.device(self.device):
-            stream = torch.cuda.current_stream(self.device).cuda_stream
-            _C.multi_tensor_transform(self._packed.buffer_info()[0], len(self.jobs), stream)
+        else:
+            launch_table(self._packed, self.device)

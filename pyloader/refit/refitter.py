@@ -16,7 +16,6 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..backend import resolve_backend
-from ..dtypes import FP8_WEIGHT_DTYPES
 from ..errors import PyloaderError, PyloaderInputError
 from ..format.checkpoint import Checkpoint
 from ..format.scales import SCALE_SUFFIXES
@@ -57,7 +56,6 @@ class _Requant:
     src: torch.Tensor
     dst: torch.Tensor
     scale: torch.Tensor
-    what: str
 
 
 def _scale_param(name: str, tensors: Dict[str, torch.Tensor]) -> Optional[str]:
@@ -115,18 +113,19 @@ class Refitter:
                           requant=True)
         self.plan = plan
         problems: List[str] = []
-        scale_params = set()
+        self.scale_of: Dict[str, str] = {}  # FP8 parameter written by requant → its scale parameter
         for p in plan.pieces:
-            if p.transform == "requant":
+            if p.transform == "requant" and p.target not in self.scale_of:
                 s = _scale_param(p.target, self.tensors)
                 if s is None:
                     base = p.target[:-len("weight")] if p.target.endswith("weight") else p.target + "_"
                     problems.append(f"{p.source.name} → {p.target} (FP8): the model has no scale parameter for it "
                                     f"({' or '.join(base + x for x in SCALE_SUFFIXES)})")
-                scale_params.add(s)
+                    continue
+                self.scale_of[p.target] = s
         if problems:
             raise PlanError(problems)
-        check_unwritten(plan.missing + [u for u in unknown if u not in scale_params], missing)
+        check_unwritten(plan.missing + [u for u in unknown if u not in self.scale_of.values()], missing)
         self._compile(plan)
 
     def _compile(self, plan) -> None:
@@ -153,13 +152,15 @@ class Refitter:
                          "src_offset": job.src.data_ptr() - self.buckets[k].data_ptr(),
                          "dst": _byte_range(job.dst, param)}
                 if p.transform == "requant":
-                    r = self._requant(p, job, param, problems)
-                    if r is None:
+                    s_name = self.scale_of[p.target]
+                    try:
+                        rows = scale_rows(param, self.tensors[s_name], job.dst, self.block)
+                    except PyloaderInputError as e:
+                        problems.append(f"{p.source.name} → {p.target}: {e}")
                         continue
-                    requants[k].append(r)
-                    s_name = _scale_param(p.target, self.tensors)
+                    requants[k].append(_Requant(job.src, job.dst, rows))
                     targets[k].add(s_name)
-                    entry["scale_target"], entry["scale_dst"] = s_name, _byte_range(r.scale, self.tensors[s_name])
+                    entry["scale_target"], entry["scale_dst"] = s_name, _byte_range(rows, self.tensors[s_name])
                 else:
                     jobs[k].append(job)
                 self.entries.append(entry)
@@ -168,41 +169,19 @@ class Refitter:
         self._jobs = [CompiledJobs(j, self.backend) for j in jobs]
         self._requants = requants
         self._targets = targets
-        self._tied = {n for n, spec in plan.targets.items() if spec.fill_from and n in self.tensors}
+        tied = {n for n, spec in plan.targets.items() if spec.fill_from and n in self.tensors}
+        self._written = sorted(set().union(*targets, tied))
         self._checks = [Checksum(b) for b in self.buckets]
         self._applied: Dict[int, int] = {}
         self._t0: Optional[float] = None
         self._sums: Dict[int, torch.Tensor] = {}
 
-    def _requant(self, p, job: TransformJob, param: torch.Tensor, problems: List[str]) -> Optional[_Requant]:
-        """The scale rows of the parameter rows a job writes; blocks may not straddle two sources."""
-        scale_p = self.tensors[_scale_param(p.target, self.tensors)]
-        bm, bn = self.block
-        plane_shape = param.shape[1:] if param.dim() == 3 else param.shape
-        elem = job.dst.storage_offset() - param.storage_offset()
-        slot, rem = (divmod(elem, param.stride(0)) if param.dim() == 3 else (None, elem))
-        row0 = rem // job.dst.stride(0)
-        rows, cols = job.dst.shape
-        M, N = plane_shape[0], (math.prod(plane_shape[1:]) if len(plane_shape) > 1 else 1)
-        grid = (-(-M // bm), -(-N // bn))
-        s_plane = scale_p[slot] if slot is not None else scale_p
-        what = f"{p.source.name} → {p.target}"
-        if param.dim() not in (2, 3) or cols != N or tuple(s_plane.shape) != grid:
-            problems.append(f"{what}: an FP8 parameter {list(param.shape)} with scale {list(scale_p.shape)} is not "
-                            f"a blockwise ({bm}x{bn}) layout pyloader can requantize into")
-            return None
-        if row0 % bm or (rows % bm and row0 + rows != M):
-            problems.append(f"{what}: rows {row0}..{row0 + rows} of the parameter are not whole {bm}-row blocks, so "
-                            "a scale block would mix two sources")
-            return None
-        return _Requant(job.src, job.dst, s_plane[row0 // bm:row0 // bm + -(-rows // bm)], what)
-
     # -- every step ------------------------------------------------------------------------
     def check_buckets(self, version: int, ks: Sequence[int]) -> Dict[int, int]:
         """Each bucket's header version and checksum against its bytes (one sync for all)."""
         ks = list(ks)
-        got = torch.stack([torch.stack([header(self.buckets[k])[0], header(self.buckets[k])[1],
-                                        self._checks[k](self.buckets[k])]) for k in ks]).cpu().tolist()
+        got = torch.stack([torch.cat([header(self.buckets[k]), self._checks[k](self.buckets[k]).view(1)])
+                           for k in ks]).cpu().tolist()
         bad = []
         for k, (v, sent, seen) in zip(ks, got):
             if v != version:
@@ -244,7 +223,7 @@ class Refitter:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         report = RefitReport(version, self.layout.payload_bytes, time.perf_counter() - t0, dict(self._sums),
-                             sorted(set().union(*self._targets, self._tied)), self.verify, host)
+                             list(self._written), self.verify, host)
         self._reset()
         return report
 
@@ -265,6 +244,27 @@ class Refitter:
         parameter and byte ranges it writes (``offset``, ``rows``, ``row_bytes``, ``row_stride``), the
         transform, and for requantized pieces the scale parameter's range."""
         return [dict(e) for e in self.entries]
+
+
+def scale_rows(param: torch.Tensor, scale: torch.Tensor, dst: torch.Tensor, block) -> torch.Tensor:
+    """The rows of ``scale`` (an FP8 parameter's block scales) that cover ``dst`` (whole rows of
+    ``param``, or of one expert plane of it); refused where a scale block would mix rows written
+    by two sources."""
+    bm, bn = block
+    plane_shape = param.shape[1:] if param.dim() == 3 else param.shape
+    elem = dst.storage_offset() - param.storage_offset()
+    slot, rem = divmod(elem, param.stride(0)) if param.dim() == 3 else (None, elem)
+    row0 = rem // dst.stride(0)
+    rows, cols = dst.shape
+    M, N = plane_shape[0], (math.prod(plane_shape[1:]) if len(plane_shape) > 1 else 1)
+    plane = scale[slot] if slot is not None else scale
+    if param.dim() not in (2, 3) or cols != N or tuple(plane.shape) != (-(-M // bm), -(-N // bn)):
+        raise PyloaderInputError(f"an FP8 parameter {list(param.shape)} with scale {list(scale.shape)} is not a "
+                                 f"blockwise ({bm}x{bn}) layout pyloader can requantize into")
+    if row0 % bm or (rows % bm and row0 + rows != M):
+        raise PyloaderInputError(f"rows {row0}..{row0 + rows} of the parameter are not whole {bm}-row blocks, so a "
+                                 "scale block would mix two sources")
+    return plane[row0 // bm:row0 // bm + -(-rows // bm)]
 
 
 def _byte_range(view: torch.Tensor, base: torch.Tensor) -> dict:

@@ -3,7 +3,6 @@ requantized to block FP8, compared bitwise with a reference built independently 
 hand, ``quantize_blockwise`` per parameter); across processes by gloo broadcast and by shared
 memory; stale, foreign and corrupted buckets refused before anything is written."""
 
-import math
 import os
 
 import pytest
@@ -15,7 +14,7 @@ from pyloader.ops import reference
 from pyloader.refit import BucketLayout, RefitError, Refitter, Sender, broadcast, open_shared, share
 from pyloader.routing.plan import PlanError
 from pyloader.routing.presets import build_preset
-from pyloader.synthetic import allocate_targets, write_checkpoint
+from pyloader.synthetic import allocate_targets, with_fp8_weights, write_checkpoint
 
 from hand_reference import expected_tensor, raw_tensors
 from helpers import assert_bitwise_equal, poison_
@@ -26,7 +25,6 @@ ALIGNED = {
     "qwen3_moe": dict(TINY["qwen3_moe"], moe_intermediate_size=128),
     "deepseek_v3": dict(TINY["deepseek_v3"], q_lora_rank=128, intermediate_size=256, moe_intermediate_size=128),
 }
-FP8_SUFFIXES = ("_proj.weight", "experts.w13_weight", "experts.w2_weight")
 
 
 def trainer_tensors(tmp_path, c, seed=0):
@@ -34,21 +32,11 @@ def trainer_tensors(tmp_path, c, seed=0):
     return raw_tensors(write_checkpoint(tmp_path / f"ck{seed}", c, fp8=False, seed=seed, shard_bytes=1 << 20))
 
 
-def is_fp8_param(name, t):
-    return t.dim() >= 2 and name.endswith(FP8_SUFFIXES) and "lm_head" not in name
-
-
 def rollout_params(c, device, fp8=False, parallel=None):
     """The rollout model: the preset's targets, linear weights FP8 with float32 block scales."""
     pre = build_preset(c, parallel=parallel) if parallel is not None else build_preset(c)
     params = allocate_targets(pre.targets, device)
-    if fp8:
-        for name in [n for n, t in params.items() if is_fp8_param(n, t)]:
-            t = params[name]
-            params[name] = torch.empty(t.shape, dtype=torch.float8_e4m3fn, device=device)
-            grid = tuple(t.shape[:-2]) + (-(-t.shape[-2] // 128), -(-t.shape[-1] // 128))
-            params[name + "_scale_inv"] = torch.empty(grid, dtype=torch.float32, device=device)
-    return {n: poison_(t) for n, t in params.items()}
+    return {n: poison_(t) for n, t in (with_fp8_weights(params) if fp8 else params).items()}
 
 
 def expected_params(params, raw, c, scale_fmt="float"):
@@ -203,7 +191,12 @@ def test_stale_or_foreign_buckets_are_refused_before_any_write(tmp_path):
     sender.pack(raw, version=4)
     refitter.apply(0, 4)
     refitter.apply(2, 4)
-    stale = sorted(set(refitter._targets[1]) - set(refitter._targets[0]) - set(refitter._targets[2]))
+    written_by = {}
+    for e in refitter.plan_json():
+        for key in ("target", "scale_target"):
+            if key in e:
+                written_by.setdefault(e["bucket"], set()).add(e[key])
+    stale = sorted(written_by[1] - written_by[0] - written_by[2])
     with pytest.raises(RefitError, match=r"buckets \[1(, \d+)*\] were not applied") as e:
         refitter.finish(4)
     assert stale and all(s in str(e.value) for s in stale[:10])
