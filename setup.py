@@ -21,7 +21,7 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
-SOURCES = ["multi_tensor_transform.cu", "quantize_blockwise.cu", "host_reader.cpp", "bindings.cpp"]
+SOURCES = ["multi_tensor_transform.cu", "multi_tensor_quantize.cu", "host_reader.cpp", "bindings.cpp"]
 DEFAULT_ARCHS = "80;89;90;100+PTX"
 
 

@@ -6,6 +6,10 @@ its own kernel call first, then copy the result and its scales in).
 
     python bench/bench_refit.py [--case qwen3-30b-a3b|deepseek-v3-slice] [--layers N] [--repeats 7] [--results FILE]
 
+The host probe (``--no-host-probe`` skips it) refits the whole 48-layer Qwen3-30B-A3B tensor list
+(every name, layer-bucketed) with small shapes: the same tensors, jobs and kernel calls as the real
+model, so its ``host_ms`` is the real model's per-step Python time, measured, without its 61 GB.
+
 Each step is timed whole (wall clock from the call to the device being done, host overhead
 included), median of ``--repeats``; ``host_ms`` is the Python time of a step before its final
 sync. Sender and receiver share the buckets (what CUDA IPC gives two processes). Every provider's
@@ -78,6 +82,7 @@ def main():
     ap.add_argument("--layers", type=int, help="decoder layers (default: 8 for qwen3-30b-a3b, 2 for the DeepSeek slice)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--results")
+    ap.add_argument("--no-host-probe", dest="host_probe", action="store_false")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = environment()
@@ -110,7 +115,7 @@ def main():
                     oracle = {n: x.clone() for n, x in params.items()}
                 rows.append(_row(env, label, f"pyloader refit{' (checksums)' if verify else ''}", fp8, nbytes, times,
                                  ceiling, host_ms=round(statistics.median(host) * 1e3, 3),
-                                 launches=layout.num_buckets if not fp8 else None))
+                                 kernel_calls=refitter.kernel_calls))
             loop = per_tensor_loop(refitter, trainer, params, fp8)
             times = []
             for _ in range(max(2, args.repeats // 2)):
@@ -126,8 +131,36 @@ def main():
             del params, oracle
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
+    if args.host_probe:
+        rows += host_probe(env, dev, args.repeats)
     print_table(rows, ["case", "provider", "gbps", "fraction", "ms", "host_ms"])
     write_rows(rows, args.results)
+
+
+def host_probe(env, dev, repeats):
+    """Per-step host time of the whole 48-layer Qwen3-30B-A3B tensor list, small shapes."""
+    c = dict(CASES["qwen3-30b-a3b"], hidden_size=256, moe_intermediate_size=128, intermediate_size=512,
+             num_attention_heads=4, num_key_value_heads=2, head_dim=64, vocab_size=1024)
+    trainer = trainer_tensors(c, dev)
+    layout = BucketLayout.of(trainer, per_layer=True)
+    sender = Sender(layout, dev)
+    sender.pack(trainer, 1)
+    rows = []
+    label = f"qwen3-30b-a3b host probe (48 layers, {len(trainer)} tensors, {layout.num_buckets} buckets, small shapes)"
+    for fp8 in (False, True):
+        params = rollout_params(c, dev, fp8)
+        for verify in (False, True):
+            refitter = Refitter(params, layout, sender.buckets, config=c, verify=verify)
+            times, host = [], []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                report = refitter.step(1)
+                times.append(time.perf_counter() - t)
+                host.append(report.host_seconds)
+            rows.append(_row(env, label, f"pyloader refit{' (checksums)' if verify else ''}", fp8,
+                             layout.payload_bytes, times, None, host_ms=round(statistics.median(host) * 1e3, 3),
+                             kernel_calls=refitter.kernel_calls))
+    return rows
 
 
 def _row(env, label, provider, fp8, nbytes, times, ceiling, **extra):

@@ -30,6 +30,8 @@ PYBIND11_MODULE(_C, m) {
   m.attr("cuda_built") = true;
   m.attr("job_fields") = static_cast<int>(kJobFields);
   m.attr("max_jobs_per_launch") = kMaxJobsPerLaunch;
+  m.attr("quant_fields") = static_cast<int>(kQuantFields);
+  m.attr("max_quant_jobs_per_launch") = kMaxQuantJobs;
   m.attr("cuda_runtime_version") = CUDART_VERSION;
   m.def("device_count", &device_count, "Number of CUDA devices (0 without a driver or device).");
   m.def(
@@ -48,25 +50,20 @@ PYBIND11_MODULE(_C, m) {
       py::arg("packed_jobs"), py::arg("num_jobs"), py::arg("stream"),
       "Run num_jobs packed int64 job rows (job_fields values each) on the stream.");
   m.def(
-      "quantize_blockwise",
-      [](uintptr_t x, int32_t x_dtype, int64_t x_expert_stride, int64_t x_row_stride, uintptr_t q, int32_t q_dtype,
-         uintptr_t scale, int64_t experts, int64_t rows, int64_t cols, int64_t block_rows, int64_t block_cols,
-         uintptr_t stream) {
-        QuantizeArgs a{};
-        a.x = reinterpret_cast<const void*>(x);
-        a.x_expert_stride = x_expert_stride;
-        a.x_row_stride = x_row_stride;
-        a.q = reinterpret_cast<uint8_t*>(q);
-        a.scale = reinterpret_cast<float*>(scale);
-        a.experts = experts;
-        a.rows = rows;
-        a.cols = cols;
-        a.block_rows = block_rows;
-        a.block_cols = block_cols;
-        a.grid_rows = block_rows > 0 ? (rows + block_rows - 1) / block_rows : 0;
-        a.grid_cols = block_cols > 0 ? (cols + block_cols - 1) / block_cols : 0;
-        PYLOADER_CUDA_CHECK(launch_quantize_blockwise(a, x_dtype, q_dtype, reinterpret_cast<cudaStream_t>(stream)));
-      });
+      "multi_tensor_quantize",
+      [](uintptr_t packed_jobs, int64_t num_jobs, uintptr_t stream) {
+        if (num_jobs < 0) throw std::invalid_argument("multi_tensor_quantize: negative job count");
+        if (num_jobs > 0 && packed_jobs == 0) throw std::invalid_argument("multi_tensor_quantize: null job table");
+        const int64_t* jobs = reinterpret_cast<const int64_t*>(packed_jobs);
+        cudaError_t err;
+        {
+          py::gil_scoped_release release;
+          err = launch_multi_tensor_quantize(jobs, num_jobs, reinterpret_cast<cudaStream_t>(stream));
+        }
+        PYLOADER_CUDA_CHECK(err);
+      },
+      py::arg("packed_jobs"), py::arg("num_jobs"), py::arg("stream"),
+      "Quantize num_jobs packed int64 job rows (quant_fields values each) blockwise to FP8 on the stream.");
   py::class_<HostReader>(m, "HostReader",
                          "A reader thread's ring of pinned buffers: file byte ranges to the device, a buffer at a time.")
       .def(py::init<int, std::vector<uintptr_t>, int64_t>(), py::arg("device"), py::arg("buffers"),

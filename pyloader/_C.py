@@ -8,6 +8,8 @@ raises a clear error instead of failing somewhere deeper.
 cuda_built = False
 job_fields = 19
 max_jobs_per_launch = 224
+quant_fields = 13
+max_quant_jobs_per_launch = 320
 
 _WHY = (
     "pyloader was installed without its CUDA extension (no nvcc at build time, or "
@@ -23,7 +25,7 @@ def multi_tensor_transform(packed_jobs, num_jobs, stream):
     raise RuntimeError(_WHY)
 
 
-def quantize_blockwise(*args, **kwargs):
+def multi_tensor_quantize(packed_jobs, num_jobs, stream):
     raise RuntimeError(_WHY)
 
 

@@ -223,7 +223,7 @@ class Converter:
 
     def _requant(self, t: OutTensor, raw: torch.Tensor, r0: int, rows: int, in_row: int):
         """(e4m3 bytes, float32 block-scale bytes) of rows r0.. (whole 128-row blocks) of t."""
-        from ..ops.quantize import quantize_blockwise, quantize_fp8_block_pow2, transcode_fp4_e8m0_to_fp8_block
+        from ..ops.quantize import quantize_blockwise, transcode_fp4_e8m0_to_fp8_block
 
         q = t.quant
         stream = self.stream()
@@ -236,10 +236,8 @@ class Converter:
                     self.report.nonexact_blocks += nonexact
             else:
                 x = self._values(t, raw, r0, rows, in_row)
-                if self.ue8m0:
-                    w8, s = quantize_fp8_block_pow2(x)
-                else:
-                    w8, s = quantize_blockwise(x, (128, 128), backend=self.backend)
+                w8, s = quantize_blockwise(x, (128, 128), backend=self.backend,
+                                           scale_fmt="ue8m0" if self.ue8m0 else "float")
             pair = []
             for tensor in (w8.view(torch.uint8).reshape(-1), s.reshape(-1).view(torch.uint8)):
                 if stream is not None:

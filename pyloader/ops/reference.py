@@ -274,12 +274,14 @@ def cast_2d_torch(src: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_blockwise_torch(
-    x: torch.Tensor, block_size: Tuple[int, int] = (128, 128), dtype: torch.dtype = torch.float8_e4m3fn
+    x: torch.Tensor, block_size: Tuple[int, int] = (128, 128), dtype: torch.dtype = torch.float8_e4m3fn,
+    scale_fmt: str = "float",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """DeepSeek-recipe blockwise quantization of [M, N] or [E, M, N]: returns (q, scale_inv) with
 
     scale_inv[b] = amax(|x| over block b) / fmax (1.0 for an all-zero block, so it stays finite),
-    q = saturate(rne(float32(x) / scale_inv)); ragged edge blocks are padded with zeros.
+    or with ``scale_fmt="ue8m0"`` the least power of two >= amax / 448 (exponent clamped to
+    [-127, 127]), q = saturate(rne(float32(x) / scale_inv)); ragged edge blocks are padded with zeros.
     """
     fmax = dtypes.FP8_MAX[dtype]
     squeeze = x.dim() == 2
@@ -291,7 +293,13 @@ def quantize_blockwise_torch(
     blocks = xp.view(E, gr, bm, gc, bn)
     amax = blocks.abs().amax(dim=(2, 4))
     # Tensor / tensor: torch on CUDA turns division by a Python scalar into a reciprocal multiply.
-    scale = torch.where(amax > 0, amax / torch.full_like(amax, fmax), torch.ones_like(amax))
+    y = amax / torch.full_like(amax, fmax)
+    if scale_fmt == "ue8m0":
+        m, ex = torch.frexp(y)  # y = m * 2^ex, m in [0.5, 1): the least 2^e >= y, exactly (no log2 rounding)
+        e = torch.where(m == 0.5, ex - 1, ex).clamp(-127, 127).to(torch.int32)
+        # 2^e from its bits (exact on every device): biased exponent, or 2^-127 as the subnormal 2^22 ulp
+        y = torch.where(e >= -126, (e + 127) << 23, torch.full_like(e, 1 << 22)).view(torch.float32)
+    scale = torch.where(amax > 0, y, torch.ones_like(amax))
     q = (blocks / scale[:, :, None, :, None]).clamp_(-fmax, fmax).to(dtype)
     q = q.view(E, gr * bm, gc * bn)[:, :M, :N].contiguous()
     if squeeze:

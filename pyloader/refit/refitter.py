@@ -1,6 +1,6 @@
 """The rollout engine's side of a refit: a transform plan compiled once from the engine's
-parameters and the bucket layout, then one launch a bucket each step, writing the parameters in
-place (pointers unchanged: captured CUDA graphs stay valid), with a receipt.
+parameters and the bucket layout, then each step one launch a bucket for its copies and casts and
+one for its requantized tensors, writing the parameters in place (pointers unchanged: captured CUDA graphs stay valid), with a receipt.
 
 The routing is ``pyloader.load``'s (same presets, rules, tensor/pipeline/expert parallelism), so a
 model loads and refits with one configuration. A float tensor whose parameter is FP8 is quantized
@@ -23,7 +23,7 @@ from ..loading.batching import piece_jobs
 from ..loading.loader import check_unwritten, fill_tied, rank_pair, target_specs, target_tensors
 from ..loading.sources import source_rows
 from ..ops.jobs import CompiledJobs, TransformJob
-from ..ops.quantize import requant_into
+from ..ops.quantize import CompiledQuantize, QuantizeJob
 from ..parallel import Parallel
 from ..routing.plan import PlanError, build_plan
 from ..routing.presets import build_preset, load_config
@@ -49,13 +49,6 @@ class RefitReport:
     @property
     def gbps(self) -> float:
         return self.bytes / self.seconds / 1e9 if self.seconds else 0.0
-
-
-@dataclass
-class _Requant:
-    src: torch.Tensor
-    dst: torch.Tensor
-    scale: torch.Tensor
 
 
 def _scale_param(name: str, tensors: Dict[str, torch.Tensor]) -> Optional[str]:
@@ -134,7 +127,7 @@ class Refitter:
             views.update(self.layout.views(self.buckets, k))
         bucket_of = {e.name: e.bucket for e in self.layout.entries}
         jobs: List[List[TransformJob]] = [[] for _ in self.buckets]
-        requants: List[List[_Requant]] = [[] for _ in self.buckets]
+        requants: List[List[QuantizeJob]] = [[] for _ in self.buckets]
         targets: List[set] = [set() for _ in self.buckets]
         problems: List[str] = []
         self.entries = []  # the plan as data (plan_json)
@@ -158,7 +151,7 @@ class Refitter:
                     except PyloaderInputError as e:
                         problems.append(f"{p.source.name} → {p.target}: {e}")
                         continue
-                    requants[k].append(_Requant(job.src, job.dst, rows))
+                    requants[k].append(QuantizeJob(job.src, job.dst, rows, self.block, self.scale_fmt))
                     targets[k].add(s_name)
                     entry["scale_target"], entry["scale_dst"] = s_name, _byte_range(rows, self.tensors[s_name])
                 else:
@@ -167,7 +160,10 @@ class Refitter:
         if problems:
             raise PlanError(problems)
         self._jobs = [CompiledJobs(j, self.backend) for j in jobs]
-        self._requants = requants
+        try:
+            self._requants = [CompiledQuantize(r, self.backend) for r in requants]
+        except PyloaderInputError as e:
+            raise PlanError([str(e)]) from None
         self._targets = targets
         tied = {n for n, spec in plan.targets.items() if spec.fill_from and n in self.tensors}
         self._written = sorted(set().union(*targets, tied))
@@ -175,6 +171,12 @@ class Refitter:
         self._applied: Dict[int, int] = {}
         self._t0: Optional[float] = None
         self._sums: Dict[int, torch.Tensor] = {}
+
+    @property
+    def kernel_calls(self) -> int:
+        """Backend calls a step makes for its writes: per bucket, one for the copies and casts and
+        one for the requantized tensors, where it has them."""
+        return sum(bool(j.jobs) for j in self._jobs) + sum(bool(q.jobs) for q in self._requants)
 
     # -- every step ------------------------------------------------------------------------
     def check_buckets(self, version: int, ks: Sequence[int]) -> Dict[int, int]:
@@ -203,8 +205,7 @@ class Refitter:
         if self.verify and k not in self._sums:
             self._sums[k] = self.check_buckets(version, [k])[k]
         self._jobs[k].run()
-        for r in self._requants[k]:
-            requant_into(r.src, r.dst, r.scale, self.block, self.scale_fmt, self.backend)
+        self._requants[k].run()
         self._applied[k] = version
 
     def finish(self, version: int) -> RefitReport:

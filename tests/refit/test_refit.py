@@ -47,14 +47,7 @@ def expected_params(params, raw, c, scale_fmt="float"):
             continue
         want = expected_tensor(name, raw, c, torch.bfloat16 if t.dtype == torch.float8_e4m3fn else t.dtype)
         if t.dtype == torch.float8_e4m3fn:
-            if scale_fmt == "ue8m0":
-                from pyloader.ops.quantize import quantize_fp8_block_pow2
-                pairs = [quantize_fp8_block_pow2(w) for w in (want if want.dim() == 3 else [want])]
-                q, s = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-                if want.dim() == 2:
-                    q, s = q[0], s[0]
-            else:
-                q, s = reference.quantize_blockwise_torch(want, (128, 128))
+            q, s = reference.quantize_blockwise_torch(want, (128, 128), scale_fmt=scale_fmt)
             out[name], out[name + "_scale_inv"] = q, s
         else:
             out[name] = want
@@ -113,18 +106,21 @@ def test_refit_matches_hand_built_reference(tmp_path, family, fp8, device):
     check(params, expected_params(params, raw, c), f"{family} {device}")
 
 
-def test_refit_into_ue8m0_scales(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_refit_into_ue8m0_scales(tmp_path, device):
     c = ALIGNED["deepseek_v3"]
     raw = trainer_tensors(tmp_path, c)
     layout = BucketLayout.of(raw)
-    sender = Sender(layout, "cpu")
-    params = rollout_params(c, "cpu", fp8=True)
+    sender = Sender(layout, device)
+    params = rollout_params(c, device, fp8=True)
     Refitter(params, layout, sender.buckets, config=c, scale_fmt="ue8m0")
-    sender.pack(raw, version=7)
-    Refitter(params, layout, sender.buckets, config=c, scale_fmt="ue8m0").step(7)
+    sender.pack({n: t.to(device) for n, t in raw.items()}, version=7)
+    refitter = Refitter(params, layout, sender.buckets, config=c, scale_fmt="ue8m0")
+    assert refitter.kernel_calls <= 2 * layout.num_buckets
+    refitter.step(7)
     want = expected_params(params, raw, c, "ue8m0")
     check(params, want, "ue8m0")
-    scales = [t for n, t in params.items() if n.endswith("_scale_inv")]
+    scales = [t.cpu() for n, t in params.items() if n.endswith("_scale_inv")]
     assert all(torch.equal(torch.exp2(torch.log2(s).round()), s) for s in scales)  # powers of two
 
 

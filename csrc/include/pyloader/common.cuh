@@ -98,4 +98,26 @@ __device__ __forceinline__ float load_scale(const void* base, int32_t dtype, int
   }
 }
 
+// The job a block's piece belongs to in a job table: the last job whose first piece (a prefix
+// over n jobs, start[n] the total) is <= piece. The first probe is the job a table of equal jobs
+// (the experts of a layer) would give; only when it misses does a binary search follow, over the
+// side it points to. Each probe is a dependent load from the parameter space, on every block's
+// critical path before its first data load.
+__device__ __forceinline__ int job_of(const uint32_t* start, int n, uint32_t piece) {
+  const uint32_t total = start[n];
+  int lo = 0, hi = n - 1;
+  const int guess = static_cast<int>((static_cast<uint64_t>(piece) * n) / total);
+  if (start[guess] <= piece) {
+    if (guess == n - 1 || start[guess + 1] > piece) return guess;
+    lo = guess + 1;
+  } else {
+    hi = guess - 1;
+  }
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (start[mid] <= piece) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
 }  // namespace pyloader

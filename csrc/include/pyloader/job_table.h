@@ -57,16 +57,22 @@ constexpr int kMaxJobsPerLaunch = 224;  // the table is a kernel parameter: 32 K
 // many times as the table fills. Throws std::invalid_argument on a bad job.
 cudaError_t launch_multi_tensor_transform(const int64_t* packed_jobs, int64_t num_jobs, cudaStream_t stream);
 
-struct QuantizeArgs {
-  const void* x;
-  int64_t x_expert_stride, x_row_stride;  // elements; unit column stride
-  uint8_t* q;                             // contiguous [E, rows, cols]
-  float* scale;                           // contiguous [E, grid_rows, grid_cols]
-  int64_t experts, rows, cols, block_rows, block_cols, grid_rows, grid_cols;
+// One quantize job as Python packs it: kQuantFields int64 values per job, in this order. Strides
+// in elements (the FP8 destination's are bytes); the scale is float32, unit column stride.
+// kQFieldScaleFmt: kScaleFloat (amax / fmax) or kScalePow2 (UE8M0 powers of two, e4m3fn only).
+enum QuantField : int {
+  kQFieldSrc = 0, kQFieldSrcRowStride, kQFieldSrcDtype, kQFieldDst, kQFieldDstRowStride, kQFieldDstDtype,
+  kQFieldScale, kQFieldScaleRowStride, kQFieldRows, kQFieldCols, kQFieldBlockRows, kQFieldBlockCols,
+  kQFieldScaleFmt, kQuantFields
 };
 
-// x_dtype: kBF16, kF16 or kF32; q_dtype: kE4M3 or kE5M2. Throws std::invalid_argument.
-cudaError_t launch_quantize_blockwise(const QuantizeArgs& args, int32_t x_dtype, int32_t q_dtype, cudaStream_t stream);
+enum ScaleFmt : int32_t { kScaleFloat = 0, kScalePow2 = 1 };
+
+constexpr int kMaxQuantJobs = 320;  // the table is a kernel parameter: 32 KB at most
+
+// Validates the packed jobs and launches one block per scale block, as many times as the table
+// fills. Throws std::invalid_argument on a bad job.
+cudaError_t launch_multi_tensor_quantize(const int64_t* packed_jobs, int64_t num_jobs, cudaStream_t stream);
 
 inline const char* dtype_name(int32_t code) {
   switch (code) {

@@ -451,26 +451,8 @@ __host__ __device__ inline uint64_t common_chunks(int64_t rows, uint32_t units_p
   return (uint64_t(rows) * units_per_row + Shape::kFlatChunkUnits - 1) / Shape::kFlatChunkUnits;
 }
 
-// The job a chunk belongs to: the last job whose first chunk is <= chunk. The first probe is the
-// job a table of equal jobs (the experts of a layer) would give; only when it misses does a binary
-// search follow, over the side it points to. Each probe is a dependent load from the parameter
-// space, on every block's critical path before its first data load.
 __device__ __forceinline__ int find_job(const TransformTable& table, uint32_t chunk) {
-  const int n = table.num_jobs;
-  const uint32_t total = table.chunk_start[n];
-  int lo = 0, hi = n - 1;
-  const int guess = static_cast<int>((static_cast<uint64_t>(chunk) * n) / total);
-  if (table.chunk_start[guess] <= chunk) {
-    if (guess == n - 1 || table.chunk_start[guess + 1] > chunk) return guess;
-    lo = guess + 1;
-  } else {
-    hi = guess - 1;
-  }
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (table.chunk_start[mid] <= chunk) lo = mid; else hi = mid - 1;
-  }
-  return lo;
+  return job_of(table.chunk_start, table.num_jobs, chunk);
 }
 
 // Resident blocks an SM: the common kernel at 2 units a thread fits 32 registers (8 blocks), at
