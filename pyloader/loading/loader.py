@@ -73,8 +73,8 @@ def target_tensors(target) -> Dict[str, torch.Tensor]:
         tensors = {n: p.data for n, p in target.named_parameters()}
         tensors.update({n: b for n, b in target.named_buffers()})
         return tensors
-    if isinstance(target, Mapping):
-        return dict(target)
+    if isinstance(target, Mapping):  # parameters that require grad: written through detached views
+        return {n: t.detach() if isinstance(t, torch.Tensor) and t.requires_grad else t for n, t in target.items()}
     raise PyloaderInputError(f"target must be an nn.Module or a dict of tensors, not {type(target).__name__}")
 
 

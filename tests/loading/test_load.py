@@ -44,6 +44,20 @@ def test_load_every_family_matches_hand_built_reference(tmp_path, family, fp8, d
         assert_bitwise_equal(t, want, what=f"{family} {name}")
 
 
+def test_parameters_that_require_grad_as_a_dict(tmp_path):
+    """``dict(model.named_parameters())`` (what an engine hands over) holds leaves that require
+    grad: they are written in place, not refused by autograd."""
+    c = dict(TINY["llama"])
+    d = write_checkpoint(tmp_path / "m", c, fp8=False)
+    params = {n: torch.nn.Parameter(poison_(t)) for n, t in allocate_targets(build_preset(c).targets, "cpu").items()}
+    before = {n: p.data_ptr() for n, p in params.items()}
+    pyloader.load(params, d, progress=False)
+    raw = raw_tensors(d)
+    for name, p in params.items():
+        assert p.requires_grad and p.data_ptr() == before[name]
+        assert_bitwise_equal(p.detach(), expected_tensor(name, raw, c, p.dtype), what=name)
+
+
 def test_progress_ends_with_the_time_split_and_library_use_stays_quiet(tmp_path, capsys):
     c = dict(TINY["llama"], quantization_config={"quant_method": "fp8"})
     d = write_checkpoint(tmp_path / "m", c)

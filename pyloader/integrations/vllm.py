@@ -1,0 +1,146 @@
+"""vLLM model loader ``pyloader``: ``LLM(model, load_format="pyloader")`` or ``vllm serve MODEL
+--load-format pyloader``, registered by the ``vllm.general_plugins`` entry point on install.
+
+vLLM builds the model as it always does (its layers, tensor- and pipeline-parallel shards, its
+``weight_loader`` layouts); pyloader fills its parameters from the checkpoint directory with the
+family's preset (the same fused layouts: ``qkv_proj``, ``gate_up_proj``, ``experts.w13_weight`` …)
+at this worker's tensor-, pipeline- and expert-parallel ranks, streaming through its executor;
+vLLM's ``process_weights_after_loading`` then runs as after its own loader. Options, as
+``model_loader_extra_config``:
+
+- ``dequantize`` (default False): build the model without the checkpoint's quantization config
+  and load its FP8 / FP4 / INT4 weights dequantized into BF16 parameters (hardware or kernels
+  without FP8 support, or BF16 fine-tuning of a quantized release).
+- ``preset``: a preset name when the config's ``model_type`` does not pick one.
+- ``unexpected`` / ``missing``: as for ``pyloader.load`` (default ``"error"``).
+- ``backend``: ``"cuda"``, ``"triton"`` or ``"torch"`` (default: the best for the device).
+
+Every problem (a name nothing routes, with did-you-mean hints; a parameter nothing writes; a shape
+that disagrees) is raised before any weight is read, naming the tensors.
+"""
+
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+from vllm.config import ModelConfig, VllmConfig
+from vllm.config.load import LoadConfig
+from vllm.model_executor.model_loader import register_model_loader
+from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+from ..errors import PyloaderInputError
+from ..format.checkpoint import read_json_object
+from ..loading.loader import load
+
+logger = logging.getLogger("pyloader")
+
+OPTIONS = ("dequantize", "preset", "unexpected", "missing", "backend", "progress")
+
+
+@register_model_loader("pyloader")
+class PyloaderModelLoader(BaseModelLoader):
+    def __init__(self, load_config: LoadConfig):
+        super().__init__(load_config)
+        extra = dict(load_config.model_loader_extra_config or {})
+        unknown = sorted(set(extra) - set(OPTIONS))
+        if unknown:
+            raise PyloaderInputError(f"load_format='pyloader': unknown model_loader_extra_config keys {unknown}; "
+                                     f"known: {', '.join(OPTIONS)}")
+        self.options = extra
+        self.dequantize = bool(extra.get("dequantize", False))
+        self.report = None
+
+    # -- where the checkpoint is --------------------------------------------------------------
+    def _folder(self, model_config: ModelConfig) -> Path:
+        path = Path(model_config.model)
+        if path.is_dir():
+            return path
+        from vllm.model_executor.model_loader.weight_utils import download_weights_from_hf
+
+        return Path(download_weights_from_hf(model_config.model, self.load_config.download_dir,
+                                             ["*.safetensors", "*.json"], model_config.revision,
+                                             ignore_patterns=self.load_config.ignore_patterns))
+
+    def download_model(self, model_config: ModelConfig) -> None:
+        self._folder(model_config)
+
+    # -- the model, built unquantized when asked ----------------------------------------------
+    def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> nn.Module:
+        if not self.dequantize or vllm_config.quant_config is None:
+            return super().load_model(vllm_config, model_config, prefix)
+        logger.info("pyloader: building the model without its checkpoint's %s quantization config; the weights "
+                    "are dequantized into %s", vllm_config.quant_config.get_name(), model_config.dtype)
+        saved = vllm_config.quant_config, model_config.quantization
+        vllm_config.quant_config, model_config.quantization = None, None
+        try:
+            return super().load_model(vllm_config, model_config, prefix)
+        finally:
+            vllm_config.quant_config, model_config.quantization = saved
+
+    # -- the weights ---------------------------------------------------------------------------
+    def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
+        folder = self._folder(model_config)
+        config = checkpoint_config(model_config, folder)
+        tp, pp, ep = parallel_ranks()
+        targets = dict(model.named_parameters())
+        layers = _layer_range(model)
+        if layers is not None and pp[1] > 1:
+            from ..parallel import pp_layer_range
+
+            ours = pp_layer_range(int(config["num_hidden_layers"]), *pp)
+            if ours != layers:
+                raise PyloaderInputError(f"vLLM gave pipeline stage {pp[0]} layers {layers[0]}..{layers[1] - 1}, "
+                                         f"pyloader's partition {ours[0]}..{ours[1] - 1} (VLLM_PP_LAYER_PARTITION "
+                                         "is not supported yet)")
+        t0 = time.perf_counter()
+        self.report = load(targets, folder, config=config, preset=self.options.get("preset"), tp=tp, pp=pp, ep=ep,
+                           backend=self.options.get("backend"), progress=bool(self.options.get("progress", True)),
+                           unexpected=self.options.get("unexpected", "error"),
+                           missing=self.options.get("missing", "error"))
+        r = self.report
+        logger.info("pyloader: %s; tp %d/%d pp %d/%d ep %d/%d; %d checkpoint tensors skipped%s; %.2f s",
+                    r.summary(), tp[0], tp[1], pp[0], pp[1], ep[0], ep[1], len(r.skipped),
+                    f", {len(r.missing)} targets left unwritten" if r.missing else "", time.perf_counter() - t0)
+
+
+def checkpoint_config(model_config: ModelConfig, folder: Path) -> dict:
+    """The model's config as vLLM sees it (``hf_overrides`` applied), with the checkpoint's own
+    ``quantization_config``: it says how the stored weights are encoded, whatever the model computes in."""
+    config = model_config.hf_config.to_dict()
+    path = folder / "config.json"
+    if path.is_file():
+        stored = read_json_object(path, "config")
+        if isinstance(stored.get("quantization_config"), dict):
+            config["quantization_config"] = stored["quantization_config"]
+    config["torch_dtype"] = str(model_config.dtype).replace("torch.", "")
+    return config
+
+
+def parallel_ranks():
+    """This worker's (rank, size) for tensor, pipeline and expert parallelism, from vLLM's groups."""
+    from vllm.config import get_current_vllm_config
+    from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    tp = (get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size())
+    g = get_pp_group()
+    pp = (g.rank_in_group, g.world_size)
+    ep = (0, 1)
+    if get_current_vllm_config().parallel_config.enable_expert_parallel:
+        from vllm.distributed.parallel_state import get_ep_group
+
+        e = get_ep_group()
+        ep = (e.rank_in_group, e.world_size)
+    return tp, pp, ep
+
+
+def _layer_range(model: nn.Module) -> Optional[tuple]:
+    inner = getattr(model, "model", None)
+    start, end = getattr(inner, "start_layer", None), getattr(inner, "end_layer", None)
+    return (start, end) if isinstance(start, int) and isinstance(end, int) else None
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point: importing this module registers the loader."""

@@ -1,0 +1,115 @@
+"""Tiny random models of real architectures, written by transformers' ``save_pretrained`` (BF16),
+then as block-FP8 checkpoints by pyloader's quantizer, beside a BF16 checkpoint that holds exactly
+the dequantized values: loading the FP8 one into a BF16 model must give the BF16 one's weights.
+
+    python tests/engines/models.py OUT_DIR [qwen3 qwen3_moe deepseek_v3]
+"""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pyloader.ops import dequant_blockwise, quantize_blockwise
+
+# vLLM's CPU MLA needs kv_lora_rank 512 and qk_rope_head_dim 64; without topk_method "noaux_tc"
+# (transformers' DeepseekV3Config does not write it) vLLM builds no e_score_correction_bias.
+CONFIGS = {
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM",
+              dict(hidden_size=256, intermediate_size=384, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                   num_hidden_layers=4, vocab_size=512)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(hidden_size=256, intermediate_size=384, moe_intermediate_size=128, num_experts=8,
+                       num_experts_per_tok=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                       num_hidden_layers=4, vocab_size=512, norm_topk_prob=True)),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(hidden_size=256, intermediate_size=384, moe_intermediate_size=128, n_routed_experts=8,
+                         n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1, num_attention_heads=4,
+                         num_key_value_heads=4, q_lora_rank=192, kv_lora_rank=512, qk_nope_head_dim=64,
+                         qk_rope_head_dim=64, v_head_dim=64, first_k_dense_replace=1, num_hidden_layers=4,
+                         vocab_size=512, topk_method="noaux_tc", scoring_func="sigmoid", routed_scaling_factor=2.5,
+                         rope_scaling=None)),
+}
+COMMON = dict(max_position_embeddings=512, tie_word_embeddings=False, torch_dtype="bfloat16", rms_norm_eps=1e-6)
+BLOCK = (128, 128)
+
+
+def quantized(name: str, t: torch.Tensor) -> bool:
+    """The weights DeepSeek-style FP8 releases store in FP8: the linear layers' 2-D weights (not
+    embeddings, head, norms, or the router)."""
+    return (t.dim() == 2 and name.endswith(".weight") and "norm" not in name and "embed_tokens" not in name
+            and not name.startswith("lm_head") and not name.endswith("mlp.gate.weight"))
+
+
+def write_bf16(kind: str, out: Path, seed: int = 0) -> Path:
+    import transformers
+
+    cfg_cls, model_cls, fields = CONFIGS[kind]
+    torch.manual_seed(seed)
+    config = getattr(transformers, cfg_cls)(**fields, **COMMON)
+    model = getattr(transformers, model_cls)(config).to(torch.bfloat16)
+    with torch.no_grad():  # random, but with the spread of trained weights (init leaves norms at 1, biases at 0)
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p, dtype=torch.float32))
+            elif name.endswith("e_score_correction_bias"):
+                p.copy_(0.01 * torch.randn_like(p, dtype=torch.float32))
+    model.save_pretrained(out)
+    _patch_config(out, fields)
+    return out
+
+
+def _patch_config(out: Path, fields: dict) -> None:
+    path = out / "config.json"
+    c = json.loads(path.read_text())
+    c.update({k: v for k, v in fields.items() if k in ("topk_method", "scoring_func")})
+    path.write_text(json.dumps(c, indent=2))
+
+
+def write_fp8_pair(bf16: Path, fp8: Path, ref: Path) -> None:
+    """``fp8``: the BF16 checkpoint's linear weights in 128x128 block e4m3 with float32
+    ``weight_scale_inv``; ``ref``: BF16, those weights replaced by their dequantized values."""
+    for d in (fp8, ref):
+        d.mkdir(parents=True, exist_ok=True)
+        for f in bf16.iterdir():
+            if f.suffix == ".json":
+                shutil.copy(f, d / f.name)
+    for f in sorted(bf16.glob("*.safetensors")):
+        q_out, r_out = {}, {}
+        for name, t in load_file(str(f)).items():
+            if quantized(name, t):
+                q, s = quantize_blockwise(t.float(), BLOCK, backend="torch")
+                q_out[name], q_out[name[:-len("weight")] + "weight_scale_inv"] = q, s
+                r_out[name] = dequant_blockwise(q, s, BLOCK, out_dtype=torch.bfloat16, backend="torch")
+            else:
+                q_out[name] = r_out[name] = t
+        save_file(q_out, str(fp8 / f.name), metadata={"format": "pt"})
+        save_file(r_out, str(ref / f.name), metadata={"format": "pt"})
+    for index in fp8.glob("*.index.json"):  # the scales live beside their weights
+        data = json.loads(index.read_text())
+        wm = data["weight_map"]
+        wm.update({n[:-len("weight")] + "weight_scale_inv": file for n, file in list(wm.items())
+                   if n[:-len("weight")] + "weight_scale_inv" in load_file(str(fp8 / file))})
+        index.write_text(json.dumps(data, indent=2))
+    c = json.loads((fp8 / "config.json").read_text())
+    c["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                "weight_block_size": list(BLOCK)}
+    (fp8 / "config.json").write_text(json.dumps(c, indent=2))
+
+
+def write_models(out: Path, kinds=tuple(CONFIGS)) -> dict:
+    """``{kind: {"bf16": dir, "fp8": dir, "ref": dir}}`` under ``out``."""
+    dirs = {}
+    for kind in kinds:
+        d = {v: out / kind / v for v in ("bf16", "fp8", "ref")}
+        write_bf16(kind, d["bf16"])
+        write_fp8_pair(d["bf16"], d["fp8"], d["ref"])
+        dirs[kind] = d
+    return dirs
+
+
+if __name__ == "__main__":
+    print(write_models(Path(sys.argv[1]), tuple(sys.argv[2:]) or tuple(CONFIGS)))
