@@ -22,7 +22,7 @@ that disagrees) is raised before any weight is read, naming the tensors.
 import logging
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -34,6 +34,8 @@ from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from ..errors import PyloaderInputError
 from ..format.checkpoint import read_json_object
 from ..loading.loader import load
+from ..parallel import Parallel
+from ..routing.presets import build_preset
 
 logger = logging.getLogger("pyloader")
 
@@ -73,19 +75,22 @@ class PyloaderModelLoader(BaseModelLoader):
             return super().load_model(vllm_config, model_config, prefix)
         logger.info("pyloader: building the model without its checkpoint's %s quantization config; the weights "
                     "are dequantized into %s", vllm_config.quant_config.get_name(), model_config.dtype)
-        saved = vllm_config.quant_config, model_config.quantization
+        # for the whole run, not only while the layers are built: kernels chosen later read it too
         vllm_config.quant_config, model_config.quantization = None, None
-        try:
-            return super().load_model(vllm_config, model_config, prefix)
-        finally:
-            vllm_config.quant_config, model_config.quantization = saved
+        if hasattr(model_config.hf_config, "quantization_config"):
+            delattr(model_config.hf_config, "quantization_config")
+        return super().load_model(vllm_config, model_config, prefix)
 
     # -- the weights ---------------------------------------------------------------------------
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         folder = self._folder(model_config)
         config = checkpoint_config(model_config, folder)
         tp, pp, ep = parallel_ranks()
-        targets = dict(model.named_parameters())
+        preset = build_preset(config, self.options.get("preset"), Parallel(tp[0], tp[1], pp[0], pp[1], ep[0], ep[1]))
+        targets, aliases = engine_targets(dict(model.named_parameters()), preset.targets)
+        if aliases:
+            logger.info("pyloader: %d parameters of this vLLM build live under other names than the preset's, "
+                        "e.g. %s", len(aliases), next(iter(aliases.items())))
         layers = _layer_range(model)
         if layers is not None and pp[1] > 1:
             from ..parallel import pp_layer_range
@@ -104,6 +109,29 @@ class PyloaderModelLoader(BaseModelLoader):
         logger.info("pyloader: %s; tp %d/%d pp %d/%d ep %d/%d; %d checkpoint tensors skipped%s; %.2f s",
                     r.summary(), tp[0], tp[1], pp[0], pp[1], ep[0], ep[1], len(r.skipped),
                     f", {len(r.missing)} targets left unwritten" if r.missing else "", time.perf_counter() - t0)
+
+
+def engine_targets(params: Dict[str, torch.Tensor], preset_targets) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """The model's parameters keyed by the preset's names. vLLM versions move a module one level down
+    (0.32: ``mlp.experts.routed_experts.w13_weight`` for the preset's ``mlp.experts.w13_weight``): a
+    preset target the model lacks takes the one parameter of the same shape whose name is its name
+    with one more dotted segment. Returns ``(targets, {preset name: model name})``; what still
+    matches nothing is left as it is, for the load's own error."""
+    targets = {n: t for n, t in params.items() if n in preset_targets}
+    spare = {n: t for n, t in params.items() if n not in preset_targets}
+    reduced: Dict[str, List[str]] = {}
+    for n in spare:
+        parts = n.split(".")
+        for i in range(len(parts) - 1):
+            reduced.setdefault(".".join(parts[:i] + parts[i + 1:]), []).append(n)
+    aliases = {}
+    for name, spec in preset_targets.items():
+        found = [m for m in reduced.get(name, ()) if m in spare and tuple(spare[m].shape) == tuple(spec.shape)]
+        if name not in targets and len(found) == 1:
+            targets[name] = spare.pop(found[0])
+            aliases[name] = found[0]
+    targets.update(spare)
+    return targets, aliases
 
 
 def checkpoint_config(model_config: ModelConfig, folder: Path) -> dict:

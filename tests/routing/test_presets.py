@@ -316,3 +316,13 @@ def test_config_missing_a_field_names_it():
     c = {k: v for k, v in config_of_folder("qwen3-32b").items() if k != "intermediate_size"}
     with pytest.raises(PyloaderInputError, match="'intermediate_size'.*llama"):
         build_preset(c)
+
+
+def test_qwen3_moe_config_as_transformers_5_writes_it():
+    """transformers >= 5 saves Qwen3-MoE's expert count as ``num_local_experts``: same targets."""
+    c = config_of_folder("qwen3-30b-a3b-fp8")
+    c5 = {k: v for k, v in c.items() if k != "num_experts"}
+    c5["num_local_experts"] = c["num_experts"]
+    a, b = build_preset(c), build_preset(c5)
+    assert {n: t.shape for n, t in a.targets.items()} == {n: t.shape for n, t in b.targets.items()}
+    assert a.rules.expert_params_mapping == b.rules.expert_params_mapping

@@ -110,6 +110,8 @@ def build_preset(config: Union[str, Path, dict], preset: Optional[str] = None, p
             raise PyloaderInputError("kimi_k25: config has no text_config for the language model")
         return kimi_k25(build_preset(kimi_language_config(c), "deepseek", parallel, dtype), dtype)
     _check_sizes(c, name)
+    if name == "qwen_moe" and "num_experts" not in c and "num_local_experts" in c:
+        c = dict(c, num_experts=c["num_local_experts"])  # transformers >= 5 writes num_experts under this name
     try:
         preset = _build(c, name, parallel, dtype)
     except KeyError as e:  # a field the family needs is absent: name it, not a traceback
