@@ -19,6 +19,7 @@ _LAZY = {
     "ops": ("pyloader.ops", None),
     "refit": ("pyloader.refit", None),
     "load": ("pyloader.loading.loader", "load"),
+    "from_pretrained": ("pyloader.integrations.transformers", "from_pretrained"),
     "LoadReport": ("pyloader.loading.loader", "LoadReport"),
     "ExecutorConfig": ("pyloader.loading.executor", "ExecutorConfig"),
     "BACKENDS": ("pyloader.backend", "BACKENDS"),

@@ -14,11 +14,15 @@ vLLM's ``process_weights_after_loading`` then runs as after its own loader. Opti
 - ``preset``: a preset name when the config's ``model_type`` does not pick one.
 - ``unexpected`` / ``missing``: as for ``pyloader.load`` (default ``"error"``).
 - ``backend``: ``"cuda"``, ``"triton"`` or ``"torch"`` (default: the best for the device).
+- ``source``: ``"files"`` (default: pyloader's own ranged reads), ``"runai"`` (run:ai model
+  streamer's ``SafetensorsStreamer``: tensors yielded from one reused buffer, each consumed before
+  the next) or ``"safetensors"`` (the safetensors library's reader, tensor by tensor).
 
 Every problem (a name nothing routes, with did-you-mean hints; a parameter nothing writes; a shape
 that disagrees) is raised before any weight is read, naming the tensors.
 """
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -39,7 +43,8 @@ from ..routing.presets import build_preset
 
 logger = logging.getLogger("pyloader")
 
-OPTIONS = ("dequantize", "preset", "unexpected", "missing", "backend", "progress")
+OPTIONS = ("dequantize", "preset", "unexpected", "missing", "backend", "progress", "source")
+SOURCES = ("files", "runai", "safetensors")
 
 
 @register_model_loader("pyloader")
@@ -53,6 +58,8 @@ class PyloaderModelLoader(BaseModelLoader):
                                      f"known: {', '.join(OPTIONS)}")
         self.options = extra
         self.dequantize = bool(extra.get("dequantize", False))
+        if extra.get("source", "files") not in SOURCES:
+            raise PyloaderInputError(f"load_format='pyloader': source {extra['source']!r}; known: {', '.join(SOURCES)}")
         self.report = None
 
     # -- where the checkpoint is --------------------------------------------------------------
@@ -101,10 +108,12 @@ class PyloaderModelLoader(BaseModelLoader):
                                          f"pyloader's partition {ours[0]}..{ours[1] - 1} (VLLM_PP_LAYER_PARTITION "
                                          "is not supported yet)")
         t0 = time.perf_counter()
-        self.report = load(targets, folder, config=config, preset=self.options.get("preset"), tp=tp, pp=pp, ep=ep,
-                           backend=self.options.get("backend"), progress=bool(self.options.get("progress", True)),
-                           unexpected=self.options.get("unexpected", "error"),
-                           missing=self.options.get("missing", "error"))
+        with _source(folder, self.options.get("source", "files")) as source:
+            self.report = load(targets, source, config=config, preset=self.options.get("preset"), tp=tp, pp=pp, ep=ep,
+                               backend=self.options.get("backend"),
+                               progress=bool(self.options.get("progress", True)),
+                               unexpected=self.options.get("unexpected", "error"),
+                               missing=self.options.get("missing", "error"))
         r = self.report
         logger.info("pyloader: %s; tp %d/%d pp %d/%d ep %d/%d; %d checkpoint tensors skipped%s; %.2f s",
                     r.summary(), tp[0], tp[1], pp[0], pp[1], ep[0], ep[1], len(r.skipped),
@@ -132,6 +141,31 @@ def engine_targets(params: Dict[str, torch.Tensor], preset_targets) -> Tuple[Dic
             aliases[name] = found[0]
     targets.update(spare)
     return targets, aliases
+
+
+@contextlib.contextmanager
+def _source(folder: Path, kind: str):
+    if kind == "files":
+        yield folder
+        return
+    files = sorted(str(p) for p in folder.glob("*.safetensors"))
+    if not files:
+        raise PyloaderInputError(f"{folder}: no .safetensors files")
+    if kind == "runai":
+        from runai_model_streamer import SafetensorsStreamer
+
+        with SafetensorsStreamer() as s:
+            s.stream_files(files)
+            yield s.get_tensors()
+        return
+    from safetensors import safe_open
+
+    def tensors():
+        for f in files:
+            with safe_open(f, "pt") as h:
+                for name in h.keys():
+                    yield name, h.get_tensor(name)
+    yield tensors()
 
 
 def checkpoint_config(model_config: ModelConfig, folder: Path) -> dict:

@@ -174,6 +174,9 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
         rules, preset_targets, preset_name, block = p.rules, p.targets, p.name, p.block_size
     else:
         preset_targets = None
+        q = cfg.get("quantization_config")
+        if isinstance(q, dict) and isinstance(q.get("weight_block_size"), (list, tuple)) and len(q["weight_block_size"]) == 2:
+            block = (int(q["weight_block_size"][0]), int(q["weight_block_size"][1]))
     specs, unknown = target_specs(tensors, preset_targets, rules)
     report = LoadReport(preset=preset_name)
     slots = GateSlots(dev) if checker.on else None

@@ -1,0 +1,100 @@
+"""vLLM end to end with ``load_format="pyloader"``: tiny random Qwen3, Qwen3-MoE and DeepSeek-V3
+(MLA, shared experts) written as block-FP8 checkpoints by pyloader's quantizer, loaded dequantized
+into vLLM's BF16 model, must generate the same greedy tokens and the same top-5 logprobs, bit for
+bit, as vLLM's own loader on the BF16 checkpoint holding the dequantized values. Each engine runs
+in its own process (tests/engines/run_vllm.py); the engine environment is .ci/engines."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm")
+
+from models import write_models  # noqa: E402
+
+RUNNER = Path(__file__).resolve().parent / "run_vllm.py"
+PYLOADER = {"load_format": "pyloader", "model_loader_extra_config": {"dequantize": True, "progress": False}}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return write_models(tmp_path_factory.mktemp("engines"))
+
+
+def run(model: Path, options: dict, expect_ok: bool = True):
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=os.pathsep.join(sys.path))
+    p = subprocess.run([sys.executable, str(RUNNER), str(model), json.dumps(options)], capture_output=True,
+                       text=True, env=env, timeout=600)
+    lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
+    if not expect_ok:
+        assert p.returncode != 0 and not lines, "the engine came up"
+        return p.stdout + p.stderr
+    assert p.returncode == 0 and lines, f"vLLM failed (exit {p.returncode}):\n{p.stderr[-6000:]}"
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def baseline(models):
+    """vLLM's own loader on each BF16 checkpoint of dequantized values."""
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            cache[kind] = run(models[kind]["ref"], {})
+        return cache[kind]
+    return get
+
+
+def same(got, want):
+    assert [g["tokens"] for g in got] == [w["tokens"] for w in want]
+    assert got == want  # every top-5 logprob, exactly
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe", "deepseek_v3"])
+def test_fp8_checkpoint_through_pyloader_equals_vllm_on_the_dequantized_bf16(models, baseline, kind):
+    same(run(models[kind]["fp8"], PYLOADER), baseline(kind))
+
+
+def test_reused_buffer_source_through_the_plugin_stays_exact(models, baseline):
+    """run:ai's streamer yields every tensor from one reused buffer (the Nemotron Nano VL corruption)."""
+    pytest.importorskip("runai_model_streamer")
+    opts = json.loads(json.dumps(PYLOADER))
+    opts["model_loader_extra_config"]["source"] = "runai"
+    same(run(models["qwen3_moe"]["fp8"], opts), baseline("qwen3_moe"))
+
+
+def test_the_logprobs_see_a_wrong_scale(models, baseline, tmp_path):
+    """The comparison is sharp: one block scale rounded to BF16 before the multiply moves logprobs."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "bent"
+    shutil.copytree(models["qwen3"]["fp8"], d)
+    f = d / "model.safetensors"
+    t = load_file(str(f))
+    for name in [n for n in t if n.endswith("mlp.down_proj.weight_scale_inv")]:
+        t[name] = t[name].to(torch.bfloat16).to(torch.float32)
+    save_file(t, str(f), metadata={"format": "pt"})
+    got, want = run(d, PYLOADER), baseline("qwen3")
+    assert got != want
+
+
+def test_unknown_name_fails_before_any_weight_with_a_hint(models, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "typo"
+    shutil.copytree(models["qwen3"]["fp8"], d)
+    f = d / "model.safetensors"
+    t = load_file(str(f))
+    t["model.layers.0.post_attention_layernorm.weigth"] = t.pop("model.layers.0.post_attention_layernorm.weight")
+    save_file(t, str(f), metadata={"format": "pt"})
+    out = run(d, PYLOADER, expect_ok=False)
+    assert "model.layers.0.post_attention_layernorm.weigth" in out and "did you mean" in out.lower()
