@@ -3,14 +3,14 @@
 # $OUT (the device tool brings back at most 8 files, so each stage writes one log).
 #
 #   scripts/gpu_check.sh [build] [test] [sanitize] [bench] [bench-cpu] [e2e] [executor] [convert] [refit]
-#   [assembly] [e2e-warm] [ab] [ab-cold] [ab-load]   (default: build test sanitize bench bench-cpu e2e convert refit;
+#   [assembly] [e2e-warm] [ab] [ab-cold] [ab-load] [engine-load]   (default: build test sanitize bench bench-cpu e2e convert refit;
 #   executor is the executor-settings sweep beside the host ceilings; assembly and e2e-warm are parts of
 #   bench and e2e; ab, ab-cold and ab-load compare this tree with an older one, interleaved, see ab_setup;
 # ab-load times both with bench/ab_load.py, one protocol)
 #
 # Every bench appends its rows to $OUT/results.jsonl (fold them into bench/results/results.jsonl).
 # Environment: PYLOADER_CUDA_ARCHS (default 90 here; release builds use setup.py's default),
-# PYTEST_ARGS (extra pytest arguments), SANITIZE_PATHS / SANITIZE_K (the sanitizer's tests and -k), BENCH_ARGS (extra arguments of the bench scripts, e.g. --quick),
+# PYTEST_ARGS (extra pytest arguments), TEST_PATHS (the test stage's paths), SANITIZE_PATHS / SANITIZE_K (the sanitizer's tests and -k), BENCH_ARGS (extra arguments of the bench scripts, e.g. --quick),
 # E2E_ARGS, EXECUTOR_ARGS, CONVERT_ARGS (default --cpu), REFIT_ARGS, PYLOADER_COMMIT (the commit recorded in logs and rows),
 # AB_OLD (a tarball of the older tree, git archive --prefix=old/, default build/old.tar.gz), AB_OLD_COMMIT,
 # AB_ROUNDS (default 4), AB_SIZE_GB (default 16), AB_DEQUANT (set: bench_dequant in the ab stage too), AB_NO_ASSEMBLY (set: no bench_assembly there),
@@ -46,7 +46,7 @@ fi
 
 if has test; then
   note "pytest (all tests, GPU included)"
-  python3 -m pytest tests -q -rfs ${PYTEST_ARGS:-} > "$OUT/tests.log" 2>&1 || status=1
+  python3 -m pytest ${TEST_PATHS:-tests} -q -rfs ${PYTEST_ARGS:-} > "$OUT/tests.log" 2>&1 || status=1
   tail -3 "$OUT/tests.log" | tee -a "$OUT/summary.txt"
 fi
 
@@ -112,6 +112,12 @@ if has refit; then
   note "bench_refit (BF16 buckets -> BF16 and FP8 parameters, per-tensor loops beside)"
   python3 bench/bench_refit.py --results "$OUT/results.jsonl" ${REFIT_ARGS:-} > "$OUT/refit.log" 2>&1 || status=1
   tail -16 "$OUT/refit.log"
+fi
+
+if has engine-load; then
+  note "bench_engine_load (a several-GB model into transformers: pyloader.from_pretrained beside its own loader)"
+  python3 bench/bench_engine_load.py --results "$OUT/results.jsonl" ${ENGINE_ARGS:-} > "$OUT/engine_load.log" 2>&1 || status=1
+  tail -6 "$OUT/engine_load.log" | tee -a "$OUT/summary.txt"
 fi
 
 if has bench-cpu; then

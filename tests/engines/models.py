@@ -69,7 +69,7 @@ def _patch_config(out: Path, fields: dict) -> None:
     path.write_text(json.dumps(c, indent=2))
 
 
-def write_fp8_pair(bf16: Path, fp8: Path, ref: Path) -> None:
+def write_fp8_pair(bf16: Path, fp8: Path, ref: Path, device="cpu") -> None:
     """``fp8``: the BF16 checkpoint's linear weights in 128x128 block e4m3 with float32
     ``weight_scale_inv``; ``ref``: BF16, those weights replaced by their dequantized values."""
     for d in (fp8, ref):
@@ -79,11 +79,12 @@ def write_fp8_pair(bf16: Path, fp8: Path, ref: Path) -> None:
                 shutil.copy(f, d / f.name)
     for f in sorted(bf16.glob("*.safetensors")):
         q_out, r_out = {}, {}
+        backend = None if str(device).startswith("cuda") else "torch"  # the kernels are bitwise the reference
         for name, t in load_file(str(f)).items():
             if quantized(name, t):
-                q, s = quantize_blockwise(t.float(), BLOCK, backend="torch")
-                q_out[name], q_out[name[:-len("weight")] + "weight_scale_inv"] = q, s
-                r_out[name] = dequant_blockwise(q, s, BLOCK, out_dtype=torch.bfloat16, backend="torch")
+                q, s = quantize_blockwise(t.to(device, torch.float32), BLOCK, backend=backend)
+                q_out[name], q_out[name[:-len("weight")] + "weight_scale_inv"] = q.cpu(), s.cpu()
+                r_out[name] = dequant_blockwise(q, s, BLOCK, out_dtype=torch.bfloat16, backend=backend).cpu()
             else:
                 q_out[name] = r_out[name] = t
         save_file(q_out, str(fp8 / f.name), metadata={"format": "pt"})
