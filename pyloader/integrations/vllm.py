@@ -23,7 +23,6 @@ that disagrees) is raised before any weight is read, naming the tensors.
 """
 
 import contextlib
-import logging
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 from vllm.config import ModelConfig, VllmConfig
 from vllm.config.load import LoadConfig
+from vllm.logger import init_logger
 from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
@@ -41,7 +41,7 @@ from ..loading.loader import load
 from ..parallel import Parallel
 from ..routing.presets import build_preset
 
-logger = logging.getLogger("pyloader")
+logger = init_logger("vllm.pyloader")  # under vLLM's logger: the lines appear in its log
 
 OPTIONS = ("dequantize", "preset", "unexpected", "missing", "backend", "progress", "source")
 SOURCES = ("files", "runai", "safetensors")
@@ -94,7 +94,12 @@ class PyloaderModelLoader(BaseModelLoader):
         config = checkpoint_config(model_config, folder)
         tp, pp, ep = parallel_ranks()
         preset = build_preset(config, self.options.get("preset"), Parallel(tp[0], tp[1], pp[0], pp[1], ep[0], ep[1]))
-        targets, aliases = engine_targets(dict(model.named_parameters()), preset.targets)
+        whole = build_preset(config, self.options.get("preset"), Parallel(tp[0], tp[1], 0, 1, ep[0], ep[1])).targets \
+            if pp[1] > 1 else None
+        targets, aliases, foreign = engine_targets(dict(model.named_parameters()), preset.targets, whole)
+        if foreign:
+            logger.info("pyloader: pipeline stage %d holds %d parameters of other stages, which it never uses "
+                        "(left as vLLM made them): %s", pp[0], len(foreign), ", ".join(foreign[:4]))
         if aliases:
             logger.info("pyloader: %d parameters of this vLLM build live under other names than the preset's, "
                         "e.g. %s", len(aliases), next(iter(aliases.items())))
@@ -120,12 +125,14 @@ class PyloaderModelLoader(BaseModelLoader):
                     f", {len(r.missing)} targets left unwritten" if r.missing else "", time.perf_counter() - t0)
 
 
-def engine_targets(params: Dict[str, torch.Tensor], preset_targets) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+def engine_targets(params: Dict[str, torch.Tensor], preset_targets, whole_model=None):
     """The model's parameters keyed by the preset's names. vLLM versions move a module one level down
     (0.32: ``mlp.experts.routed_experts.w13_weight`` for the preset's ``mlp.experts.w13_weight``): a
     preset target the model lacks takes the one parameter of the same shape whose name is its name
-    with one more dotted segment. Returns ``(targets, {preset name: model name})``; what still
-    matches nothing is left as it is, for the load's own error."""
+    with one more dotted segment. Under pipeline parallelism vLLM 0.32 keeps the embedding, final
+    norm and head on every stage; those that ``whole_model`` (the targets of all stages) has and
+    this stage's preset does not are left out. Returns ``(targets, {preset name: model name},
+    [left-out names])``; what still matches nothing is left as it is, for the load's own error."""
     targets = {n: t for n, t in params.items() if n in preset_targets}
     spare = {n: t for n, t in params.items() if n not in preset_targets}
     reduced: Dict[str, List[str]] = {}
@@ -139,8 +146,9 @@ def engine_targets(params: Dict[str, torch.Tensor], preset_targets) -> Tuple[Dic
         if name not in targets and len(found) == 1:
             targets[name] = spare.pop(found[0])
             aliases[name] = found[0]
-    targets.update(spare)
-    return targets, aliases
+    foreign = sorted(n for n in spare if whole_model is not None and n in whole_model)
+    targets.update({n: t for n, t in spare.items() if n not in foreign})
+    return targets, aliases, foreign
 
 
 @contextlib.contextmanager

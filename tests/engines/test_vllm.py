@@ -25,15 +25,25 @@ def models(tmp_path_factory):
     return write_models(tmp_path_factory.mktemp("engines"))
 
 
+class EngineFailed(AssertionError):
+    def __init__(self, message, output):
+        super().__init__(message)
+        self.output = output
+
+
 def run(model: Path, options: dict, expect_ok: bool = True):
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=os.pathsep.join(sys.path))
+    ranks = options.get("tensor_parallel_size", 1) * options.get("pipeline_parallel_size", 1)
+    if ranks > 1:  # vLLM's CPU backend binds a worker per NUMA node; these hosts have one: a core each
+        env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(i % (os.cpu_count() or 1)) for i in range(ranks))
     p = subprocess.run([sys.executable, str(RUNNER), str(model), json.dumps(options)], capture_output=True,
                        text=True, env=env, timeout=600)
     lines = [line for line in p.stdout.splitlines() if line.startswith("RESULT ")]
     if not expect_ok:
         assert p.returncode != 0 and not lines, "the engine came up"
         return p.stdout + p.stderr
-    assert p.returncode == 0 and lines, f"vLLM failed (exit {p.returncode}):\n{p.stderr[-6000:]}"
+    if p.returncode != 0 or not lines:
+        raise EngineFailed(f"vLLM failed (exit {p.returncode}):\n{p.stderr[-6000:]}", p.stdout + p.stderr)
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -57,6 +67,41 @@ def same(got, want):
 @pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe", "deepseek_v3"])
 def test_fp8_checkpoint_through_pyloader_equals_vllm_on_the_dequantized_bf16(models, baseline, kind):
     same(run(models[kind]["fp8"], PYLOADER), baseline(kind))
+
+
+def test_tensor_parallel_2_through_pyloader_equals_vllm(models):
+    """vLLM's own tensor-parallel ranks (its shards of qkv, gate_up and the experts) drive pyloader's."""
+    tp = {"tensor_parallel_size": 2}
+    same(run(models["qwen3_moe"]["fp8"], dict(PYLOADER, **tp)), run(models["qwen3_moe"]["ref"], tp))
+
+
+def test_pipeline_parallel_2_loads_every_stage(models):
+    """vLLM 0.32's CPU backend cannot run pipeline parallelism (its own loader too: an assertion in
+    sync_and_gather_intermediate_tensors once the model is loaded). Where it can, the generations
+    must be equal; here each stage must load all its parameters (vLLM keeps other stages' embedding,
+    norm and head, which pyloader leaves alone) and stop where vLLM's own loader stops."""
+    pp = {"pipeline_parallel_size": 2}
+    try:
+        want = run(models["qwen3_moe"]["ref"], pp)
+    except EngineFailed as e:
+        assert "sync_and_gather_intermediate_tensors" in e.output
+        out = run(models["qwen3_moe"]["fp8"], dict(PYLOADER, **pp), expect_ok=False)
+        assert "sync_and_gather_intermediate_tensors" in out
+        for stage in (0, 1):
+            assert f"pp {stage}/2" in out and "left unwritten" not in out
+        assert "pipeline stage 0 holds 2 parameters of other stages" in out
+        return
+    same(run(models["qwen3_moe"]["fp8"], dict(PYLOADER, **pp)), want)
+
+
+def test_a_family_with_no_preset_fails_before_any_weight(tmp_path):
+    import transformers
+
+    torch = pytest.importorskip("torch")
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=2, vocab_size=256, n_positions=128)
+    transformers.GPT2LMHeadModel(config).to(torch.bfloat16).save_pretrained(tmp_path / "gpt2")
+    out = run(tmp_path / "gpt2", PYLOADER, expect_ok=False)
+    assert "no preset for model_type 'gpt2'" in out
 
 
 def test_reused_buffer_source_through_the_plugin_stays_exact(models, baseline):

@@ -1,0 +1,38 @@
+"""The vLLM loader's name matching, without an engine: a preset's targets against the parameter
+names vLLM 0.32 gives (experts one module down, other stages' embedding / norm / head kept)."""
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from pyloader.integrations.vllm import engine_targets  # noqa: E402
+from pyloader.parallel import Parallel  # noqa: E402
+from pyloader.routing.presets import build_preset  # noqa: E402
+from tiny_configs import QWEN3_MOE  # noqa: E402
+
+
+def test_experts_one_module_down_and_other_stages_parameters():
+    stage = build_preset(QWEN3_MOE, parallel=Parallel(pp_rank=0, pp_size=2)).targets
+    whole = build_preset(QWEN3_MOE).targets
+    params = {}
+    for name, spec in stage.items():
+        vllm_name = name.replace(".mlp.experts.", ".mlp.experts.routed_experts.")
+        params[vllm_name] = torch.empty(spec.shape)
+    params["lm_head.weight"] = torch.empty(whole["lm_head.weight"].shape)  # stage 0 keeps the head
+    params["model.norm.weight"] = torch.empty(whole["model.norm.weight"].shape)
+    params["model.layers.0.mlp.extra.weight"] = torch.empty(3)  # nothing routes it: left for the load's error
+    targets, aliases, foreign = engine_targets(params, stage, whole)
+    assert set(stage) <= set(targets) and "model.layers.0.mlp.extra.weight" in targets
+    assert aliases["model.layers.0.mlp.experts.w13_weight"] == "model.layers.0.mlp.experts.routed_experts.w13_weight"
+    assert targets["model.layers.0.mlp.experts.w13_weight"] is params[aliases["model.layers.0.mlp.experts.w13_weight"]]
+    assert foreign == ["lm_head.weight", "model.norm.weight"]
+
+
+def test_a_same_named_parameter_of_another_shape_is_not_taken():
+    stage = build_preset(QWEN3_MOE).targets
+    params = {n.replace(".mlp.experts.", ".mlp.experts.routed_experts."): torch.empty(s.shape) for n, s in stage.items()}
+    bad = "model.layers.1.mlp.experts.routed_experts.w2_weight"
+    params[bad] = torch.empty(1, 2, 3)
+    targets, aliases, _ = engine_targets(params, stage)
+    assert "model.layers.1.mlp.experts.w2_weight" not in targets and bad in targets
