@@ -32,6 +32,11 @@ CONFIGS = {
                          qk_rope_head_dim=64, v_head_dim=64, first_k_dense_replace=1, num_hidden_layers=4,
                          vocab_size=512, topk_method="noaux_tc", scoring_func="sigmoid", routed_scaling_factor=2.5,
                          rope_scaling=None)),
+    "minimax_m2": ("MiniMaxM2Config", "MiniMaxM2ForCausalLM",
+                   dict(hidden_size=256, intermediate_size=128, num_local_experts=8, num_experts_per_tok=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_hidden_layers=4,
+                        vocab_size=512, use_qk_norm=True, qk_norm_type="per_layer", use_routing_bias=True,
+                        scoring_func="softmax", rotary_dim=32, partial_rotary_factor=0.5)),  # vLLM's CPU router: softmax only
 }
 COMMON = dict(max_position_embeddings=512, tie_word_embeddings=False, torch_dtype="bfloat16", rms_norm_eps=1e-6)
 BLOCK = (128, 128)
@@ -41,7 +46,7 @@ def quantized(name: str, t: torch.Tensor) -> bool:
     """The weights DeepSeek-style FP8 releases store in FP8: the linear layers' 2-D weights (not
     embeddings, head, norms, or the router)."""
     return (t.dim() == 2 and name.endswith(".weight") and "norm" not in name and "embed_tokens" not in name
-            and not name.startswith("lm_head") and not name.endswith("mlp.gate.weight"))
+            and not name.startswith("lm_head") and not name.endswith(".gate.weight"))
 
 
 def write_bf16(kind: str, out: Path, seed: int = 0) -> Path:
@@ -65,7 +70,7 @@ def write_bf16(kind: str, out: Path, seed: int = 0) -> Path:
 def _patch_config(out: Path, fields: dict) -> None:
     path = out / "config.json"
     c = json.loads(path.read_text())
-    c.update({k: v for k, v in fields.items() if k in ("topk_method", "scoring_func")})
+    c.update({k: v for k, v in fields.items() if k not in c})  # what the config class does not write
     path.write_text(json.dumps(c, indent=2))
 
 

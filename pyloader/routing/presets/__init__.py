@@ -12,6 +12,7 @@ Target names and layouts follow vLLM's for each family:
 | ``nemotron_h`` | nemotron_h (Nemotron-H, Nemotron 3 Nano/Super/Ultra hybrids) | ``backbone.*`` renamed to ``model.*`` (``embeddings`` → ``embed_tokens``, ``norm_f`` → ``norm``); Mamba2 mixers as stored (``in_proj``, ``conv1d``, ``A_log``, ``D``, ``dt_bias``, ``norm``, ``out_proj``; ``A_log`` kept raw for the engine's post-load hook); attention ``mixer.qkv_proj``; relu2 (non-gated) experts ``mixer.experts.w13_weight`` ``[E, I, H]`` (up only) and ``w2_weight``; LatentMoE (``moe_latent_size``, Nemotron 3 Super/Ultra): ``fc1_latent_proj``/``fc2_latent_proj`` and experts of width ``moe_latent_size``; ``mtp.*`` skipped; tensor parallel as vLLM's MambaMixer2 (in_proj ``[z|x|B|C|dt]`` and conv1d ``[x|B|C]`` split segment by segment: heads, and groups or one replicated group; ``A_log``/``D``/``dt_bias``/``norm`` by heads; ``out_proj`` by columns) |
 | ``nemotron_vl`` | NemotronH_Nano_VL_V2, NemotronH_Nano_Omni_Reasoning_V3 | the ``nemotron_h`` language model under ``language_model.`` (from ``llm_config``/``text_config``); ``vision_model.*`` (RADIO tower and its ``input_conditioner.norm_mean``/``norm_std`` buffers), ``mlp1.*``, ``sound_encoder.*``, ``sound_projection.*`` pass through under their checkpoint names and stored shapes, on the first stage |
 | ``kimi_k25`` | kimi_k25 (Kimi-K2.5, K2.6) | the ``deepseek`` language model under ``language_model.`` (from ``text_config``); ``vision_tower.*`` and ``mm_projector.*`` pass through on the first stage; INT4 or NVFP4 experts dequantized into the BF16 targets |
+| ``minimax_m2`` | minimax_m2 (MiniMax-M2, M2.1, M2.5, M2.7) | ``self_attn.qkv_proj``; ``q_norm``/``k_norm`` over all heads, split with the heads over tensor-parallel ranks; ``block_sparse_moe.experts.w13_weight``/``w2_weight`` from ``experts.N.w1/w3/w2``; float32 ``block_sparse_moe.gate`` and ``e_score_correction_bias``; MTP modules skipped |
 | ``gpt_oss`` | gpt_oss | ``self_attn.qkv_proj`` with bias, ``self_attn.sinks``, ``mlp.router``, MXFP4 experts kept packed: ``mlp.experts.w13_weight`` (uint8 blocks), ``w13_weight_scale`` (E8M0), ``w13_bias``, same for ``w2`` |
 
 Derived targets have the config's dtype (``torch_dtype``/``dtype``): FP8 checkpoint weights are
@@ -48,6 +49,7 @@ from .deepseek import deepseek
 from .gpt_oss import GPT_OSS_RENAMES, gpt_oss
 from .kimi import kimi_k25, kimi_language_config
 from .llama import dense_or_moe
+from .minimax import minimax_m2
 from .nemotron import NEMOTRON_H_RENAMES, nemotron_h, nemotron_pattern, nemotron_vl, nemotron_vl_language_config
 
 
@@ -73,6 +75,7 @@ FAMILIES = {
     "nemotron_h": ("nemotron_h",),
     "nemotron_vl": ("NemotronH_Nano_VL_V2", "NemotronH_Nano_Omni_Reasoning_V3"),
     "kimi_k25": ("kimi_k25",),
+    "minimax_m2": ("minimax_m2",),
 }
 
 
@@ -175,6 +178,9 @@ def _build(c: dict, name: str, parallel: Parallel, dtype: torch.dtype) -> Preset
                         (".indexer.wk_weights_proj", ".indexer.weights_proj", 1)]
         if c.get("n_routed_experts"):
             experts_map = expert_params_mapping(c["n_routed_experts"])
+    elif name == "minimax_m2":
+        minimax_m2(b, c, parallel, layers)
+        experts_map = expert_params_mapping(c["num_local_experts"], "w1", "w3", "w2")
     elif name == "gpt_oss":
         gpt_oss(b, c, parallel, layers)
         renames = GPT_OSS_RENAMES
