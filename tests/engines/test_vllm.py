@@ -1,5 +1,5 @@
-"""vLLM end to end with ``load_format="pyloader"``: tiny random Qwen3, Qwen3-MoE and DeepSeek-V3
-(MLA, shared experts) written as block-FP8 checkpoints by pyloader's quantizer, loaded dequantized
+"""vLLM end to end with ``load_format="pyloader"``: tiny random Qwen3, Qwen3-MoE, DeepSeek-V3
+(MLA, shared experts) and MiniMax-M2 written as block-FP8 checkpoints by pyloader's quantizer, loaded dequantized
 into vLLM's BF16 model, must generate the same greedy tokens and the same top-5 logprobs, bit for
 bit, as vLLM's own loader on the BF16 checkpoint holding the dequantized values. Each engine runs
 in its own process (tests/engines/run_vllm.py); the engine environment is .ci/engines."""
@@ -64,15 +64,17 @@ def same(got, want):
     assert got == want  # every top-5 logprob, exactly
 
 
-@pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe", "deepseek_v3", "minimax_m2"])
 def test_fp8_checkpoint_through_pyloader_equals_vllm_on_the_dequantized_bf16(models, baseline, kind):
     same(run(models[kind]["fp8"], PYLOADER), baseline(kind))
 
 
-def test_tensor_parallel_2_through_pyloader_equals_vllm(models):
-    """vLLM's own tensor-parallel ranks (its shards of qkv, gate_up and the experts) drive pyloader's."""
+@pytest.mark.parametrize("kind", ["qwen3_moe", "minimax_m2"])
+def test_tensor_parallel_2_through_pyloader_equals_vllm(models, kind):
+    """vLLM's own tensor-parallel ranks (its shards of qkv, the experts, MiniMax's q/k norms over
+    all heads) drive pyloader's."""
     tp = {"tensor_parallel_size": 2}
-    same(run(models["qwen3_moe"]["fp8"], dict(PYLOADER, **tp)), run(models["qwen3_moe"]["ref"], tp))
+    same(run(models[kind]["fp8"], dict(PYLOADER, **tp)), run(models[kind]["ref"], tp))
 
 
 def test_pipeline_parallel_2_loads_every_stage(models):
