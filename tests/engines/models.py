@@ -106,6 +106,47 @@ def write_fp8_pair(bf16: Path, fp8: Path, ref: Path, device="cpu") -> None:
     (fp8 / "config.json").write_text(json.dumps(c, indent=2))
 
 
+def write_packed_pair(bf16: Path, q_dir: Path, ref: Path, fmt: str) -> None:
+    """The routed experts of ``bf16`` as ``fmt`` — ``"int4"`` (compressed-tensors pack-quantized,
+    group 32, Kimi-K2.5's experts) or ``"nvfp4"`` (compressed-tensors nvfp4-pack-quantized) — written
+    by the tests' quantizers under a real ``quantization_config``; ``ref``: BF16, the experts
+    replaced by their dequantized values (the independent float formula)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from quantizers import formula, quantize_int4, quantize_nvfp4
+
+    for d in (q_dir, ref):
+        d.mkdir(parents=True, exist_ok=True)
+        for f in bf16.iterdir():
+            if f.suffix == ".json":
+                shutil.copy(f, d / f.name)
+    for f in sorted(bf16.glob("*.safetensors")):
+        q_out, r_out = {}, {}
+        for name, t in load_file(str(f)).items():
+            base = name[:-len("weight")]
+            if ".mlp.experts." in name and name.endswith(".weight"):
+                if fmt == "int4":
+                    q, sc, ws = quantize_int4(t.float())
+                    q_out.update({base + "weight_packed": q, base + "weight_scale": sc, base + "weight_shape": ws})
+                    r_out[name] = formula(q, t.shape[1], "int4", sc, (1, 32))
+                else:
+                    q, sc, g = quantize_nvfp4(t.float(), divisor=True)
+                    q_out.update({base + "weight_packed": q, base + "weight_scale": sc, base + "weight_global_scale": g})
+                    r_out[name] = formula(q, t.shape[1], "e2m1", sc, (1, 16), g=g, mode="div")
+            else:
+                q_out[name] = r_out[name] = t
+        save_file(q_out, str(q_dir / f.name), metadata={"format": "pt"})
+        save_file(r_out, str(ref / f.name), metadata={"format": "pt"})
+    weights = {"int4": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32},
+               "nvfp4": {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group",
+                         "group_size": 16}}[fmt]
+    c = json.loads((q_dir / "config.json").read_text())
+    c["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "pack-quantized" if fmt == "int4" else "nvfp4-pack-quantized",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None}},
+        "ignore": ["lm_head", "re:.*self_attn.*", "re:.*mlp.gate$"]}
+    (q_dir / "config.json").write_text(json.dumps(c, indent=2))
+
+
 def write_models(out: Path, kinds=tuple(CONFIGS)) -> dict:
     """``{kind: {"bf16": dir, "fp8": dir, "ref": dir}}`` under ``out``."""
     dirs = {}
@@ -113,6 +154,10 @@ def write_models(out: Path, kinds=tuple(CONFIGS)) -> dict:
         d = {v: out / kind / v for v in ("bf16", "fp8", "ref")}
         write_bf16(kind, d["bf16"])
         write_fp8_pair(d["bf16"], d["fp8"], d["ref"])
+        if kind == "qwen3_moe":
+            for fmt in ("int4", "nvfp4"):
+                d[fmt], d[fmt + "_ref"] = out / kind / fmt, out / kind / (fmt + "_ref")
+                write_packed_pair(d["bf16"], d[fmt], d[fmt + "_ref"], fmt)
         dirs[kind] = d
     return dirs
 

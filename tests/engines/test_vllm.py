@@ -52,10 +52,10 @@ def baseline(models):
     """vLLM's own loader on each BF16 checkpoint of dequantized values."""
     cache = {}
 
-    def get(kind):
-        if kind not in cache:
-            cache[kind] = run(models[kind]["ref"], {})
-        return cache[kind]
+    def get(kind, ref="ref"):
+        if (kind, ref) not in cache:
+            cache[kind, ref] = run(models[kind][ref], {})
+        return cache[kind, ref]
     return get
 
 
@@ -104,6 +104,13 @@ def test_a_family_with_no_preset_fails_before_any_weight(tmp_path):
     transformers.GPT2LMHeadModel(config).to(torch.bfloat16).save_pretrained(tmp_path / "gpt2")
     out = run(tmp_path / "gpt2", PYLOADER, expect_ok=False)
     assert "no preset for model_type 'gpt2'" in out
+
+
+@pytest.mark.parametrize("fmt", ["int4", "nvfp4"])
+def test_packed_expert_checkpoints_into_an_unquantized_vllm_model(models, baseline, fmt):
+    """Experts in INT4 (compressed-tensors pack-quantized, Kimi-K2.5's) or NVFP4 under their real
+    quantization_config, dequantized into vLLM's BF16 experts."""
+    same(run(models["qwen3_moe"][fmt], PYLOADER), baseline("qwen3_moe", fmt + "_ref"))
 
 
 def test_reused_buffer_source_through_the_plugin_stays_exact(models, baseline):
