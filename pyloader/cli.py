@@ -184,11 +184,25 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _import_extension() -> None:
+    """Import the compiled kernels with SIGINT held: a Ctrl-C inside pybind11's module init ends in
+    std::terminate (SIGABRT); held, it arrives after the import, as a KeyboardInterrupt."""
+    if not hasattr(signal, "pthread_sigmask"):
+        import pyloader._C  # noqa: F401
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        import pyloader._C  # noqa: F401
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """The command line. Every phase answers Ctrl-C the same way, the imports of torch and of the
     kernels (inside the commands) included: "interrupted", exit 130, nothing left that looks complete."""
     command = "pyloader"
     try:
+        _import_extension()
         args = build_parser().parse_args(argv)
         command = f"pyloader {args.command}"
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -204,14 +218,18 @@ def main(argv: Optional[List[str]] = None) -> int:
 def run() -> None:
     """The ``pyloader`` command: :func:`main`, then the exit. An interrupted run leaves at once:
     a Ctrl-C that arrived while an extension ran Python code during the imports marks the
-    interpreter to kill itself by SIGINT at exit, whatever main returned."""
+    interpreter to kill itself by SIGINT at exit, whatever main returned. The exit skips the
+    interpreter's teardown (streams and logging flushed first): a Ctrl-C landing in an extension
+    module's teardown would end in std::terminate instead of the code main returned."""
     code = main()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the work is done or undone: a late Ctrl-C changes neither
-    if code == 130:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(130)
-    sys.exit(code)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the work is done or undone: a late Ctrl-C changes neither
+    except KeyboardInterrupt:  # one that arrived between main's return and here
+        pass
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
