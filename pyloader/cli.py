@@ -184,17 +184,19 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _import_extension() -> None:
-    """Import the compiled kernels with SIGINT held: a Ctrl-C inside pybind11's module init ends in
-    std::terminate (SIGABRT); held, it arrives after the import, as a KeyboardInterrupt."""
-    if not hasattr(signal, "pthread_sigmask"):
-        import pyloader._C  # noqa: F401
-        return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+def _import_extensions() -> None:
+    """Import torch and the compiled kernels (every command uses them) with SIGINT held: a Ctrl-C
+    inside a pybind11 module's init ends in std::terminate (SIGABRT); held, it arrives after the
+    imports, as a KeyboardInterrupt."""
+    held = hasattr(signal, "pthread_sigmask")
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if held else None
     try:
+        import torch  # noqa: F401
+
         import pyloader._C  # noqa: F401
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        if held:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -202,7 +204,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     kernels (inside the commands) included: "interrupted", exit 130, nothing left that looks complete."""
     command = "pyloader"
     try:
-        _import_extension()
+        _import_extensions()
         args = build_parser().parse_args(argv)
         command = f"pyloader {args.command}"
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
