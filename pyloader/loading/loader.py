@@ -195,7 +195,7 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
         t_finish = time.perf_counter()
     elif isinstance(source, Mapping):
         plan = run_memory(source, specs, rules, tensors, dev, backend, unexpected, block, hooks, report,
-                          lambda p: check_unwritten(p.missing + unknown, missing), slots)
+                          lambda p: check_unwritten(p.missing + unknown, missing), slots, cfg)
     else:
         plan = run_stream(iter(source), specs, rules, tensors, dev, backend, unexpected, block, hooks, report, slots)
         check_unwritten(plan.missing + unknown, missing)

@@ -32,20 +32,32 @@ def source_rows(piece, t: torch.Tensor) -> torch.Tensor:
 
 
 def run_memory(source: Mapping[str, torch.Tensor], specs, rules, tensors, dev, backend, unexpected, block, hooks,
-               report, check: Callable[[Plan], None], slots=None) -> Plan:
+               report, check: Callable[[Plan], None], slots=None, config=None) -> Plan:
     """Tensors already in memory (the RL refit case, device to device): one launch per layer, once
-    ``check(plan)`` passes."""
+    ``check(plan)`` passes. Packed weights (FP4, INT4) are recognized as in a checkpoint directory
+    (``config``'s quantization config, each tensor's layout) and dequantized into float targets."""
+    from ..format.quant import check_methods, recognize
+
     ck = Checkpoint(None, [], {n: tensor_info(n, t) for n, t in source.items()})
-    plan = build_plan(ck, specs, rules, unexpected=unexpected, block_size=block)
+    check_methods(config or {})
+    quant = recognize(ck.tensors, config or {}, None, lambda info: [int(v) for v in source[info.name].reshape(-1)])
+    plan = build_plan(ck, specs, rules, unexpected=unexpected, block_size=block, quant=quant)
     check(plan)
     chosen = resolve_backend(backend, dev, "load")
     scales = {p.scale.name: source[p.scale.name].to(dev) for p in plan.pieces if p.scale is not None}
+    scales.update({p.quant.global_scale.name: source[p.quant.global_scale.name].to(dev) for p in plan.pieces
+                   if p.quant is not None and p.quant.global_scale is not None})
     if slots is not None:
         slots.reserve(p.source.name for p in plan.pieces if p.transform == "dequant")
     for layer, group in plan.by_layer():
         jobs = []
         for p in group:
-            src = source_rows(p, source[p.source.name]).to(dev)
+            if p.quant is not None:  # packed: its bytes, a row each (INT4 words are little-endian nibbles)
+                values = source[p.quant.values.name]
+                raw = values.contiguous().view(torch.uint8).reshape(values.shape[0], -1)
+            else:
+                raw = source[p.source.name]
+            src = source_rows(p, raw).to(dev)
             jobs += piece_jobs(p, src, 0, tensors[p.target], scales, plan.targets[p.target].experts, slots)
         run_jobs([j for j in jobs if j.src.numel()], chosen)
         report.bytes_read += sum(p.read_bytes for p in group)

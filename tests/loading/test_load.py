@@ -491,6 +491,14 @@ def test_load_packed_experts_into_bf16_targets(tmp_path, fmt, device):
             assert len(report.maxima) == 2 * 6 * 3 and report.gate_warnings == []
             for n in want:
                 assert_bitwise_equal(got[n], want[n], what=f"{fmt} tp{rank}/{tp} {n}")
+            # the same tensors as a dict (a trainer's, or a reader's): recognized and dequantized alike
+            from_dict = {n: poison_(t) for n, t in allocate_targets(preset.targets, device).items()}
+            from safetensors.torch import load_file
+            report = pyloader.load(from_dict, load_file(str(qdir / "model.safetensors")), config=c, tp=(rank, tp),
+                                   progress=False)
+            assert report.io == "memory" and len(report.maxima) == 2 * 6 * 3
+            for n in want:
+                assert_bitwise_equal(from_dict[n], want[n], what=f"{fmt} dict tp{rank}/{tp} {n}")
 
 
 @pytest.mark.parametrize("fmt", ["int4", "nvfp4-ct"])
