@@ -67,6 +67,9 @@ def run_memory(source: Mapping[str, torch.Tensor], specs, rules, tensors, dev, b
     return plan
 
 
+_PACKED_LEAVES = (".weight_packed", ".weight_global_scale", ".weight_shape", "_blocks", "_scales")
+
+
 def run_stream(items: Iterator[Tuple[str, torch.Tensor]], specs, rules, tensors, dev, backend, unexpected, block,
                 hooks, report, slots=None) -> Plan:
     """A ``(name, tensor)`` iterator. Every yielded tensor is copied out (to the device, or into
@@ -115,6 +118,11 @@ def run_stream(items: Iterator[Tuple[str, torch.Tensor]], specs, rules, tensors,
         pieces += plan.pieces
         del pairs[key]
     summary = RoutingSummary.of(routes)
+    packed = [n for n in summary.unexpected if n.endswith(_PACKED_LEAVES)]
+    if packed:
+        raise PyloaderInputError(f"{packed[0]} ({len(packed)} such tensors): packed FP4/INT4 weights are read from a "
+                                 "checkpoint directory or a dict of tensors, not a stream (their format is recognized "
+                                 "from all the tensors at once)")
     if summary.unexpected and unexpected == "error":
         raise unexpected_error(router, summary.unexpected)
     problems = [f"{n}: its {'scale' if kind == 'weight' else 'weight'} never arrived"
