@@ -162,6 +162,9 @@ class Refitter:
         self._jobs = [CompiledJobs(j, self.backend) for j in jobs]
         try:
             self._requants = [CompiledQuantize(r, self.backend) for r in requants]
+            # step() with every bucket at hand: all buckets' jobs in one table each (two calls a step)
+            self._all_jobs = CompiledJobs([j for js in jobs for j in js], self.backend)
+            self._all_requants = CompiledQuantize([r for rs in requants for r in rs], self.backend)
         except PyloaderInputError as e:
             raise PlanError([str(e)]) from None
         self._targets = targets
@@ -174,9 +177,9 @@ class Refitter:
 
     @property
     def kernel_calls(self) -> int:
-        """Backend calls a step makes for its writes: per bucket, one for the copies and casts and
-        one for the requantized tensors, where it has them."""
-        return sum(bool(j.jobs) for j in self._jobs) + sum(bool(q.jobs) for q in self._requants)
+        """Backend calls :meth:`step` makes for its writes: one for all copies and casts, one for all
+        requantized tensors (:meth:`apply` makes these per bucket)."""
+        return bool(self._all_jobs.jobs) + bool(self._all_requants.jobs)
 
     # -- every step ------------------------------------------------------------------------
     def check_buckets(self, version: int, ks: Sequence[int]) -> Dict[int, int]:
@@ -229,12 +232,15 @@ class Refitter:
         return report
 
     def step(self, version: int) -> RefitReport:
-        """Apply every bucket (the checks of all buckets first, in one sync) and return the receipt."""
+        """Apply every bucket (the checks of all buckets first, in one sync) and return the receipt:
+        all buckets' copies and casts in one backend call and all their requantized tensors in
+        another (the per-bucket launches of :meth:`apply`, merged)."""
         self._t0 = time.perf_counter()
         if self.verify:
             self._sums = self.check_buckets(version, range(len(self.buckets)))
-        for k in range(len(self.buckets)):
-            self.apply(k, version)
+        self._all_jobs.run()
+        self._all_requants.run()
+        self._applied = {k: version for k in range(len(self.buckets))}
         return self.finish(version)
 
     def _reset(self) -> None:
