@@ -8,9 +8,10 @@ at this worker's tensor-, pipeline- and expert-parallel ranks, streaming through
 vLLM's ``process_weights_after_loading`` then runs as after its own loader. Options, as
 ``model_loader_extra_config``:
 
-- ``dequantize`` (default False): build the model without the checkpoint's quantization config
-  and load its FP8 / FP4 / INT4 weights dequantized into BF16 parameters (hardware or kernels
-  without FP8 support, or BF16 fine-tuning of a quantized release).
+- ``dequantize`` (default False): the checkpoint's FP8 / FP4 / INT4 weights go dequantized into an
+  unquantized (BF16) model (hardware or kernels without FP8 support). The model must be built
+  without the quantization config: pass ``hf_overrides={"quantization_config": None}`` too
+  (refused otherwise: dropping it after the engine is configured leaves kernels chosen for it).
 - ``preset``: a preset name when the config's ``model_type`` does not pick one.
 - ``unexpected`` / ``missing``: as for ``pyloader.load`` (default ``"error"``).
 - ``backend``: ``"cuda"``, ``"triton"`` or ``"torch"`` (default: the best for the device).
@@ -76,16 +77,16 @@ class PyloaderModelLoader(BaseModelLoader):
     def download_model(self, model_config: ModelConfig) -> None:
         self._folder(model_config)
 
-    # -- the model, built unquantized when asked ----------------------------------------------
+    # -- the model ------------------------------------------------------------------------------
     def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> nn.Module:
-        if not self.dequantize or vllm_config.quant_config is None:
-            return super().load_model(vllm_config, model_config, prefix)
-        logger.info("pyloader: building the model without its checkpoint's %s quantization config; the weights "
-                    "are dequantized into %s", vllm_config.quant_config.get_name(), model_config.dtype)
-        # for the whole run, not only while the layers are built: kernels chosen later read it too
-        vllm_config.quant_config, model_config.quantization = None, None
-        if hasattr(model_config.hf_config, "quantization_config"):
-            delattr(model_config.hf_config, "quantization_config")
+        if self.dequantize and vllm_config.quant_config is not None:
+            # Dropping it here is too late: the engine chose kernels from it already (DeepSeek-V3's
+            # logprobs moved with bitwise-equal weights), so the config must come without it.
+            raise PyloaderInputError(
+                "load_format='pyloader' with dequantize: vLLM built its config with the checkpoint's "
+                f"{vllm_config.quant_config.get_name()} quantization; pass hf_overrides={{\"quantization_config\": "
+                "None}} (vllm serve: --hf-overrides '{\"quantization_config\": null}') so the model is "
+                "unquantized from the start, and pyloader dequantizes the weights into it")
         return super().load_model(vllm_config, model_config, prefix)
 
     # -- the weights ---------------------------------------------------------------------------

@@ -17,7 +17,8 @@ pytest.importorskip("vllm")
 from models import write_models  # noqa: E402
 
 RUNNER = Path(__file__).resolve().parent / "run_vllm.py"
-PYLOADER = {"load_format": "pyloader", "model_loader_extra_config": {"dequantize": True, "progress": False}}
+PYLOADER = {"load_format": "pyloader", "hf_overrides": {"quantization_config": None},
+            "model_loader_extra_config": {"dequantize": True, "progress": False}}
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +134,7 @@ def test_the_server_with_load_format_pyloader(models, baseline):
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(models["qwen3"]["fp8"]),
            "--load-format", "pyloader", "--model-loader-extra-config", json.dumps(PYLOADER["model_loader_extra_config"]),
+           "--hf-overrides", json.dumps(PYLOADER["hf_overrides"]),
            "--skip-tokenizer-init", "--enforce-eager", "--max-model-len", "128", "--port", str(port), "--seed", "0"]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=os.pathsep.join(sys.path))
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
@@ -173,6 +175,14 @@ def test_the_logprobs_see_a_wrong_scale(models, baseline, tmp_path):
     save_file(t, str(f), metadata={"format": "pt"})
     got, want = run(d, PYLOADER), baseline("qwen3")
     assert got != want
+
+
+def test_dequantize_without_the_config_override_is_refused(models):
+    """Dropping the quantization config once the engine is configured is too late (DeepSeek-V3's
+    logprobs moved with bitwise-equal weights): the loader says what to pass instead."""
+    opts = {k: v for k, v in PYLOADER.items() if k != "hf_overrides"}
+    out = run(models["qwen3"]["fp8"], opts, expect_ok=False)
+    assert "hf_overrides" in out and "quantization_config" in out
 
 
 def test_unknown_name_fails_before_any_weight_with_a_hint(models, tmp_path):
