@@ -135,3 +135,15 @@ def quantize_fp8(x: torch.Tensor, block=(128, 128), scale_dtype=torch.float32, e
         exps = e.to(torch.uint8)
         return q, (exps.view(E8M0) if E8M0 is not None and scale_dtype != torch.uint8 else exps)
     return q, s.to(scale_dtype)
+
+
+def quantize_ct(w: torch.Tensor, fmt: str):
+    """One weight as compressed-tensors stores it: ``"int4"`` (pack-quantized, group 32) or
+    ``"nvfp4"`` (nvfp4-pack-quantized, divisor form). Returns ``({suffix: tensor}, the dequantized
+    values by the independent formula)``; suffixes replace the weight's ``weight``."""
+    if fmt == "int4":
+        q, s, ws = quantize_int4(w.float())
+        return {"weight_packed": q, "weight_scale": s, "weight_shape": ws}, formula(q, w.shape[1], "int4", s, (1, 32))
+    q, s, g = quantize_nvfp4(w.float(), divisor=True)
+    return ({"weight_packed": q, "weight_scale": s, "weight_global_scale": g},
+            formula(q, w.shape[1], "e2m1", s, (1, 16), g=g, mode="div"))

@@ -74,14 +74,18 @@ def _patch_config(out: Path, fields: dict) -> None:
     path.write_text(json.dumps(c, indent=2))
 
 
+def _copy_json(src: Path, dirs) -> None:
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+        for f in src.iterdir():
+            if f.suffix == ".json":
+                shutil.copy(f, d / f.name)
+
+
 def write_fp8_pair(bf16: Path, fp8: Path, ref: Path, device="cpu") -> None:
     """``fp8``: the BF16 checkpoint's linear weights in 128x128 block e4m3 with float32
     ``weight_scale_inv``; ``ref``: BF16, those weights replaced by their dequantized values."""
-    for d in (fp8, ref):
-        d.mkdir(parents=True, exist_ok=True)
-        for f in bf16.iterdir():
-            if f.suffix == ".json":
-                shutil.copy(f, d / f.name)
+    _copy_json(bf16, (fp8, ref))
     for f in sorted(bf16.glob("*.safetensors")):
         q_out, r_out = {}, {}
         backend = None if str(device).startswith("cuda") else "torch"  # the kernels are bitwise the reference
@@ -112,26 +116,15 @@ def write_packed_pair(bf16: Path, q_dir: Path, ref: Path, fmt: str) -> None:
     by the tests' quantizers under a real ``quantization_config``; ``ref``: BF16, the experts
     replaced by their dequantized values (the independent float formula)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from quantizers import formula, quantize_int4, quantize_nvfp4
+    from quantizers import quantize_ct
 
-    for d in (q_dir, ref):
-        d.mkdir(parents=True, exist_ok=True)
-        for f in bf16.iterdir():
-            if f.suffix == ".json":
-                shutil.copy(f, d / f.name)
+    _copy_json(bf16, (q_dir, ref))
     for f in sorted(bf16.glob("*.safetensors")):
         q_out, r_out = {}, {}
         for name, t in load_file(str(f)).items():
-            base = name[:-len("weight")]
             if ".mlp.experts." in name and name.endswith(".weight"):
-                if fmt == "int4":
-                    q, sc, ws = quantize_int4(t.float())
-                    q_out.update({base + "weight_packed": q, base + "weight_scale": sc, base + "weight_shape": ws})
-                    r_out[name] = formula(q, t.shape[1], "int4", sc, (1, 32))
-                else:
-                    q, sc, g = quantize_nvfp4(t.float(), divisor=True)
-                    q_out.update({base + "weight_packed": q, base + "weight_scale": sc, base + "weight_global_scale": g})
-                    r_out[name] = formula(q, t.shape[1], "e2m1", sc, (1, 16), g=g, mode="div")
+                parts, r_out[name] = quantize_ct(t, fmt)
+                q_out.update({name[:-len("weight")] + k: v for k, v in parts.items()})
             else:
                 q_out[name] = r_out[name] = t
         save_file(q_out, str(q_dir / f.name), metadata={"format": "pt"})

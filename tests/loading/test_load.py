@@ -493,7 +493,6 @@ def test_load_packed_experts_into_bf16_targets(tmp_path, fmt, device):
                 assert_bitwise_equal(got[n], want[n], what=f"{fmt} tp{rank}/{tp} {n}")
             # the same tensors as a dict (a trainer's, or a reader's): recognized and dequantized alike
             from_dict = {n: poison_(t) for n, t in allocate_targets(preset.targets, device).items()}
-            from safetensors.torch import load_file
             report = pyloader.load(from_dict, load_file(str(qdir / "model.safetensors")), config=c, tp=(rank, tp),
                                    progress=False)
             assert report.io == "memory" and len(report.maxima) == 2 * 6 * 3
@@ -512,7 +511,7 @@ def test_kimi_k25_language_model_with_packed_experts_and_vision_tower(tmp_path, 
     with pipeline parallel 2: the same values as the checkpoint holding the dequantized weights."""
     from safetensors.torch import save_file
 
-    from quantizers import formula, quantize_int4, quantize_nvfp4
+    from quantizers import quantize_ct
 
     text = dict(TINY["deepseek_v3"])
     d = write_checkpoint(tmp_path / "ds", text, fp8=False)
@@ -525,15 +524,8 @@ def test_kimi_k25_language_model_with_packed_experts_and_vision_tower(tmp_path, 
     for name, w in raw.items():
         out = "language_model." + name
         if ".mlp.experts." in name and name.endswith(".weight"):
-            base = out[: -len("weight")]
-            if fmt == "int4":
-                q, s, ws = quantize_int4(w.float())
-                quantized.update({base + "weight_packed": q, base + "weight_scale": s, base + "weight_shape": ws})
-                reference[out] = formula(q, w.shape[1], "int4", s, (1, 32))
-            else:
-                q, s, g = quantize_nvfp4(w.float(), divisor=True)
-                quantized.update({base + "weight_packed": q, base + "weight_scale": s, base + "weight_global_scale": g})
-                reference[out] = formula(q, w.shape[1], "e2m1", s, (1, 16), g=g, mode="div")
+            parts, reference[out] = quantize_ct(w, "int4" if fmt == "int4" else "nvfp4")
+            quantized.update({out[: -len("weight")] + k: v for k, v in parts.items()})
         else:
             quantized[out] = reference[out] = w
     group = {"int4": {"num_bits": 4, "type": "int", "group_size": 32}, "nvfp4-ct": {"num_bits": 4, "type": "float",
