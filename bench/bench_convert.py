@@ -9,7 +9,8 @@ Input: a synthetic DeepSeek-V3-shaped FP8 checkpoint, or (``--format fp4``) Deep
 FP4 experts with E8M0 per-32 scales, or (``--format int4``) Kimi-K2.5-shaped INT4 pack-quantized
 experts, in the page cache (warm), as every timed run finds it. Packed formats are compared with
 the same per-file script dequantizing with torch (unpack the nibbles, look the codes up, expand
-the scales), on the GPU and, with ``--cpu``, on the CPU (rates per core). Bound = input bytes / (time to only read the warm input + time to only write the
+the scales), on the GPU and, with ``--cpu``, on the CPU (rates per core), and on the CPU with
+the compressed-tensors library's own decompression. Bound = input bytes / (time to only read the warm input + time to only write the
 output with fsync): like with like. Resident memory and the CPU path against a per-shard script:
 ``bench_memory.py``.
 """
@@ -39,28 +40,34 @@ def timed(fn):
     return time.perf_counter() - t
 
 
-def baseline(src: Path, dst: Path):
-    """The common script: whole shard on the GPU, per-tensor Triton dequant, save_file per file."""
+def per_file(src: Path, dst: Path, device: str, transform) -> None:
+    """The common scripts' shape: each shard whole on ``device`` (``safe_open``), ``transform(name,
+    tensor, all tensors)`` a tensor (its output name and value, or None to drop it), ``save_file``."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    dequant = per_block_triton()
     dst.mkdir(parents=True, exist_ok=True)
     for f in sorted(src.glob("*.safetensors")):
-        out = {}
-        with safe_open(str(f), "pt", device="cuda") as h:
+        with safe_open(str(f), "pt", device=device) as h:
             tensors = {k: h.get_tensor(k) for k in h.keys()}
-        for k, v in tensors.items():
-            if k.endswith("_scale_inv"):
-                continue
-            if v.dtype == torch.float8_e4m3fn:
-                s = tensors[k + "_scale_inv"]
-                o = torch.empty(v.shape, dtype=torch.bfloat16, device="cuda")
-                dequant(v, s, o)
-                out[k] = o.cpu()
-            else:
-                out[k] = v.cpu()
-        save_file(out, str(dst / f.name), metadata={"format": "pt"})
+        out = dict(o for o in (transform(k, v, tensors) for k, v in tensors.items()) if o is not None)
+        save_file({k: v.cpu() for k, v in out.items()}, str(dst / f.name), metadata={"format": "pt"})
+
+
+def baseline(src: Path, dst: Path):
+    """The common script: whole shard on the GPU, per-tensor Triton dequant, save_file per file."""
+    dequant = per_block_triton()
+
+    def transform(k, v, tensors):
+        if k.endswith("_scale_inv"):
+            return None
+        if v.dtype != torch.float8_e4m3fn:
+            return k, v
+        o = torch.empty(v.shape, dtype=torch.bfloat16, device="cuda")
+        dequant(v, tensors[k + "_scale_inv"], o)
+        return k, o
+
+    per_file(src, dst, "cuda", transform)
     os.sync()
 
 
@@ -109,27 +116,49 @@ def write_packed_checkpoint(d: Path, size_gb: float, fmt: str) -> Path:
 def packed_script(src: Path, dst: Path, device: str):
     """The per-file script for packed experts: whole shard on the device, a torch dequant per
     tensor (bench_assembly's torch_packed_dequant), save_file per file."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     from bench_assembly import torch_packed_dequant
 
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in sorted(src.glob("*.safetensors")):
-        out = {}
-        with safe_open(str(f), "pt", device=device) as h:
-            tensors = {k: h.get_tensor(k) for k in h.keys()}
-        for k, v in tensors.items():
-            if k.endswith(("scale", "weight_shape")):
-                continue
-            if k.endswith("weight_packed"):
-                base = k[: -len("weight_packed")]
-                out[base + "weight"] = torch_packed_dequant(v, tensors[base + "weight_scale"], "int4").cpu()
-            elif v.dtype == torch.int8:
-                out[k] = torch_packed_dequant(v, tensors[k[: -len("weight")] + "scale"], "e2m1").cpu()
-            else:
-                out[k] = v.cpu()
-        save_file(out, str(dst / f.name), metadata={"format": "pt"})
+    def transform(k, v, tensors):
+        if k.endswith(("scale", "weight_shape")):
+            return None
+        if k.endswith("weight_packed"):
+            base = k[: -len("weight_packed")]
+            return base + "weight", torch_packed_dequant(v, tensors[base + "weight_scale"], "int4")
+        if v.dtype == torch.int8:
+            return k, torch_packed_dequant(v, tensors[k[: -len("weight")] + "scale"], "e2m1")
+        return k, v
+
+    per_file(src, dst, device, transform)
+
+
+def compressed_tensors_script(src: Path, dst: Path):
+    """The compressed-tensors library's own CPU decompression (``pack-quantized`` for INT4,
+    ``mxfp4-pack-quantized`` for FP4 codes with E8M0 exponents a 32), module by module, per file
+    like the script above (pyloader's output and its agree bit for bit: tests/ops/test_writer_library.py)."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    def scheme(**kw):
+        return QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+            num_bits=4, strategy="group", group_size=32, symmetric=True, **kw))
+
+    int4, int4_scheme = BaseCompressor.load_from_registry("pack-quantized"), scheme(type="int")
+    fp4, fp4_scheme = (BaseCompressor.load_from_registry("mxfp4-pack-quantized"),
+                       scheme(type="float", scale_dtype=torch.uint8, zp_dtype=torch.uint8))
+
+    def transform(k, v, tensors):
+        if k.endswith("weight_packed"):
+            base = k[: -len("weight_packed")]
+            parts = {"weight_packed": v, "weight_scale": tensors[base + "weight_scale"],
+                     "weight_shape": tensors[base + "weight_shape"]}
+            return base + "weight", int4.decompress(parts, int4_scheme)["weight"]
+        if v.dtype == torch.int8:
+            parts = {"weight_packed": v.view(torch.uint8),
+                     "weight_scale": tensors[k[: -len("weight")] + "scale"].view(torch.uint8)}
+            return k, fp4.decompress(parts, fp4_scheme)["weight"].to(torch.bfloat16)
+        return None if k.endswith(("scale", "weight_shape")) else (k, v)
+
+    per_file(src, dst, "cpu", transform)
 
 
 def main():
@@ -174,6 +203,12 @@ def main():
             if args.cpu or dev.type != "cuda":
                 providers.append(("common script (safe_open cpu + torch unpack/lookup/expand + save_file)",
                                   lambda d: packed_script(src, d, "cpu")))
+                try:
+                    import compressed_tensors  # noqa: F401
+                    providers.append(("compressed-tensors decompress (safe_open cpu + per module + save_file)",
+                                      lambda d: compressed_tensors_script(src, d)))
+                except ImportError:
+                    print("compressed-tensors is not installed: its row is left out", file=sys.stderr)
         for name, fn in providers:
             d = out_root / "out"
             shutil.rmtree(d, ignore_errors=True)

@@ -32,7 +32,8 @@ DEEPSEEK_V3_SLICE = {
 
 def checkpoint_tensors(c: dict) -> List[Tuple[str, Tuple[int, ...], bool]]:
     """(name, shape, is_linear) of a checkpoint for ``config`` (llama/qwen2/qwen3 dense, qwen3_moe,
-    mixtral, deepseek_v2/v3), in HF naming."""
+    mixtral, deepseek_v2/v3, kimi_k2, the DSA models deepseek_v32 and glm_moe_dsa, minimax_m2), in HF
+    naming (MTP layers left out)."""
     mt = c["model_type"]
     H, V = c["hidden_size"], c["vocab_size"]
     out = [("model.embed_tokens.weight", (V, H), False), ("model.norm.weight", (H,), False)]
@@ -41,7 +42,7 @@ def checkpoint_tensors(c: dict) -> List[Tuple[str, Tuple[int, ...], bool]]:
     for i in range(c["num_hidden_layers"]):
         p = f"model.layers.{i}"
         out += [(f"{p}.input_layernorm.weight", (H,), False), (f"{p}.post_attention_layernorm.weight", (H,), False)]
-        if mt in ("deepseek_v2", "deepseek_v3"):
+        if mt in ("deepseek_v2", "deepseek_v3", "kimi_k2", "deepseek_v32", "glm_moe_dsa"):
             heads, qlr, kvlr = c["num_attention_heads"], c["q_lora_rank"], c["kv_lora_rank"]
             nope, rope, vhd = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
             a = f"{p}.self_attn"
@@ -51,11 +52,17 @@ def checkpoint_tensors(c: dict) -> List[Tuple[str, Tuple[int, ...], bool]]:
                     (f"{a}.kv_a_layernorm.weight", (kvlr,), False),
                     (f"{a}.kv_b_proj.weight", (heads * (nope + vhd), kvlr), True),
                     (f"{a}.o_proj.weight", (H, heads * vhd), True)]
+            if mt in ("deepseek_v32", "glm_moe_dsa"):  # the sparse-attention indexer
+                ihd, ih = c["index_head_dim"], c["index_n_heads"]
+                x = f"{a}.indexer"
+                out += [(f"{x}.wq_b.weight", (ih * ihd, qlr), True), (f"{x}.wk.weight", (ihd, H), True),
+                        (f"{x}.k_norm.weight", (ihd,), False), (f"{x}.k_norm.bias", (ihd,), False),
+                        (f"{x}.weights_proj.weight", (ih, H), False)]
             moe = c.get("n_routed_experts") and i >= c.get("first_k_dense_replace", 0)
             if moe:
                 E, I = c["n_routed_experts"], c["moe_intermediate_size"]
                 out += [(f"{p}.mlp.gate.weight", (E, H), False)]
-                if mt == "deepseek_v3":
+                if mt != "deepseek_v2":
                     out += [(f"{p}.mlp.gate.e_score_correction_bias", (E,), False)]
                 for e in range(E):
                     out += [(f"{p}.mlp.experts.{e}.gate_proj.weight", (I, H), True),
@@ -78,12 +85,16 @@ def checkpoint_tensors(c: dict) -> List[Tuple[str, Tuple[int, ...], bool]]:
                         (f"{a}.v_proj.bias", (kv * hd,), False)]
             if mt in ("qwen3", "qwen3_moe"):
                 out += [(f"{a}.q_norm.weight", (hd,), False), (f"{a}.k_norm.weight", (hd,), False)]
-            if mt in ("qwen3_moe", "qwen2_moe", "mixtral"):
+            if mt == "minimax_m2":  # q/k norms over all heads
+                out += [(f"{a}.q_norm.weight", (heads * hd,), False), (f"{a}.k_norm.weight", (kv * hd,), False)]
+            if mt in ("qwen3_moe", "qwen2_moe", "mixtral", "minimax_m2"):
                 E = c.get("num_experts") or c["num_local_experts"]
                 I = c.get("moe_intermediate_size") or c["intermediate_size"]
-                pre, names = (f"{p}.block_sparse_moe", ("w1", "w3", "w2")) if mt == "mixtral" else \
+                pre, names = (f"{p}.block_sparse_moe", ("w1", "w3", "w2")) if mt in ("mixtral", "minimax_m2") else \
                     (f"{p}.mlp", ("gate_proj", "up_proj", "down_proj"))
                 out += [(f"{pre}.gate.weight", (E, H), False)]
+                if mt == "minimax_m2":
+                    out += [(f"{pre}.e_score_correction_bias", (E,), False)]
                 for e in range(E):
                     out += [(f"{pre}.experts.{e}.{names[0]}.weight", (I, H), True),
                             (f"{pre}.experts.{e}.{names[1]}.weight", (I, H), True),

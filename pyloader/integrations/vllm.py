@@ -40,6 +40,7 @@ from ..errors import PyloaderInputError
 from ..format.checkpoint import read_json_object
 from ..loading.loader import load
 from ..parallel import Parallel
+from ..routing.layout import TargetSpec
 from ..routing.presets import build_preset
 
 logger = init_logger("vllm.pyloader")  # under vLLM's logger: the lines appear in its log
@@ -80,8 +81,8 @@ class PyloaderModelLoader(BaseModelLoader):
     # -- the model ------------------------------------------------------------------------------
     def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> nn.Module:
         if self.dequantize and vllm_config.quant_config is not None:
-            # Dropping it here is too late: the engine chose kernels from it already (DeepSeek-V3's
-            # logprobs moved with bitwise-equal weights), so the config must come without it.
+            # Dropping it here is too late: the engine chose its quantization method, kernels and
+            # fusions from it already, so the config must come without it.
             raise PyloaderInputError(
                 "load_format='pyloader' with dequantize: vLLM built its config with the checkpoint's "
                 f"{vllm_config.quant_config.get_name()} quantization; pass hf_overrides={{\"quantization_config\": "
@@ -143,7 +144,9 @@ def engine_targets(params: Dict[str, torch.Tensor], preset_targets, whole_model=
             reduced.setdefault(".".join(parts[:i] + parts[i + 1:]), []).append(n)
     aliases = {}
     for name, spec in preset_targets.items():
-        found = [m for m in reduced.get(name, ()) if m in spare and tuple(spare[m].shape) == tuple(spec.shape)]
+        alt = spec.alternative if isinstance(spec.alternative, TargetSpec) else None
+        shapes = {tuple(spec.shape)} | ({tuple(alt.shape)} if alt is not None else set())
+        found = [m for m in reduced.get(name, ()) if m in spare and tuple(spare[m].shape) in shapes]
         if name not in targets and len(found) == 1:
             targets[name] = spare.pop(found[0])
             aliases[name] = found[0]

@@ -24,7 +24,7 @@ import torch
 from ..errors import PyloaderInputError
 from ..format.checkpoint import open_checkpoint
 from ..parallel import Parallel
-from ..routing.layout import TargetSpec
+from ..routing.layout import ABSENT, ZEROS, TargetSpec
 from ..routing.plan import Plan, PlanError, build_plan, targets_from_tensors
 from ..routing.presets import build_preset, load_config
 from ..routing.router import Rules
@@ -93,6 +93,7 @@ def target_specs(tensors: Dict[str, torch.Tensor], preset_targets: Optional[Dict
     and the target tensors the preset does not fill (none without a preset: every tensor is a target)."""
     if preset_targets is None:
         return targets_from_tensors(tensors, rules), []
+    preset_targets = with_alternatives(tensors, preset_targets)
     problems = []
     for name, spec in preset_targets.items():
         t = tensors.get(name)
@@ -106,6 +107,20 @@ def target_specs(tensors: Dict[str, torch.Tensor], preset_targets: Optional[Dict
     if problems:
         raise PlanError(problems)
     return preset_targets, extra
+
+
+def with_alternatives(tensors: Mapping[str, torch.Tensor], preset_targets: Dict[str, TargetSpec]) -> Dict[str, TargetSpec]:
+    """The preset's targets in the layout the model holds: where a target kept packed by default
+    (integer dtype) has a float tensor of its alternative's shape in the model, every target with an
+    alternative takes it (gpt-oss: MXFP4 experts dequantized, their biases laid out to match)."""
+    alts = {n: s.alternative for n, s in preset_targets.items() if s.alternative is not None}
+    chosen = any(n in tensors and alt != ABSENT and tensors[n].is_floating_point()
+                 and not preset_targets[n].dtype.is_floating_point and tuple(tensors[n].shape) == alt.shape
+                 for n, alt in alts.items())
+    if not chosen:
+        return preset_targets
+    logger.info("pyloader: the model holds %d targets in their dequantized layout (e.g. %s)", len(alts), next(iter(alts)))
+    return {n: alts.get(n, s) for n, s in preset_targets.items() if alts.get(n) != ABSENT}
 
 
 MISSING_POLICIES = ("error", "warn", "ignore")
@@ -222,7 +237,9 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
 
 def fill_tied(plan: Plan, tensors: Dict[str, torch.Tensor]):
     for name, spec in plan.targets.items():
-        if spec.fill_from is not None and name in tensors and spec.fill_from in tensors:
+        if spec.fill_from == ZEROS and name in tensors:
+            tensors[name].zero_()
+        elif spec.fill_from is not None and name in tensors and spec.fill_from in tensors:
             dst, src = tensors[name], tensors[spec.fill_from]
             if dst.data_ptr() != src.data_ptr():
                 dst.copy_(src)

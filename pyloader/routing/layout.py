@@ -3,7 +3,7 @@ each checkpoint tensor (or this rank's rows or columns of it) in the target's pl
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -24,6 +24,12 @@ class ShardPlacement:
     segments: Optional[Tuple["ShardPlacement", ...]] = None
 
 
+# ``fill_from`` of a target that holds zeros on this rank (vLLM's gpt-oss ``w2_bias`` on tensor-parallel
+# ranks other than 0: the experts add it once, on rank 0)
+ZEROS = "<zeros>"
+ABSENT = "<absent>"
+
+
 @dataclass
 class TargetSpec:
     """A parameter or buffer on this rank, and how checkpoint tensors fill it."""
@@ -35,8 +41,12 @@ class TargetSpec:
     shards: Dict[Any, ShardPlacement] = field(default_factory=dict)  # shard id (None: unstacked) → placement
     experts: Optional[Dict[int, int]] = None   # expert targets: global expert id → local slot
     experts_stacked_in_source: bool = False    # one checkpoint tensor holds all experts [E, ...]
-    fill_from: Optional[str] = None            # tied: filled from this target after loading
+    fill_from: Optional[str] = None            # tied: filled from this target after loading (ZEROS: zeroed)
     shape_known: bool = True                   # False: a pass-through target seen through an index only
+    # the same parameter in another layout, taken when the model's tensor has its shape and a float
+    # dtype (gpt-oss experts dequantized into BF16 instead of kept as MXFP4 bytes); ABSENT: that
+    # layout has no such parameter (the packed weights' scales)
+    alternative: Optional[Union["TargetSpec", str]] = None
 
     @property
     def nbytes(self) -> int:

@@ -8,7 +8,8 @@ and placed, before any GPU work. Problems are collected and reported all at once
 
 import logging
 import math
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -19,7 +20,7 @@ from ..format.checkpoint import Checkpoint, gc_paused
 from ..format.safetensors import TensorInfo
 from ..format.quant import Quantized, Recognition
 from ..format.scales import scale_block
-from .layout import ShardPlacement, TargetSpec
+from .layout import ZEROS, ShardPlacement, TargetSpec
 from .router import Route, Router, RoutingSummary, Rules, unexpected_error
 
 logger = logging.getLogger("pyloader")
@@ -148,14 +149,57 @@ def build_plan(
         return _build_plan(checkpoint, targets, rules, unexpected, block_size, check_shapes, partial, quant, requant)
 
 
-def _dequantized_view(tensors: Mapping[str, TensorInfo], quant: Recognition, router: Router,
-                      targets: Dict[str, TargetSpec]) -> Tuple[Dict[str, TensorInfo], Dict[str, Quantized]]:
+def _dequantized_view(tensors: Mapping[str, TensorInfo], quant: Optional[Recognition], router: Router,
+                      targets: Dict[str, TargetSpec], unstack=()) -> Tuple[Dict[str, TensorInfo], Dict[str, Quantized]]:
     """The checkpoint as a loader of dequantized targets sees it: each packed 2-D weight whose
     dequantized name routes to a float target under that name and its logical shape (its bytes
-    where they are), the tensors it consumes (scales, second levels, activation scales) gone."""
+    where they are), the tensors it consumes (scales, second levels, activation scales) gone; a
+    tensor of stacked experts that ``unstack`` (:class:`Rules`) names, as its experts' slices."""
     view, chosen = dict(tensors), {}
-    for q in quant.quantized.values():
-        if q.packing is None or len(q.shape) != 2 or q.transpose:
+    rules = [(re.compile(pattern), repl) for pattern, repl in unstack]
+
+    def per_expert(name: str) -> Optional[str]:
+        """The per-expert name template of a stacked tensor whose experts route to a float target."""
+        for rx, repl in rules:
+            if rx.fullmatch(name):
+                tmpl = rx.sub(repl, name.replace("{", "{{").replace("}", "}}"))
+                r = router.route(tmpl.format(0))
+                spec = targets.get(r.target) if r.kind == "weight" else None
+                if spec is not None and spec.dtype in FLOAT_TARGETS and not spec.experts_stacked_in_source:
+                    return tmpl
+        return None
+
+    def sliced(info: TensorInfo, e: int, count: int, name: str) -> TensorInfo:
+        step = info.nbytes // count
+        return TensorInfo(name, info.dtype, tuple(info.shape[1:]), info.file, info.start + e * step,
+                          info.start + (e + 1) * step)
+
+    if rules:
+        for name, info in tensors.items():
+            if info.dtype in _FLOAT_SOURCES and info.shape and info.start >= 0:
+                tmpl = per_expert(name)
+                if tmpl is not None:
+                    del view[name]
+                    for e in range(info.shape[0]):
+                        view[tmpl.format(e)] = sliced(info, e, info.shape[0], tmpl.format(e))
+    for q in (quant.quantized.values() if quant is not None else ()):
+        if q.packing is None:
+            continue
+        if len(q.shape) == 3 and q.values.start >= 0 and q.scale is not None and q.global_scale is None:
+            tmpl = per_expert(q.name) if rules else None
+            if tmpl is None:
+                continue
+            for n in q.consumed:
+                view.pop(n, None)
+            count = q.shape[0]
+            for e in range(count):  # one [N, K] weight an expert, in the dequantized layout (no transpose)
+                v = sliced(q.values, e, count, tmpl.format(e))
+                qe = replace(q, name=v.name, values=v, scale=sliced(q.scale, e, count, f"{q.scale.name}[{e}]"),
+                             shape=tuple(q.shape[1:]), transpose=False)
+                view[v.name] = TensorInfo(v.name, v.dtype, qe.shape, v.file, v.start, v.end)
+                chosen[v.name] = qe
+            continue
+        if len(q.shape) != 2 or q.transpose:
             continue
         r = router.route(q.name)
         if r.kind != "weight" or targets[r.target].dtype not in FLOAT_TARGETS:
@@ -173,9 +217,14 @@ def _build_plan(checkpoint: Checkpoint, targets: Dict[str, TargetSpec], rules: R
                 quant: Optional[Recognition] = None, requant: bool = False) -> Plan:
     router = Router(rules, targets)
     tensors, packed = checkpoint.tensors, {}
-    if quant is not None:
-        tensors, packed = _dequantized_view(checkpoint.tensors, quant, router, targets)
+    if quant is not None or rules.unstack:
+        tensors, packed = _dequantized_view(checkpoint.tensors, quant, router, targets, rules.unstack)
     routes = router.route_all(tensors)
+    zeroed = {n for n, spec in targets.items() if spec.fill_from == ZEROS}
+    if zeroed:
+        for r in routes:
+            if r.target in zeroed:
+                r.kind, r.reason = "skip", "zero on this tensor-parallel rank (the sum adds it once, on rank 0)"
     summary = RoutingSummary.of(routes)
     if summary.unexpected:
         if unexpected == "error":
@@ -358,7 +407,7 @@ def coverage(pieces: List[Piece], targets: Dict[str, TargetSpec], problems: List
     missing = []
     for name, spec in targets.items():
         if spec.fill_from is not None:
-            if spec.fill_from not in targets and spec.fill_from not in seen:
+            if spec.fill_from != ZEROS and spec.fill_from not in targets and spec.fill_from not in seen:
                 problems.append(f"{name} is tied to {spec.fill_from}, which is not a target")
             continue
         planes = seen.get(name)

@@ -70,6 +70,10 @@ class Rules:
     - ``num_layers``: names of layers ``>= num_layers`` (MTP / next-n draft layers) are skipped.
     - ``benign``: ``(kind, pattern, reason)`` names skipped when they have no target (input or
       activation scales of an unquantized activation, rotary ``inv_freq``); with a target they route.
+    - ``unstack``: ``(regex, replacement)`` for checkpoint tensors holding every expert ``[E, ...]``;
+      the replacement names expert ``{}``. Where that per-expert name routes to a float target not
+      itself stacked, the tensor is read as E per-expert tensors (its slices; a packed one with its
+      scales), so tensor-parallel slices and expert ownership apply as to experts stored one by one.
     """
 
     stacked_params_mapping: Sequence[Tuple[str, str, Union[str, int]]] = ()
@@ -89,6 +93,7 @@ class Rules:
     layer_pattern: str = r"(?:^|\.)layers\.(\d+)\."
     num_layers: Optional[int] = None
     owned_layers: Optional[Iterable[int]] = None  # pipeline ownership (None: all)
+    unstack: Sequence[Tuple[str, str]] = ()
 
 
 def _matcher(kind: str, pattern: str) -> str:
@@ -249,10 +254,15 @@ class Router:
             if benign:
                 return Route(name, "skip", layer=layer, reason=benign)
             return Route(name, "unexpected", layer=layer)
+        expert = None
         if slot is None:
-            return Route(name, kind, target_tmpl.format(*ints), shard_id, None, layer)
-        rest = ints[:slot] + ints[slot + 1:]  # the expert's own number is not in the target
-        return Route(name, kind, target_tmpl.format(*rest), shard_id, ints[slot], layer)
+            target = target_tmpl.format(*ints)
+        else:
+            target = target_tmpl.format(*(ints[:slot] + ints[slot + 1:]))  # the expert's number is not in the target
+            expert = ints[slot]
+        if target not in self.targets:  # the template exists, this instance does not (a dense MLP in a MoE layer)
+            return Route(name, "unexpected", layer=layer)
+        return Route(name, kind, target, shard_id, expert, layer)
 
     def route_all(self, names: Iterable[str]) -> List[Route]:
         return [self.route(n) for n in names]

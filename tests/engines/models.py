@@ -37,7 +37,12 @@ CONFIGS = {
                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_hidden_layers=4,
                         vocab_size=512, use_qk_norm=True, qk_norm_type="per_layer", use_routing_bias=True,
                         scoring_func="softmax", rotary_dim=32, partial_rotary_factor=0.5)),  # vLLM's CPU router: softmax only
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM",
+                dict(hidden_size=256, intermediate_size=128, num_local_experts=8, num_experts_per_tok=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_hidden_layers=2, vocab_size=512,
+                     sliding_window=64, layer_types=["sliding_attention", "full_attention"])),
 }
+PACKED_ONLY = ("gpt_oss",)  # released packed (MXFP4): no FP8 pair, an MXFP4 one
 COMMON = dict(max_position_embeddings=512, tie_word_embeddings=False, torch_dtype="bfloat16", rms_norm_eps=1e-6)
 BLOCK = (128, 128)
 
@@ -140,12 +145,48 @@ def write_packed_pair(bf16: Path, q_dir: Path, ref: Path, fmt: str) -> None:
     (q_dir / "config.json").write_text(json.dumps(c, indent=2))
 
 
+def write_mxfp4_pair(bf16: Path, q_dir: Path, ref: Path) -> None:
+    """gpt-oss as released: the experts' ``gate_up_proj``/``down_proj`` (transformers' ``[E, in, out]``)
+    as MXFP4 ``*_blocks`` ``[E, out, in/32, 16]`` and E8M0 ``*_scales`` ``[E, out, in/32]`` by the tests'
+    quantizer, under ``quant_method: mxfp4``; ``ref``: BF16, those tensors replaced by their dequantized
+    values (the independent float formula) in transformers' layout."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from quantizers import formula, quantize_fp4_e8m0
+
+    _copy_json(bf16, (q_dir, ref))
+    for f in sorted(bf16.glob("*.safetensors")):
+        q_out, r_out = {}, {}
+        for name, t in load_file(str(f)).items():
+            if name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")):
+                blocks, scales, values = [], [], []
+                for w in t.transpose(1, 2).float():  # each expert [out, in]
+                    codes, exps = quantize_fp4_e8m0(w)
+                    blocks.append(codes.reshape(w.shape[0], -1, 16))
+                    scales.append(exps)
+                    values.append(formula(codes, w.shape[1], "e2m1", exps, (1, 32)))
+                q_out[name + "_blocks"], q_out[name + "_scales"] = torch.stack(blocks), torch.stack(scales)
+                r_out[name] = torch.stack(values).transpose(1, 2).contiguous()
+            else:
+                q_out[name] = r_out[name] = t
+        save_file(q_out, str(q_dir / f.name), metadata={"format": "pt"})
+        save_file(r_out, str(ref / f.name), metadata={"format": "pt"})
+    c = json.loads((q_dir / "config.json").read_text())
+    c["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (q_dir / "config.json").write_text(json.dumps(c, indent=2))
+
+
 def write_models(out: Path, kinds=tuple(CONFIGS)) -> dict:
-    """``{kind: {"bf16": dir, "fp8": dir, "ref": dir}}`` under ``out``."""
+    """``{kind: {"bf16": dir, "fp8": dir, "ref": dir}}`` under ``out`` (gpt-oss: ``"mxfp4"`` for ``"fp8"``)."""
     dirs = {}
     for kind in kinds:
         d = {v: out / kind / v for v in ("bf16", "fp8", "ref")}
         write_bf16(kind, d["bf16"])
+        if kind in PACKED_ONLY:
+            d["mxfp4"] = d.pop("fp8").with_name("mxfp4")
+            write_mxfp4_pair(d["bf16"], d["mxfp4"], d["ref"])
+            dirs[kind] = d
+            continue
         write_fp8_pair(d["bf16"], d["fp8"], d["ref"])
         if kind == "qwen3_moe":
             for fmt in ("int4", "nvfp4"):

@@ -1,5 +1,6 @@
 """One vLLM engine run in its own process (vLLM starts workers and owns the process): greedy
-tokens and top-k logprobs of fixed prompts as one JSON line on stdout after ``RESULT``.
+tokens and top-k logprobs of fixed prompts, and each worker's digest of the parameters its loader
+wrote, as one JSON line on stdout after ``RESULT``.
 
     python tests/engines/run_vllm.py MODEL_DIR '{"load_format": "pyloader", ...}'
 """
@@ -9,7 +10,29 @@ import os
 import sys
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# apply_model ships the digest function to vLLM's workers pickled: this harness's own processes only
+os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
 PROMPTS = [[1, 2, 3, 4, 5], [7, 300, 11], [42] * 9]
+
+
+def _digest_what_the_loader_wrote():
+    """vLLM's CPU linear layers hand their weights to packed GEMM kernels after loading and keep empty
+    parameters, so the digest is taken just before that step, of what the loader wrote. At module
+    level: vLLM's CPU backend spawns its engine and workers, which import this file again."""
+    from vllm.model_executor.model_loader import base_loader
+
+    from state_digest import state_digest
+
+    original = base_loader.process_weights_after_loading
+
+    def wrapped(model, *args, **kwargs):
+        model._loaded_digest = state_digest(model)
+        return original(model, *args, **kwargs)
+
+    base_loader.process_weights_after_loading = wrapped
+
+
+_digest_what_the_loader_wrote()
 
 if __name__ == "__main__":
     from vllm import LLM, SamplingParams
@@ -23,4 +46,8 @@ if __name__ == "__main__":
     result = [{"tokens": list(o.outputs[0].token_ids),
                "logprobs": [{str(k): v.logprob for k, v in step.items()} for step in o.outputs[0].logprobs]}
               for o in outs]
-    print("RESULT " + json.dumps(result), flush=True)
+    from state_digest import loaded_digest
+
+    digests = llm.apply_model(loaded_digest)
+    assert digests and all(digests), "no digest of the loaded weights came back"
+    print("RESULT " + json.dumps({"generations": result, "digests": digests}), flush=True)

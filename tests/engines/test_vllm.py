@@ -60,22 +60,46 @@ def baseline(models):
     return get
 
 
-def same(got, want):
+# vLLM 0.32's CPU DeepSeek-V3 forward is not reproducible run to run: its own loader on one checkpoint
+# gave a first logprob of -5.3227, -5.3151 and -5.3110 with bitwise-equal loaded weights
+# (docs/decisions.md, engines). Its generations are compared by their first token, the weights exactly.
+IRREPRODUCIBLE = {"deepseek_v3"}
+
+
+def same(got, want, kind=None):
+    """Every parameter and buffer each rank's loader wrote, byte for byte (digests taken before vLLM's
+    post-load processing), then the generations: greedy tokens and every top-5 logprob, exactly."""
+    assert len(got["digests"]) == len(want["digests"])
+    for rank, (g, w) in enumerate(zip(got["digests"], want["digests"])):
+        assert g.keys() == w.keys(), f"rank {rank}: {sorted(g.keys() ^ w.keys())}"
+        assert [n for n in g if g[n] != w[n]] == [], f"rank {rank}: tensors differ"
+    got, want = got["generations"], want["generations"]
+    if kind in IRREPRODUCIBLE:
+        assert [g["tokens"][0] for g in got] == [w["tokens"][0] for w in want]
+        return
     assert [g["tokens"] for g in got] == [w["tokens"] for w in want]
-    assert got == want  # every top-5 logprob, exactly
+    assert got == want
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe", "deepseek_v3", "minimax_m2"])
 def test_fp8_checkpoint_through_pyloader_equals_vllm_on_the_dequantized_bf16(models, baseline, kind):
-    same(run(models[kind]["fp8"], PYLOADER), baseline(kind))
+    same(run(models[kind]["fp8"], PYLOADER), baseline(kind), kind)
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "minimax_m2"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "minimax_m2", "gpt_oss"])
 def test_tensor_parallel_2_through_pyloader_equals_vllm(models, kind):
     """vLLM's own tensor-parallel ranks (its shards of qkv, the experts, MiniMax's q/k norms over
-    all heads) drive pyloader's."""
+    all heads, gpt-oss's interleaved gate/up rows and its down bias kept on rank 0 only) drive pyloader's."""
     tp = {"tensor_parallel_size": 2}
-    same(run(models[kind]["fp8"], dict(PYLOADER, **tp)), run(models[kind]["ref"], tp))
+    source = models[kind]["mxfp4" if kind == "gpt_oss" else "fp8"]
+    same(run(source, dict(PYLOADER, **tp)), run(models[kind]["ref"], tp))
+
+
+def test_gpt_oss_mxfp4_experts_dequantized_into_vllm_bf16(models, baseline):
+    """gpt-oss as released (MXFP4 stacked experts, E8M0 scales) into vLLM's unquantized gpt-oss: the
+    experts dequantized into its ``w13_weight`` ``[E, 2I, H]`` / ``w2_weight``, equal to vLLM's own
+    loader on the BF16 checkpoint of the dequantized values (transformers' layout, which it permutes)."""
+    same(run(models["gpt_oss"]["mxfp4"], PYLOADER), baseline("gpt_oss"))
 
 
 def test_pipeline_parallel_2_loads_every_stage(models):
@@ -156,7 +180,7 @@ def test_the_server_with_load_format_pyloader(models, baseline):
     finally:
         server.terminate()
         server.wait(timeout=60)
-    assert got == baseline("qwen3")[0]["tokens"]
+    assert got == baseline("qwen3")["generations"][0]["tokens"]
 
 
 def test_the_logprobs_see_a_wrong_scale(models, baseline, tmp_path):
@@ -174,12 +198,13 @@ def test_the_logprobs_see_a_wrong_scale(models, baseline, tmp_path):
         t[name] = t[name].to(torch.bfloat16).to(torch.float32)
     save_file(t, str(f), metadata={"format": "pt"})
     got, want = run(d, PYLOADER), baseline("qwen3")
-    assert got != want
+    assert got["generations"] != want["generations"]
+    assert got["digests"] != want["digests"]
 
 
 def test_dequantize_without_the_config_override_is_refused(models):
-    """Dropping the quantization config once the engine is configured is too late (DeepSeek-V3's
-    logprobs moved with bitwise-equal weights): the loader says what to pass instead."""
+    """An engine configured for the checkpoint's FP8 (its quantization method, kernels and fusions
+    chosen from it) gets no BF16 weights under it: the loader says what to pass instead."""
     opts = {k: v for k, v in PYLOADER.items() if k != "hf_overrides"}
     out = run(models["qwen3"]["fp8"], opts, expect_ok=False)
     assert "hf_overrides" in out and "quantization_config" in out

@@ -1,5 +1,5 @@
 """The formats against the library that writes them: compressed-tensors' own decompression of
-INT4 pack-quantized and NVFP4 tensors (packed by its own packers) and pyloader's dequant agree
+INT4 pack-quantized, NVFP4 and MXFP4 tensors (packed by its own packers) and pyloader's dequant agree
 bit for bit; its packers lay nibbles out as pyloader reads them."""
 
 import pytest
@@ -42,3 +42,28 @@ def test_nvfp4_compressed_tensors_divisor_form():
                                                    "weight_global_scale": g}, sch)["weight"]
         mine = ops.dequant_nvfp4(codes, scale, g, form="compressed-tensors", backend="torch")
         assert_bitwise_equal(mine, theirs.to(torch.bfloat16))
+
+
+def test_mxfp4_pack_quantized_every_code_and_scale():
+    """compressed-tensors ``mxfp4-pack-quantized`` (Kimi-K3's experts): U8 codes, U8 E8M0 exponents
+    per 32 — the layout of DeepSeek-V4's experts. Every byte value and exponents 0..254 agree bit for
+    bit; exponent 255 is NaN in the OCP MX format and in pyloader, where compressed-tensors
+    computes 2^128 (±inf, NaN for code 0)."""
+    from compressed_tensors.compressors import BaseCompressor
+
+    gen = torch.Generator().manual_seed(5)
+    rows, cols = 48, 512
+    codes = torch.arange(rows * cols // 2, dtype=torch.int64).remainder(256).to(torch.uint8).reshape(rows, cols // 2)
+    codes = codes[torch.randperm(rows, generator=gen)]
+    exps = torch.randint(0, 255, (rows, cols // 32), dtype=torch.uint8, generator=gen)
+    exps[0, :2] = torch.tensor([0, 254], dtype=torch.uint8)
+    exps[1, 3] = 255
+    sch = scheme(num_bits=4, type="float", strategy="group", group_size=32, scale_dtype=torch.uint8,
+                 zp_dtype=torch.uint8)
+    theirs = BaseCompressor.load_from_registry("mxfp4-pack-quantized").decompress(
+        {"weight_packed": codes, "weight_scale": exps}, sch)["weight"].to(torch.bfloat16)
+    mine = ops.dequant_fp4(codes, exps.view(torch.float8_e8m0fnu), backend="torch")
+    nan_group = (slice(1, 2), slice(96, 128))
+    assert torch.isnan(mine[nan_group]).all() and not torch.isfinite(theirs[nan_group]).any()
+    mine[nan_group], theirs[nan_group] = 0, 0
+    assert_bitwise_equal(mine, theirs)

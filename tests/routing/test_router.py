@@ -44,3 +44,22 @@ def test_unexpected_names_policy_lists_all_with_hints():
     assert plan.summary.skipped["rotary inv_freq is recomputed, never loaded"] == config["num_hidden_layers"]
 
 
+
+
+def test_a_name_whose_template_exists_but_not_on_this_layer_is_unexpected():
+    """DeepSeek: layer 0 is dense, layer 2 MoE. A dense ``mlp.gate_proj`` in layer 2 matches the
+    dense layers' template but no target: listed as unexpected with the others, never a KeyError."""
+    from pyloader.synthetic import checkpoint_tensors
+
+    config = dict(model_type="deepseek_v3", hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                  n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, num_attention_heads=2,
+                  num_key_value_heads=2, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16,
+                  v_head_dim=16, first_k_dense_replace=1, num_hidden_layers=3, vocab_size=128)
+    preset = build_preset(config)
+    entries = [(n, s, "BF16") for n, s, _ in checkpoint_tensors(config)]
+    assert build_plan(synthetic(entries), preset.targets, preset.rules).missing == []
+    stray = "model.layers.2.mlp.gate_proj.weight"
+    assert Router(preset.rules, preset.targets).route(stray).kind == "unexpected"
+    with pytest.raises(PyloaderInputError) as e:
+        build_plan(synthetic(entries + [(stray, (96, 64), "BF16")]), preset.targets, preset.rules)
+    assert "1 checkpoint tensor(s) have no target" in str(e.value) and stray in str(e.value)

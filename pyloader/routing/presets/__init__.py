@@ -13,7 +13,7 @@ Target names and layouts follow vLLM's for each family:
 | ``nemotron_vl`` | NemotronH_Nano_VL_V2, NemotronH_Nano_Omni_Reasoning_V3 | the ``nemotron_h`` language model under ``language_model.`` (from ``llm_config``/``text_config``); ``vision_model.*`` (RADIO tower and its ``input_conditioner.norm_mean``/``norm_std`` buffers), ``mlp1.*``, ``sound_encoder.*``, ``sound_projection.*`` pass through under their checkpoint names and stored shapes, on the first stage |
 | ``kimi_k25`` | kimi_k25 (Kimi-K2.5, K2.6) | the ``deepseek`` language model under ``language_model.`` (from ``text_config``); ``vision_tower.*`` and ``mm_projector.*`` pass through on the first stage; INT4 or NVFP4 experts dequantized into the BF16 targets |
 | ``minimax_m2`` | minimax_m2 (MiniMax-M2, M2.1, M2.5, M2.7) | ``self_attn.qkv_proj``; ``q_norm``/``k_norm`` over all heads, split with the heads over tensor-parallel ranks; ``block_sparse_moe.experts.w13_weight``/``w2_weight`` from ``experts.N.w1/w3/w2``; float32 ``block_sparse_moe.gate`` and ``e_score_correction_bias``; MTP modules skipped |
-| ``gpt_oss`` | gpt_oss | ``self_attn.qkv_proj`` with bias, ``self_attn.sinks``, ``mlp.router``, MXFP4 experts kept packed: ``mlp.experts.w13_weight`` (uint8 blocks), ``w13_weight_scale`` (E8M0), ``w13_bias``, same for ``w2`` |
+| ``gpt_oss`` | gpt_oss | vLLM's names: ``model.embedding``, ``attn.qkv_proj`` with bias, ``attn.sinks``, ``mlp.router``, MXFP4 experts kept packed: ``mlp.experts.w13_weight`` (uint8 blocks), ``w13_weight_scale`` (E8M0), ``w13_bias``, same for ``w2``; or, into a model holding them in float, dequantized: ``w13_weight`` ``[E, 2I, H]`` (gate/up rows interleaved as stored), ``w2_weight`` ``[E, H, I]``, biases split to match (``w2_bias`` zero on TP ranks > 0) |
 
 Derived targets have the config's dtype (``torch_dtype``/``dtype``): FP8 checkpoint weights are
 dequantized into them with their ``weight_scale_inv`` grids (``quantization_config.weight_block_size``,
@@ -46,7 +46,7 @@ from ..layout import ShardPlacement
 from ..router import Rules
 from .builder import LLAMA_STACKED, Builder, Preset, embeddings, expert_params_mapping, layer_range
 from .deepseek import deepseek
-from .gpt_oss import GPT_OSS_RENAMES, gpt_oss
+from .gpt_oss import GPT_OSS_RENAMES, GPT_OSS_UNSTACK, GPT_OSS_VLLM_NAMES, gpt_oss, gpt_oss_expert_mapping, vllm_names
 from .kimi import kimi_k25, kimi_language_config
 from .llama import dense_or_moe
 from .minimax import minimax_m2
@@ -162,6 +162,7 @@ def _build(c: dict, name: str, parallel: Parallel, dtype: torch.dtype) -> Preset
     experts_map: List = []
     renames: List = []
     skips: tuple = ()
+    unstack: tuple = ()
     if name == "llama":
         dense_or_moe(b, c, parallel, layers, "dense")
     elif name == "qwen_moe":
@@ -183,7 +184,10 @@ def _build(c: dict, name: str, parallel: Parallel, dtype: torch.dtype) -> Preset
         experts_map = expert_params_mapping(c["num_local_experts"], "w1", "w3", "w2")
     elif name == "gpt_oss":
         gpt_oss(b, c, parallel, layers)
-        renames = GPT_OSS_RENAMES
+        renames = GPT_OSS_RENAMES + GPT_OSS_VLLM_NAMES
+        vllm_names(b, GPT_OSS_VLLM_NAMES)
+        experts_map = gpt_oss_expert_mapping(c["num_local_experts"])
+        unstack = GPT_OSS_UNSTACK
     elif name == "nemotron_h":
         nemotron_h(b, c, parallel, layers)
         renames = NEMOTRON_H_RENAMES
@@ -194,7 +198,7 @@ def _build(c: dict, name: str, parallel: Parallel, dtype: torch.dtype) -> Preset
     q = c.get("quantization_config") or {}
     block = tuple(q.get("weight_block_size") or (128, 128))
     rules = Rules(stacked_params_mapping=stacked, expert_params_mapping=experts_map, renames=renames,
-                  skips=skips, tie_word_embeddings=tied, num_layers=n, owned_layers=range(*layers))
+                  skips=skips, tie_word_embeddings=tied, num_layers=n, owned_layers=range(*layers), unstack=unstack)
     if tied and last and not first:  # the last stage's head is read from the embedding
         lm = b.targets["lm_head.weight"]
         lm.fill_from, lm.shards = None, {None: ShardPlacement(0, lm.shape[0], src_rows=b.tp(c["vocab_size"]),

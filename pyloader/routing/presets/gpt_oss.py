@@ -1,10 +1,15 @@
-"""gpt-oss: attention with sinks and biases, and MXFP4 experts kept packed."""
+"""gpt-oss: attention with sinks and biases, and MXFP4 experts kept packed (vLLM's MXFP4 layout)
+or, when the model holds them in float, dequantized into vLLM's unquantized layout: ``w13_weight``
+``[E, 2I, H]`` with gate and up rows interleaved as stored, ``w2_weight`` ``[E, H, I]``; under tensor
+parallelism each rank takes rows ``2a..2z`` of w13 and columns ``a..z`` of w2 (``I`` split in
+``ceil(I / tp)`` as vLLM does), and ``w2_bias`` is zero on ranks other than 0 (the ranks' partial
+sums add it once)."""
 
 
 import torch
 
 from ...parallel import tp_range
-from ..layout import ShardPlacement
+from ..layout import ABSENT, ZEROS, ShardPlacement, TargetSpec
 from .builder import llama_attention
 
 
@@ -27,12 +32,69 @@ def gpt_oss(b, c, par, layers):
             emap = {g: g for g in range(E)}
         e = len(emap)
         pe = f"{p}.mlp.experts"
-        # Pre-stacked [E, ...] checkpoint tensors; MXFP4 stays packed (no e2m1 kernel yet).
+        dq = _dequantized(b, pe, i, emap, hidden, inter, par)
+        # Pre-stacked [E, ...] checkpoint tensors, kept packed.
         for name, shape, dtype in (("w13_weight", (2 * inter, hblocks, 16), u8), ("w13_weight_scale", (2 * inter, hblocks), u8),
                                    ("w13_bias", (2 * inter,), None), ("w2_weight", (hidden, blocks, 16), u8),
                                    ("w2_weight_scale", (hidden, blocks), u8), ("w2_bias", (hidden,), None)):
-            b.add(f"{pe}.{name}", (e,) + shape, i, dtype, experts=emap, experts_stacked_in_source=True,
-                  shards={None: ShardPlacement(0, shape[0], src_shape=shape)})
+            spec = b.add(f"{pe}.{name}", (e,) + shape, i, dtype, experts=emap, experts_stacked_in_source=True,
+                         shards={None: ShardPlacement(0, shape[0], src_shape=shape)})
+            spec.alternative = dq.get(name, ABSENT)
+
+
+def _dequantized(b, pe: str, layer: int, emap, hidden: int, inter: int, par):
+    """The experts' float targets (``alternative`` of the packed ones), filled expert by expert."""
+    if par.ep_size > 1:  # expert parallel: whole experts, no tensor-parallel split
+        a, z = 0, inter
+    else:
+        per = -(-inter // par.tp_size)
+        a, z = min(inter, par.tp_rank * per), min(inter, (par.tp_rank + 1) * per)
+    e, local = len(emap), z - a
+
+    def spec(name, shape, placement, **kw):
+        return TargetSpec(f"{pe}.{name}", (e,) + shape, b.dtype, layer, shards={None: placement}, experts=emap, **kw)
+
+    zero_bias = par.ep_size == 1 and par.tp_rank > 0
+    return {
+        "w13_weight": spec("w13_weight", (2 * local, hidden),
+                           ShardPlacement(0, 2 * local, src_rows=(2 * a, 2 * z), src_shape=(2 * inter, hidden))),
+        "w2_weight": spec("w2_weight", (hidden, local),
+                          ShardPlacement(0, hidden, src_cols=(a, z), src_shape=(hidden, inter))),
+        "w13_bias": spec("w13_bias", (2 * local,),
+                         ShardPlacement(0, 2 * local, src_rows=(2 * a, 2 * z), src_shape=(2 * inter,))),
+        "w2_bias": spec("w2_bias", (hidden,), ShardPlacement(0, hidden, src_shape=(hidden,)),
+                        fill_from=ZEROS if zero_bias else None),
+    }
+
+
+# dequantized: each expert's slice of the stacked tensors, routed as experts stored one by one
+GPT_OSS_UNSTACK = ((r"(.*\.mlp\.experts)\.(gate_up_proj|down_proj)", r"\1.{}.\2.weight"),
+                   (r"(.*\.mlp\.experts)\.(gate_up_proj|down_proj)_bias", r"\1.{}.\2.bias"))
+
+
+def gpt_oss_expert_mapping(n_experts: int):
+    return [(f"experts.{param}_", f"experts.{e}.{name}.", e, None) for e in range(n_experts)
+            for name, param in (("gate_up_proj", "w13"), ("down_proj", "w2"))]
+
+
+# vLLM's GptOssModel names its modules ``embedding`` and ``attn``; the checkpoint's are renamed to them
+GPT_OSS_VLLM_NAMES = [("regex", r"^model\.embed_tokens\.", "model.embedding."), ("substring", ".self_attn.", ".attn.")]
+
+
+def vllm_names(b, renames) -> None:
+    """The builder's targets renamed by ``renames`` (``regex`` or ``substring`` rules)."""
+    import re
+
+    out = {}
+    for name, spec in b.targets.items():
+        for kind, pattern, repl in renames:
+            name = re.sub(pattern, repl, name) if kind == "regex" else name.replace(pattern, repl)
+        spec.name = name
+        if isinstance(spec.alternative, TargetSpec):
+            spec.alternative.name = name
+        out[name] = spec
+    b.targets.clear()
+    b.targets.update(out)
 
 
 GPT_OSS_RENAMES = [
