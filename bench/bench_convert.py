@@ -42,7 +42,8 @@ def timed(fn):
 
 def per_file(src: Path, dst: Path, device: str, transform) -> None:
     """The common scripts' shape: each shard whole on ``device`` (``safe_open``), ``transform(name,
-    tensor, all tensors)`` a tensor (its output name and value, or None to drop it), ``save_file``."""
+    tensor, all tensors)`` a tensor (its output name and value, or None to drop it), ``save_file``,
+    then an fsync of the file (the guarantee pyloader convert gives each file it writes)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -52,6 +53,11 @@ def per_file(src: Path, dst: Path, device: str, transform) -> None:
             tensors = {k: h.get_tensor(k) for k in h.keys()}
         out = dict(o for o in (transform(k, v, tensors) for k, v in tensors.items()) if o is not None)
         save_file({k: v.cpu() for k, v in out.items()}, str(dst / f.name), metadata={"format": "pt"})
+        fd = os.open(dst / f.name, os.O_RDONLY)  # durable as pyloader's files are: fsynced each
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def baseline(src: Path, dst: Path):
