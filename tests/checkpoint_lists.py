@@ -97,7 +97,7 @@ def cached_checkpoint(folder):
 
 def synthetic(entries, folder="synthetic"):
     """Header-only checkpoint from (name, shape, safetensors dtype)."""
-    bits = {"BF16": 16, "F32": 32, "F8_E4M3": 8, "U8": 8, "F16": 16}
+    bits = {"BF16": 16, "F32": 32, "F8_E4M3": 8, "U8": 8, "F16": 16, "F8_E8M0": 8, "I8": 8, "I32": 32}
     tensors, pos = {}, 8
     for name, shape, dtype in entries:
         n = math.prod(shape) * bits[dtype] // 8
@@ -125,3 +125,60 @@ def dense_entries(c):
     return out
 
 
+
+
+def deepseek_v4_entries(c, experts="fp4", dense="fp8"):
+    """(name, shape, dtype) of a DeepSeek-V4 checkpoint in its own naming (``layers.L.attn.wq_a``,
+    ``ffn.experts.E.w1``, ``.scale``), MTP left out: float32 hyper-connection, sink, ``ape`` and gate
+    bias tensors; hash layers' I32 ``tid2eid``; ``dense="fp8"``: the attention, compressor, indexer
+    query and shared-expert projections in F8_E4M3 with F8_E8M0 128x128 ``.scale``; ``experts``:
+    ``"fp4"`` (I8 codes, F8_E8M0 per-32 ``.scale``), ``"fp8"`` (as dense) or ``"bf16"``."""
+    H, heads, hd, qlr = c["hidden_size"], c["num_attention_heads"], c["head_dim"], c["q_lora_rank"]
+    og, olr, ih, ihd, hc = c["o_groups"], c["o_lora_rank"], c["index_n_heads"], c["index_head_dim"], c["hc_mult"]
+    E, inter = c["n_routed_experts"], c["moe_intermediate_size"]
+    mix = (2 + hc) * hc
+    out = [("embed.weight", (c["vocab_size"], H), "BF16"), ("head.weight", (c["vocab_size"], H), "BF16"),
+           ("norm.weight", (H,), "BF16"), ("hc_head_fn", (hc, hc * H), "F32"), ("hc_head_base", (hc,), "F32"),
+           ("hc_head_scale", (1,), "F32")]
+
+    def linear(name, n, k, fmt):
+        if fmt == "fp8":
+            out.extend([(name + ".weight", (n, k), "F8_E4M3"), (name + ".scale", (-(-n // 128), -(-k // 128)), "F8_E8M0")])
+        elif fmt == "fp4":
+            out.extend([(name + ".weight", (n, k // 2), "I8"), (name + ".scale", (n, k // 32), "F8_E8M0")])
+        else:
+            out.append((name + ".weight", (n, k), "BF16"))
+
+    for i in range(c["num_hidden_layers"]):
+        p = f"layers.{i}"
+        for part in ("attn", "ffn"):
+            out += [(f"{p}.hc_{part}_fn", (mix, hc * H), "F32"), (f"{p}.hc_{part}_base", (mix,), "F32"),
+                    (f"{p}.hc_{part}_scale", (3,), "F32")]
+        a = f"{p}.attn"
+        out += [(f"{a}.attn_sink", (heads,), "F32"), (f"{a}.q_norm.weight", (qlr,), "BF16"),
+                (f"{a}.kv_norm.weight", (hd,), "BF16"), (f"{p}.attn_norm.weight", (H,), "BF16"),
+                (f"{p}.ffn_norm.weight", (H,), "BF16")]
+        for name, n, k in (("wq_a", qlr, H), ("wkv", hd, H), ("wq_b", heads * hd, qlr),
+                           ("wo_a", og * olr, heads * hd // og), ("wo_b", H, og * olr)):
+            linear(f"{a}.{name}", n, k, dense)
+        ratio = c["compress_ratios"][i]
+        comps = ([(f"{a}.compressor", hd)] if ratio else []) + ([(f"{a}.indexer.compressor", ihd)] if ratio == 4 else [])
+        for comp, dim in comps:
+            width = 2 * dim if ratio == 4 else dim
+            out += [(f"{comp}.ape", (ratio, width), "F32"), (f"{comp}.norm.weight", (dim,), "BF16")]
+            linear(f"{comp}.wkv", width, H, dense)
+            linear(f"{comp}.wgate", width, H, dense)
+        if ratio == 4:
+            linear(f"{a}.indexer.wq_b", ih * ihd, qlr, dense)
+            out.append((f"{a}.indexer.weights_proj.weight", (ih, H), "BF16"))
+        f = f"{p}.ffn"
+        out.append((f"{f}.gate.weight", (E, H), "BF16"))
+        out.append((f"{f}.gate.tid2eid", (c["vocab_size"], c["num_experts_per_tok"]), "I32") if i < c["num_hash_layers"]
+                   else (f"{f}.gate.bias", (E,), "F32"))
+        shared = inter * (c.get("n_shared_experts") or 1)
+        for w, n, k in (("w1", shared, H), ("w3", shared, H), ("w2", H, shared)):
+            linear(f"{f}.shared_experts.{w}", n, k, dense)
+        for e in range(E):
+            for w, n, k in (("w1", inter, H), ("w3", inter, H), ("w2", H, inter)):
+                linear(f"{f}.experts.{e}.{w}", n, k, experts)
+    return out

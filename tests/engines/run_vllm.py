@@ -40,12 +40,15 @@ if __name__ == "__main__":
 
     kwargs = dict(skip_tokenizer_init=True, enforce_eager=True, max_model_len=128, dtype="bfloat16", seed=0)
     kwargs.update(json.loads(sys.argv[2]) if len(sys.argv) > 2 else {})
+    generate = kwargs.pop("generate", True)  # False: load (and digest) only, for models vLLM's CPU build cannot run
     llm = LLM(model=sys.argv[1], **kwargs)
-    params = SamplingParams(max_tokens=8, temperature=0, logprobs=5, detokenize=False)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params, use_tqdm=False)
-    result = [{"tokens": list(o.outputs[0].token_ids),
-               "logprobs": [{str(k): v.logprob for k, v in step.items()} for step in o.outputs[0].logprobs]}
-              for o in outs]
+    result = None
+    if generate:
+        params = SamplingParams(max_tokens=8, temperature=0, logprobs=5, detokenize=False)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params, use_tqdm=False)
+        result = [{"tokens": list(o.outputs[0].token_ids),
+                   "logprobs": [{str(k): v.logprob for k, v in step.items()} for step in o.outputs[0].logprobs]}
+                  for o in outs]
     from state_digest import loaded_digest
 
     digests = llm.apply_model(loaded_digest)

@@ -13,6 +13,7 @@ Target names and layouts follow vLLM's for each family:
 | ``nemotron_vl`` | NemotronH_Nano_VL_V2, NemotronH_Nano_Omni_Reasoning_V3 | the ``nemotron_h`` language model under ``language_model.`` (from ``llm_config``/``text_config``); ``vision_model.*`` (RADIO tower and its ``input_conditioner.norm_mean``/``norm_std`` buffers), ``mlp1.*``, ``sound_encoder.*``, ``sound_projection.*`` pass through under their checkpoint names and stored shapes, on the first stage |
 | ``kimi_k25`` | kimi_k25 (Kimi-K2.5, K2.6) | the ``deepseek`` language model under ``language_model.`` (from ``text_config``); ``vision_tower.*`` and ``mm_projector.*`` pass through on the first stage; INT4 or NVFP4 experts dequantized into the BF16 targets |
 | ``minimax_m2`` | minimax_m2 (MiniMax-M2, M2.1, M2.5, M2.7) | ``self_attn.qkv_proj``; ``q_norm``/``k_norm`` over all heads, split with the heads over tensor-parallel ranks; ``block_sparse_moe.experts.w13_weight``/``w2_weight`` from ``experts.N.w1/w3/w2``; float32 ``block_sparse_moe.gate`` and ``e_score_correction_bias``; MTP modules skipped |
+| ``deepseek_v4`` | deepseek_v4 (DeepSeek-V4 Flash, Pro) | the checkpoint's own names (``layers.L.attn.*``, ``ffn.experts``, ``.scale``) into vLLM's: ``attn.fused_wqa_wkv`` (wq_a, wkv), ``compressor.fused_wkv_wgate`` (wkv, wgate; indexer's too), ``ffn.shared_experts.gate_up_proj``, experts ``w13``/``w2`` (FP4 or FP8 dequantized), float32 ``hc_*``, ``attn_sink``, ``ape``, ``e_score_correction_bias``; ``tid2eid`` of hash layers; ``mtp.*`` skipped; no tensor parallelism yet |
 | ``gpt_oss`` | gpt_oss | vLLM's names: ``model.embedding``, ``attn.qkv_proj`` with bias, ``attn.sinks``, ``mlp.router``, MXFP4 experts kept packed: ``mlp.experts.w13_weight`` (uint8 blocks), ``w13_weight_scale`` (E8M0), ``w13_bias``, same for ``w2``; or, into a model holding them in float, dequantized: ``w13_weight`` ``[E, 2I, H]`` (gate/up rows interleaved as stored), ``w2_weight`` ``[E, H, I]``, biases split to match (``w2_bias`` zero on TP ranks > 0) |
 
 Derived targets have the config's dtype (``torch_dtype``/``dtype``): FP8 checkpoint weights are
@@ -46,6 +47,7 @@ from ..layout import ShardPlacement
 from ..router import Rules
 from .builder import LLAMA_STACKED, Builder, Preset, embeddings, expert_params_mapping, layer_range
 from .deepseek import deepseek
+from .deepseek_v4 import DEEPSEEK_V4_RENAMES, DEEPSEEK_V4_STACKED, deepseek_v4
 from .gpt_oss import GPT_OSS_RENAMES, GPT_OSS_UNSTACK, GPT_OSS_VLLM_NAMES, gpt_oss, gpt_oss_expert_mapping, vllm_names
 from .kimi import kimi_k25, kimi_language_config
 from .llama import dense_or_moe
@@ -76,11 +78,16 @@ FAMILIES = {
     "nemotron_vl": ("NemotronH_Nano_VL_V2", "NemotronH_Nano_Omni_Reasoning_V3"),
     "kimi_k25": ("kimi_k25",),
     "minimax_m2": ("minimax_m2",),
+    "deepseek_v4": ("deepseek_v4",),
 }
 
 
 PRESETS = tuple(FAMILIES)
 WRAPPERS = ("nemotron_vl", "kimi_k25")  # a language model's preset under a prefix, towers passed through
+
+
+# architectures whose configs carry another model_type (sgl-project's DeepSeek-V4 FP8: "deepseek_ref")
+ARCHITECTURES = {"DeepseekV4ForCausalLM": "deepseek_v4"}
 
 
 def choose_preset(config: dict) -> str:
@@ -89,7 +96,11 @@ def choose_preset(config: dict) -> str:
         if mt in types:
             return preset
     archs = config.get("architectures")
-    archs = " ".join(a for a in archs if isinstance(a, str)) if isinstance(archs, list) else ""
+    archs = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
+    for a in archs:
+        if a in ARCHITECTURES:
+            return ARCHITECTURES[a]
+    archs = " ".join(archs)
     raise PyloaderInputError(
         f"no preset for model_type {mt!r} ({archs or 'no architectures'}); known: "
         f"{', '.join(t for ts in FAMILIES.values() for t in ts)}. Pass preset=… or your own rules and targets."
@@ -179,6 +190,14 @@ def _build(c: dict, name: str, parallel: Parallel, dtype: torch.dtype) -> Preset
                         (".indexer.wk_weights_proj", ".indexer.weights_proj", 1)]
         if c.get("n_routed_experts"):
             experts_map = expert_params_mapping(c["n_routed_experts"])
+    elif name == "deepseek_v4":
+        deepseek_v4(b, c, parallel, layers)
+        stacked = list(DEEPSEEK_V4_STACKED)
+        experts_map = expert_params_mapping(c["n_routed_experts"], "w1", "w3", "w2")
+        renames = DEEPSEEK_V4_RENAMES
+        skips = (("prefix", "mtp.", "MTP draft module (loaded by the draft model)"),)
+        if not last:
+            skips += (("prefix", "hc_head_", "final norm and head live on the last pipeline stage"),)
     elif name == "minimax_m2":
         minimax_m2(b, c, parallel, layers)
         experts_map = expert_params_mapping(c["num_local_experts"], "w1", "w3", "w2")
