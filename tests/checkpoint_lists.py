@@ -132,7 +132,7 @@ def deepseek_v4_entries(c, experts="fp4", dense="fp8"):
     ``ffn.experts.E.w1``, ``.scale``), MTP left out: float32 hyper-connection, sink, ``ape`` and gate
     bias tensors; hash layers' I32 ``tid2eid``; ``dense="fp8"``: the attention, compressor, indexer
     query and shared-expert projections in F8_E4M3 with F8_E8M0 128x128 ``.scale``; ``experts``:
-    ``"fp4"`` (I8 codes, F8_E8M0 per-32 ``.scale``), ``"fp8"`` (as dense) or ``"bf16"``."""
+    ``"fp4"`` (I8 codes, F8_E8M0 per-32 ``.scale``), ``"nvfp4"`` (ModelOpt), ``"fp8"`` (as dense) or ``"bf16"``."""
     H, heads, hd, qlr = c["hidden_size"], c["num_attention_heads"], c["head_dim"], c["q_lora_rank"]
     og, olr, ih, ihd, hc = c["o_groups"], c["o_lora_rank"], c["index_n_heads"], c["index_head_dim"], c["hc_mult"]
     E, inter = c["n_routed_experts"], c["moe_intermediate_size"]
@@ -146,6 +146,9 @@ def deepseek_v4_entries(c, experts="fp4", dense="fp8"):
             out.extend([(name + ".weight", (n, k), "F8_E4M3"), (name + ".scale", (-(-n // 128), -(-k // 128)), "F8_E8M0")])
         elif fmt == "fp4":
             out.extend([(name + ".weight", (n, k // 2), "I8"), (name + ".scale", (n, k // 32), "F8_E8M0")])
+        elif fmt == "nvfp4":  # ModelOpt
+            out.extend([(name + ".weight", (n, k // 2), "U8"), (name + ".weight_scale", (n, k // 16), "F8_E4M3"),
+                        (name + ".weight_scale_2", (), "F32"), (name + ".input_scale", (), "F32")])
         else:
             out.append((name + ".weight", (n, k), "BF16"))
 

@@ -98,9 +98,19 @@ class Declared:
     expert_fp4: bool = False                  # DeepSeek-V4 expert_dtype: fp4
     excluded: List[str] = field(default_factory=list)
     methods: Tuple[str, ...] = ()
+    # hf_quant_config.json's exclude_modules: what ModelOpt left alone, which may still be in the block
+    # FP8 that config.json declares (DeepSeek-V4-NVFP4: FP8 attention, NVFP4 experts)
+    modelopt_excluded: List[str] = field(default_factory=list)
 
-    def is_excluded(self, module: str) -> bool:
-        for pat in self.excluded:
+    def excludes(self, module: str, scheme: str) -> bool:
+        """Whether the config says ``module`` holds no ``scheme`` weight."""
+        if self.is_excluded(module, self.excluded):
+            return True
+        kept_fp8 = scheme == "fp8-block" and "fp8" in self.methods
+        return not kept_fp8 and self.is_excluded(module, self.modelopt_excluded)
+
+    def is_excluded(self, module: str, patterns: Optional[List[str]] = None) -> bool:
+        for pat in self.excluded + self.modelopt_excluded if patterns is None else patterns:
             if pat.startswith("re:"):
                 try:
                     if re.fullmatch(pat[3:], module) or re.fullmatch(pat[3:], module + "."):
@@ -137,10 +147,12 @@ def declared_from(config: Mapping, hf_quant_config: Optional[Mapping] = None) ->
             d.block = (wbs[0], wbs[1])
         if method in ("mxfp8", "mxfp4") or d.block == (1, 32):
             d.mx = True
+        # a ModelOpt pass over an FP8 release (its quant_algo in the same dict) lists what it left alone
+        by_modelopt = "quant_algo" in q or _as_dict(q.get("producer")).get("name") == "modelopt"
         for key in ("ignore", "modules_to_not_convert", "exclude_modules"):
             v = q.get(key)
             if isinstance(v, list):
-                d.excluded += [p for p in v if isinstance(p, str)]
+                (d.modelopt_excluded if by_modelopt else d.excluded).extend(p for p in v if isinstance(p, str))
         for group in _as_dict(q.get("config_groups")).values():
             w = _as_dict(_as_dict(group).get("weights"))
             if w.get("type") == "int":
@@ -152,7 +164,7 @@ def declared_from(config: Mapping, hf_quant_config: Optional[Mapping] = None) ->
         methods.append("modelopt")
         v = hq.get("exclude_modules")
         if isinstance(v, list):
-            d.excluded += [p for p in v if isinstance(p, str)]
+            d.modelopt_excluded += [p for p in v if isinstance(p, str)]
     d.methods = tuple(methods)
     return d
 
@@ -395,7 +407,7 @@ def recognize(tensors: Mapping[str, TensorInfo], config: Optional[Mapping] = Non
             q = _mxfp4_blocks(tensors, module, leaf, info)
         if q is None:
             continue
-        if d.is_excluded(module):
+        if d.excludes(module, q.scheme):
             raise CheckpointError(info.file, f"{q.scheme} weight in module {module!r}, which the config excludes from "
                                              "quantization: the config and the tensors disagree", name)
         for other in q.consumed[1:]:

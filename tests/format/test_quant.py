@@ -134,6 +134,9 @@ def test_declared_reads_real_configs():
     nv = json.loads((root / "deepseek-v4-flash-nvfp4" / "hf_quant_config.json").read_text())
     d = declared_from(json.loads((root / "deepseek-v4-flash-nvfp4" / "config.json").read_text()), nv)
     assert d.is_excluded("layers.0.attn.wq_a") and d.is_excluded("mtp.0.ffn") and not d.is_excluded("layers.0.ffn.experts.1")
+    # ModelOpt left the attention alone: in the release's own block FP8, never in NVFP4
+    assert not d.excludes("layers.0.attn.wq_a", "fp8-block") and d.excludes("layers.0.attn.wq_a", "nvfp4")
+    assert gpt.excludes("model.layers.3.self_attn", "fp8-block")  # no FP8 declared there: excluded is excluded
 
 
 # ---------------------------------------------------------------- fuzzed quantization declarations

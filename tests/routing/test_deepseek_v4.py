@@ -2,7 +2,10 @@
 layer, layers of compress ratio 4 and 128): every tensor of the checkpoint in DeepSeek's own naming
 routes into the deepseek_v4 preset's vLLM targets with none unexpected and every target covered,
 at both pipeline stages and under expert parallelism; the FP8 dense weights (E8M0 ``.scale``) and
-the FP4 experts are dequantizing reads; MTP modules are skipped."""
+the FP4 (E8M0 per-32, or NVIDIA's ModelOpt NVFP4 release) experts are dequantizing reads; MTP
+modules are skipped."""
+
+import json
 
 import pytest
 
@@ -13,7 +16,7 @@ from pyloader.parallel import Parallel
 from pyloader.routing.plan import build_plan
 from pyloader.routing.presets import build_preset
 
-from checkpoint_lists import config_of_folder, deepseek_v4_entries, synthetic
+from checkpoint_lists import SHARED, config_of_folder, deepseek_v4_entries, synthetic
 
 
 def _config(folder):
@@ -24,7 +27,7 @@ def _config(folder):
 
 
 @pytest.mark.parametrize("folder,experts", [("deepseek-v4-flash", "fp4"), ("deepseek-v4-pro", "fp4"),
-                                            ("deepseek-v4-flash-fp8", "fp8")])
+                                            ("deepseek-v4-flash-fp8", "fp8"), ("deepseek-v4-flash-nvfp4", "nvfp4")])
 @pytest.mark.parametrize("par", [Parallel(pp_rank=0, pp_size=2), Parallel(pp_rank=1, pp_size=2),
                                  Parallel(ep_rank=1, ep_size=4)], ids=["pp0", "pp1", "ep1"])
 def test_deepseek_v4_release_routes_into_vllm_targets(folder, experts, par):
@@ -32,7 +35,8 @@ def test_deepseek_v4_release_routes_into_vllm_targets(folder, experts, par):
     entries = deepseek_v4_entries(c, experts=experts)
     entries += [("mtp.0.attn.wq_a.weight", (c["q_lora_rank"], c["hidden_size"]), "BF16")]
     ck = synthetic(entries, folder)
-    rec = recognize(ck.tensors, c)
+    hq = SHARED / folder / "hf_quant_config.json"
+    rec = recognize(ck.tensors, c, json.loads(hq.read_text()) if hq.is_file() else None)
     preset = build_preset(c, parallel=par)
     plan = build_plan(ck, preset.targets, preset.rules, quant=rec)
     assert plan.summary.unexpected == [] and plan.missing == []
@@ -43,7 +47,7 @@ def test_deepseek_v4_release_routes_into_vllm_targets(folder, experts, par):
     expert = f"{a}.ffn.experts.{par.ep_rank * c['n_routed_experts'] // par.ep_size}.w1.weight"
     assert expert in dequant
     kinds = {p.quant.scheme for p in plan.pieces if p.quant is not None}
-    assert kinds == ({"fp4-e8m0"} if experts == "fp4" else set())
+    assert kinds == {"fp4": {"fp4-e8m0"}, "nvfp4": {"nvfp4"}}.get(experts, set())
 
 
 def test_deepseek_v4_refuses_tensor_parallelism_by_name():
