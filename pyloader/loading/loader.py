@@ -46,6 +46,7 @@ class LoadReport:
     unexpected: List[str] = field(default_factory=list)
     missing: List[str] = field(default_factory=list)            # targets not written
     bytes_read: int = 0
+    bytes_received: int = 0                                     # load(group=…): from the group's other ranks
     timings: Timings = field(default_factory=Timings)
     backend: str = ""
     preset: Optional[str] = None
@@ -142,7 +143,7 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
          tp=None, pp=None, ep=None, device=None, backend: Optional[str] = None, progress: bool = True,
          unexpected: str = "error", missing: str = "error", executor: Optional[ExecutorConfig] = None,
          hooks: Optional[Callable[[Optional[int]], None]] = None, gate: str = "error",
-         gate_limit: float = DEFAULT_LIMIT) -> LoadReport:
+         gate_limit: float = DEFAULT_LIMIT, group=None, staging: Optional[str] = None) -> LoadReport:
     """Load ``source`` into ``target`` (an ``nn.Module`` or a dict of tensors, already allocated).
 
     ``source``: a checkpoint directory, an index file or a list of ``.safetensors`` files (the fast
@@ -157,9 +158,20 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
     (``report.maxima``); ``"error"`` raises, once the load is done, listing each tensor whose
     values no weight has (beyond ``gate_limit``, NaN, or all zero from non-zero codes: a misread
     scale format); ``"warn"`` lists them in ``report.gate_warnings``; ``"off"`` skips it.
+    ``group``: a ``torch.distributed`` process group whose ranks all load this checkpoint directory,
+    each with its own ``tp``/``pp``/``ep``: each tensor is read by one rank and sent, still
+    quantized, to the ranks that need it (:mod:`pyloader.loading.group`; ``staging``: where a rank
+    stages what it holds, ``/dev/shm`` by default). ``report.bytes_read`` is then this rank's reads.
     Returns a :class:`LoadReport`; raises :class:`~pyloader.errors.PyloaderInputError` (with every
     problem listed) before any byte is written if the plan does not check out.
     """
+    if group is not None:
+        from .group import load_group
+
+        return load_group(target, source, group, load, config=config, preset=preset, tp=tp, pp=pp, ep=ep,
+                          staging=staging, rules=rules, device=device, backend=backend, progress=progress,
+                          unexpected=unexpected, missing=missing, executor=executor, hooks=hooks, gate=gate,
+                          gate_limit=gate_limit)
     t0 = time.perf_counter()
     measured = reset_peak_rss()
     checker = Gate(gate, gate_limit)

@@ -1,0 +1,168 @@
+"""``pyloader.load(..., group=…)``: the ranks of a ``torch.distributed`` group load one checkpoint
+reading each tensor's bytes once.
+
+Every rank derives every rank's plan (the same headers, rules and presets; the ranks' ``tp``/``pp``/
+``ep`` are gathered), so all know which checkpoint tensors each rank needs. Each needed tensor gets
+one reader: the needed tensors in file order are cut into one contiguous run a rank, balanced by
+bytes (a rank's reads stay in few files). Readers read their tensors; each tensor then goes, still
+quantized, only where it is needed: nowhere when its reader is its only user, point to point to a
+single other user, broadcast when several need it. Each rank then runs the one-process load into its
+own parameters (its TP slices, its experts, its layers) from what it holds.
+
+Staging: a rank's tensors are written at their own offsets into sparse copies of the checkpoint's
+files in a private directory (``/dev/shm`` where it exists), so the one-process load reads them
+as it reads a checkpoint, every format and layout included. This is the path of the gloo backend
+(CPU processes); device staging with NCCL is not built yet.
+"""
+
+import bisect
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Set, Tuple
+
+import torch
+
+from ..errors import PyloaderInputError
+from ..format.checkpoint import Checkpoint, open_checkpoint
+from ..format.quant import recognize_checkpoint
+from ..format.safetensors import TensorInfo
+from ..parallel import Parallel
+from ..routing.plan import build_plan
+from ..routing.presets import build_preset, load_config
+
+# beside the shards: what the one-process load reads from the directory itself
+_SIDE_FILES = ("config.json", "hf_quant_config.json", "model.safetensors.index.json")
+
+
+def needed_tensors(ck: Checkpoint, config: dict, preset: Optional[str], par: Parallel, quant=None) -> Set[str]:
+    """The checkpoint tensors a rank at ``par`` reads: its pieces' values and scales (a tensor read
+    in slices, like gpt-oss's stacked experts, counts whole)."""
+    p = build_preset(config, preset, par)
+    p.add_passthrough(ck.tensors)
+    plan = build_plan(ck, p.targets, p.rules, unexpected="ignore", block_size=p.block_size, quant=quant)
+    spans: Dict[Path, Tuple[List[int], List[TensorInfo]]] = {}
+    for info in sorted(ck.tensors.values(), key=lambda t: (str(t.file), t.start)):
+        starts, infos = spans.setdefault(info.file, ([], []))
+        starts.append(info.start)
+        infos.append(info)
+
+    def owner(info: Optional[TensorInfo]) -> Optional[str]:
+        if info is None or info.start < 0:
+            return None
+        starts, infos = spans[info.file]
+        t = infos[bisect.bisect_right(starts, info.start) - 1]
+        return t.name
+
+    out = set()
+    for piece in plan.pieces:
+        out.add(owner(piece.source))
+        out.add(owner(piece.scale))
+        if piece.quant is not None:
+            out.update(owner(t) for t in (piece.quant.values, piece.quant.scale, piece.quant.global_scale))
+    out.discard(None)
+    return out
+
+
+def assign_readers(order: Sequence[TensorInfo], world: int) -> Dict[str, int]:
+    """Tensors in file order cut into ``world`` contiguous runs of about equal bytes."""
+    total = sum(t.nbytes for t in order)
+    out, acc = {}, 0
+    for t in order:
+        out[t.name] = min(world - 1, acc * world // max(1, total))
+        acc += t.nbytes
+    return out
+
+
+def load_group(target, source, group, load, *, config=None, preset: Optional[str] = None, tp=None, pp=None, ep=None,
+               staging: Optional[str] = None, **kw):
+    """``load`` (the one-process :func:`pyloader.load`) for this rank of ``group``; see the module."""
+    import torch.distributed as dist
+
+    from .loader import rank_pair
+
+    if kw.get("rules") is not None:
+        raise PyloaderInputError("load(group=…) routes with a preset: rules= is not supported with a group yet")
+    if not isinstance(source, (str, Path)) or not Path(source).is_dir():
+        raise PyloaderInputError("load(group=…) reads a checkpoint directory (each tensor once, over the group)")
+    ck = open_checkpoint(source)
+    cfg = load_config(config if config is not None else ck.config_path)
+    if not cfg:
+        raise PyloaderInputError(f"{source}: load(group=…) needs the config (config.json, or config=)")
+    world, me = dist.get_world_size(group), dist.get_rank(group)
+    coords = [None] * world
+    dist.all_gather_object(coords, (rank_pair(tp, "tp"), rank_pair(pp, "pp"), rank_pair(ep, "ep")), group=group)
+    quant = recognize_checkpoint(ck, cfg)
+    needs = [needed_tensors(ck, cfg, preset, Parallel(t[0], t[1], p[0], p[1], e[0], e[1]), quant) for t, p, e in coords]
+    order = sorted((ck.tensors[n] for n in set().union(*needs)), key=lambda t: (str(t.file), t.start))
+    readers = assign_readers(order, world)
+    held: Dict[str, torch.Tensor] = {}
+    read = received = 0
+    fds: Dict[Path, int] = {}
+    try:
+        for t in order:
+            if readers[t.name] == me:
+                fd = fds.get(t.file)
+                if fd is None:
+                    fd = fds[t.file] = os.open(t.file, os.O_RDONLY)
+                held[t.name] = torch.frombuffer(bytearray(os.pread(fd, t.nbytes, t.start)), dtype=torch.uint8)
+                if held[t.name].numel() != t.nbytes:
+                    raise PyloaderInputError(f"{t.file}, tensor {t.name!r}: the file ends inside it")
+                read += t.nbytes
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    for t in order:  # every rank walks the same list, so the collectives pair up
+        src = readers[t.name]
+        users = {r for r in range(world) if t.name in needs[r]} - {src}
+        if not users:
+            continue
+        buf = held.get(t.name)
+        if buf is None:
+            buf = torch.empty(t.nbytes, dtype=torch.uint8)
+        if len(users) == 1:
+            (dst,) = users
+            if me == src:
+                dist.send(buf, dist.get_global_rank(group, dst) if group is not None else dst, group=group)
+            elif me == dst:
+                dist.recv(buf, dist.get_global_rank(group, src) if group is not None else src, group=group)
+                held[t.name], received = buf, received + t.nbytes
+        else:
+            dist.broadcast(buf, dist.get_global_rank(group, src) if group is not None else src, group=group)
+            if me in users:
+                held[t.name], received = buf, received + t.nbytes
+    root = Path(tempfile.mkdtemp(prefix=f"pyloader-rank{me}-", dir=staging or _staging_dir()))
+    try:
+        _stage(ck, Path(source), root, {n: b for n, b in held.items() if n in needs[me]})
+        report = load(target, root, config=cfg, preset=preset, tp=tp, pp=pp, ep=ep, **kw)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    report.bytes_read, report.bytes_received, report.io = read, received, f"group of {world}"
+    return report
+
+
+def _staging_dir() -> Optional[str]:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+
+
+def _stage(ck: Checkpoint, source: Path, root: Path, held: Dict[str, torch.Tensor]) -> None:
+    """Sparse copies of the checkpoint's files holding only ``held``'s tensors, at their offsets."""
+    for name in _SIDE_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, root / name)
+    by_file: Dict[Path, List[str]] = {}
+    for n in held:
+        by_file.setdefault(ck.tensors[n].file, []).append(n)
+    for f in ck.files:
+        with open(f, "rb") as h:
+            head = h.read(8)
+            head += h.read(int.from_bytes(head, "little"))  # the header: the one-process load parses it again
+        out = root / f.relative_to(source)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "wb") as h:
+            h.write(head)
+            h.truncate(os.path.getsize(f))
+            for n in by_file.get(f, ()):
+                h.seek(ck.tensors[n].start)
+                h.write(held[n].numpy().tobytes())

@@ -1,0 +1,110 @@
+"""``pyloader.load(..., group=…)`` in several processes over gloo: every rank ends with bitwise the
+parameters of a one-process load at its own ``tp``/``pp``/``ep`` (TP, uneven PP, EP, TP x PP; FP8
+and gpt-oss MXFP4 dequantized per expert), and each checkpoint byte is read by exactly one process:
+the ranks' reads add up to the bytes of the tensors anyone needs, each needed tensor once."""
+
+import json
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import pyloader
+from pyloader.format.checkpoint import open_checkpoint
+from pyloader.format.quant import recognize_checkpoint
+from pyloader.loading.group import assign_readers, needed_tensors
+from pyloader.parallel import Parallel
+from pyloader.routing.layout import ABSENT
+from pyloader.routing.presets import build_preset
+from pyloader.synthetic import allocate_targets, write_checkpoint
+
+from helpers import assert_bitwise_equal, poison_
+from tiny_models import TINY
+
+
+def _targets(config, par):
+    """The rank's targets, in the dequantized layout where a preset has one (gpt-oss's experts)."""
+    specs = {}
+    for n, spec in build_preset(config, parallel=par).targets.items():
+        alt = spec.alternative
+        if alt is None:
+            specs[n] = spec
+        elif alt != ABSENT:
+            specs[n] = alt
+    return {n: poison_(t) for n, t in allocate_targets(specs, "cpu").items()}
+
+
+def _worker(rank, world, store, ck, config, layouts, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        tp, pp, ep = layouts[rank]
+        par = Parallel(tp[0], tp[1], pp[0], pp[1], ep[0], ep[1])
+        got = _targets(config, par)
+        report = pyloader.load(got, ck, tp=tp, pp=pp, ep=ep, backend="torch", progress=False, group=dist.group.WORLD)
+        want = _targets(config, par)
+        pyloader.load(want, ck, tp=tp, pp=pp, ep=ep, backend="torch", progress=False)
+        for name in want:
+            assert_bitwise_equal(got[name], want[name], f"rank {rank} {name}")
+        assert report.missing == [] and report.unexpected == []
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump({"read": report.bytes_read, "received": report.bytes_received, "io": report.io}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _run(tmp_path, ck, config, layouts):
+    world = len(layouts)
+    mp.spawn(_worker, args=(world, str(tmp_path / "store"), str(ck), config, layouts, str(tmp_path / "out")),
+             nprocs=world, join=True)
+    reports = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(world)]
+    c = open_checkpoint(ck)
+    quant = recognize_checkpoint(c, config)
+    needed = set().union(*(needed_tensors(c, config, None, Parallel(t[0], t[1], p[0], p[1], e[0], e[1]), quant)
+                           for t, p, e in layouts))
+    total = sum(c.tensors[n].nbytes for n in needed)
+    assert sum(r["read"] for r in reports) == total  # each byte once
+    assert all(r["io"] == f"group of {world}" for r in reports)
+    return reports, total
+
+
+ONE = ((0, 1), (0, 1), (0, 1))
+
+
+@pytest.mark.parametrize("case", ["tp2", "pp2_uneven", "ep2"])
+def test_two_ranks_read_each_byte_once_and_load_what_one_process_loads(tmp_path, case):
+    family = {"tp2": "qwen3_moe", "pp2_uneven": "deepseek_v3", "ep2": "qwen3_moe"}[case]
+    c = dict(TINY[family], quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
+    if case == "pp2_uneven":
+        c["num_hidden_layers"] = 3
+    ck = write_checkpoint(tmp_path / "ck", c, fp8=True, shard_bytes=300_000)
+    layouts = {"tp2": [((r, 2), (0, 1), (0, 1)) for r in range(2)],
+               "pp2_uneven": [((0, 1), (r, 2), (0, 1)) for r in range(2)],
+               "ep2": [((0, 1), (0, 1), (r, 2)) for r in range(2)]}[case]
+    reports, total = _run(tmp_path, ck, c, layouts)
+    if case == "tp2":  # both ranks need every tensor: what one did not read, it received
+        assert all(r["read"] + r["received"] == total for r in reports) and all(r["read"] for r in reports)
+    if case == "pp2_uneven":  # the stages need disjoint tensors: each byte travels at most once
+        assert sum(r["read"] + r["received"] for r in reports) <= 2 * total
+
+
+def test_four_ranks_tp2_by_pp2_with_gpt_oss_mxfp4_experts_dequantized(tmp_path):
+    from test_gpt_oss_dequantized import CONFIG, _checkpoint
+
+    _checkpoint(tmp_path / "ck")
+    layouts = [((r % 2, 2), (r // 2, 2), (0, 1)) for r in range(4)]
+    _run(tmp_path, tmp_path / "ck", CONFIG, layouts)
+
+
+def test_readers_split_the_bytes_in_file_order():
+    from pyloader.format.safetensors import TensorInfo
+
+    infos = [TensorInfo(f"t{i}", "U8", (n,), "f", 0, n) for i, n in enumerate([10, 10, 40, 20, 20])]
+    assert assign_readers(infos, 2) == {"t0": 0, "t1": 0, "t2": 0, "t3": 1, "t4": 1}
+    assert set(assign_readers(infos, 5).values()) <= set(range(5))
+
+
+def test_a_group_needs_a_checkpoint_directory(tmp_path):
+    with pytest.raises(pyloader.PyloaderInputError, match="checkpoint directory"):
+        pyloader.load({"x": torch.zeros(1)}, {"x": torch.zeros(1)}, group=object())
