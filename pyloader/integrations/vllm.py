@@ -18,6 +18,9 @@ vLLM's ``process_weights_after_loading`` then runs as after its own loader. Opti
 - ``source``: ``"files"`` (default: pyloader's own ranged reads), ``"runai"`` (run:ai model
   streamer's ``SafetensorsStreamer``: tensors yielded from one reused buffer, each consumed before
   the next) or ``"safetensors"`` (the safetensors library's reader, tensor by tensor).
+- ``shared_reads`` (default False): the engine's ranks read each checkpoint tensor once between them
+  and send it, still quantized, to the ranks that need it (``pyloader.load(group=…)`` over vLLM's
+  CPU world group); ``source="files"`` only.
 
 Every problem (a name nothing routes, with did-you-mean hints; a parameter nothing writes; a shape
 that disagrees) is raised before any weight is read, naming the tensors.
@@ -45,7 +48,7 @@ from ..routing.presets import build_preset
 
 logger = init_logger("vllm.pyloader")  # under vLLM's logger: the lines appear in its log
 
-OPTIONS = ("dequantize", "preset", "unexpected", "missing", "backend", "progress", "source")
+OPTIONS = ("dequantize", "preset", "unexpected", "missing", "backend", "progress", "source", "shared_reads")
 SOURCES = ("files", "runai", "safetensors")
 
 
@@ -115,12 +118,20 @@ class PyloaderModelLoader(BaseModelLoader):
                                          f"pyloader's partition {ours[0]}..{ours[1] - 1} (VLLM_PP_LAYER_PARTITION "
                                          "is not supported yet)")
         t0 = time.perf_counter()
+        group = None
+        if self.options.get("shared_reads"):
+            if self.options.get("source", "files") != "files":
+                raise PyloaderInputError("load_format='pyloader': shared_reads reads the checkpoint files "
+                                         "(source='files')")
+            from vllm.distributed import get_world_group
+
+            group = get_world_group().cpu_group
         with _source(folder, self.options.get("source", "files")) as source:
             self.report = load(targets, source, config=config, preset=self.options.get("preset"), tp=tp, pp=pp, ep=ep,
                                backend=self.options.get("backend"),
                                progress=bool(self.options.get("progress", True)),
                                unexpected=self.options.get("unexpected", "error"),
-                               missing=self.options.get("missing", "error"))
+                               missing=self.options.get("missing", "error"), group=group)
         r = self.report
         logger.info("pyloader: %s; tp %d/%d pp %d/%d ep %d/%d; %d checkpoint tensors skipped%s; %.2f s",
                     r.summary(), tp[0], tp[1], pp[0], pp[1], ep[0], ep[1], len(r.skipped),

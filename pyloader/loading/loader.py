@@ -66,7 +66,9 @@ class LoadReport:
         return (f"loaded {len(self.loaded)} targets, {self.bytes_read / 1e9:.2f} GB in {t.wall_s:.2f} s "
                 f"({self.gbps:.1f} GB/s); read {t.read_s:.2f} thread-s (waited {t.wait_read_s:.2f} s), "
                 f"H2D {t.h2d_s:.2f} s, transforms {t.transform_s:.2f} s; backend {self.backend}"
-                + (f"; peak resident {self.peak_rss / 2**30:.2f} GiB" if self.peak_rss else ""))
+                + (f"; peak resident {self.peak_rss / 2**30:.2f} GiB" if self.peak_rss else "")
+                + (f"; {self.io}: this rank read {self.bytes_read / 1e9:.2f} GB, received "
+                   f"{self.bytes_received / 1e9:.2f} GB" if self.io.startswith("group") else ""))
 
 
 def target_tensors(target) -> Dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ class EngineFailed(AssertionError):
         self.output = output
 
 
-def run(model: Path, options: dict, expect_ok: bool = True):
+def run(model: Path, options: dict, expect_ok: bool = True, output: bool = False):
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=os.pathsep.join(sys.path))
     ranks = options.get("tensor_parallel_size", 1) * options.get("pipeline_parallel_size", 1)
     if ranks > 1:  # vLLM's CPU backend binds a worker per NUMA node; these hosts have one: a core each
@@ -45,7 +45,10 @@ def run(model: Path, options: dict, expect_ok: bool = True):
         return p.stdout + p.stderr
     if p.returncode != 0 or not lines:
         raise EngineFailed(f"vLLM failed (exit {p.returncode}):\n{p.stderr[-6000:]}", p.stdout + p.stderr)
-    return json.loads(lines[-1][len("RESULT "):])
+    result = json.loads(lines[-1][len("RESULT "):])
+    if output:
+        result["output"] = p.stdout + p.stderr
+    return result
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +98,17 @@ def test_tensor_parallel_2_through_pyloader_equals_vllm(models, kind):
     tp = {"tensor_parallel_size": 2}
     source = models[kind]["mxfp4" if kind == "gpt_oss" else "fp8"]
     same(run(source, dict(PYLOADER, **tp)), run(models[kind]["ref"], tp))
+
+
+def test_shared_reads_across_tensor_parallel_ranks(models):
+    """``shared_reads``: vLLM's two ranks read each tensor once between them (pyloader.load(group=…)
+    over vLLM's CPU world group) and load what each loads alone."""
+    tp = {"tensor_parallel_size": 2}
+    opts = json.loads(json.dumps(PYLOADER))
+    opts["model_loader_extra_config"]["shared_reads"] = True
+    got = run(models["qwen3_moe"]["fp8"], dict(opts, **tp), output=True)
+    assert "group of 2" in got["output"]
+    same(got, run(models["qwen3_moe"]["ref"], tp))
 
 
 def test_deepseek_v4_fp8_and_fp4_experts_dequantized_into_vllm_bf16(models):
