@@ -124,6 +124,14 @@ def cmd_bench(args) -> int:
     if args.plot:
         require_matplotlib()  # refused before the benchmark runs, not after
 
+    if args.nproc is not None:
+        from .bench.group import run_group_bench
+
+        rows = run_group_bench(args.nproc, size_gb=args.size_gb, checkpoint=args.checkpoint, cold=args.cold,
+                               repeats=args.repeats, results_path=args.results, keep=args.tmpdir)
+        if args.plot:
+            plot_rows(rows, args.plot)
+        return 0
     rows = run_bench(checkpoint=args.checkpoint, size_gb=args.size_gb, preset=args.preset, device=args.device,
                      cold=args.cold, peers=args.peers, repeats=args.repeats, results_path=args.results, keep=args.tmpdir)
     if args.plot:
@@ -179,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3, help="loads a provider (default 3); the median and range are reported")
     b.add_argument("--results", help="append the result rows to this JSON-lines results log")
     b.add_argument("--plot", help="write a PNG bar chart of the rows (needs matplotlib: pip install 'pyloader-kernels[plot]')")
+    b.add_argument("--nproc", type=int, help="N local processes at tensor parallel N: each byte read once over the "
+                                             "group against every rank reading for itself (aggregate GB/s)")
     b.add_argument("--tmpdir", help="where to write the synthetic checkpoint (default: the system temp dir)")
     b.set_defaults(func=cmd_bench)
     return ap

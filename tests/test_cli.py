@@ -164,3 +164,17 @@ def test_a_scale_grid_that_contradicts_the_declared_blocks_is_refused_by_inspect
         pyloader.load(allocate_targets(build_preset(c).targets, "cpu"), d, backend="torch", progress=False)
     assert main(["convert", str(d), str(tmp_path / "out"), "--device", "cpu", "--no-progress"]) == 2
     assert needle in capsys.readouterr().err and not (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+def test_bench_nproc_compares_the_group_with_every_rank_reading(tmp_path):
+    """``pyloader bench --nproc 2``: two processes at tensor parallel 2, each byte read once over the
+    group against every rank reading for itself; the group reads the checkpoint's bytes once in all
+    (whole tensors), and its loads match each rank's own (checked inside the bench)."""
+    out = tmp_path / "results.jsonl"
+    assert main(["bench", "--nproc", "2", "--size-gb", "0.02", "--repeats", "2", "--results", str(out),
+                 "--tmpdir", str(tmp_path)]) == 0
+    rows = {r["provider"]: dict(r, **r["config"]) for r in map(json.loads, out.read_text().splitlines())}
+    group, alone = rows["pyloader group (each byte read once)"], rows["pyloader, every rank reads"]
+    assert group["bench"] == "e2e-group" and group["nproc"] == 2 and len(group["repeats"]) == 2
+    assert sum(group["bytes_read_per_rank"]) == group["checkpoint_bytes"]
+    assert all(0 < b < alone["checkpoint_bytes"] for b in alone["bytes_read_per_rank"])  # each its TP rows

@@ -56,10 +56,11 @@ def baseline(models):
     """vLLM's own loader on each BF16 checkpoint of dequantized values."""
     cache = {}
 
-    def get(kind, ref="ref"):
-        if (kind, ref) not in cache:
-            cache[kind, ref] = run(models[kind][ref], {})
-        return cache[kind, ref]
+    def get(kind, ref="ref", **options):
+        key = (kind, ref, json.dumps(options, sort_keys=True))
+        if key not in cache:
+            cache[key] = run(models[kind][ref], options)
+        return cache[key]
     return get
 
 
@@ -92,15 +93,15 @@ def test_fp8_checkpoint_through_pyloader_equals_vllm_on_the_dequantized_bf16(mod
 
 
 @pytest.mark.parametrize("kind", ["qwen3_moe", "minimax_m2", "gpt_oss"])
-def test_tensor_parallel_2_through_pyloader_equals_vllm(models, kind):
+def test_tensor_parallel_2_through_pyloader_equals_vllm(models, baseline, kind):
     """vLLM's own tensor-parallel ranks (its shards of qkv, the experts, MiniMax's q/k norms over
     all heads, gpt-oss's interleaved gate/up rows and its down bias kept on rank 0 only) drive pyloader's."""
     tp = {"tensor_parallel_size": 2}
     source = models[kind]["mxfp4" if kind == "gpt_oss" else "fp8"]
-    same(run(source, dict(PYLOADER, **tp)), run(models[kind]["ref"], tp))
+    same(run(source, dict(PYLOADER, **tp)), baseline(kind, **tp))
 
 
-def test_shared_reads_across_tensor_parallel_ranks(models):
+def test_shared_reads_across_tensor_parallel_ranks(models, baseline):
     """``shared_reads``: vLLM's two ranks read each tensor once between them (pyloader.load(group=…)
     over vLLM's CPU world group) and load what each loads alone."""
     tp = {"tensor_parallel_size": 2}
@@ -108,17 +109,18 @@ def test_shared_reads_across_tensor_parallel_ranks(models):
     opts["model_loader_extra_config"]["shared_reads"] = True
     got = run(models["qwen3_moe"]["fp8"], dict(opts, **tp), output=True)
     assert "group of 2" in got["output"]
-    same(got, run(models["qwen3_moe"]["ref"], tp))
+    same(got, baseline("qwen3_moe", **tp))
 
 
-def test_deepseek_v4_fp8_and_fp4_experts_dequantized_into_vllm_bf16(models):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_deepseek_v4_fp8_and_fp4_experts_dequantized_into_vllm_bf16(models, baseline, tp):
     """DeepSeek-V4 as released (its own names; FP8 attention, compressor, indexer and shared experts
     with E8M0 block scales, FP4 routed experts with E8M0 per-32 scales) into vLLM's unquantized
-    DeepSeek-V4: every parameter and buffer equal, byte for byte, to vLLM's own loader on the BF16
-    checkpoint of the dequantized values. Loaded only: vLLM 0.32's CPU build cannot run its forward
-    (the sparse-attention metadata is a Triton kernel)."""
-    load_only = {"generate": False}
-    same(run(models["deepseek_v4"]["fp8"], dict(PYLOADER, **load_only)), run(models["deepseek_v4"]["ref"], load_only))
+    DeepSeek-V4, at each tensor-parallel rank: every parameter and buffer equal, byte for byte, to
+    vLLM's own loader on the BF16 checkpoint of the dequantized values. Loaded only: vLLM 0.32's CPU
+    build cannot run its forward (the sparse-attention metadata is a Triton kernel)."""
+    opts = {"generate": False, "tensor_parallel_size": tp}
+    same(run(models["deepseek_v4"]["fp8"], dict(PYLOADER, **opts)), baseline("deepseek_v4", **opts))
 
 
 def test_gpt_oss_mxfp4_experts_dequantized_into_vllm_bf16(models, baseline):

@@ -29,7 +29,8 @@ def _config(folder):
 @pytest.mark.parametrize("folder,experts", [("deepseek-v4-flash", "fp4"), ("deepseek-v4-pro", "fp4"),
                                             ("deepseek-v4-flash-fp8", "fp8"), ("deepseek-v4-flash-nvfp4", "nvfp4")])
 @pytest.mark.parametrize("par", [Parallel(pp_rank=0, pp_size=2), Parallel(pp_rank=1, pp_size=2),
-                                 Parallel(ep_rank=1, ep_size=4)], ids=["pp0", "pp1", "ep1"])
+                                 Parallel(ep_rank=1, ep_size=4), Parallel(tp_rank=1, tp_size=4)],
+                         ids=["pp0", "pp1", "ep1", "tp1"])
 def test_deepseek_v4_release_routes_into_vllm_targets(folder, experts, par):
     c = _config(folder)
     entries = deepseek_v4_entries(c, experts=experts)
@@ -50,7 +51,13 @@ def test_deepseek_v4_release_routes_into_vllm_targets(folder, experts, par):
     assert kinds == {"fp4": {"fp4-e8m0"}, "nvfp4": {"nvfp4"}}.get(experts, set())
 
 
-def test_deepseek_v4_refuses_tensor_parallelism_by_name():
-    c = _config("deepseek-v4-flash")
-    with pytest.raises(PyloaderInputError, match="deepseek_v4 preset has no tensor-parallel layout"):
-        build_preset(c, parallel=Parallel(tp_rank=0, tp_size=2))
+def test_deepseek_v4_tensor_parallel_splits_heads_and_output_groups():
+    c = _config("deepseek-v4-flash")  # 64 heads of 512, 8 output groups of rank 1024
+    t = build_preset(c, parallel=Parallel(tp_rank=3, tp_size=8)).targets
+    a = "model.layers.1.attn"
+    assert t[f"{a}.wq_b.weight"].shape == (8 * 512, 1024) and t[f"{a}.attn_sink"].shape == (8,)
+    assert t[f"{a}.wo_a.weight"].shape == (1024, 64 * 512 // 8) and t[f"{a}.wo_b.weight"].shape == (4096, 1024)
+    assert t[f"{a}.wo_a.weight"].shards[None].src_rows == (3 * 1024, 4 * 1024)
+    assert t[f"{a}.fused_wqa_wkv.weight"].shape == (1024 + 512, 4096)  # the latent KV: replicated
+    with pytest.raises(PyloaderInputError, match="do not split over tp_size 16"):
+        build_preset(c, parallel=Parallel(tp_rank=0, tp_size=16))

@@ -6,7 +6,9 @@ compressor of layers whose ``compress_ratios`` entry is non-zero (``compressor.f
 ``ape``; ratio 4 overlaps two windows, so twice the width) and the sparse-attention indexer of
 ratio-4 layers (with its own compressor), hash-routed first layers (``ffn.gate.tid2eid``) then
 ``e_score_correction_bias`` (the checkpoint's ``ffn.gate.bias``), shared experts, routed experts
-``w13``/``w2``; MTP modules skipped. Tensor parallelism is not derived yet."""
+``w13``/``w2``; MTP modules skipped. Tensor parallel as vLLM's: the query heads (``wq_b``, ``attn_sink``)
+and output groups (``wo_a`` rows, ``wo_b`` columns) split, the latent KV projection, compressors,
+indexer and hyper-connections replicated, experts and shared experts split as MLPs."""
 
 
 import torch
@@ -15,9 +17,6 @@ from ...errors import PyloaderInputError
 
 
 def deepseek_v4(b, c, par, layers):
-    if par.tp_size > 1:
-        raise PyloaderInputError("the deepseek_v4 preset has no tensor-parallel layout yet (tp_size "
-                                 f"{par.tp_size}); pipeline and expert parallelism work")
     hidden, heads, hd = c["hidden_size"], c["num_attention_heads"], c["head_dim"]
     qlr, og, olr = c["q_lora_rank"], c["o_groups"], c["o_lora_rank"]
     ih, ihd = c["index_n_heads"], c["index_head_dim"]
@@ -39,13 +38,16 @@ def deepseek_v4(b, c, par, layers):
             b.replicated(f"{p}.hc_{part}_base", (mix,), i, dtype=f32)
             b.replicated(f"{p}.hc_{part}_scale", (3,), i, dtype=f32)
         a = f"{p}.attn"
-        b.replicated(f"{a}.attn_sink", (heads,), i, dtype=f32)
+        if heads % par.tp_size or og % par.tp_size:
+            raise PyloaderInputError(f"deepseek_v4: {heads} heads in {og} output groups do not split over "
+                                     f"tp_size {par.tp_size}")
+        b.column(f"{a}.attn_sink", (heads,), i, dtype=f32)
         b.stacked_column(f"{a}.fused_wqa_wkv.weight", [(0, (qlr, hidden), (0, qlr)), (1, (hd, hidden), (0, hd))], i)
         b.replicated(f"{a}.q_norm.weight", (qlr,), i)
-        b.replicated(f"{a}.wq_b.weight", (heads * hd, qlr), i)
+        b.column(f"{a}.wq_b.weight", (heads * hd, qlr), i, unit=hd)
         b.replicated(f"{a}.kv_norm.weight", (hd,), i)
-        b.replicated(f"{a}.wo_a.weight", (og * olr, heads * hd // og), i)
-        b.replicated(f"{a}.wo_b.weight", (hidden, og * olr), i)
+        b.column(f"{a}.wo_a.weight", (og * olr, heads * hd // og), i, unit=olr)  # a rank's groups of heads
+        b.row(f"{a}.wo_b.weight", (hidden, og * olr), i, unit=olr)
         ratio = ratios[i] if i < len(ratios) else 0
         if ratio:
             _compressor(b, f"{a}.compressor", i, ratio, hd, hidden)
