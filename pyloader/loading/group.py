@@ -2,11 +2,11 @@
 reading each tensor's bytes once.
 
 Every rank derives every rank's plan (the same headers, rules and presets; the ranks' ``tp``/``pp``/
-``ep`` are gathered), so all know which checkpoint tensors each rank needs. Each needed tensor gets
-one reader: the needed tensors in file order are cut into one contiguous run a rank, balanced by
-bytes (a rank's reads stay in few files). Readers read their tensors; each tensor then goes, still
-quantized, only where it is needed: nowhere when its reader is its only user, point to point to a
-single other user, broadcast when several need it. Each rank then runs the one-process load into its
+``ep`` and nodes are gathered), so all know which checkpoint tensors each rank needs. Only the ranks
+of a node share a page cache, so each node reads what its ranks need once: in file order, cut into
+one contiguous run a rank of the node, balanced by bytes (a rank's reads stay in few files). Readers read their tensors; each tensor then goes, still
+quantized, only where it is needed inside its node: nowhere when its reader is its only user, point
+to point to a single other user, broadcast (over the node's group) when several need it. Each rank then runs the one-process load into its
 own parameters (its TP slices, its experts, its layers) from what it holds.
 
 Staging: a rank's tensors are written at their own offsets into sparse copies of the checkpoint's
@@ -76,8 +76,12 @@ def assign_readers(order: Sequence[TensorInfo], world: int) -> Dict[str, int]:
 
 
 def load_group(target, source, group, load, *, config=None, preset: Optional[str] = None, tp=None, pp=None, ep=None,
-               staging: Optional[str] = None, **kw):
-    """``load`` (the one-process :func:`pyloader.load`) for this rank of ``group``; see the module."""
+               staging: Optional[str] = None, node: Optional[str] = None, **kw):
+    """``load`` (the one-process :func:`pyloader.load`) for this rank of ``group``; see the module.
+    ``node``: this rank's machine (default: its host name); the ranks of a node share its page cache,
+    so each node reads what its ranks need once, and tensors travel only inside a node."""
+    import socket
+
     import torch.distributed as dist
 
     from .loader import rank_pair
@@ -91,12 +95,21 @@ def load_group(target, source, group, load, *, config=None, preset: Optional[str
     if not cfg:
         raise PyloaderInputError(f"{source}: load(group=…) needs the config (config.json, or config=)")
     world, me = dist.get_world_size(group), dist.get_rank(group)
-    coords = [None] * world
-    dist.all_gather_object(coords, (rank_pair(tp, "tp"), rank_pair(pp, "pp"), rank_pair(ep, "ep")), group=group)
+    info = [None] * world
+    dist.all_gather_object(info, (rank_pair(tp, "tp"), rank_pair(pp, "pp"), rank_pair(ep, "ep"),
+                                  node if node is not None else socket.gethostname()), group=group)
     quant = recognize_checkpoint(ck, cfg)
-    needs = [needed_tensors(ck, cfg, preset, Parallel(t[0], t[1], p[0], p[1], e[0], e[1]), quant) for t, p, e in coords]
-    order = sorted((ck.tensors[n] for n in set().union(*needs)), key=lambda t: (str(t.file), t.start))
-    readers = assign_readers(order, world)
+    needs = [needed_tensors(ck, cfg, preset, Parallel(t[0], t[1], p[0], p[1], e[0], e[1]), quant)
+             for t, p, e, _ in info]
+    nodes = list(dict.fromkeys(n for *_, n in info))
+    members = {n: [r for r in range(world) if info[r][3] == n] for n in nodes}
+    # every rank creates every node's group, in one order, as torch.distributed requires
+    subgroups = {n: (group if len(nodes) == 1 else dist.new_group([_global(dist, group, r) for r in members[n]]))
+                 for n in nodes}
+    mine = members[info[me][3]]
+    sub = subgroups[info[me][3]]
+    order = sorted((ck.tensors[n] for n in set().union(*(needs[r] for r in mine))), key=lambda t: (str(t.file), t.start))
+    readers = {name: mine[i] for name, i in assign_readers(order, len(mine)).items()}
     held: Dict[str, torch.Tensor] = {}
     read = received = 0
     fds: Dict[Path, int] = {}
@@ -113,9 +126,9 @@ def load_group(target, source, group, load, *, config=None, preset: Optional[str
     finally:
         for fd in fds.values():
             os.close(fd)
-    for t in order:  # every rank walks the same list, so the collectives pair up
+    for t in order:  # every rank of the node walks the same list, so the collectives pair up
         src = readers[t.name]
-        users = {r for r in range(world) if t.name in needs[r]} - {src}
+        users = {r for r in mine if t.name in needs[r]} - {src}
         if not users:
             continue
         buf = held.get(t.name)
@@ -124,12 +137,12 @@ def load_group(target, source, group, load, *, config=None, preset: Optional[str
         if len(users) == 1:
             (dst,) = users
             if me == src:
-                dist.send(buf, dist.get_global_rank(group, dst) if group is not None else dst, group=group)
+                dist.send(buf, _global(dist, group, dst), group=group)
             elif me == dst:
-                dist.recv(buf, dist.get_global_rank(group, src) if group is not None else src, group=group)
+                dist.recv(buf, _global(dist, group, src), group=group)
                 held[t.name], received = buf, received + t.nbytes
         else:
-            dist.broadcast(buf, dist.get_global_rank(group, src) if group is not None else src, group=group)
+            dist.broadcast(buf, _global(dist, group, src), group=sub)
             if me in users:
                 held[t.name], received = buf, received + t.nbytes
     root = Path(tempfile.mkdtemp(prefix=f"pyloader-rank{me}-", dir=staging or _staging_dir()))
@@ -140,6 +153,10 @@ def load_group(target, source, group, load, *, config=None, preset: Optional[str
         shutil.rmtree(root, ignore_errors=True)
     report.bytes_read, report.bytes_received, report.io = read, received, f"group of {world}"
     return report
+
+
+def _global(dist, group, rank: int) -> int:
+    return dist.get_global_rank(group, rank) if group is not None and group is not dist.group.WORLD else rank
 
 
 def _staging_dir() -> Optional[str]:

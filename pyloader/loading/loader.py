@@ -145,7 +145,8 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
          tp=None, pp=None, ep=None, device=None, backend: Optional[str] = None, progress: bool = True,
          unexpected: str = "error", missing: str = "error", executor: Optional[ExecutorConfig] = None,
          hooks: Optional[Callable[[Optional[int]], None]] = None, gate: str = "error",
-         gate_limit: float = DEFAULT_LIMIT, group=None, staging: Optional[str] = None) -> LoadReport:
+         gate_limit: float = DEFAULT_LIMIT, group=None, staging: Optional[str] = None,
+         node: Optional[str] = None) -> LoadReport:
     """Load ``source`` into ``target`` (an ``nn.Module`` or a dict of tensors, already allocated).
 
     ``source``: a checkpoint directory, an index file or a list of ``.safetensors`` files (the fast
@@ -163,7 +164,8 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
     ``group``: a ``torch.distributed`` process group whose ranks all load this checkpoint directory,
     each with its own ``tp``/``pp``/``ep``: each tensor is read by one rank and sent, still
     quantized, to the ranks that need it (:mod:`pyloader.loading.group`; ``staging``: where a rank
-    stages what it holds, ``/dev/shm`` by default). ``report.bytes_read`` is then this rank's reads.
+    stages what it holds, ``/dev/shm`` by default; ``node``: this rank's machine, by default its host
+    name: each node reads what its ranks need once). ``report.bytes_read`` is then this rank's reads.
     Returns a :class:`LoadReport`; raises :class:`~pyloader.errors.PyloaderInputError` (with every
     problem listed) before any byte is written if the plan does not check out.
     """
@@ -171,7 +173,7 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
         from .group import load_group
 
         return load_group(target, source, group, load, config=config, preset=preset, tp=tp, pp=pp, ep=ep,
-                          staging=staging, rules=rules, device=device, backend=backend, progress=progress,
+                          staging=staging, node=node, rules=rules, device=device, backend=backend, progress=progress,
                           unexpected=unexpected, missing=missing, executor=executor, hooks=hooks, gate=gate,
                           gate_limit=gate_limit)
     t0 = time.perf_counter()

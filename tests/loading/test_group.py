@@ -34,7 +34,7 @@ def _targets(config, par):
     return {n: poison_(t) for n, t in allocate_targets(specs, "cpu").items()}
 
 
-def _worker(rank, world, store, ck, config, layouts, out):
+def _worker(rank, world, store, ck, config, layouts, out, nodes=None):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -42,7 +42,8 @@ def _worker(rank, world, store, ck, config, layouts, out):
         tp, pp, ep = layouts[rank]
         par = Parallel(tp[0], tp[1], pp[0], pp[1], ep[0], ep[1])
         got = _targets(config, par)
-        report = pyloader.load(got, ck, tp=tp, pp=pp, ep=ep, backend="torch", progress=False, group=dist.group.WORLD)
+        report = pyloader.load(got, ck, tp=tp, pp=pp, ep=ep, backend="torch", progress=False, group=dist.group.WORLD,
+                               node=nodes[rank] if nodes else None)
         want = _targets(config, par)
         pyloader.load(want, ck, tp=tp, pp=pp, ep=ep, backend="torch", progress=False)
         for name in want:
@@ -54,17 +55,20 @@ def _worker(rank, world, store, ck, config, layouts, out):
         dist.destroy_process_group()
 
 
-def _run(tmp_path, ck, config, layouts):
+def _run(tmp_path, ck, config, layouts, nodes=None):
     world = len(layouts)
-    mp.spawn(_worker, args=(world, str(tmp_path / "store"), str(ck), config, layouts, str(tmp_path / "out")),
+    mp.spawn(_worker, args=(world, str(tmp_path / "store"), str(ck), config, layouts, str(tmp_path / "out"), nodes),
              nprocs=world, join=True)
     reports = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(world)]
     c = open_checkpoint(ck)
     quant = recognize_checkpoint(c, config)
-    needed = set().union(*(needed_tensors(c, config, None, Parallel(t[0], t[1], p[0], p[1], e[0], e[1]), quant)
-                           for t, p, e in layouts))
-    total = sum(c.tensors[n].nbytes for n in needed)
-    assert sum(r["read"] for r in reports) == total  # each byte once
+    needs = [needed_tensors(c, config, None, Parallel(t[0], t[1], p[0], p[1], e[0], e[1]), quant) for t, p, e in layouts]
+    nodes = nodes or [None] * world
+    for node in set(nodes):  # each byte a node's ranks need, read once on that node
+        ranks = [i for i in range(world) if nodes[i] == node]
+        node_bytes = sum(c.tensors[n].nbytes for n in set().union(*(needs[i] for i in ranks)))
+        assert sum(reports[i]["read"] for i in ranks) == node_bytes, node
+    total = sum(c.tensors[n].nbytes for n in set().union(*needs))
     assert all(r["io"] == f"group of {world}" for r in reports)
     return reports, total
 
@@ -95,6 +99,15 @@ def test_four_ranks_tp2_by_pp2_with_gpt_oss_mxfp4_experts_dequantized(tmp_path):
     _checkpoint(tmp_path / "ck")
     layouts = [((r % 2, 2), (r // 2, 2), (0, 1)) for r in range(4)]
     _run(tmp_path, tmp_path / "ck", CONFIG, layouts)
+
+
+def test_two_nodes_of_two_ranks_each_read_the_checkpoint_once(tmp_path):
+    """Ranks of one node share a page cache: each node reads every needed byte once and sends only
+    inside itself (the node names stand in for two hosts)."""
+    c = dict(TINY["qwen3_moe"], quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
+    ck = write_checkpoint(tmp_path / "ck", c, fp8=True, shard_bytes=300_000)
+    layouts = [((r % 2, 2), (0, 1), (r // 2, 2)) for r in range(4)]
+    _run(tmp_path, ck, c, layouts, nodes=["a", "a", "b", "b"])
 
 
 def test_readers_split_the_bytes_in_file_order():
