@@ -353,3 +353,24 @@ def test_to_fp8_block_from_nvfp4_requantizes_the_dequantized_values(tmp_path):
         assert torch.equal(out[name].view(torch.uint8), q.view(torch.uint8)), name
         assert_bitwise_equal(out[name + "_scale_inv"], s)
     assert not any(n.endswith(("weight_scale_2", "input_scale")) for n in out)
+
+
+def test_convert_deepseek_v4_as_released_equals_the_independent_bf16(tmp_path):
+    """DeepSeek-V4 in its own names (FP8 attention, compressors, indexer and shared experts with E8M0
+    block ``.scale``; FP4 routed experts with E8M0 per-32 ``.scale``; float32 hyper-connections,
+    sinks and ``ape``; I32 ``tid2eid``) → BF16: every tensor bitwise the checkpoint the engine tests
+    build independently (the float formula), the quantization config and ``expert_dtype`` gone."""
+    from tiny_models import write_deepseek_v4
+
+    dirs = write_deepseek_v4(tmp_path)
+    report = convert(dirs["fp8"], tmp_path / "bf16", device="cpu", progress=False)
+    from safetensors.torch import load_file
+
+    got, want = read_all(tmp_path / "bf16"), load_file(str(dirs["ref"] / "model.safetensors"))
+    assert set(got) == set(want) and report.dequantized > 0
+    for name in want:
+        assert_bitwise_equal(got[name], want[name], name)
+    cfg = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert "quantization_config" not in cfg and "expert_dtype" not in cfg
+    transformers = pytest.importorskip("transformers")
+    assert type(transformers.AutoConfig.from_pretrained(tmp_path / "bf16")).__name__ == "DeepseekV4Config"
