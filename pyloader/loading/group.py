@@ -113,19 +113,27 @@ def load_group(target, source, group, load, *, config=None, preset: Optional[str
     held: Dict[str, torch.Tensor] = {}
     read = received = 0
     fds: Dict[Path, int] = {}
+    failure = None
     try:
         for t in order:
             if readers[t.name] == me:
                 fd = fds.get(t.file)
                 if fd is None:
                     fd = fds[t.file] = os.open(t.file, os.O_RDONLY)
-                held[t.name] = torch.frombuffer(bytearray(os.pread(fd, t.nbytes, t.start)), dtype=torch.uint8)
-                if held[t.name].numel() != t.nbytes:
+                data = os.pread(fd, t.nbytes, t.start)
+                if len(data) != t.nbytes:
                     raise PyloaderInputError(f"{t.file}, tensor {t.name!r}: the file ends inside it")
+                held[t.name] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
                 read += t.nbytes
+    except (OSError, PyloaderInputError) as e:  # told to every rank below, or the others would wait forever
+        failure = f"rank {me} reading {getattr(e, 'filename', None) or t.file}, tensor {t.name!r}: {e}"
     finally:
         for fd in fds.values():
             os.close(fd)
+    failures = [None] * world
+    dist.all_gather_object(failures, failure, group=group)
+    if any(failures):
+        raise PyloaderInputError("load(group=…): " + "; ".join(f for f in failures if f))
     for t in order:  # every rank of the node walks the same list, so the collectives pair up
         src = readers[t.name]
         users = {r for r in mine if t.name in needs[r]} - {src}

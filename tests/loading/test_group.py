@@ -110,6 +110,42 @@ def test_two_nodes_of_two_ranks_each_read_the_checkpoint_once(tmp_path):
     _run(tmp_path, ck, c, layouts, nodes=["a", "a", "b", "b"])
 
 
+def _failing_worker(rank, store, ck, out):
+    import torch.distributed as dist
+
+    from pyloader.loading import group as group_module
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        if rank == 1:  # a read error on one rank only
+            def pread(*args):
+                raise OSError(5, "Input/output error")
+            group_module.os.pread = pread
+        c = TINY["llama"]
+        try:
+            pyloader.load(_targets(c, Parallel(rank, 2)), ck, tp=(rank, 2), backend="torch", progress=False,
+                          group=dist.group.WORLD)
+        except pyloader.PyloaderInputError as e:
+            with open(f"{out}.{rank}", "w") as f:
+                f.write(str(e))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_read_error_on_one_rank_stops_every_rank_naming_it(tmp_path):
+    """The other ranks would otherwise wait forever for what the failed reader never sends."""
+    ck = write_checkpoint(tmp_path / "ck", TINY["llama"], fp8=False)
+    ctx = mp.start_processes(_failing_worker, args=(str(tmp_path / "store"), str(ck), str(tmp_path / "err")),
+                             nprocs=2, join=False, start_method="spawn")
+    deadline = 120
+    while not ctx.join(timeout=5):
+        deadline -= 5
+        assert deadline > 0, "a rank is still waiting"
+    for rank in (0, 1):
+        msg = (tmp_path / f"err.{rank}").read_text()
+        assert "rank 1 reading" in msg and "Input/output error" in msg and ".safetensors, tensor 'model." in msg
+
+
 def test_readers_split_the_bytes_in_file_order():
     from pyloader.format.safetensors import TensorInfo
 
