@@ -103,6 +103,9 @@ def load_group(target, source, group, load, *, config=None, preset: Optional[str
              for t, p, e, _ in info]
     nodes = list(dict.fromkeys(n for *_, n in info))
     members = {n: [r for r in range(world) if info[r][3] == n] for n in nodes}
+    if len(nodes) > 1 and world != dist.get_world_size():
+        raise PyloaderInputError("load(group=…) across nodes needs the whole job as its group (torch.distributed "
+                                 "creates the nodes' groups with every process)")
     # every rank creates every node's group, in one order, as torch.distributed requires
     subgroups = {n: (group if len(nodes) == 1 else dist.new_group([_global(dist, group, r) for r in members[n]]))
                  for n in nodes}

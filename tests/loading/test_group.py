@@ -146,6 +146,32 @@ def test_a_read_error_on_one_rank_stops_every_rank_naming_it(tmp_path):
         assert "rank 1 reading" in msg and "Input/output error" in msg and ".safetensors, tensor 'model." in msg
 
 
+def _subgroup_worker(rank, store, ck, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=3)
+    try:
+        pair = dist.new_group([0, 1])
+        if rank < 2:
+            c = TINY["llama"]
+            try:
+                pyloader.load(_targets(c, Parallel(rank, 2)), ck, tp=(rank, 2), backend="torch", progress=False,
+                              group=pair, node=f"host{rank}")
+            except pyloader.PyloaderInputError as e:
+                with open(f"{out}.{rank}", "w") as f:
+                    f.write(str(e))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_across_nodes_a_group_smaller_than_the_job_is_refused(tmp_path):
+    """Every process of the job must create the nodes' groups; a subgroup's ranks alone would hang."""
+    ck = write_checkpoint(tmp_path / "ck", TINY["llama"], fp8=False)
+    mp.spawn(_subgroup_worker, args=(str(tmp_path / "store"), str(ck), str(tmp_path / "err")), nprocs=3, join=True)
+    for rank in (0, 1):
+        assert "needs the whole job as its group" in (tmp_path / f"err.{rank}").read_text()
+
+
 def test_readers_split_the_bytes_in_file_order():
     from pyloader.format.safetensors import TensorInfo
 
