@@ -121,15 +121,18 @@ def _failing_worker(rank, store, ck, out):
             def pread(*args):
                 raise OSError(5, "Input/output error")
             group_module.os.pread = pread
-        c = TINY["llama"]
-        try:
-            pyloader.load(_targets(c, Parallel(rank, 2)), ck, tp=(rank, 2), backend="torch", progress=False,
-                          group=dist.group.WORLD)
-        except pyloader.PyloaderInputError as e:
-            with open(f"{out}.{rank}", "w") as f:
-                f.write(str(e))
+        _load_llama_tp2_noting_the_error(rank, ck, out, dist.group.WORLD)
     finally:
         dist.destroy_process_group()
+
+
+def _load_llama_tp2_noting_the_error(rank, ck, out, group, node=None):
+    try:
+        pyloader.load(_targets(TINY["llama"], Parallel(rank, 2)), ck, tp=(rank, 2), backend="torch", progress=False,
+                      group=group, node=node)
+    except pyloader.PyloaderInputError as e:
+        with open(f"{out}.{rank}", "w") as f:
+            f.write(str(e))
 
 
 def test_a_read_error_on_one_rank_stops_every_rank_naming_it(tmp_path):
@@ -153,13 +156,7 @@ def _subgroup_worker(rank, store, ck, out):
     try:
         pair = dist.new_group([0, 1])
         if rank < 2:
-            c = TINY["llama"]
-            try:
-                pyloader.load(_targets(c, Parallel(rank, 2)), ck, tp=(rank, 2), backend="torch", progress=False,
-                              group=pair, node=f"host{rank}")
-            except pyloader.PyloaderInputError as e:
-                with open(f"{out}.{rank}", "w") as f:
-                    f.write(str(e))
+            _load_llama_tp2_noting_the_error(rank, ck, out, pair, node=f"host{rank}")
     finally:
         dist.destroy_process_group()
 
