@@ -20,7 +20,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -36,12 +36,8 @@ from ..routing.presets import build_preset, load_config
 _SIDE_FILES = ("config.json", "hf_quant_config.json", "model.safetensors.index.json")
 
 
-def needed_tensors(ck: Checkpoint, config: dict, preset: Optional[str], par: Parallel, quant=None) -> Set[str]:
-    """The checkpoint tensors a rank at ``par`` reads: its pieces' values and scales (a tensor read
-    in slices, like gpt-oss's stacked experts, counts whole)."""
-    p = build_preset(config, preset, par)
-    p.add_passthrough(ck.tensors)
-    plan = build_plan(ck, p.targets, p.rules, unexpected="ignore", block_size=p.block_size, quant=quant)
+def tensor_owner(ck: Checkpoint) -> Callable[[Optional[TensorInfo]], Optional[str]]:
+    """The checkpoint tensor that holds a byte range (a piece's source, or a slice of one)."""
     spans: Dict[Path, Tuple[List[int], List[TensorInfo]]] = {}
     for info in sorted(ck.tensors.values(), key=lambda t: (str(t.file), t.start)):
         starts, infos = spans.setdefault(info.file, ([], []))
@@ -52,9 +48,20 @@ def needed_tensors(ck: Checkpoint, config: dict, preset: Optional[str], par: Par
         if info is None or info.start < 0:
             return None
         starts, infos = spans[info.file]
-        t = infos[bisect.bisect_right(starts, info.start) - 1]
-        return t.name
+        return infos[bisect.bisect_right(starts, info.start) - 1].name
 
+    return owner
+
+
+def needed_tensors(ck: Checkpoint, config: dict, preset: Optional[str], par: Parallel, quant=None,
+                   owner=None) -> Set[str]:
+    """The checkpoint tensors a rank at ``par`` reads: its pieces' values and scales (a tensor read
+    in slices, like gpt-oss's stacked experts, counts whole). ``owner``: :func:`tensor_owner` of
+    ``ck``, when it serves several ranks."""
+    p = build_preset(config, preset, par)
+    p.add_passthrough(ck.tensors)
+    plan = build_plan(ck, p.targets, p.rules, unexpected="ignore", block_size=p.block_size, quant=quant)
+    owner = owner or tensor_owner(ck)
     out = set()
     for piece in plan.pieces:
         out.add(owner(piece.source))
@@ -99,7 +106,8 @@ def load_group(target, source, group, load, *, config=None, preset: Optional[str
     dist.all_gather_object(info, (rank_pair(tp, "tp"), rank_pair(pp, "pp"), rank_pair(ep, "ep"),
                                   node if node is not None else socket.gethostname()), group=group)
     quant = recognize_checkpoint(ck, cfg)
-    needs = [needed_tensors(ck, cfg, preset, Parallel(t[0], t[1], p[0], p[1], e[0], e[1]), quant)
+    owner = tensor_owner(ck)
+    needs = [needed_tensors(ck, cfg, preset, Parallel(t[0], t[1], p[0], p[1], e[0], e[1]), quant, owner)
              for t, p, e, _ in info]
     nodes = list(dict.fromkeys(n for *_, n in info))
     members = {n: [r for r in range(world) if info[r][3] == n] for n in nodes}

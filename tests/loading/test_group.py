@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import pyloader
 from pyloader.format.checkpoint import open_checkpoint
 from pyloader.format.quant import recognize_checkpoint
-from pyloader.loading.group import assign_readers, needed_tensors
+from pyloader.loading.group import assign_readers, needed_tensors, tensor_owner
 from pyloader.parallel import Parallel
 from pyloader.routing.layout import ABSENT
 from pyloader.routing.presets import build_preset
@@ -62,7 +62,9 @@ def _run(tmp_path, ck, config, layouts, nodes=None):
     reports = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(world)]
     c = open_checkpoint(ck)
     quant = recognize_checkpoint(c, config)
-    needs = [needed_tensors(c, config, None, Parallel(t[0], t[1], p[0], p[1], e[0], e[1]), quant) for t, p, e in layouts]
+    owner = tensor_owner(c)
+    needs = [needed_tensors(c, config, None, Parallel(t[0], t[1], p[0], p[1], e[0], e[1]), quant, owner)
+             for t, p, e in layouts]
     nodes = nodes or [None] * world
     for node in set(nodes):  # each byte a node's ranks need, read once on that node
         ranks = [i for i in range(world) if nodes[i] == node]
