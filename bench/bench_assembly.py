@@ -230,6 +230,7 @@ def main():
     ap.add_argument("--results", help="append the result rows to this JSON-lines results log")
     ap.add_argument("--quick", action="store_true", help="two cases only")
     ap.add_argument("--only", help="the cases whose names contain this text")
+    ap.add_argument("--providers", help="the providers whose names start with one of these (comma-separated)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA GPU: run on the device machine")
@@ -248,7 +249,8 @@ def main():
         nbytes = case_bytes(pieces, outs)
         tensors = sum(len(parts) for per_expert in pieces.values() for parts in per_expert)
         expected = expected_of(pieces, outs)
-        for name, fn in providers(kind).items():
+        wanted = tuple(args.providers.split(",")) if args.providers else ("",)
+        for name, fn in ((n, f) for n, f in providers(kind).items() if n.startswith(wanted)):
             for o in outs.values():
                 o.fill_(float("nan"))
             fn(pieces, outs)

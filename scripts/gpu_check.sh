@@ -14,7 +14,8 @@
 # E2E_ARGS, EXECUTOR_ARGS, CONVERT_ARGS (default --cpu), REFIT_ARGS, PYLOADER_COMMIT (the commit recorded in logs and rows),
 # AB_OLD (a tarball of the older tree, git archive --prefix=old/, default build/old.tar.gz), AB_OLD_COMMIT,
 # AB_ROUNDS (default 4), AB_SIZE_GB (default 16), AB_DEQUANT (set: bench_dequant in the ab stage too), AB_NO_ASSEMBLY (set: no bench_assembly there),
-# AB_NO_E2E (set: no warm pyloader bench there).
+# AB_NO_E2E (set: no warm pyloader bench there), AB_ASSEMBLY_ARGS (bench_assembly's arguments there, default --quick),
+# AB_REFIT_ARGS (set: bench_refit there with these arguments), CONVERT_FORMATS (default fp8; e.g. "fp4 int4").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
@@ -104,8 +105,10 @@ fi
 
 if has convert; then
   note "bench_convert (GPU and CPU paths, disk and tmpfs output, common-script baseline)"
-  python3 bench/bench_convert.py --results "$OUT/results.jsonl" ${CONVERT_ARGS---cpu} > "$OUT/convert.log" 2>&1 || status=1
-  tail -12 "$OUT/convert.log"
+  for fmt in ${CONVERT_FORMATS:-fp8}; do
+    python3 bench/bench_convert.py --format "$fmt" --results "$OUT/results.jsonl" ${CONVERT_ARGS---cpu} >> "$OUT/convert.log" 2>&1 || status=1
+    tail -12 "$OUT/convert.log"
+  done
 fi
 
 if has refit; then
@@ -141,11 +144,11 @@ write_checkpoint('/tmp/ab/ck', synthetic_config(float(sys.argv[1]), torch.device
     "${AB_SIZE_GB:-16}" >> "$OUT/ab.log" 2>&1 || return 1
   touch /tmp/ab/ready
 }
-ab_pair() {  # label, rounds, then the command's arguments after python3 (old tree, then this one: --json / --results)
+ab_pair() {  # label, rounds, then the command's arguments after python3 (old tree, then this one; each writes --results)
   local label=$1 rounds=$2; shift 2
   note "ab: $label"
   python3 bench/interleave.py --rounds "$rounds" --results "$OUT/results.jsonl" \
-    --run old="cd /tmp/ab/old && PYTHONPATH=/tmp/ab/old PYLOADER_COMMIT=${AB_OLD_COMMIT:-old} python3 $* --json {out}" \
+    --run old="cd /tmp/ab/old && PYTHONPATH=/tmp/ab/old PYLOADER_COMMIT=${AB_OLD_COMMIT:-old} python3 $* --results {out}" \
     --run new="PYTHONPATH=$PWD PYLOADER_COMMIT=${PYLOADER_COMMIT:-new} python3 $* --results {out}" \
     >> "$OUT/ab.log" 2>&1 || status=1
 }
@@ -154,8 +157,9 @@ if has ab || has ab-cold || has ab-load; then
 fi
 if has ab; then  # this tree against an older one, interleaved round by round
   [ -z "${AB_NO_E2E:-}" ] && ab_pair "pyloader bench, warm" "${AB_ROUNDS:-4}" -m pyloader bench --checkpoint /tmp/ab/ck --no-peers --repeats 3
-  [ -z "${AB_NO_ASSEMBLY:-}" ] && ab_pair "bench_assembly" 2 bench/bench_assembly.py --quick
+  [ -z "${AB_NO_ASSEMBLY:-}" ] && ab_pair "bench_assembly" 2 bench/bench_assembly.py ${AB_ASSEMBLY_ARGS:---quick}
   [ -n "${AB_DEQUANT:-}" ] && ab_pair "bench_dequant" 2 bench/bench_dequant.py --quick
+  [ -n "${AB_REFIT_ARGS:-}" ] && ab_pair "bench_refit" 2 bench/bench_refit.py $AB_REFIT_ARGS
 fi
 if has ab-load; then  # the same load protocol for both trees (their pyloader bench methods differ)
   ab_pair "pyloader.load, warm" "${AB_ROUNDS:-4}" "$PWD/bench/ab_load.py" --checkpoint /tmp/ab/ck --loads 5
