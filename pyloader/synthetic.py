@@ -32,7 +32,7 @@ DEEPSEEK_V3_SLICE = {
 
 def checkpoint_tensors(c: dict) -> List[Tuple[str, Tuple[int, ...], bool]]:
     """(name, shape, is_linear) of a checkpoint for ``config`` (llama/qwen2/qwen3 dense, qwen3_moe,
-    mixtral, deepseek_v2/v3, kimi_k2, the DSA models deepseek_v32 and glm_moe_dsa, minimax_m2), in HF
+    mixtral, deepseek_v2/v3, kimi_k2, the DSA models deepseek_v32 and glm_moe_dsa, minimax_m2/m3), in HF
     naming (MTP layers left out)."""
     mt = c["model_type"]
     H, V = c["hidden_size"], c["vocab_size"]
@@ -87,13 +87,31 @@ def checkpoint_tensors(c: dict) -> List[Tuple[str, Tuple[int, ...], bool]]:
                 out += [(f"{a}.q_norm.weight", (hd,), False), (f"{a}.k_norm.weight", (hd,), False)]
             if mt == "minimax_m2":  # q/k norms over all heads
                 out += [(f"{a}.q_norm.weight", (heads * hd,), False), (f"{a}.k_norm.weight", (kv * hd,), False)]
-            if mt in ("qwen3_moe", "qwen2_moe", "mixtral", "minimax_m2"):
+            if mt == "minimax_m3":  # per-head norms; the sparse layers' indexer; dense or MoE
+                out += [(f"{a}.q_norm.weight", (hd,), False), (f"{a}.k_norm.weight", (hd,), False)]
+                sa = c.get("sparse_attention_config") or {}
+                if (sa.get("sparse_attention_freq") or [0] * (i + 1))[i]:
+                    ih, idim = sa["sparse_num_index_heads"], sa["sparse_index_dim"]
+                    out += [(f"{a}.index_q_proj.weight", (ih * idim, H), True), (f"{a}.index_k_proj.weight", (idim, H), True),
+                            (f"{a}.index_q_norm.weight", (idim,), False), (f"{a}.index_k_norm.weight", (idim,), False)]
+                freq = c.get("moe_layer_freq")
+                if freq is not None and not freq[i]:
+                    I = c["dense_intermediate_size"]
+                    out += [(f"{p}.mlp.gate_proj.weight", (I, H), True), (f"{p}.mlp.up_proj.weight", (I, H), True),
+                            (f"{p}.mlp.down_proj.weight", (H, I), True)]
+                    continue
+                Is = c["intermediate_size"] * c.get("n_shared_experts", 0)
+                if Is:
+                    m = f"{p}.block_sparse_moe.shared_experts"
+                    out += [(f"{m}.gate_proj.weight", (Is, H), True), (f"{m}.up_proj.weight", (Is, H), True),
+                            (f"{m}.down_proj.weight", (H, Is), True)]
+            if mt in ("qwen3_moe", "qwen2_moe", "mixtral", "minimax_m2", "minimax_m3"):
                 E = c.get("num_experts") or c["num_local_experts"]
                 I = c.get("moe_intermediate_size") or c["intermediate_size"]
-                pre, names = (f"{p}.block_sparse_moe", ("w1", "w3", "w2")) if mt in ("mixtral", "minimax_m2") else \
+                pre, names = (f"{p}.block_sparse_moe", ("w1", "w3", "w2")) if mt in ("mixtral", "minimax_m2", "minimax_m3") else \
                     (f"{p}.mlp", ("gate_proj", "up_proj", "down_proj"))
                 out += [(f"{pre}.gate.weight", (E, H), False)]
-                if mt == "minimax_m2":
+                if mt == "minimax_m2" or (mt == "minimax_m3" and c.get("use_routing_bias")):
                     out += [(f"{pre}.e_score_correction_bias", (E,), False)]
                 for e in range(E):
                     out += [(f"{pre}.experts.{e}.{names[0]}.weight", (I, H), True),

@@ -101,6 +101,8 @@ class Declared:
     # hf_quant_config.json's exclude_modules: what ModelOpt left alone, which may still be in the block
     # FP8 that config.json declares (DeepSeek-V4-NVFP4: FP8 attention, NVFP4 experts)
     modelopt_excluded: List[str] = field(default_factory=list)
+    # ModelOpt MIXED_PRECISION's quantized_layers: module -> quant_algo (MiniMax-M3: MXFP8 and NVFP4)
+    modelopt_layers: Dict[str, str] = field(default_factory=dict)
 
     def excludes(self, module: str, scheme: str) -> bool:
         """Whether the config says ``module`` holds no ``scheme`` weight."""
@@ -153,6 +155,7 @@ def declared_from(config: Mapping, hf_quant_config: Optional[Mapping] = None) ->
             v = q.get(key)
             if isinstance(v, list):
                 (d.modelopt_excluded if by_modelopt else d.excluded).extend(p for p in v if isinstance(p, str))
+        _read_layers(d, q.get("quantized_layers"))
         for group in _as_dict(q.get("config_groups")).values():
             w = _as_dict(_as_dict(group).get("weights"))
             if w.get("type") == "int":
@@ -165,8 +168,21 @@ def declared_from(config: Mapping, hf_quant_config: Optional[Mapping] = None) ->
         v = hq.get("exclude_modules")
         if isinstance(v, list):
             d.modelopt_excluded += [p for p in v if isinstance(p, str)]
+        _read_layers(d, hq.get("quantized_layers"))
     d.methods = tuple(methods)
     return d
+
+
+def _read_layers(d: Declared, layers) -> None:
+    for module, spec in _as_dict(layers).items():
+        algo = _as_dict(spec).get("quant_algo")
+        if isinstance(module, str) and isinstance(algo, str):
+            d.modelopt_layers[module] = algo.upper()
+
+
+# what each per-module ModelOpt algorithm looks like once recognized from the layout
+MODELOPT_ALGO_SCHEMES = {"NVFP4": ("nvfp4",), "MXFP8": ("mxfp8",), "FP8": ("fp8-tensor", "fp8-channel"),
+                         "FP8_PER_CHANNEL_PER_TOKEN": ("fp8-channel",), "FP8_BLOCK": ("fp8-block",)}
 
 
 def _split(name: str) -> Tuple[str, str]:
@@ -410,11 +426,22 @@ def recognize(tensors: Mapping[str, TensorInfo], config: Optional[Mapping] = Non
         if d.excludes(module, q.scheme):
             raise CheckpointError(info.file, f"{q.scheme} weight in module {module!r}, which the config excludes from "
                                              "quantization: the config and the tensors disagree", name)
+        algo = d.modelopt_layers.get(module)
+        if algo in MODELOPT_ALGO_SCHEMES and q.scheme not in MODELOPT_ALGO_SCHEMES[algo]:
+            raise CheckpointError(info.file, f"the config's quantized_layers says module {module!r} is {algo}, but its "
+                                             f"tensors are laid out as {q.scheme}: the config and the tensors disagree",
+                                  name)
         for other in q.consumed[1:]:
             if other in rec.consumed:
                 raise CheckpointError(tensors[other].file, "one scale claimed by two weights", other)
         rec.quantized[name] = q
         rec.consumed.update(q.consumed)
+    for module, algo in d.modelopt_layers.items():  # a module the config quantizes, stored in float
+        info = tensors.get(_join(module, "weight"))
+        if algo in MODELOPT_ALGO_SCHEMES and info is not None and info.name not in rec.quantized:
+            raise CheckpointError(info.file, f"the config's quantized_layers says module {module!r} is {algo}, but its "
+                                             f"weight is a plain {info.dtype} tensor with no scales: the config and the "
+                                             "tensors disagree", info.name)
     _check_leftovers(tensors, rec)
     return rec
 

@@ -302,6 +302,8 @@ def _build_plan(checkpoint: Checkpoint, targets: Dict[str, TargetSpec], rules: R
         block = block_size
         if q is not None:
             scale_info, block = q.scale, q.block
+        elif transform == "dequant" and quant is not None and r.name in quant.quantized:
+            block = quant.quantized[r.name].block  # the recognized grid (MXFP8 beside NVFP4 in one release)
         for pl in placement.segments or (placement,):  # a segmented source: one piece per row range
             pieces.append(Piece(src, target, shard_id, expert_id, slot, pl, transform, scale_info, block, r.layer,
                                 quant=q))

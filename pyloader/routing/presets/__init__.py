@@ -13,6 +13,8 @@ Target names and layouts follow vLLM's for each family:
 | ``nemotron_vl`` | NemotronH_Nano_VL_V2, NemotronH_Nano_Omni_Reasoning_V3 | the ``nemotron_h`` language model under ``language_model.`` (from ``llm_config``/``text_config``); ``vision_model.*`` (RADIO tower and its ``input_conditioner.norm_mean``/``norm_std`` buffers), ``mlp1.*``, ``sound_encoder.*``, ``sound_projection.*`` pass through under their checkpoint names and stored shapes, on the first stage |
 | ``kimi_k25`` | kimi_k25 (Kimi-K2.5, K2.6) | the ``deepseek`` language model under ``language_model.`` (from ``text_config``); ``vision_tower.*`` and ``mm_projector.*`` pass through on the first stage; INT4 or NVFP4 experts dequantized into the BF16 targets |
 | ``minimax_m2`` | minimax_m2 (MiniMax-M2, M2.1, M2.5, M2.7) | ``self_attn.qkv_proj``; ``q_norm``/``k_norm`` over all heads, split with the heads over tensor-parallel ranks; ``block_sparse_moe.experts.w13_weight``/``w2_weight`` from ``experts.N.w1/w3/w2``; float32 ``block_sparse_moe.gate`` and ``e_score_correction_bias``; MTP modules skipped |
+| ``minimax_m3`` | minimax_m3 (MiniMax-M3's language model) | ``self_attn.qkv_proj`` = q, k, v and, on the layers of ``sparse_attention_freq``, the indexer's ``index_q`` (split with the KV heads) and ``index_k`` (one head, whole on every rank); per-head ``q_norm``/``k_norm``, ``index_q_norm``/``index_k_norm``; dense layers (``moe_layer_freq`` 0) ``mlp.gate_up_proj`` of ``dense_intermediate_size``; MoE layers ``block_sparse_moe.shared_experts.gate_up_proj``, experts ``w13``/``w2`` from ``experts.N.w1/w3/w2``, float32 ``gate`` and ``e_score_correction_bias``; ``mtp.`` modules skipped |
+| ``minimax_m3_vl`` | minimax_m3_vl (the MiniMax-M3 releases) | the ``minimax_m3`` language model under ``language_model.``; ``vision_tower.*``, ``multi_modal_projector.*``, ``patch_merge_mlp.*`` pass through under their checkpoint names on the first stage; ModelOpt MIXED_PRECISION (MXFP8 and NVFP4 by module, checked against ``quantized_layers``) dequantized into the BF16 targets |
 | ``deepseek_v4`` | deepseek_v4 (DeepSeek-V4 Flash, Pro) | the checkpoint's own names (``layers.L.attn.*``, ``ffn.experts``, ``.scale``) into vLLM's: ``attn.fused_wqa_wkv`` (wq_a, wkv), ``compressor.fused_wkv_wgate`` (wkv, wgate; indexer's too), ``ffn.shared_experts.gate_up_proj``, experts ``w13``/``w2`` (FP4 or FP8 dequantized), float32 ``hc_*``, ``attn_sink``, ``ape``, ``e_score_correction_bias``; ``tid2eid`` of hash layers; ``mtp.*`` skipped; TP splits query heads (``wq_b``, ``attn_sink``) and output groups (``wo_a`` rows, ``wo_b`` columns), the latent KV, compressors and indexer replicated |
 | ``gpt_oss`` | gpt_oss | vLLM's names: ``model.embedding``, ``attn.qkv_proj`` with bias, ``attn.sinks``, ``mlp.router``, MXFP4 experts kept packed: ``mlp.experts.w13_weight`` (uint8 blocks), ``w13_weight_scale`` (E8M0), ``w13_bias``, same for ``w2``; or, into a model holding them in float, dequantized: ``w13_weight`` ``[E, 2I, H]`` (gate/up rows interleaved as stored), ``w2_weight`` ``[E, H, I]``, biases split to match (``w2_bias`` zero on TP ranks > 0) |
 
@@ -45,13 +47,14 @@ from ...format.checkpoint import read_json_object
 from ...parallel import Parallel
 from ..layout import ShardPlacement
 from ..router import Rules
-from .builder import LLAMA_STACKED, Builder, Preset, embeddings, expert_params_mapping, layer_range
+from .builder import LLAMA_STACKED, Builder, Preset, embeddings, expert_params_mapping, language_model_under, layer_range
 from .deepseek import deepseek
 from .deepseek_v4 import DEEPSEEK_V4_RENAMES, DEEPSEEK_V4_STACKED, deepseek_v4
 from .gpt_oss import GPT_OSS_RENAMES, GPT_OSS_UNSTACK, GPT_OSS_VLLM_NAMES, gpt_oss, gpt_oss_expert_mapping, vllm_names
 from .kimi import kimi_k25, kimi_language_config
 from .llama import dense_or_moe
-from .minimax import minimax_m2
+from .minimax import (MINIMAX_M3_PASSTHROUGH, MINIMAX_M3_STACKED, minimax_m2, minimax_m3,
+                      minimax_m3_language_config)
 from .nemotron import NEMOTRON_H_RENAMES, nemotron_h, nemotron_pattern, nemotron_vl, nemotron_vl_language_config
 
 
@@ -78,12 +81,14 @@ FAMILIES = {
     "nemotron_vl": ("NemotronH_Nano_VL_V2", "NemotronH_Nano_Omni_Reasoning_V3"),
     "kimi_k25": ("kimi_k25",),
     "minimax_m2": ("minimax_m2",),
+    "minimax_m3": ("minimax_m3",),
+    "minimax_m3_vl": ("minimax_m3_vl",),
     "deepseek_v4": ("deepseek_v4",),
 }
 
 
 PRESETS = tuple(FAMILIES)
-WRAPPERS = ("nemotron_vl", "kimi_k25")  # a language model's preset under a prefix, towers passed through
+WRAPPERS = ("nemotron_vl", "kimi_k25", "minimax_m3_vl")  # a language model's preset under a prefix, towers passed through
 
 
 # architectures whose configs carry another model_type (sgl-project's DeepSeek-V4 FP8: "deepseek_ref")
@@ -123,6 +128,12 @@ def build_preset(config: Union[str, Path, dict], preset: Optional[str] = None, p
         if not isinstance(c.get("text_config"), dict):
             raise PyloaderInputError("kimi_k25: config has no text_config for the language model")
         return kimi_k25(build_preset(kimi_language_config(c), "deepseek", parallel, dtype), dtype)
+    if name == "minimax_m3_vl":
+        if not isinstance(c.get("text_config"), dict):
+            raise PyloaderInputError("minimax_m3_vl: config has no text_config for the language model")
+        lm = build_preset(minimax_m3_language_config(c), "minimax_m3", parallel, dtype)
+        return language_model_under(lm, name, "language_model.", MINIMAX_M3_PASSTHROUGH, dtype,
+                                    extra_skips=[("regex", r"(^|\.)mtp\.", "MTP draft modules (loaded by the draft model)")])
     _check_sizes(c, name)
     if name == "qwen_moe" and "num_experts" not in c and "num_local_experts" in c:
         c = dict(c, num_experts=c["num_local_experts"])  # transformers >= 5 writes num_experts under this name
@@ -146,6 +157,7 @@ _SIZE_FIELDS = (
     "num_attention_heads", "num_key_value_heads", "head_dim", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
     "qk_rope_head_dim", "v_head_dim", "index_head_dim", "index_n_heads", "mamba_num_heads", "mamba_head_dim",
     "n_groups", "ssm_state_size", "conv_kernel", "moe_latent_size", "moe_shared_expert_intermediate_size",
+    "dense_intermediate_size",
 )
 _COUNT_FIELDS = ("num_hidden_layers", "num_experts", "n_routed_experts", "num_local_experts", "n_shared_experts",
                  "first_k_dense_replace", "moe_layer_freq", "decoder_sparse_step")
@@ -157,6 +169,8 @@ def _check_sizes(c: dict, name: str) -> None:
         v = c.get(field)
         if v is None:
             continue
+        if field == "moe_layer_freq" and isinstance(v, list) and all(x in (0, 1) for x in v):
+            continue  # MiniMax-M3: a flag a layer
         if type(v) is not int or not 0 <= v <= bound:
             raise PyloaderInputError(f"config.json: {field} = {v!r} is not a whole number in [0, {bound}] "
                                      f"(the {name} preset builds its targets from it)")
@@ -201,6 +215,11 @@ def _build(c: dict, name: str, parallel: Parallel, dtype: torch.dtype) -> Preset
     elif name == "minimax_m2":
         minimax_m2(b, c, parallel, layers)
         experts_map = expert_params_mapping(c["num_local_experts"], "w1", "w3", "w2")
+    elif name == "minimax_m3":
+        minimax_m3(b, c, parallel, layers)
+        stacked += MINIMAX_M3_STACKED
+        experts_map = expert_params_mapping(c["num_local_experts"], "w1", "w3", "w2")
+        skips = (("regex", r"(^|\.)mtp\.", "MTP draft modules (loaded by the draft model)"),)
     elif name == "gpt_oss":
         gpt_oss(b, c, parallel, layers)
         renames = GPT_OSS_RENAMES + GPT_OSS_VLLM_NAMES

@@ -53,6 +53,16 @@ def passthrough_targets(tensors, prefixes: Sequence[str], dtype: torch.dtype) ->
     return out
 
 
+def language_config(c: dict, model_type: str) -> dict:
+    """The language model's config of a multimodal one (``text_config``), with the outer dtype and tying."""
+    inner = dict(c["text_config"])
+    inner.setdefault("model_type", model_type)
+    for key in ("torch_dtype", "dtype", "tie_word_embeddings"):
+        if key in c and key not in inner:
+            inner[key] = c[key]
+    return inner
+
+
 def language_model_under(lm: Preset, name: str, pre: str, passthrough: Tuple[str, ...], dtype: torch.dtype,
                          renames: Sequence[Tuple[str, str, str]] = (),
                          extra_skips: Sequence[Tuple[str, str, str]] = ()) -> Preset:

@@ -1,19 +1,14 @@
 """Kimi-K2.5 / K2.6 (``kimi_k25``): a DeepSeek-V3 language model under ``language_model.``, the
 MoonViT vision tower and its projector passed through."""
 
-from .builder import Preset, language_model_under
+from .builder import Preset, language_config, language_model_under
 
 KIMI_PASSTHROUGH = ("vision_tower.", "mm_projector.")
 
 
 def kimi_language_config(c: dict) -> dict:
     """The DeepSeek-V3 config of a Kimi-K2.5 model (``text_config``), with the outer dtype."""
-    inner = dict(c["text_config"])
-    inner.setdefault("model_type", "deepseek_v3")
-    for key in ("torch_dtype", "dtype", "tie_word_embeddings"):
-        if key in c and key not in inner:
-            inner[key] = c[key]
-    return inner
+    return language_config(c, "deepseek_v3")
 
 
 def kimi_k25(lm: Preset, dtype) -> Preset:
