@@ -1,8 +1,8 @@
 """``pyloader bench --nproc N``: N local processes load one checkpoint at tensor parallel N, in turns
 with each byte read once over the group (``load(group=…)``) and with every rank reading for itself;
 the aggregate rate is the checkpoint's bytes over the slowest rank's time. Each group load is checked
-bitwise against the same rank's own load. The exchange runs over gloo (CPU processes; a rank whose
-GPU exists loads onto it)."""
+bitwise against the same rank's own load. The exchange runs over NCCL when every rank has a GPU of its
+own, over gloo otherwise (CPU processes)."""
 
 import statistics
 import tempfile
@@ -68,10 +68,14 @@ def run_group_bench(nproc: int, size_gb: Optional[float] = None, checkpoint: Opt
 def _rank(rank: int, world: int, store: str, ck_dir: str, cold: bool, repeats: int, rows_q) -> None:
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    gpus = torch.cuda.device_count()
+    dev = torch.device(f"cuda:{rank}" if gpus >= world else "cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    # a GPU a rank: the exchange runs over NVLink (NCCL); CPU processes use gloo
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=world)
     try:
-        gpus = torch.cuda.device_count()
-        dev = torch.device(f"cuda:{rank}" if gpus >= world else "cpu")
         ck = open_checkpoint(ck_dir)
         files = [str(f) for f in ck.files]
         specs = build_preset(load_config(ck.config_path), parallel=Parallel(rank, world)).targets

@@ -21,6 +21,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 
 import torch
 
+from ..backend import resolve_backend
 from ..errors import PyloaderInputError
 from ..format.checkpoint import open_checkpoint
 from ..parallel import Parallel
@@ -145,8 +146,7 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
          tp=None, pp=None, ep=None, device=None, backend: Optional[str] = None, progress: bool = True,
          unexpected: str = "error", missing: str = "error", executor: Optional[ExecutorConfig] = None,
          hooks: Optional[Callable[[Optional[int]], None]] = None, gate: str = "error",
-         gate_limit: float = DEFAULT_LIMIT, group=None, staging: Optional[str] = None,
-         node: Optional[str] = None) -> LoadReport:
+         gate_limit: float = DEFAULT_LIMIT, group=None, node: Optional[str] = None) -> LoadReport:
     """Load ``source`` into ``target`` (an ``nn.Module`` or a dict of tensors, already allocated).
 
     ``source``: a checkpoint directory, an index file or a list of ``.safetensors`` files (the fast
@@ -163,19 +163,12 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
     scale format); ``"warn"`` lists them in ``report.gate_warnings``; ``"off"`` skips it.
     ``group``: a ``torch.distributed`` process group whose ranks all load this checkpoint directory,
     each with its own ``tp``/``pp``/``ep``: each tensor is read by one rank and sent, still
-    quantized, to the ranks that need it (:mod:`pyloader.loading.group`; ``staging``: where a rank
-    stages what it holds, ``/dev/shm`` by default; ``node``: this rank's machine, by default its host
-    name: each node reads what its ranks need once). ``report.bytes_read`` is then this rank's reads.
+    quantized, to the ranks that need it, over NVLink with NCCL (:mod:`pyloader.loading.group`;
+    ``node``: this rank's machine, by default its host name: each node reads what its ranks need
+    once). ``report.bytes_read`` is then this rank's reads, ``report.bytes_received`` what it got.
     Returns a :class:`LoadReport`; raises :class:`~pyloader.errors.PyloaderInputError` (with every
     problem listed) before any byte is written if the plan does not check out.
     """
-    if group is not None:
-        from .group import load_group
-
-        return load_group(target, source, group, load, config=config, preset=preset, tp=tp, pp=pp, ep=ep,
-                          staging=staging, node=node, rules=rules, device=device, backend=backend, progress=progress,
-                          unexpected=unexpected, missing=missing, executor=executor, hooks=hooks, gate=gate,
-                          gate_limit=gate_limit)
     t0 = time.perf_counter()
     measured = reset_peak_rss()
     checker = Gate(gate, gate_limit)
@@ -188,6 +181,8 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
     (tpr, tps), (ppr, pps), (epr, eps) = rank_pair(tp, "tp"), rank_pair(pp, "pp"), rank_pair(ep, "ep")
     is_files = isinstance(source, (str, Path)) or (isinstance(source, (list, tuple)) and source and
                                                      isinstance(source[0], (str, Path)))
+    if group is not None and not is_files:
+        raise PyloaderInputError("load(group=…) reads a checkpoint directory (each tensor once, over the group)")
     checkpoint = open_checkpoint(source) if is_files else None
     t_headers = time.perf_counter()
     if config is None and checkpoint is not None and checkpoint.config_path is not None:
@@ -217,12 +212,22 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
         plan = build_plan(checkpoint, specs, rules, unexpected=unexpected, block_size=block, quant=quant)
         check_unwritten(plan.missing + unknown, missing)
         t_plan = time.perf_counter()
-        ex = StreamingExecutor(tensors, dev, backend, executor, progress, hooks, slots)
-        report.timings = ex.run(plan)
+        if group is not None:
+            import torch.distributed as dist
+
+            from .group import run_group
+
+            report.backend = resolve_backend(backend, dev, "load")
+            report.bytes_read, report.bytes_received, report.timings.wall_s = run_group(
+                plan, checkpoint, group, tensors, dev, report.backend, hooks, slots, node)
+            report.io = f"group of {dist.get_world_size(group)}"
+        else:
+            ex = StreamingExecutor(tensors, dev, backend, executor, progress, hooks, slots)
+            report.timings = ex.run(plan)
+            report.bytes_read, report.backend, report.io = ex.bytes_read, ex.backend, "files"
+            report.readers = ex.readers_used
         report.timings.prepare_parts = {"headers": round(t_headers - t0, 6), "preset": round(t_preset - t_headers, 6),
                                         "plan": round(t_plan - t_preset, 6)}
-        report.bytes_read, report.backend, report.io = ex.bytes_read, ex.backend, "files"
-        report.readers = ex.readers_used
         t_finish = time.perf_counter()
     elif isinstance(source, Mapping):
         plan = run_memory(source, specs, rules, tensors, dev, backend, unexpected, block, hooks, report,

@@ -12,9 +12,10 @@ import torch.multiprocessing as mp
 import pyloader
 from pyloader.format.checkpoint import open_checkpoint
 from pyloader.format.quant import recognize_checkpoint
-from pyloader.loading.group import assign_readers, needed_tensors, tensor_owner
+from pyloader.loading.group import assign_readers, layer_windows, needs_by_layer, tensor_owner
 from pyloader.parallel import Parallel
 from pyloader.routing.layout import ABSENT
+from pyloader.routing.plan import build_plan
 from pyloader.routing.presets import build_preset
 from pyloader.synthetic import allocate_targets, write_checkpoint
 
@@ -22,8 +23,8 @@ from helpers import assert_bitwise_equal, poison_
 from tiny_models import TINY
 
 
-def _targets(config, par):
-    """The rank's targets, in the dequantized layout where a preset has one (gpt-oss's experts)."""
+def _specs(config, par):
+    """The rank's target specs, in the dequantized layout where a preset has one (gpt-oss's experts)."""
     specs = {}
     for n, spec in build_preset(config, parallel=par).targets.items():
         alt = spec.alternative
@@ -31,12 +32,27 @@ def _targets(config, par):
             specs[n] = spec
         elif alt != ABSENT:
             specs[n] = alt
-    return {n: poison_(t) for n, t in allocate_targets(specs, "cpu").items()}
+    return specs
 
 
-def _worker(rank, world, store, ck, config, layouts, out, nodes=None):
+def _targets(config, par):
+    return {n: poison_(t) for n, t in allocate_targets(_specs(config, par), "cpu").items()}
+
+
+def needed_tensors(c, config, par, quant):
+    """The checkpoint tensors a rank's one-process load reads, from its plan."""
+    p = build_preset(config, parallel=par)
+    plan = build_plan(c, _specs(config, par), p.rules, block_size=p.block_size, quant=quant)
+    return set().union(*needs_by_layer(plan, tensor_owner(c)).values())
+
+
+def _worker(rank, world, store, ck, config, layouts, out, nodes=None, window=None):
     import torch.distributed as dist
 
+    from pyloader.loading import group as group_module
+
+    if window is not None:
+        group_module.WINDOW_BYTES = window
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         tp, pp, ep = layouts[rank]
@@ -55,16 +71,14 @@ def _worker(rank, world, store, ck, config, layouts, out, nodes=None):
         dist.destroy_process_group()
 
 
-def _run(tmp_path, ck, config, layouts, nodes=None):
+def _run(tmp_path, ck, config, layouts, nodes=None, window=None):
     world = len(layouts)
-    mp.spawn(_worker, args=(world, str(tmp_path / "store"), str(ck), config, layouts, str(tmp_path / "out"), nodes),
-             nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, str(tmp_path / "store"), str(ck), config, layouts, str(tmp_path / "out"), nodes,
+                            window), nprocs=world, join=True)
     reports = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(world)]
     c = open_checkpoint(ck)
     quant = recognize_checkpoint(c, config)
-    owner = tensor_owner(c)
-    needs = [needed_tensors(c, config, None, Parallel(t[0], t[1], p[0], p[1], e[0], e[1]), quant, owner)
-             for t, p, e in layouts]
+    needs = [needed_tensors(c, config, Parallel(t[0], t[1], p[0], p[1], e[0], e[1]), quant) for t, p, e in layouts]
     nodes = nodes or [None] * world
     for node in set(nodes):  # each byte a node's ranks need, read once on that node
         ranks = [i for i in range(world) if nodes[i] == node]
@@ -78,18 +92,20 @@ def _run(tmp_path, ck, config, layouts, nodes=None):
 ONE = ((0, 1), (0, 1), (0, 1))
 
 
-@pytest.mark.parametrize("case", ["tp2", "pp2_uneven", "ep2"])
+@pytest.mark.parametrize("case", ["tp2", "pp2_uneven", "ep2", "tp2_layer_windows"])
 def test_two_ranks_read_each_byte_once_and_load_what_one_process_loads(tmp_path, case):
-    family = {"tp2": "qwen3_moe", "pp2_uneven": "deepseek_v3", "ep2": "qwen3_moe"}[case]
+    family = {"tp2": "qwen3_moe", "pp2_uneven": "deepseek_v3", "ep2": "qwen3_moe", "tp2_layer_windows": "llama"}[case]
     c = dict(TINY[family], quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
     if case == "pp2_uneven":
         c["num_hidden_layers"] = 3
     ck = write_checkpoint(tmp_path / "ck", c, fp8=True, shard_bytes=300_000)
     layouts = {"tp2": [((r, 2), (0, 1), (0, 1)) for r in range(2)],
                "pp2_uneven": [((0, 1), (r, 2), (0, 1)) for r in range(2)],
-               "ep2": [((0, 1), (0, 1), (r, 2)) for r in range(2)]}[case]
-    reports, total = _run(tmp_path, ck, c, layouts)
-    if case == "tp2":  # both ranks need every tensor: what one did not read, it received
+               "ep2": [((0, 1), (0, 1), (r, 2)) for r in range(2)],
+               "tp2_layer_windows": [((r, 2), (0, 1), (0, 1)) for r in range(2)]}[case]
+    # a window of one layer at a time (what a large model does at 2 GiB windows): same bytes, same reads
+    reports, total = _run(tmp_path, ck, c, layouts, window=1 if case == "tp2_layer_windows" else None)
+    if case.startswith("tp2"):  # both ranks need every tensor: what one did not read, it received
         assert all(r["read"] + r["received"] == total for r in reports) and all(r["read"] for r in reports)
     if case == "pp2_uneven":  # the stages need disjoint tensors: each byte travels at most once
         assert sum(r["read"] + r["received"] for r in reports) <= 2 * total
@@ -148,7 +164,7 @@ def test_a_read_error_on_one_rank_stops_every_rank_naming_it(tmp_path):
         assert deadline > 0, "a rank is still waiting"
     for rank in (0, 1):
         msg = (tmp_path / f"err.{rank}").read_text()
-        assert "rank 1 reading" in msg and "Input/output error" in msg and ".safetensors, tensor 'model." in msg
+        assert "rank 1 reading" in msg and "Input/output error" in msg and ".safetensors, tensor '" in msg
 
 
 def _subgroup_worker(rank, store, ck, out):
@@ -179,6 +195,47 @@ def test_readers_split_the_bytes_in_file_order():
     assert set(assign_readers(infos, 5).values()) <= set(range(5))
 
 
+def test_layer_windows_keep_the_embeddings_apart_and_fill_up_to_the_budget():
+    sizes = {None: 5, 0: 3, 1: 3, 2: 3, 3: 9, 4: 1}
+    assert layer_windows([None, 0, 1, 2, 3, 4], sizes.get, 6) == [[None], [0, 1], [2], [3], [4]]
+    assert layer_windows([0, 1], sizes.get, 100) == [[0, 1]]
+
+
 def test_a_group_needs_a_checkpoint_directory(tmp_path):
     with pytest.raises(pyloader.PyloaderInputError, match="checkpoint directory"):
         pyloader.load({"x": torch.zeros(1)}, {"x": torch.zeros(1)}, group=object())
+
+
+def _gpu_worker(rank, world, store, ck, config, backend, out):
+    import torch.distributed as dist
+
+    torch.cuda.set_device(0)
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        par = Parallel(rank, world)
+        specs = _specs(config, par)
+        got = {n: poison_(t) for n, t in allocate_targets(specs, "cuda").items()}
+        report = pyloader.load(got, ck, tp=(rank, world), progress=False, group=dist.group.WORLD)
+        want = {n: poison_(t) for n, t in allocate_targets(specs, "cuda").items()}
+        pyloader.load(want, ck, tp=(rank, world), progress=False)
+        for name in want:
+            assert_bitwise_equal(got[name], want[name], f"rank {rank} {name}")
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump({"read": report.bytes_read, "backend": report.backend}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend,world", [("nccl", 1), ("gloo", 2)])
+def test_group_load_onto_the_gpu(tmp_path, backend, world):
+    """NCCL with one rank (device buffers, the CUDA transforms), and two gloo ranks sharing the GPU
+    (host buffers exchanged, then moved to the device): bitwise the one-process CUDA load."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    c = dict(TINY["qwen3_moe"], quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
+    ck = write_checkpoint(tmp_path / "ck", c, fp8=True, shard_bytes=300_000)
+    mp.spawn(_gpu_worker, args=(world, str(tmp_path / "store"), str(ck), c, backend, str(tmp_path / "out")),
+             nprocs=world, join=True)
+    reports = [json.loads((tmp_path / f"out.{r}").read_text()) for r in range(world)]
+    assert all(r["backend"] == "cuda" for r in reports) and sum(r["read"] for r in reports) > 0
