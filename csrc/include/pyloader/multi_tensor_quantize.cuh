@@ -12,8 +12,8 @@
 
 namespace pyloader {
 
-constexpr int kQuantThreads = 256;
-constexpr int kQuantVecs = 8;  // 8-value vectors a thread holds: 256 x 8 x 8 = one 128x128 block
+constexpr int kQuantThreads = 512;
+constexpr int kQuantVecs = 4;   // 8-value vectors a thread holds: 512 x 4 x 8 = one 128x128 block
 constexpr int kQuantBlockValues = kQuantThreads * kQuantVecs * 8;
 
 struct QuantJob {
@@ -186,11 +186,11 @@ __device__ __forceinline__ void quantize_block(const QuantJob& j, int64_t r0, in
   }
 }
 
-// One source dtype a launch: the bf16/f16 body holds a block in 32 registers, the f32 body in 64,
-// and a kernel's register count is its widest path's. Four blocks an SM for 2-byte sources (64
-// registers, a few spilled), two for f32.
+// One source dtype a launch: a kernel's register count is its widest path's. A thread holds four
+// raw vectors (16 registers for bf16/f16, 32 for f32): two 512-thread blocks an SM for 2-byte
+// sources (56 registers, no spill; 256 threads holding eight spilled at 64), one for f32 (67).
 template <typename Src>
-constexpr int quant_blocks_per_sm() { return sizeof(Src) == 4 ? 2 : 4; }
+constexpr int quant_blocks_per_sm() { return sizeof(Src) == 4 ? 1 : 2; }
 
 template <typename Src>
 __global__ void __launch_bounds__(kQuantThreads, quant_blocks_per_sm<Src>()) multi_tensor_quantize_kernel(const __grid_constant__ QuantTable table) {
