@@ -97,9 +97,9 @@ def layer_windows(keys: Sequence[Optional[int]], rank_bytes: Callable[[Optional[
 
 
 def run_group(plan: Plan, ck: Checkpoint, group, tensors: Dict[str, torch.Tensor], dev: torch.device, backend: str,
-              hooks, slots, node: Optional[str]) -> Tuple[int, int, float]:
+              hooks, slots, node: Optional[str]) -> Tuple[int, int, int, float]:
     """Run ``plan`` (this rank's) with the group's ranks sharing the reads (see the module). Returns
-    (bytes this rank read, bytes it received, wall seconds)."""
+    (bytes this rank read, bytes it received, the most bytes it held at once, wall seconds)."""
     import torch.distributed as dist
 
     t0 = time.perf_counter()
@@ -151,7 +151,7 @@ def run_group(plan: Plan, ck: Checkpoint, group, tensors: Dict[str, torch.Tensor
         slots.reserve(p.source.name for p in plan.pieces if p.transform == "dequant")
 
     held: Dict[str, torch.Tensor] = {}
-    read = received = 0
+    read = received = peak = 0
     fds: Dict[object, int] = {}
     try:
         for w, layers in enumerate(windows):
@@ -188,6 +188,7 @@ def run_group(plan: Plan, ck: Checkpoint, group, tensors: Dict[str, torch.Tensor
                     dist.broadcast(buf, _global(dist, group, src), group=sub)
                     if me in to:
                         held[t.name], received = buf, received + t.nbytes
+            peak = max(peak, sum(b.numel() for b in held.values()))
             for name in [n for n in held if n not in last]:  # read for others only
                 del held[name]
             for layer in layers:
@@ -201,7 +202,7 @@ def run_group(plan: Plan, ck: Checkpoint, group, tensors: Dict[str, torch.Tensor
     finally:
         for fd in fds.values():
             os.close(fd)
-    return read, received, time.perf_counter() - t0
+    return read, received, peak, time.perf_counter() - t0
 
 
 def _read(fds: Dict[object, int], t: TensorInfo, device: torch.device) -> torch.Tensor:

@@ -48,6 +48,7 @@ class LoadReport:
     missing: List[str] = field(default_factory=list)            # targets not written
     bytes_read: int = 0
     bytes_received: int = 0                                     # load(group=…): from the group's other ranks
+    bytes_held: int = 0                                         # load(group=…): the most checkpoint bytes held at once
     timings: Timings = field(default_factory=Timings)
     backend: str = ""
     preset: Optional[str] = None
@@ -218,7 +219,7 @@ def load(target, source: Source, *, config=None, preset: Optional[str] = None, r
             from .group import run_group
 
             report.backend = resolve_backend(backend, dev, "load")
-            report.bytes_read, report.bytes_received, report.timings.wall_s = run_group(
+            report.bytes_read, report.bytes_received, report.bytes_held, report.timings.wall_s = run_group(
                 plan, checkpoint, group, tensors, dev, report.backend, hooks, slots, node)
             report.io = f"group of {dist.get_world_size(group)}"
         else:

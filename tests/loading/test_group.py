@@ -66,7 +66,8 @@ def _worker(rank, world, store, ck, config, layouts, out, nodes=None, window=Non
             assert_bitwise_equal(got[name], want[name], f"rank {rank} {name}")
         assert report.missing == [] and report.unexpected == []
         with open(f"{out}.{rank}", "w") as f:
-            json.dump({"read": report.bytes_read, "received": report.bytes_received, "io": report.io}, f)
+            json.dump({"read": report.bytes_read, "received": report.bytes_received, "io": report.io,
+                       "held": report.bytes_held}, f)
     finally:
         dist.destroy_process_group()
 
@@ -107,6 +108,14 @@ def test_two_ranks_read_each_byte_once_and_load_what_one_process_loads(tmp_path,
     reports, total = _run(tmp_path, ck, c, layouts, window=1 if case == "tp2_layer_windows" else None)
     if case.startswith("tp2"):  # both ranks need every tensor: what one did not read, it received
         assert all(r["read"] + r["received"] == total for r in reports) and all(r["read"] for r in reports)
+    if case.startswith("tp2"):  # a window's tensors at a time (every rank needs every tensor)
+        per_layer = {}
+        for name, info in open_checkpoint(ck).tensors.items():
+            key = name.split(".")[2] if name.startswith("model.layers.") else None
+            per_layer[key] = per_layer.get(key, 0) + info.nbytes
+        # one layer a window: the largest layer, or the embeddings and head; else those and all the layers
+        held = max(per_layer.values()) if case == "tp2_layer_windows" else max(per_layer[None], total - per_layer[None])
+        assert all(r["held"] == held for r in reports) and held < total, (reports, per_layer)
     if case == "pp2_uneven":  # the stages need disjoint tensors: each byte travels at most once
         assert sum(r["read"] + r["received"] for r in reports) <= 2 * total
 
