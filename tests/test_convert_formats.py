@@ -141,7 +141,37 @@ def mxfp8_minimax():
     return t, expect, config, None
 
 
-FAMILIES = {"deepseek-v4": deepseek_v4, "nvfp4-modelopt": nvfp4_modelopt, "nvfp4-compressed-tensors":
+def minimax_m3_mixed():
+    """MiniMax-M3-NVFP4 as ModelOpt's MIXED_PRECISION writes it: MXFP8 attention (U8 exponents) and
+    NVFP4 experts by module (``quantized_layers`` in config.json and hf_quant_config.json), the router
+    excluded."""
+    t, expect, layers = {}, {}, {}
+    p = "language_model.model.layers.3"
+    for w in ("q_proj", "index_k_proj"):
+        name = f"{p}.self_attn.{w}.weight"
+        q, s = quantize_fp8(rand(64, 96, seed=len(w)), block=(1, 32), scale_dtype=torch.uint8, e8m0=True)
+        t[name], t[name + "_scale"] = q, s
+        expect[name] = formula(q, 96, None, s, (1, 32))
+        layers[name[:-len(".weight")]] = {"quant_algo": "MXFP8"}
+    for w in ("w1", "w2"):
+        name = f"{p}.block_sparse_moe.experts.0.{w}.weight"
+        q, s, g = quantize_nvfp4(rand(64, 128, seed=len(w) + 7))
+        base = name[:-len("weight")]
+        t[name], t[base + "weight_scale"], t[base + "weight_scale_2"] = q, s, g.reshape(())
+        t[base + "input_scale"] = torch.tensor(0.5)
+        expect[name] = formula(q, 128, "e2m1", s, (1, 16), g=g, mode="mul")
+        layers[name[:-len(".weight")]] = {"quant_algo": "NVFP4", "group_size": 16}
+    t[f"{p}.block_sparse_moe.gate.weight"] = rand(4, 128, seed=2).to(torch.bfloat16)
+    quant = {"quant_algo": "MIXED_PRECISION", "kv_cache_quant_algo": None, "quant_method": "modelopt",
+             "exclude_modules": ["lm_head", f"{p}.block_sparse_moe.gate"], "quantized_layers": layers}
+    config = {"model_type": "minimax_m3_vl", "architectures": ["MiniMaxM3SparseForConditionalGeneration"],
+              "text_config": {"model_type": "minimax_m3"}, "torch_dtype": "bfloat16", "quantization_config": quant}
+    hq = {"producer": {"name": "modelopt"}, "quant_method": "modelopt",
+          "quantization": {k: v for k, v in quant.items() if k != "quant_method"}}
+    return t, expect, config, hq
+
+
+FAMILIES = {"deepseek-v4": deepseek_v4, "minimax-m3-mixed": minimax_m3_mixed, "nvfp4-modelopt": nvfp4_modelopt, "nvfp4-compressed-tensors":
             nvfp4_compressed_tensors, "int4-kimi": int4_kimi, "mxfp8-minimax": mxfp8_minimax}
 
 
