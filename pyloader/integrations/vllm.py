@@ -20,7 +20,8 @@ vLLM's ``process_weights_after_loading`` then runs as after its own loader. Opti
   the next) or ``"safetensors"`` (the safetensors library's reader, tensor by tensor).
 - ``shared_reads`` (default False): the engine's ranks read each checkpoint tensor once between them
   and send it, still quantized, to the ranks that need it (``pyloader.load(group=…)`` over vLLM's
-  CPU world group); ``source="files"`` only.
+  world group: its NCCL device group on GPUs, its gloo CPU group on CPU workers); ``source="files"``
+  only.
 
 Every problem (a name nothing routes, with did-you-mean hints; a parameter nothing writes; a shape
 that disagrees) is raised before any weight is read, naming the tensors.
@@ -125,7 +126,9 @@ class PyloaderModelLoader(BaseModelLoader):
                                          "(source='files')")
             from vllm.distributed import get_world_group
 
-            group = get_world_group().cpu_group
+            # on GPUs the tensors travel between them (NCCL); CPU workers exchange host tensors (gloo)
+            on_gpu = next(iter(targets.values())).device.type == "cuda"
+            group = get_world_group().device_group if on_gpu else get_world_group().cpu_group
         with _source(folder, self.options.get("source", "files")) as source:
             self.report = load(targets, source, config=config, preset=self.options.get("preset"), tp=tp, pp=pp, ep=ep,
                                backend=self.options.get("backend"),
