@@ -2,7 +2,8 @@
 with each byte read once over the group (``load(group=…)``) and with every rank reading for itself;
 the aggregate rate is the checkpoint's bytes over the slowest rank's time. Each group load is checked
 bitwise against the same rank's own load. The exchange runs over NCCL when every rank has a GPU of its
-own, over gloo otherwise (CPU processes)."""
+own, over gloo otherwise (CPU processes); on GPUs the peers that read once over a group
+(fastsafetensors, InstantTensor) run beside, when installed, as raw loads."""
 
 import statistics
 import tempfile
@@ -57,12 +58,56 @@ def run_group_bench(nproc: int, size_gb: Optional[float] = None, checkpoint: Opt
                          gbps=round(gbps, 3), ceiling_gbps=None, seconds=round(med, 3),
                          repeats=[round(t, 3) for t in times], checkpoint_bytes=nbytes, nproc=nproc,
                          device=dev.type, bytes_read_per_rank=[r["read"][label] for r in per_rank],
+                         raw=not label.startswith("pyloader"),
                          note="aggregate: checkpoint bytes / the slowest rank's load; group loads checked bitwise"))
-        print(f"  {label:48s} {gbps:7.3f} GB/s aggregate ({nproc} ranks, {mode}); bytes read per rank "
-              f"{[round(b / 1e9, 3) for b in rows[-1]['bytes_read_per_rank']]} GB", flush=True)
+        reads = rows[-1]["bytes_read_per_rank"]
+        print(f"  {label:48s} {gbps:7.3f} GB/s aggregate ({nproc} ranks, {mode})" +
+              (f"; bytes read per rank {[round(b / 1e9, 3) for b in reads]} GB" if None not in reads else ""),
+              flush=True)
     if results_path:
         append_rows(results_path, rows)
     return rows
+
+
+def multi_gpu_peers(files: List[str], dev: torch.device, rank: int, world: int) -> list:
+    """(label, run) of the installed peers that load over a torch.distributed group: fastsafetensors
+    (each rank reads a share of the files; every tensor broadcast to every rank, as a TP rank needs
+    it) and InstantTensor's distributed safe_open. ``run()`` returns this rank's bytes read (None:
+    the peer does not say)."""
+    import importlib.util
+
+    import torch.distributed as dist
+
+    out = []
+    if importlib.util.find_spec("fastsafetensors") is not None:
+        def fastsafetensors_group():
+            from fastsafetensors import SafeTensorsFileLoader
+
+            loader = SafeTensorsFileLoader(dist.group.WORLD, f"cuda:{dev.index}", nogds=True, max_threads=16)
+            loader.add_filenames({r: files[r::world] for r in range(world)})
+            fb = loader.copy_files_to_device()
+            for k in loader.get_keys():
+                fb.get_tensor(k)
+            sync(dev)
+            fb.close()
+            loader.close()
+            return None
+
+        out.append(("fastsafetensors 0.5 group (nogds, broadcast) raw", fastsafetensors_group))
+    if importlib.util.find_spec("instanttensor") is not None:
+        def instanttensor_group():
+            from instanttensor import safe_open as it_open
+
+            with it_open(files, framework="pt", device=dev.index, process_group=dist.group.WORLD, copy=False) as f:
+                for _, t in f.tensors():
+                    t.view(-1)[:1].clone()  # touch each tensor while it is valid
+            return None
+
+        out.append(("InstantTensor 0.2 group raw", instanttensor_group))
+    for label in ("fastsafetensors", "InstantTensor"):
+        if not any(name.startswith(label) for name, _ in out) and rank == 0:
+            print(f"  {label} not installed: its group row is not measured", flush=True)
+    return out
 
 
 def _rank(rank: int, world: int, store: str, ck_dir: str, cold: bool, repeats: int, rows_q) -> None:
@@ -80,20 +125,24 @@ def _rank(rank: int, world: int, store: str, ck_dir: str, cold: bool, repeats: i
         files = [str(f) for f in ck.files]
         specs = build_preset(load_config(ck.config_path), parallel=Parallel(rank, world)).targets
         alone, shared = allocate_targets(specs, dev), allocate_targets(specs, dev)
-        providers = [("pyloader, every rank reads", alone, None),
-                     ("pyloader group (each byte read once)", shared, dist.group.WORLD)]
-        seconds = {label: [] for label, _, _ in providers}
+        def ours(targets, group):
+            return lambda: load(targets, ck_dir, tp=(rank, world), progress=False, group=group).bytes_read
+
+        providers = [("pyloader, every rank reads", ours(alone, None)),
+                     ("pyloader group (each byte read once)", ours(shared, dist.group.WORLD))]
+        if dev.type == "cuda":  # the loaders that read once over a group too (raw bytes: no dequant, fusion or TP slice)
+            providers += multi_gpu_peers(files, dev, rank, world)
+        seconds = {label: [] for label, _ in providers}
         read = {}
         for rnd in range(repeats):
-            for label, targets, group in providers[rnd % 2:] + providers[:rnd % 2]:
+            for label, run in providers[rnd % 2:] + providers[:rnd % 2]:
                 if rank == 0:
                     drop_cache(files) if cold else warm(files)
                 dist.barrier()
                 t = time.perf_counter()
-                report = load(targets, ck_dir, tp=(rank, world), progress=False, group=group)
+                read[label] = run()
                 sync(dev)
                 seconds[label].append(time.perf_counter() - t)
-                read[label] = report.bytes_read
                 dist.barrier()
         bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
         for name, t in shared.items():  # bit patterns: NaN is equal to itself
