@@ -96,6 +96,25 @@ def layer_windows(keys: Sequence[Optional[int]], rank_bytes: Callable[[Optional[
     return windows
 
 
+def exchange_schedule(needs: Sequence[Dict[Optional[int], Set[str]]], here: Sequence[int], me: int,
+                      window_of: Dict[Optional[int], int]):
+    """For the ranks ``here`` (a node) and their ``needs`` by layer: the window each tensor travels in
+    (the first any of them needs it in), the last window rank ``me`` reads each of its tensors in
+    (it holds them until then), and the ranks that need each tensor."""
+    first: Dict[str, int] = {}
+    last: Dict[str, int] = {}
+    users: Dict[str, Set[int]] = {}
+    for r in here:
+        for k, v in needs[r].items():
+            w = window_of[k]
+            for n in v:
+                first[n] = min(first.get(n, w), w)
+                users.setdefault(n, set()).add(r)
+                if r == me:
+                    last[n] = max(last.get(n, w), w)
+    return first, last, users
+
+
 def run_group(plan: Plan, ck: Checkpoint, group, tensors: Dict[str, torch.Tensor], dev: torch.device, backend: str,
               hooks, slots, node: Optional[str]) -> Tuple[int, int, int, float]:
     """Run ``plan`` (this rank's) with the group's ranks sharing the reads (see the module). Returns
@@ -129,21 +148,7 @@ def run_group(plan: Plan, ck: Checkpoint, group, tensors: Dict[str, torch.Tensor
     nbytes = {n: t.nbytes for n, t in ck.tensors.items()}
     windows = layer_windows(keys, lambda k: max(sum(nbytes[n] for n in needs[r].get(k, ())) for r in range(world)),
                             WINDOW_BYTES)
-    window_of = {k: w for w, ks in enumerate(windows) for k in ks}
-    first: Dict[str, int] = {}   # the window a node's ranks first need each tensor in: it travels then
-    last: Dict[str, int] = {}    # this rank's last window reading each tensor: held until then
-    for r in here:
-        for k, v in needs[r].items():
-            for n in v:
-                w = window_of[k]
-                first[n] = min(first.get(n, w), w)
-                if r == me:
-                    last[n] = max(last.get(n, w), w)
-    users: Dict[str, Set[int]] = {}
-    for r in here:
-        for v in needs[r].values():
-            for n in v:
-                users.setdefault(n, set()).add(r)
+    first, last, users = exchange_schedule(needs, here, me, {k: w for w, ks in enumerate(windows) for k in ks})
     by_layer: Dict[Optional[int], list] = {}
     for p in plan.pieces:
         by_layer.setdefault(p.layer, []).append(p)

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import pyloader
 from pyloader.format.checkpoint import open_checkpoint
 from pyloader.format.quant import recognize_checkpoint
-from pyloader.loading.group import assign_readers, layer_windows, needs_by_layer, tensor_owner
+from pyloader.loading.group import assign_readers, exchange_schedule, layer_windows, needs_by_layer, tensor_owner
 from pyloader.parallel import Parallel
 from pyloader.routing.layout import ABSENT
 from pyloader.routing.plan import build_plan
@@ -208,6 +208,15 @@ def test_layer_windows_keep_the_embeddings_apart_and_fill_up_to_the_budget():
     sizes = {None: 5, 0: 3, 1: 3, 2: 3, 3: 9, 4: 1}
     assert layer_windows([None, 0, 1, 2, 3, 4], sizes.get, 6) == [[None], [0, 1], [2], [3], [4]]
     assert layer_windows([0, 1], sizes.get, 100) == [[0, 1]]
+
+
+def test_a_tensor_travels_in_the_first_window_any_rank_needs_it_and_stays_until_the_last():
+    needs = [{None: {"emb"}, 0: {"a"}, 1: {"b", "emb"}}, {0: {"a"}, 1: {"c"}}]
+    first, last, users = exchange_schedule(needs, [0, 1], 0, {None: 0, 0: 1, 1: 2})
+    assert first == {"emb": 0, "a": 1, "b": 2, "c": 2}
+    assert last == {"emb": 2, "a": 1, "b": 2}  # rank 0 keeps the embedding for layer 1
+    assert users == {"emb": {0}, "a": {0, 1}, "b": {0}, "c": {1}}
+    assert exchange_schedule(needs, [1], 1, {None: 0, 0: 1, 1: 2})[0] == {"a": 1, "c": 2}  # another node's view
 
 
 def test_a_group_needs_a_checkpoint_directory(tmp_path):
