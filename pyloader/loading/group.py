@@ -181,15 +181,16 @@ def run_group(plan: Plan, ck: Checkpoint, group, tensors: Dict[str, torch.Tensor
                 to = users[t.name] - {src}
                 if not to:
                     continue
-                buf = held[t.name] if me == src else torch.empty(t.nbytes, dtype=torch.uint8, device=buf_device)
-                if len(to) == 1:
+                if len(to) == 1:  # point to point: the other ranks take no part
                     (dst,) = to
                     if me == src:
-                        dist.send(buf, _global(dist, group, dst), group=group)
+                        dist.send(held[t.name], _global(dist, group, dst), group=group)
                     elif me == dst:
+                        buf = torch.empty(t.nbytes, dtype=torch.uint8, device=buf_device)
                         dist.recv(buf, _global(dist, group, src), group=group)
                         held[t.name], received = buf, received + t.nbytes
-                else:
+                else:  # every rank of the node joins the broadcast
+                    buf = held[t.name] if me == src else torch.empty(t.nbytes, dtype=torch.uint8, device=buf_device)
                     dist.broadcast(buf, _global(dist, group, src), group=sub)
                     if me in to:
                         held[t.name], received = buf, received + t.nbytes
