@@ -182,7 +182,7 @@ def _read_layers(d: Declared, layers) -> None:
 
 # what each per-module ModelOpt algorithm looks like once recognized from the layout
 MODELOPT_ALGO_SCHEMES = {"NVFP4": ("nvfp4",), "MXFP8": ("mxfp8",), "FP8": ("fp8-tensor", "fp8-channel"),
-                         "FP8_PER_CHANNEL_PER_TOKEN": ("fp8-channel",), "FP8_BLOCK": ("fp8-block",)}
+                         "FP8_PER_CHANNEL_PER_TOKEN": ("fp8-channel",)}
 
 
 def _split(name: str) -> Tuple[str, str]:

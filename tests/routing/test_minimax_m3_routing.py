@@ -150,3 +150,14 @@ def test_quantized_layers_disagreeing_with_the_layout_is_an_error():
     plain[module + ".weight"] = TensorInfo(module + ".weight", "BF16", (6144, 8192), F, 0, 6144 * 8192 * 2)
     with pytest.raises(CheckpointError, match="o_proj.*is MXFP8, but its weight is a plain BF16 tensor"):
         recognize(plain, config, hq)
+
+
+def test_layer_kinds_default_as_vllm_does():
+    """No sparse_attention_freq: no layer has the indexer; no moe_layer_freq: every layer is a MoE."""
+    config = _few_layers(json.loads((_folder("minimax-m3") / "config.json").read_text()))
+    config["sparse_attention_config"] = {k: v for k, v in config["sparse_attention_config"].items()
+                                         if k != "sparse_attention_freq"}
+    del config["moe_layer_freq"]
+    t = build_preset(config).targets
+    assert not any("index_" in n for n in t)
+    assert all(f"model.layers.{i}.block_sparse_moe.experts.w13_weight" in t for i in range(LAYERS))

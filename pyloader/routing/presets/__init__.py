@@ -47,14 +47,14 @@ from ...format.checkpoint import read_json_object
 from ...parallel import Parallel
 from ..layout import ShardPlacement
 from ..router import Rules
-from .builder import LLAMA_STACKED, Builder, Preset, embeddings, expert_params_mapping, language_model_under, layer_range
+from .builder import (LLAMA_STACKED, Builder, Preset, embeddings, expert_params_mapping, language_config,
+                      language_model_under, layer_range)
 from .deepseek import deepseek
 from .deepseek_v4 import DEEPSEEK_V4_RENAMES, DEEPSEEK_V4_STACKED, deepseek_v4
 from .gpt_oss import GPT_OSS_RENAMES, GPT_OSS_UNSTACK, GPT_OSS_VLLM_NAMES, gpt_oss, gpt_oss_expert_mapping, vllm_names
 from .kimi import kimi_k25, kimi_language_config
 from .llama import dense_or_moe
-from .minimax import (MINIMAX_M3_PASSTHROUGH, MINIMAX_M3_STACKED, minimax_m2, minimax_m3,
-                      minimax_m3_language_config)
+from .minimax import MINIMAX_M3_PASSTHROUGH, MINIMAX_M3_SKIPS, MINIMAX_M3_STACKED, minimax_m2, minimax_m3
 from .nemotron import NEMOTRON_H_RENAMES, nemotron_h, nemotron_pattern, nemotron_vl, nemotron_vl_language_config
 
 
@@ -131,9 +131,9 @@ def build_preset(config: Union[str, Path, dict], preset: Optional[str] = None, p
     if name == "minimax_m3_vl":
         if not isinstance(c.get("text_config"), dict):
             raise PyloaderInputError("minimax_m3_vl: config has no text_config for the language model")
-        lm = build_preset(minimax_m3_language_config(c), "minimax_m3", parallel, dtype)
+        lm = build_preset(language_config(c, "minimax_m3"), "minimax_m3", parallel, dtype)
         return language_model_under(lm, name, "language_model.", MINIMAX_M3_PASSTHROUGH, dtype,
-                                    extra_skips=[("regex", r"(^|\.)mtp\.", "MTP draft modules (loaded by the draft model)")])
+                                    extra_skips=MINIMAX_M3_SKIPS)
     _check_sizes(c, name)
     if name == "qwen_moe" and "num_experts" not in c and "num_local_experts" in c:
         c = dict(c, num_experts=c["num_local_experts"])  # transformers >= 5 writes num_experts under this name
@@ -219,7 +219,7 @@ def _build(c: dict, name: str, parallel: Parallel, dtype: torch.dtype) -> Preset
         minimax_m3(b, c, parallel, layers)
         stacked += MINIMAX_M3_STACKED
         experts_map = expert_params_mapping(c["num_local_experts"], "w1", "w3", "w2")
-        skips = (("regex", r"(^|\.)mtp\.", "MTP draft modules (loaded by the draft model)"),)
+        skips = MINIMAX_M3_SKIPS
     elif name == "gpt_oss":
         gpt_oss(b, c, parallel, layers)
         renames = GPT_OSS_RENAMES + GPT_OSS_VLLM_NAMES

@@ -6,7 +6,7 @@ routing bias; the MTP modules (``model.layers.{num_hidden_layers}…``) are skip
 import torch
 
 from ..layout import ShardPlacement
-from .builder import language_config, llama_attention
+from .builder import llama_attention
 
 
 def _head_split_norm(b, name, total, rows, layer):
@@ -31,11 +31,14 @@ def minimax_m2(b, c, par, layers):
 
 MINIMAX_M3_STACKED = [(".qkv_proj", ".index_q_proj", "index_q"), (".qkv_proj", ".index_k_proj", "index_k")]
 MINIMAX_M3_PASSTHROUGH = ("vision_tower.", "multi_modal_projector.", "patch_merge_mlp.")
+# vLLM skips every name with "mtp." in it (the draft modules), under any prefix
+MINIMAX_M3_SKIPS = (("regex", r"(^|\.)mtp\.", "MTP draft modules (loaded by the draft model)"),)
 
 
-def _flags(c, key, layers_total):
+def _flags(c, key, layers_total, absent):
+    """A 0/1 flag a layer from ``c[key]``, or ``absent`` for every layer (vLLM's defaults)."""
     v = c.get(key)
-    return [1] * layers_total if v is None else [int(bool(x)) for x in v]
+    return [absent] * layers_total if v is None else [int(bool(x)) for x in v]
 
 
 def minimax_m3(b, c, par, layers):
@@ -47,8 +50,8 @@ def minimax_m3(b, c, par, layers):
     hidden, n = c["hidden_size"], c["num_hidden_layers"]
     heads, kv, hd = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
     sparse_cfg = c.get("sparse_attention_config") or {}
-    sparse = _flags(sparse_cfg, "sparse_attention_freq", n) if sparse_cfg else [0] * n
-    moe = _flags(c, "moe_layer_freq", n)
+    sparse = _flags(sparse_cfg, "sparse_attention_freq", n, 0)
+    moe = _flags(c, "moe_layer_freq", n, 1)
     if len(sparse) < n or len(moe) < n:
         raise ValueError(f"sparse_attention_freq / moe_layer_freq cover fewer than {n} layers")
     E, inter = c["num_local_experts"], c["intermediate_size"]
@@ -83,7 +86,3 @@ def minimax_m3(b, c, par, layers):
         else:
             b.mlp(f"{p}.mlp", i, hidden, c["dense_intermediate_size"])
 
-
-def minimax_m3_language_config(c: dict) -> dict:
-    """The text config of a MiniMax-M3 VL model, with the outer dtype."""
-    return language_config(c, "minimax_m3")
