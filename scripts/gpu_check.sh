@@ -10,7 +10,7 @@
 #
 # Every bench appends its rows to $OUT/results.jsonl (fold them into bench/results/results.jsonl).
 # Environment: PYLOADER_CUDA_ARCHS (default 90 here; release builds use setup.py's default),
-# PYTEST_ARGS (extra pytest arguments), TEST_PATHS (the test stage's paths), SANITIZE_PATHS / SANITIZE_K (the sanitizer's tests and -k), BENCH_ARGS (extra arguments of the bench scripts, e.g. --quick),
+# PYTEST_ARGS (extra pytest arguments), TEST_PATHS (the test stage's paths), SANITIZE_PATHS / SANITIZE_K / SANITIZE_TOOLS (the sanitizer's tests, -k and tools), BENCH_ARGS (extra arguments of the bench scripts, e.g. --quick),
 # E2E_ARGS, EXECUTOR_ARGS, CONVERT_ARGS (default --cpu), REFIT_ARGS, PYLOADER_COMMIT (the commit recorded in logs and rows),
 # AB_OLD (a tarball of the older tree, git archive --prefix=old/, default build/old.tar.gz), AB_OLD_COMMIT,
 # AB_ROUNDS (default 4), AB_SIZE_GB (default 16), AB_DEQUANT (set: bench_dequant in the ab stage too), AB_NO_ASSEMBLY (set: no bench_assembly there),
@@ -54,7 +54,7 @@ fi
 if has sanitize; then
   # The caching allocator would hide out-of-bounds accesses inside pooled blocks.
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1
-  for tool in memcheck racecheck initcheck; do
+  for tool in ${SANITIZE_TOOLS:-memcheck racecheck initcheck}; do
     note "compute-sanitizer --tool $tool (cuda kernel tests)"
     compute-sanitizer --tool "$tool" --error-exitcode 99 --target-processes all \
       python3 -m pytest ${SANITIZE_PATHS:-tests} -q -x -m gpu -k "${SANITIZE_K:-cuda and not 64bit}" -p no:cacheprovider \
