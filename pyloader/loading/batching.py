@@ -85,7 +85,7 @@ def as_matrix(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(1, 1)
     if t.dim() == 1:
         return t.unsqueeze(0)
-    return t.reshape(t.shape[0], -1)
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))  # explicit: -1 is ambiguous for an empty slice
 
 
 def piece_jobs(piece: Piece, src: torch.Tensor, row0: int, target: torch.Tensor,

@@ -99,9 +99,13 @@ def target_specs(tensors: Dict[str, torch.Tensor], preset_targets: Optional[Dict
     if preset_targets is None:
         return targets_from_tensors(tensors, rules), []
     preset_targets = with_alternatives(tensors, preset_targets)
-    problems = []
+    problems, padded = [], []
     for name, spec in preset_targets.items():
         t = tensors.get(name)
+        if t is not None and spec.padded and tuple(t.shape) != spec.shape and t.dim() == len(spec.shape) \
+                and all(have >= want for have, want in zip(t.shape, spec.shape)):
+            t = tensors[name] = t[tuple(slice(0, want) for want in spec.shape)]
+            padded.append(name)
         if t is None:
             problems.append(f"target {name} {list(spec.shape)} (from the preset) is not in the model")
         elif tuple(t.shape) != spec.shape:
@@ -111,6 +115,9 @@ def target_specs(tensors: Dict[str, torch.Tensor], preset_targets: Optional[Dict
     extra = sorted(set(tensors) - set(preset_targets))
     if problems:
         raise PlanError(problems)
+    if padded:
+        logger.info("pyloader: %d targets are larger than the checkpoint's tensors (the engine's padding); "
+                    "their leading blocks are written, e.g. %s", len(padded), padded[0])
     return preset_targets, extra
 
 

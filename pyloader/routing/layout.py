@@ -47,6 +47,9 @@ class TargetSpec:
     # dtype (gpt-oss experts dequantized into BF16 instead of kept as MXFP4 bytes); ABSENT: that
     # layout has no such parameter (the packed weights' scales)
     alternative: Optional[Union["TargetSpec", str]] = None
+    # the engine may allocate it larger in every dimension and read only its leading block (vLLM
+    # pads MXFP4 experts to its kernel's tile): the load writes that block and leaves the rest
+    padded: bool = False
 
     @property
     def nbytes(self) -> int:

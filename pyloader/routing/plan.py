@@ -158,14 +158,15 @@ def _dequantized_view(tensors: Mapping[str, TensorInfo], quant: Optional[Recogni
     view, chosen = dict(tensors), {}
     rules = [(re.compile(pattern), repl) for pattern, repl in unstack]
 
-    def per_expert(name: str) -> Optional[str]:
-        """The per-expert name template of a stacked tensor whose experts route to a float target."""
+    def per_expert(name: str, kinds=FLOAT_TARGETS) -> Optional[str]:
+        """The per-expert name template of a stacked tensor whose experts route to a target of one
+        of ``kinds`` (float: dequantized or cast; uint8: packed bytes kept)."""
         for rx, repl in rules:
             if rx.fullmatch(name):
                 tmpl = rx.sub(repl, name.replace("{", "{{").replace("}", "}}"))
                 r = router.route(tmpl.format(0))
                 spec = targets.get(r.target) if r.kind == "weight" else None
-                if spec is not None and spec.dtype in FLOAT_TARGETS and not spec.experts_stacked_in_source:
+                if spec is not None and spec.dtype in kinds and not spec.experts_stacked_in_source:
                     return tmpl
         return None
 
@@ -176,8 +177,8 @@ def _dequantized_view(tensors: Mapping[str, TensorInfo], quant: Optional[Recogni
 
     if rules:
         for name, info in tensors.items():
-            if info.dtype in _FLOAT_SOURCES and info.shape and info.start >= 0:
-                tmpl = per_expert(name)
+            if info.dtype in _FLOAT_SOURCES + ("U8",) and info.shape and info.start >= 0:
+                tmpl = per_expert(name, FLOAT_TARGETS if info.dtype != "U8" else (torch.uint8,))
                 if tmpl is not None:
                     del view[name]
                     for e in range(info.shape[0]):
@@ -371,6 +372,9 @@ def _check_piece(p: Piece, spec: TargetSpec, problems: List[str]):
         if pl.src_shape is not None and tuple(src_shape[1:]) != tuple(pl.src_shape):
             problems.append(f"{p.source.name}: shape {list(src_shape)} does not match {p.target}: expected "
                             f"[E, {', '.join(map(str, pl.src_shape))}]")
+        elif pl.src_rows is not None or pl.src_cols is not None:  # rows here would be experts
+            problems.append(f"{p.source.name}: every expert in one tensor, and {p.target} takes a slice of each: "
+                            "the preset must read it expert by expert (Rules.unstack)")
         return
     if pl.src_shape is not None and tuple(src_shape) != tuple(pl.src_shape):
         problems.append(f"{p.source.name}: shape {list(src_shape)} != {list(pl.src_shape)} expected by {p.target}")
@@ -378,8 +382,9 @@ def _check_piece(p: Piece, spec: TargetSpec, problems: List[str]):
     rows = (pl.src_rows[1] - pl.src_rows[0]) if pl.src_rows else (src_shape[0] if src_shape else 1)
     cols = (pl.src_cols[1] - pl.src_cols[0]) if pl.src_cols else (math.prod(src_shape[1:]) if len(src_shape) > 1 else None)
     want_cols = math.prod(plane[1:]) if len(plane) > 1 else None
+    # a source of more dimensions fits a plane of its flattened columns (gpt-oss's [N, K/32, 16] bytes as [N, K/2])
     if pl.offset + rows > plane[0] or (cols is not None and want_cols is not None and cols != want_cols) or \
-            (len(src_shape) != len(plane)):
+            ((len(src_shape) >= 2) != (len(plane) >= 2)) or (len(src_shape) < len(plane)):
         problems.append(f"{p.source.name}: shape {list(src_shape)} (taking {rows} rows"
                         f"{f', {cols} cols' if cols is not None else ''}) does not fit {p.target} {list(spec.shape)} "
                         f"at row {pl.offset}")

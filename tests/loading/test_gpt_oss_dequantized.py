@@ -3,7 +3,8 @@ dequantized into vLLM's unquantized layout, at every tensor-parallel and expert-
 each rank's ``w13_weight`` ``[E, 2I/tp, H]`` (interleaved gate/up rows ``2a..2z``), ``w2_weight``
 ``[E, H, I/tp]`` (columns ``a..z``), ``w13_bias`` rows and ``w2_bias`` (zero on tensor-parallel
 ranks other than 0), against the E2M1 x E8M0 formula computed independently and sliced by hand.
-The same checkpoint into the packed (uint8) targets still takes the bytes as stored."""
+The same checkpoint into the packed (uint8) targets of vLLM's MXFP4 model, padded as vLLM pads them,
+gets what vLLM's own loader writes at every rank."""
 
 import json
 
@@ -87,6 +88,80 @@ def test_mxfp4_experts_dequantized_into_vllm_layout_at_every_rank(tmp_path, tp, 
     assert "zero on this tensor-parallel rank (the sum adds it once, on rank 0)" in report.skipped.values() or tp[0] == 0
 
 
+def _round_up(n, k):
+    return -(-n // k) * k
+
+
+def _vllm_mxfp4_reference(t, tp, ep, params):
+    """What vLLM's gpt-oss MXFP4 loader writes (``_load_weights_mxfp4``, vLLM 0.32), restated: each
+    rank takes ``ceil(I/32 / tp)`` blocks of ``I``, narrows the stacked tensors viewed as
+    ``[E, 2I, H/2]`` / ``[E, H, I/2]`` and copies them into the leading block of its padded parameters."""
+    per = -(-(I // 32) // tp[1]) * 32
+    a, z = (0, I) if ep[1] > 1 else (tp[0] * per, min((tp[0] + 1) * per, I))
+    first, last = ep[0] * E // ep[1], (ep[0] + 1) * E // ep[1]
+    out = {n: torch.zeros_like(x) for n, x in params.items()}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}.mlp.experts"
+        w2_bias = t[f"{p}.down_proj_bias"].clone()
+        if ep[1] == 1 and tp[0] != 0:
+            w2_bias.zero_()
+        pieces = {"w13_weight": t[f"{p}.gate_up_proj_blocks"].reshape(E, 2 * I, -1)[:, 2 * a:2 * z],
+                  "w13_weight_scale": t[f"{p}.gate_up_proj_scales"][:, 2 * a:2 * z],
+                  "w13_bias": t[f"{p}.gate_up_proj_bias"][:, 2 * a:2 * z],
+                  "w2_weight": t[f"{p}.down_proj_blocks"].reshape(E, H, I // 2)[..., a // 2:z // 2],
+                  "w2_weight_scale": t[f"{p}.down_proj_scales"][..., a // 32:z // 32],
+                  "w2_bias": w2_bias}
+        for name, w in pieces.items():
+            w = w[first:last]
+            out[f"{p}.{name}"][tuple(slice(0, d) for d in w.shape)].copy_(w)
+    return out
+
+
+@pytest.mark.parametrize("tp,ep", [((0, 1), (0, 1)), ((0, 2), (0, 1)), ((1, 2), (0, 1)), ((2, 4), (0, 1)),
+                                   ((3, 4), (0, 1)), ((0, 1), (1, 2))])
+def test_mxfp4_experts_kept_packed_into_vllm_padded_parameters(tmp_path, tp, ep):
+    """vLLM's MXFP4 parameters, padded as its Marlin backend pads them (hidden to 256, each rank's
+    intermediate to 128) and zeroed as vLLM makes them: the leading blocks get what vLLM's own loader
+    writes (the last rank of four holds no block of I=96 at all), the padding stays zero."""
+    from pyloader.parallel import Parallel
+
+    t = _checkpoint(tmp_path / "ck")
+    preset = build_preset(CONFIG, parallel=Parallel(tp[0], tp[1], 0, 1, ep[0], ep[1]))
+    e = E // ep[1]
+    per = -(-(I // 32) // tp[1]) * 32 if ep[1] == 1 else I
+    ip, hp = _round_up(per, 128), _round_up(H, 256)
+    padded = {"w13_weight": (e, 2 * ip, hp // 2), "w13_weight_scale": (e, 2 * ip, hp // 32), "w13_bias": (e, 2 * ip),
+              "w2_weight": (e, hp, ip // 2), "w2_weight_scale": (e, hp, ip // 32), "w2_bias": (e, hp)}
+    params = {}
+    for name, spec in preset.targets.items():
+        kind = name.rsplit(".", 1)[-1]
+        if ".mlp.experts." in name:
+            params[name] = torch.zeros(padded[kind], dtype=torch.bfloat16 if "bias" in kind else torch.uint8)
+        else:
+            params[name] = poison_(torch.empty(spec.shape, dtype=spec.dtype))
+    expected = _vllm_mxfp4_reference(t, tp, ep, {n: x for n, x in params.items() if ".mlp.experts." in n})
+    report = pyloader.load(params, tmp_path / "ck", tp=tp, ep=ep, backend="torch", progress=False)
+    assert report.missing == [] and report.unexpected == []
+    for name, want in expected.items():
+        assert_bitwise_equal(params[name], want, name)
+
+
+def test_packed_experts_sliced_inside_a_stacked_tensor_are_refused(tmp_path):
+    """The safeguard behind the per-expert reads: a slice of every expert at once (rows of the
+    stacked tensor would be experts) is an error naming the tensor, never a read of the wrong rows."""
+    import dataclasses
+
+    from pyloader.format.checkpoint import open_checkpoint
+    from pyloader.parallel import Parallel
+    from pyloader.routing.plan import PlanError, build_plan
+
+    _checkpoint(tmp_path / "ck")
+    preset = build_preset(CONFIG, parallel=Parallel(0, 2, 0, 1, 0, 1))
+    rules = dataclasses.replace(preset.rules, unstack=())
+    with pytest.raises(PlanError, match=r"gate_up_proj_blocks: every expert in one tensor.*takes a slice of each"):
+        build_plan(open_checkpoint(tmp_path / "ck"), preset.targets, rules)
+
+
 def test_the_same_checkpoint_into_packed_targets_keeps_the_bytes(tmp_path):
     t = _checkpoint(tmp_path / "ck")
     preset = build_preset(CONFIG)
@@ -94,6 +169,6 @@ def test_the_same_checkpoint_into_packed_targets_keeps_the_bytes(tmp_path):
     report = pyloader.load(targets, tmp_path / "ck", backend="torch", progress=False)
     assert report.missing == [] and report.unexpected == []
     p = "model.layers.1.mlp.experts"
-    assert torch.equal(targets[f"{p}.w13_weight"], t[f"{p}.gate_up_proj_blocks"])
+    assert torch.equal(targets[f"{p}.w13_weight"], t[f"{p}.gate_up_proj_blocks"].reshape(E, 2 * I, H // 2))
     assert torch.equal(targets[f"{p}.w2_weight_scale"], t[f"{p}.down_proj_scales"])
     assert_bitwise_equal(targets[f"{p}.w2_bias"], t[f"{p}.down_proj_bias"])

@@ -10,7 +10,8 @@ from pyloader.errors import PyloaderInputError
 from pyloader.routing.plan import build_plan, targets_of_module
 from pyloader.parallel import Parallel, pp_layer_range
 from pyloader.routing.presets import build_preset
-from pyloader.routing.router import Rules
+from pyloader.routing.layout import ZEROS
+from pyloader.routing.router import Router, Rules
 
 from checkpoint_lists import (DUMPS, SHARED, cached_checkpoint, config_of, config_of_folder, dense_entries, dump_rows,
                               synthetic)
@@ -22,8 +23,9 @@ def test_real_checkpoints_route_for_every_pp_and_tp(folder, tp):
     ck = cached_checkpoint(folder)
     config = config_of(folder)
     n = config["num_hidden_layers"]
+    origin = _origins(ck.tensors)
     for pp in (1, 2, 3, 4, 8):
-        owned, routed_names = [], []
+        owned, routed, zeroed = [], [], set()  # zeroed: biases that only TP rank 0 reads
         for rank in range(pp):
             preset = build_preset(config, parallel=Parallel(tp_rank=tp - 1, tp_size=tp, pp_rank=rank, pp_size=pp))
             plan = build_plan(ck, preset.targets, preset.rules, block_size=preset.block_size)
@@ -31,11 +33,34 @@ def test_real_checkpoints_route_for_every_pp_and_tp(folder, tp):
             layers = set(range(*preset.owned_layers))
             assert {p.layer for p in plan.pieces if p.layer is not None} <= layers
             owned.append(layers)
-            routed_names += [p.source.name for p in plan.pieces] + [p.scale.name for p in plan.pieces if p.scale]
+            routed += [p.source for p in plan.pieces] + [p.scale for p in plan.pieces if p.scale]
+            zero = {name for name, spec in preset.targets.items() if spec.fill_from == ZEROS}
+            router = Router(preset.rules, preset.targets)
+            zeroed |= {name for name in ck.tensors if zero and router.route(name).target in zero}
         assert set().union(*owned) == set(range(n)) and sum(map(len, owned)) == n, "layers disjoint and complete"
-        # every tensor that is not an MTP/next-n draft tensor is read by exactly one stage
+        # every tensor that is not an MTP/next-n draft tensor is read by exactly one stage (stacked
+        # experts read expert by expert: each slice once, the slices within the tensor)
         mtp = [name for name in ck.tensors if re.search(rf"\.layers\.{n}\.", name)]
-        assert len(routed_names) == len(set(routed_names)) == len(ck.tensors) - len(mtp), (folder, pp)
+        spans = [(str(t.file), t.start, t.end) for t in routed]
+        assert len(spans) == len(set(spans)), (folder, pp)
+        assert sorted({origin[(str(t.file), t.start, t.end)] for t in routed}) == \
+            sorted(set(ck.tensors) - set(mtp) - zeroed), (folder, pp)
+
+
+class _origins(dict):
+    """(file, start, end) of a read → the checkpoint tensor holding those bytes."""
+
+    def __init__(self, tensors):
+        super().__init__(((str(t.file), t.start, t.end), name) for name, t in tensors.items())
+        self.by_file = {}
+        for name, t in tensors.items():
+            self.by_file.setdefault(str(t.file), []).append((t.start, t.end, name))
+
+    def __missing__(self, key):
+        file, start, end = key
+        inside = [name for a, z, name in self.by_file.get(file, ()) if a <= start and end <= z and a < z]
+        assert len(inside) == 1, key
+        return inside[0]
 
 
 def test_tensor_parallel_ranks_tile_each_source():
