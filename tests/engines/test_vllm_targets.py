@@ -36,3 +36,25 @@ def test_a_same_named_parameter_of_another_shape_is_not_taken():
     params[bad] = torch.empty(1, 2, 3)
     targets, aliases, _ = engine_targets(params, stage)
     assert "model.layers.1.mlp.experts.w2_weight" not in targets and bad in targets
+
+
+def test_padded_packed_experts_one_module_down_are_taken():
+    """gpt-oss's MXFP4 experts as vLLM pads them for its kernels, one module down: matched by name
+    though larger than the preset's shape (the load writes their leading block)."""
+    import json
+    from pathlib import Path
+
+    config = json.loads((Path(__file__).parents[1] / "data/checkpoints/gpt-oss-20b/config.json").read_text())
+    stage = build_preset(config, parallel=Parallel(tp_rank=1, tp_size=8)).targets
+    params = {}
+    for name, spec in stage.items():
+        shape = spec.shape
+        if spec.padded:  # Marlin: hidden to 256 (2880 -> 3072), this rank's intermediate (384) to 384
+            shape = tuple(3072 * d // 2880 if d in (2880, 1440, 90) else d for d in shape)
+            name = name.replace(".mlp.experts.", ".mlp.experts.routed_experts.")
+        params[name] = torch.empty(shape, dtype=torch.uint8 if spec.dtype == torch.uint8 else torch.bfloat16)
+    targets, aliases, _ = engine_targets(params, stage)
+    w13 = "model.layers.0.mlp.experts.w13_weight"
+    assert aliases[w13] == "model.layers.0.mlp.experts.routed_experts.w13_weight"
+    assert targets[w13].shape[-1] == 1536 > stage[w13].shape[-1] == 1440
+    assert set(stage) <= set(targets)
