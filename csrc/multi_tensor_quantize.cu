@@ -2,7 +2,6 @@
 #include "pyloader/multi_tensor_quantize.cuh"
 
 #include <memory>
-#include <vector>
 
 namespace pyloader {
 namespace {
@@ -54,72 +53,34 @@ QuantJob make_job(const int64_t* f, int64_t index) {
 
 }  // namespace
 
-namespace {
-
-// Fills tables of one source dtype and launches each as it fills.
-class QuantLauncher {
- public:
-  QuantLauncher(int32_t src_dtype, cudaStream_t stream) : src_dtype_(src_dtype), stream_(stream), table_(new QuantTable()) {
-    table_->num_jobs = 0;
-    table_->block_start[0] = 0;
-  }
-
-  cudaError_t add(const QuantJob& j, uint64_t blocks) {
-    if (table_->num_jobs == kMaxQuantJobs || table_->block_start[table_->num_jobs] + blocks > uint64_t(INT32_MAX)) {
-      cudaError_t err = flush();
-      if (err != cudaSuccess) return err;
-    }
-    const int32_t n = table_->num_jobs++;
-    table_->jobs[n] = j;
-    table_->block_start[n + 1] = table_->block_start[n] + static_cast<uint32_t>(blocks);
-    return cudaSuccess;
-  }
-
-  cudaError_t flush() {
-    const uint32_t total = table_->block_start[table_->num_jobs];
+cudaError_t launch_multi_tensor_quantize(const int64_t* packed_jobs, int64_t num_jobs, cudaStream_t stream) {
+  std::unique_ptr<QuantTable> table(new QuantTable());
+  table->num_jobs = 0;
+  table->block_start[0] = 0;
+  auto flush = [&]() -> cudaError_t {
+    const uint32_t total = table->block_start[table->num_jobs];
     if (total > 0) {
-      switch (src_dtype_) {
-        case kBF16: multi_tensor_quantize_kernel<__nv_bfloat16><<<total, kQuantThreads, 0, stream_>>>(*table_); break;
-        case kF16: multi_tensor_quantize_kernel<__half><<<total, kQuantThreads, 0, stream_>>>(*table_); break;
-        default: multi_tensor_quantize_kernel<float><<<total, kQuantThreads, 0, stream_>>>(*table_); break;
-      }
+      multi_tensor_quantize_kernel<<<total, kQuantThreads, 0, stream>>>(*table);
       cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess) return err;
     }
-    table_->num_jobs = 0;
+    table->num_jobs = 0;
     return cudaSuccess;
-  }
-
- private:
-  int32_t src_dtype_;
-  cudaStream_t stream_;
-  std::unique_ptr<QuantTable> table_;
-};
-
-}  // namespace
-
-cudaError_t launch_multi_tensor_quantize(const int64_t* packed_jobs, int64_t num_jobs, cudaStream_t stream) {
-  QuantLauncher bf16(kBF16, stream), f16(kF16, stream), f32(kF32, stream);
-  std::vector<QuantJob> jobs;  // validated first: a bad job launches nothing
-  jobs.reserve(static_cast<size_t>(num_jobs));
+  };
   for (int64_t i = 0; i < num_jobs; ++i) {
     const QuantJob j = make_job(packed_jobs + i * kQuantFields, i);
     if (j.rows == 0 || j.cols == 0) continue;  // empty jobs launch nothing
     const uint64_t blocks = uint64_t((j.rows + j.block_rows - 1) / j.block_rows) * j.grid_cols.d;
     if (blocks > uint64_t(INT32_MAX)) throw std::invalid_argument(quant_error(i, "more than 2^31 scale blocks"));
-    jobs.push_back(j);
+    if (table->num_jobs == kMaxQuantJobs || table->block_start[table->num_jobs] + blocks > uint64_t(INT32_MAX)) {
+      cudaError_t err = flush();
+      if (err != cudaSuccess) return err;
+    }
+    const int32_t n = table->num_jobs++;
+    table->jobs[n] = j;
+    table->block_start[n + 1] = table->block_start[n] + static_cast<uint32_t>(blocks);
   }
-  for (const QuantJob& j : jobs) {
-    const uint64_t blocks = uint64_t((j.rows + j.block_rows - 1) / j.block_rows) * j.grid_cols.d;
-    QuantLauncher& l = j.src_dtype == kBF16 ? bf16 : j.src_dtype == kF16 ? f16 : f32;
-    cudaError_t err = l.add(j, blocks);
-    if (err != cudaSuccess) return err;
-  }
-  for (QuantLauncher* l : {&bf16, &f16, &f32}) {
-    cudaError_t err = l->flush();
-    if (err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
+  return flush();
 }
 
 }  // namespace pyloader

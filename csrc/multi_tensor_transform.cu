@@ -37,8 +37,7 @@ class TableLauncher {
     const uint32_t upr = job.units_per_row.d;
     const uint64_t units = uint64_t(job.rows) * upr;
     // Chunk counts are settled at flush time (they depend on the kernel); bound both geometries here.
-    const uint64_t most = std::max<uint64_t>((units + kChunkUnits - 1) / kChunkUnits,
-                                             common_job_chunks(job.rows, upr, is_packed(job.src_dtype)));
+    const uint64_t most = std::max<uint64_t>((units + kChunkUnits - 1) / kChunkUnits, common_chunks<kCommonUnits>(job.rows, upr));
     if (table_->num_jobs == kMaxJobsPerLaunch || bound_ + most > uint64_t(INT32_MAX)) {
       cudaError_t err = flush();
       if (err != cudaSuccess) return err;
@@ -51,7 +50,7 @@ class TableLauncher {
     const bool wide = job.src_dtype == kByte ||
                       (to_bf16 && (job.src_dtype == kE4M3 || job.src_dtype == kE2M1 || job.src_dtype == kI4));
     common_ = common_ && (plain || wide);
-    if (!plain) variant_ = std::max(variant_, is_packed(job.src_dtype) ? int(kPacked) : int(kGated));
+    wide_ = wide_ || !plain;
     return cudaSuccess;
   }
 
@@ -63,20 +62,17 @@ class TableLauncher {
       job.flags &= ~kTiled;
       uint64_t chunks = (uint64_t(job.rows) * upr + kChunkUnits - 1) / kChunkUnits;  // general kernel
       if (common_) {
-        const bool packed = is_packed(job.src_dtype);
-        if (common_job_tiled(job.rows, upr, packed)) job.flags |= kTiled;
-        chunks = common_job_chunks(job.rows, upr, packed);
+        if (common_tiled<kCommonUnits>(job.rows, upr)) job.flags |= kTiled;
+        chunks = common_chunks<kCommonUnits>(job.rows, upr);
       }
       table_->chunk_start[j + 1] = table_->chunk_start[j] + static_cast<uint32_t>(chunks);
     }
     const uint32_t total = table_->chunk_start[n];
     if (total > 0) {
-      if (common_ && variant_ == kPacked) {
-        common_transform_kernel<kPacked><<<total, kThreads, 0, stream_>>>(*table_);  // a block a chunk
-      } else if (common_ && variant_ == kGated) {
-        common_transform_kernel<kGated><<<total, kThreads, 0, stream_>>>(*table_);
+      if (common_ && wide_) {
+        common_transform_kernel<kCommonUnits, true><<<total, kThreads, 0, stream_>>>(*table_);  // a block a chunk
       } else if (common_) {
-        common_transform_kernel<kPlain><<<total, kThreads, 0, stream_>>>(*table_);
+        common_transform_kernel<kCommonUnits, false><<<total, kThreads, 0, stream_>>>(*table_);
       } else {
         const uint32_t grid = std::min<uint32_t>(total, static_cast<uint32_t>(sm_count()) * kAllBlocksPerSm);
         multi_tensor_transform_kernel<<<grid, kThreads, 0, stream_>>>(*table_);
@@ -93,12 +89,12 @@ class TableLauncher {
     table_->num_jobs = 0;
     table_->chunk_start[0] = 0;
     common_ = true;
-    variant_ = kPlain;
+    wide_ = false;
     bound_ = 0;
   }
   cudaStream_t stream_;
   bool common_ = true;  // every job fits the common kernel (else the general one runs the table)
-  int variant_ = kPlain;  // the leanest common-kernel variant that runs every job (CommonVariant)
+  bool wide_ = false;   // some job needs its wide variant (packed source or gate)
   uint64_t bound_ = 0;
   std::unique_ptr<TransformTable> table_;
 };

@@ -12,8 +12,8 @@
 
 namespace pyloader {
 
-constexpr int kQuantThreads = 512;
-constexpr int kQuantVecs = 4;   // 8-value vectors a thread holds: 512 x 4 x 8 = one 128x128 block
+constexpr int kQuantThreads = 256;
+constexpr int kQuantVecs = 8;  // 8-value vectors a thread holds: 256 x 8 x 8 = one 128x128 block
 constexpr int kQuantBlockValues = kQuantThreads * kQuantVecs * 8;
 
 struct QuantJob {
@@ -42,6 +42,38 @@ struct QuantTable {
   int32_t num_jobs;
 };
 static_assert(sizeof(QuantTable) <= 32000, "kernel parameter limit is 32764 bytes");
+
+template <typename Src>
+__device__ __forceinline__ void load8(const Src* p, float (&v)[8]);
+template <>
+__device__ __forceinline__ void load8<__nv_bfloat16>(const __nv_bfloat16* p, float (&v)[8]) {
+  const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    v[2 * i] = f.x;
+    v[2 * i + 1] = f.y;
+  }
+}
+template <>
+__device__ __forceinline__ void load8<__half>(const __half* p, float (&v)[8]) {
+  const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+  const __half2* h = reinterpret_cast<const __half2*>(&u);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __half22float2(h[i]);
+    v[2 * i] = f.x;
+    v[2 * i + 1] = f.y;
+  }
+}
+template <>
+__device__ __forceinline__ void load8<float>(const float* p, float (&v)[8]) {
+  const float4 a = __ldg(reinterpret_cast<const float4*>(p));
+  const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+  v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
 
 // The block's amax: every thread gets it.
 __device__ __forceinline__ float block_amax(float amax) {
@@ -73,66 +105,23 @@ __device__ __forceinline__ uint8_t to_fp8(float v) {
   return __nv_cvt_float_to_fp8(v, __NV_SATFINITE, kInterp);
 }
 
-// Raw 8-value vectors as loaded (bf16/f16: one 16-byte word; f32: two), decoded where used: a
-// block held raw takes half the registers of its floats, so more blocks share an SM.
-template <typename Src> struct Raw8 { uint4 w; };
-template <> struct Raw8<float> { uint4 a, b; };
-
-__device__ __forceinline__ void load_raw(const __nv_bfloat16* p, Raw8<__nv_bfloat16>& r) {
-  r.w = __ldg(reinterpret_cast<const uint4*>(p));
-}
-__device__ __forceinline__ void load_raw(const __half* p, Raw8<__half>& r) { r.w = __ldg(reinterpret_cast<const uint4*>(p)); }
-__device__ __forceinline__ void load_raw(const float* p, Raw8<float>& r) {
-  r.a = __ldg(reinterpret_cast<const uint4*>(p));
-  r.b = __ldg(reinterpret_cast<const uint4*>(p) + 1);
-}
-__device__ __forceinline__ void decode(const Raw8<__nv_bfloat16>& r, float (&v)[8]) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&r.w);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    v[2 * i] = f.x;
-    v[2 * i + 1] = f.y;
-  }
-}
-__device__ __forceinline__ void decode(const Raw8<__half>& r, float (&v)[8]) {
-  const __half2* h = reinterpret_cast<const __half2*>(&r.w);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __half22float2(h[i]);
-    v[2 * i] = f.x;
-    v[2 * i + 1] = f.y;
-  }
-}
-__device__ __forceinline__ void decode(const Raw8<float>& r, float (&v)[8]) {
-  v[0] = __uint_as_float(r.a.x); v[1] = __uint_as_float(r.a.y); v[2] = __uint_as_float(r.a.z); v[3] = __uint_as_float(r.a.w);
-  v[4] = __uint_as_float(r.b.x); v[5] = __uint_as_float(r.b.y); v[6] = __uint_as_float(r.b.z); v[7] = __uint_as_float(r.b.w);
-}
-
-// The fast body: 8-value vectors, every value of the block in registers (as loaded).
+// The fast body: 8-value vectors, every value of the block in registers.
 template <typename Src, __nv_fp8_interpretation_t kInterp>
 __device__ __forceinline__ void quantize_block_vec(const QuantJob& j, int64_t r0, int64_t c0, int h, int w, float* scale,
                                                    float fmax) {
   const int vpr = w >> 3;  // vectors a row of the block
   const int nvec = h * vpr;
   const Src* x = static_cast<const Src*>(j.src) + r0 * j.src_row_stride + c0;
-  Raw8<Src> raw[kQuantVecs];
+  float v[kQuantVecs][8];
+  float amax = 0.0f;
 #pragma unroll
   for (int i = 0; i < kQuantVecs; ++i) {
     const int idx = threadIdx.x + i * kQuantThreads;
     if (idx < nvec) {
       const int r = idx / vpr, c = (idx - r * vpr) << 3;
-      load_raw(x + r * j.src_row_stride + c, raw[i]);
-    }
-  }
-  float amax = 0.0f;
+      load8<Src>(x + r * j.src_row_stride + c, v[i]);
 #pragma unroll
-  for (int i = 0; i < kQuantVecs; ++i) {
-    if (threadIdx.x + i * kQuantThreads < nvec) {
-      float v[8];
-      decode(raw[i], v);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) amax = fmaxf(amax, fabsf(v[k]));
+      for (int k = 0; k < 8; ++k) amax = fmaxf(amax, fabsf(v[i][k]));
     }
   }
   const float s = block_scale(block_amax(amax), fmax, j.pow2);
@@ -143,13 +132,11 @@ __device__ __forceinline__ void quantize_block_vec(const QuantJob& j, int64_t r0
     const int idx = threadIdx.x + i * kQuantThreads;
     if (idx < nvec) {
       const int r = idx / vpr, c = (idx - r * vpr) << 3;
-      float v[8];
-      decode(raw[i], v);
       uint32_t lo = 0, hi = 0;
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        lo |= uint32_t(to_fp8<kInterp>(v[k] / s)) << (8 * k);
-        hi |= uint32_t(to_fp8<kInterp>(v[k + 4] / s)) << (8 * k);
+        lo |= uint32_t(to_fp8<kInterp>(v[i][k] / s)) << (8 * k);
+        hi |= uint32_t(to_fp8<kInterp>(v[i][k + 4] / s)) << (8 * k);
       }
       *reinterpret_cast<uint2*>(q + r * j.dst_row_stride + c) = make_uint2(lo, hi);
     }
@@ -186,14 +173,7 @@ __device__ __forceinline__ void quantize_block(const QuantJob& j, int64_t r0, in
   }
 }
 
-// One source dtype a launch: a kernel's register count is its widest path's. A thread holds four
-// raw vectors (16 registers for bf16/f16, 32 for f32): two 512-thread blocks an SM for 2-byte
-// sources (56 registers, no spill; 256 threads holding eight spilled at 64), one for f32 (67).
-template <typename Src>
-constexpr int quant_blocks_per_sm() { return sizeof(Src) == 4 ? 1 : 2; }
-
-template <typename Src>
-__global__ void __launch_bounds__(kQuantThreads, quant_blocks_per_sm<Src>()) multi_tensor_quantize_kernel(const __grid_constant__ QuantTable table) {
+__global__ void __launch_bounds__(kQuantThreads) multi_tensor_quantize_kernel(const __grid_constant__ QuantTable table) {
   const uint32_t block = blockIdx.x;
   const int jn = job_of(table.block_start, table.num_jobs, block);
   const QuantJob& j = table.jobs[jn];
@@ -203,7 +183,12 @@ __global__ void __launch_bounds__(kQuantThreads, quant_blocks_per_sm<Src>()) mul
   const int64_t r0 = int64_t(gr) * j.block_rows, c0 = int64_t(gc) * j.block_cols;
   const int h = static_cast<int>(min(int64_t(j.block_rows), int64_t(j.rows) - r0));
   const int w = static_cast<int>(min(int64_t(j.block_cols), int64_t(j.cols) - c0));
-  quantize_block<Src>(j, r0, c0, h, w, j.scale + int64_t(gr) * j.scale_row_stride + gc);
+  float* scale = j.scale + int64_t(gr) * j.scale_row_stride + gc;
+  switch (j.src_dtype) {
+    case kBF16: quantize_block<__nv_bfloat16>(j, r0, c0, h, w, scale); break;
+    case kF16: quantize_block<__half>(j, r0, c0, h, w, scale); break;
+    default: quantize_block<float>(j, r0, c0, h, w, scale); break;
+  }
 }
 
 }  // namespace pyloader

@@ -322,12 +322,9 @@ template <bool kInt4> struct NibblesFrom { template <typename Dst> using IO = Ni
 // otherwise. One block a chunk (no persistent loop), two units a thread, and 2-D jobs cut into
 // tiles of 32 rows x 16 units: short-lived blocks issue their loads at once, where a persistent
 // grid-stride walk keeps fewer requests in flight (docs/decisions.md#common-kernel). Its wide
-// variants (kWide) add the gate and packed E2M1/INT4 -> BF16: the plain one stays as it was.
+// variant (kWide) adds packed E2M1/INT4 -> BF16 and the gate: the plain one stays as it was.
 constexpr int kTileUnits = 16;  // units across a tile row; kThreads / kTileUnits rows a pass
 constexpr int kCommonUnits = 2;  // units a thread: 32-row tiles (docs/decisions.md#common-kernel)
-// Packed units read 4 bytes where E4M3's read 8: four a thread keep as many bytes of loads in
-// flight (64-row tiles; docs/decisions.md#packed-kernels).
-constexpr int kPackedUnits = 4;
 
 // kUnits units a thread: a tile is kUnits passes of 16 rows (32 or 64 rows).
 template <int kUnits>
@@ -454,33 +451,19 @@ __host__ __device__ inline uint64_t common_chunks(int64_t rows, uint32_t units_p
   return (uint64_t(rows) * units_per_row + Shape::kFlatChunkUnits - 1) / Shape::kFlatChunkUnits;
 }
 
-// A job's chunk geometry in the common kernel: packed sources run kPackedUnits a thread.
-__host__ __device__ inline bool common_job_tiled(int64_t rows, uint32_t units_per_row, bool packed) {
-  return packed ? common_tiled<kPackedUnits>(rows, units_per_row) : common_tiled<kCommonUnits>(rows, units_per_row);
-}
-__host__ __device__ inline uint64_t common_job_chunks(int64_t rows, uint32_t units_per_row, bool packed) {
-  return packed ? common_chunks<kPackedUnits>(rows, units_per_row) : common_chunks<kCommonUnits>(rows, units_per_row);
-}
-
 __device__ __forceinline__ int find_job(const TransformTable& table, uint32_t chunk) {
   return job_of(table.chunk_start, table.num_jobs, chunk);
 }
 
-// The common kernel's variants: plain (byte copies and E4M3, no gate), gated (the same with the
-// sanity gate's maxima and second-level scales) and packed (the gated one plus E2M1/INT4 sources,
-// which run kPackedUnits a thread). A table runs the leanest variant that covers all its jobs.
-enum CommonVariant : int { kPlain, kGated, kPacked };
-
-// Resident blocks an SM: plain at 2 units a thread fits 32 registers (8 blocks; at 4 units 48, 5
-// blocks: at 6 it spilled); gated and the general kernel (every dtype path inlined, one load at a
-// time) 40 registers (6 blocks); packed 54 (4 blocks: at 5 it spilled).
-template <int kVariant>
-constexpr int common_blocks_per_sm() { return kVariant == kPlain ? 8 : (kVariant == kGated ? 6 : 4); }
+// Resident blocks an SM: the common kernel at 2 units a thread fits 32 registers (8 blocks), at
+// 4 units 48 (5 blocks: at 6 it spilled); its wide variant and the general kernel (every dtype
+// path inlined, one load at a time) 40 registers (6 blocks).
+template <int kUnits, bool kWide>
+constexpr int common_blocks_per_sm() { return kWide ? 6 : (kUnits == 2 ? 8 : 5); }
 constexpr int kAllBlocksPerSm = 6;
 
-template <int kVariant>
-__global__ void __launch_bounds__(kThreads, common_blocks_per_sm<kVariant>()) common_transform_kernel(const __grid_constant__ TransformTable table) {
-  constexpr bool kWide = kVariant != kPlain;
+template <int kUnits, bool kWide>
+__global__ void __launch_bounds__(kThreads, common_blocks_per_sm<kUnits, kWide>()) common_transform_kernel(const __grid_constant__ TransformTable table) {
   const uint32_t chunk = blockIdx.x;
   const int j = find_job(table, chunk);
   const TransformJob& job = table.jobs[j];
@@ -488,16 +471,16 @@ __global__ void __launch_bounds__(kThreads, common_blocks_per_sm<kVariant>()) co
   GateMax gate;
   if constexpr (kWide) {
     switch (job.src_dtype) {
-      case kByte: common_chunk<kKindCopy, kCommonUnits, true>(job, local, gate); break;
-      case kE4M3: common_chunk<kKindE4M3, kCommonUnits, true>(job, local, gate); break;
-      case kE2M1: if constexpr (kVariant == kPacked) common_chunk<kKindE2M1, kPackedUnits, true>(job, local, gate); break;
-      case kI4: if constexpr (kVariant == kPacked) common_chunk<kKindI4, kPackedUnits, true>(job, local, gate); break;
+      case kByte: common_chunk<kKindCopy, kUnits, true>(job, local, gate); break;
+      case kE4M3: common_chunk<kKindE4M3, kUnits, true>(job, local, gate); break;
+      case kE2M1: common_chunk<kKindE2M1, kUnits, true>(job, local, gate); break;
+      case kI4: common_chunk<kKindI4, kUnits, true>(job, local, gate); break;
       default: break;
     }
     if (job.amax != nullptr) gate_publish(gate, job.amax);  // uniform: the block's one job
   } else {
-    if (job.src_dtype == kByte) common_chunk<kKindCopy, kCommonUnits, false>(job, local, gate);
-    else common_chunk<kKindE4M3, kCommonUnits, false>(job, local, gate);
+    if (job.src_dtype == kByte) common_chunk<kKindCopy, kUnits, false>(job, local, gate);
+    else common_chunk<kKindE4M3, kUnits, false>(job, local, gate);
   }
 }
 
