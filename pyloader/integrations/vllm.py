@@ -30,7 +30,7 @@ that disagrees) is raised before any weight is read, naming the tensors.
 import contextlib
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -100,6 +100,9 @@ class PyloaderModelLoader(BaseModelLoader):
         config = checkpoint_config(model_config, folder)
         tp, pp, ep = parallel_ranks()
         preset = build_preset(config, self.options.get("preset"), Parallel(tp[0], tp[1], pp[0], pp[1], ep[0], ep[1]))
+        problem = expert_sharding_problem(preset.targets, moe_shards_over_dp(), ep[1])
+        if problem:
+            raise PyloaderInputError(problem)
         whole = build_preset(config, self.options.get("preset"), Parallel(tp[0], tp[1], 0, 1, ep[0], ep[1])).targets \
             if pp[1] > 1 else None
         targets, aliases, foreign = engine_targets(dict(model.named_parameters()), preset.targets, whole)
@@ -227,6 +230,32 @@ def parallel_ranks():
         e = get_ep_group()
         ep = (e.rank_in_group, e.world_size)
     return tp, pp, ep
+
+
+def moe_shards_over_dp() -> int:
+    """The data (and context) parallel ranks vLLM folds into the experts' tensor-parallel split when
+    expert parallelism is off (``FusedMoEParallelConfig.flatten_tp_across_dp_and_pcp``); 1 if none."""
+    from vllm.config import get_current_vllm_config
+    from vllm.distributed.parallel_state import get_dp_group, get_pcp_group
+
+    if get_current_vllm_config().parallel_config.enable_expert_parallel:
+        return 1
+    return get_dp_group().world_size * get_pcp_group().world_size
+
+
+def expert_sharding_problem(preset_targets, dp_fold: int, ep_size: int) -> Optional[str]:
+    """Why pyloader cannot lay out this model's experts as vLLM shards them, or None: with data
+    parallelism and no expert parallelism vLLM splits each expert over data x tensor parallel ranks,
+    where the presets split experts over the tensor-parallel ranks only."""
+    if dp_fold <= 1 or ep_size > 1:
+        return None
+    experts = sorted(n for n, spec in preset_targets.items() if spec.experts is not None)
+    if not experts:
+        return None
+    return (f"load_format='pyloader': vLLM splits the MoE experts ({experts[0]}, ...) over {dp_fold} data/context "
+            "parallel ranks times the tensor-parallel ranks (data parallelism without expert parallelism); "
+            "pyloader's presets split experts over the tensor-parallel ranks only. Enable expert parallelism "
+            "(--enable-expert-parallel) or load this deployment with vLLM's own loader")
 
 
 def _layer_range(model: nn.Module) -> Optional[tuple]:

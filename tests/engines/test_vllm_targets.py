@@ -6,7 +6,7 @@ import torch
 
 pytest.importorskip("vllm")
 
-from pyloader.integrations.vllm import engine_targets  # noqa: E402
+from pyloader.integrations.vllm import engine_targets, expert_sharding_problem  # noqa: E402
 from pyloader.parallel import Parallel  # noqa: E402
 from pyloader.routing.presets import build_preset  # noqa: E402
 from tiny_configs import QWEN3_MOE  # noqa: E402
@@ -58,3 +58,16 @@ def test_padded_packed_experts_one_module_down_are_taken():
     assert aliases[w13] == "model.layers.0.mlp.experts.routed_experts.w13_weight"
     assert targets[w13].shape[-1] == 1536 > stage[w13].shape[-1] == 1440
     assert set(stage) <= set(targets)
+
+
+def test_experts_split_over_data_parallel_ranks_are_refused_by_name():
+    """vLLM folds data parallelism into the experts' tensor-parallel split when expert parallelism is
+    off; the presets do not, so that deployment is refused up front with the way out, not left to a
+    shape mismatch. A dense model, expert parallelism, or no data parallelism is fine."""
+    moe = build_preset(QWEN3_MOE, parallel=Parallel(tp_rank=0, tp_size=2)).targets
+    problem = expert_sharding_problem(moe, dp_fold=2, ep_size=1)
+    assert problem and "model.layers.0.mlp.experts" in problem and "--enable-expert-parallel" in problem
+    assert expert_sharding_problem(moe, dp_fold=1, ep_size=1) is None
+    assert expert_sharding_problem(moe, dp_fold=2, ep_size=4) is None
+    dense = dict(QWEN3_MOE, model_type="qwen3", architectures=["Qwen3ForCausalLM"])
+    assert expert_sharding_problem(build_preset(dense).targets, dp_fold=2, ep_size=1) is None
