@@ -163,12 +163,8 @@ def engine_targets(params: Dict[str, torch.Tensor], preset_targets, whole_model=
     for name, spec in preset_targets.items():
         alt = spec.alternative if isinstance(spec.alternative, TargetSpec) else None
         shapes = {tuple(spec.shape)} | ({tuple(alt.shape)} if alt is not None else set())
-
-        def fits(shape) -> bool:  # the preset's shape, or one the engine padded (TargetSpec.padded)
-            return shape in shapes or (spec.padded and len(shape) == len(spec.shape)
-                                       and all(have >= want for have, want in zip(shape, spec.shape)))
-
-        found = [m for m in reduced.get(name, ()) if m in spare and fits(tuple(spare[m].shape))]
+        found = [m for m in reduced.get(name, ()) if m in spare
+                 and (tuple(spare[m].shape) in shapes or spec.holds_padded(spare[m].shape))]
         if name not in targets and len(found) == 1:
             targets[name] = spare.pop(found[0])
             aliases[name] = found[0]

@@ -102,8 +102,7 @@ def target_specs(tensors: Dict[str, torch.Tensor], preset_targets: Optional[Dict
     problems, padded = [], []
     for name, spec in preset_targets.items():
         t = tensors.get(name)
-        if t is not None and spec.padded and tuple(t.shape) != spec.shape and t.dim() == len(spec.shape) \
-                and all(have >= want for have, want in zip(t.shape, spec.shape)):
+        if t is not None and tuple(t.shape) != spec.shape and spec.holds_padded(t.shape):
             t = tensors[name] = t[tuple(slice(0, want) for want in spec.shape)]
             padded.append(name)
         if t is None:

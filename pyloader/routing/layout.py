@@ -51,6 +51,10 @@ class TargetSpec:
     # pads MXFP4 experts to its kernel's tile): the load writes that block and leaves the rest
     padded: bool = False
 
+    def holds_padded(self, shape) -> bool:
+        """Whether a tensor of ``shape`` is this target as the engine padded it (``padded``)."""
+        return self.padded and len(shape) == len(self.shape) and all(h >= w for h, w in zip(shape, self.shape))
+
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()

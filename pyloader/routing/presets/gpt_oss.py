@@ -53,11 +53,8 @@ def gpt_oss(b, c, par, layers):
                 ("w2_weight_scale", (hidden, blocks if cols is None else local // 32), u8,
                  ShardPlacement(0, hidden, src_cols=scale_cols, src_shape=(hidden, blocks))),
                 ("w2_bias", (hidden,), None, ShardPlacement(0, hidden, src_shape=(hidden,)))):
-            spec = b.add(f"{pe}.{name}", (e,) + shape, i, dtype, experts=emap, shards={None: placement})
-            spec.padded = True
-            if name == "w2_bias" and zero_bias:
-                spec.fill_from = ZEROS
-            spec.alternative = dq.get(name, ABSENT)
+            b.add(f"{pe}.{name}", (e,) + shape, i, dtype, experts=emap, shards={None: placement}, padded=True,
+                  fill_from=ZEROS if name == "w2_bias" and zero_bias else None, alternative=dq.get(name, ABSENT))
 
 
 def _packed_range(inter: int, par):
